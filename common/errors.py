@@ -1,0 +1,124 @@
+"""The mgpu exception tree.
+
+::
+
+    MgpuError
+    ├── RequestError              the request cannot be served as sent (4xx)
+    │   ├── InvalidRequest        400 schema / value / context-length violations
+    │   ├── NotFound              404 no such request
+    │   │   └── ModelNotFound     404 no such model
+    │   ├── PayloadTooLarge       413 body over the configured limit
+    │   └── QueueFull             429 the model's backlog is over its limit
+    ├── ServiceUnavailable        503 no live worker, Redis unreachable
+    ├── RequestTimeout            504 the deadline passed before a result
+    ├── RequestCancelled          499 the client went away
+    ├── GenerationFailed          500 the engine failed on this request
+    │   └── DeadLettered          500 retries exhausted, moved to the dead-letter stream
+    └── EngineDead                    the engine of a worker is gone (ends the worker process)
+
+Errors travel between processes as :class:`common.schemas.ErrorInfo`; ``to_info`` and
+``from_info`` translate at that boundary.  Only the gateway's exception handlers turn
+them into HTTP responses.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from common.schemas import ErrorInfo
+
+
+class MgpuError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    def to_info(self) -> ErrorInfo:
+        return ErrorInfo(
+            message=self.message, type=self.type, param=self.param, code=self.code, status=self.status
+        )
+
+
+class RequestError(MgpuError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class InvalidRequest(RequestError):
+    status = 400
+
+
+class NotFound(RequestError):
+    status = 404
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+    code = "payload_too_large"
+
+
+class QueueFull(RequestError):
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+
+class ServiceUnavailable(MgpuError):
+    status = 503
+    type = "service_unavailable"
+    code = "service_unavailable"
+
+
+class RequestTimeout(MgpuError):
+    status = 504
+    type = "timeout"
+    code = "deadline_exceeded"
+
+
+class RequestCancelled(MgpuError):
+    status = 499
+    type = "cancelled"
+    code = "cancelled"
+
+
+class GenerationFailed(MgpuError):
+    status = 500
+    type = "server_error"
+    code = "generation_failed"
+
+
+class DeadLettered(GenerationFailed):
+    code = "dead_lettered"
+
+
+class EngineDead(MgpuError):
+    """The engine is gone: the worker stops pulling and exits; the supervisor restarts it."""
+
+    code = "engine_dead"
+
+
+_BY_CODE: dict[str | None, type[MgpuError]] = {
+    cls.code: cls
+    for cls in (NotFound, ModelNotFound, PayloadTooLarge, QueueFull, ServiceUnavailable, RequestTimeout,
+                RequestCancelled, GenerationFailed, DeadLettered, EngineDead)
+}
+
+
+def from_info(info: ErrorInfo) -> MgpuError:
+    """Rebuild the exception a worker reported, keeping its message and status."""
+    cls = _BY_CODE.get(info.code)
+    if cls is None:
+        cls = InvalidRequest if 400 <= info.status < 500 else GenerationFailed
+    err = cls(info.message, param=info.param)
+    return err

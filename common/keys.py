@@ -1,0 +1,76 @@
+"""Every Redis key, stream and group name mgpu uses.  Nothing else builds key strings.
+
+Layout (``ns`` is the namespace, ``mgpu`` by default)::
+
+    {ns}:q:{model}                shared request stream of a model (consumer group GROUP)
+    {ns}:q:{model}:batch          lower-priority stream for batch jobs (same group)
+    {ns}:q:{model}:w:{worker}     a worker's own stream, for push strategies
+    {ns}:dlq:{model}              dead-letter stream
+    {ns}:res:{id}                 a request's final Result (JSON, TTL)
+    {ns}:chunks:{id}              a streaming request's chunks (stream, TTL)
+    {ns}:idem:{key}               idempotency key -> request id (TTL)
+    {ns}:replies:{gateway}        events for one gateway process (stream, trimmed, TTL)
+    {ns}:cancels                  cancellations, read by every worker (stream, trimmed)
+    {ns}:worker:{id}              a worker's registry hash (TTL = heartbeat lease)
+    {ns}:workers                  set of registered worker ids
+    {ns}:models                   hash: model -> JSON facts (max_model_len, tokenizer) ever served
+    {ns}:drain:{id}               present: that worker drains and exits
+    {ns}:control                  hash of run-time settings (strategy, ...)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    ns: str = "mgpu"
+
+    def stream(self, model: str) -> str:
+        return f"{self.ns}:q:{model}"
+
+    def batch_stream(self, model: str) -> str:
+        return f"{self.ns}:q:{model}:batch"
+
+    def worker_stream(self, model: str, worker: str) -> str:
+        return f"{self.ns}:q:{model}:w:{worker}"
+
+    def dlq(self, model: str) -> str:
+        return f"{self.ns}:dlq:{model}"
+
+    def result(self, request_id: str) -> str:
+        return f"{self.ns}:res:{request_id}"
+
+    def chunks(self, request_id: str) -> str:
+        return f"{self.ns}:chunks:{request_id}"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.ns}:idem:{key}"
+
+    def replies(self, gateway: str) -> str:
+        return f"{self.ns}:replies:{gateway}"
+
+    @property
+    def cancels(self) -> str:
+        return f"{self.ns}:cancels"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.ns}:worker:{worker_id}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.ns}:workers"
+
+    @property
+    def models(self) -> str:
+        return f"{self.ns}:models"
+
+    def drain(self, worker_id: str) -> str:
+        return f"{self.ns}:drain:{worker_id}"
+
+    @property
+    def control(self) -> str:
+        return f"{self.ns}:control"

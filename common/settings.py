@@ -1,0 +1,106 @@
+"""The one settings object.  Values come from defaults, then ``MGPU_*`` environment variables,
+then explicit overrides (command-line flags); they are validated once, at start-up."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from common.keys import Keys
+
+ENV_PREFIX = "MGPU_"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names it."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # shared
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = Field(default="mgpu", pattern=r"^[A-Za-z0-9_.-]+$")
+    log_level: str = "INFO"
+    log_json: bool = False
+    result_ttl_s: int = Field(default=600, ge=1)
+
+    # gateway
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    gateway_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_queue_len: int = Field(default=50_000, ge=1)
+    redis_pool_size: int = Field(default=32, ge=2)
+    registry_refresh_s: float = Field(default=0.5, gt=0)
+    retry_after_s: int = Field(default=1, ge=1)
+
+    # worker
+    engine: Literal["vllm", "sim"] = "sim"
+    model: str = "SmolLM2-135M-Instruct"
+    model_path: str | None = None
+    worker_id: str | None = None
+    gpu: int | None = None
+    slots: int = Field(default=32, ge=1, le=65536)
+    max_model_len: int = Field(default=2048, ge=16)
+    heartbeat_interval_s: float = Field(default=0.5, gt=0)
+    worker_ttl_s: float = Field(default=2.0, gt=0)
+    lease_ms: int = Field(default=3000, ge=100)
+    loop_stall_s: float = Field(default=3.0, gt=0)  # event loop silent this long: stop renewing
+    reclaim_interval_s: float = Field(default=0.5, gt=0)
+    max_deliveries: int = Field(default=3, ge=1)
+    drain_grace_s: float = Field(default=60.0, ge=0)
+    read_block_ms: int = Field(default=1000, ge=1)
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+
+    # sim engine (ms); zero cost makes it an overhead probe
+    sim_prefill_ms_per_token: float = Field(default=0.02, ge=0)
+    sim_decode_ms: float = Field(default=10.0, ge=0)
+    sim_decode_ms_per_seq: float = Field(default=0.1, ge=0)
+
+    # vLLM engine
+    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    vllm_enforce_eager: bool = False
+    vllm_kv_cache_gb: int = Field(default=2, ge=1)
+    vllm_dtype: str = "auto"
+
+    # mgpu up
+    data_dir: str = ".data"
+    workers: int = Field(default=1, ge=0, le=64)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.namespace)
+
+    @classmethod
+    def load(cls, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
+        """Defaults < ``MGPU_*`` environment < overrides (None values are skipped)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = raw
+        for k, v in (overrides or {}).items():
+            if v is not None:
+                values[k] = v
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            lines = []
+            for e in exc.errors():
+                field = ".".join(str(p) for p in e["loc"])
+                lines.append(f"  {ENV_PREFIX}{field.upper()} / --{field.replace('_', '-')}: {e['msg']}")
+            raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None

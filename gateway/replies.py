@@ -1,0 +1,144 @@
+"""Routes worker events to the requests waiting in this gateway process.
+
+Workers append every event (chunk, final result, error) for a request to the reply stream of
+the gateway that accepted it.  One task per gateway process reads that stream with a single
+blocking XREAD, so thousands of requests in flight share one connection.  The stream is durable:
+after a Redis restart (AOF) or a dropped connection the reader resumes from the last id it saw,
+and in case Redis lost data it re-reads each waiter's result key and chunk stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import redis
+import redis.asyncio as aioredis
+
+from common.keys import Keys
+from common.schemas import Chunk
+
+log = logging.getLogger("mgpu.gateway.replies")
+
+Event = tuple[str, bytes]  # (kind: "c" chunk | "f" result | "e" error result, JSON payload)
+
+
+@dataclass(eq=False)
+class Waiter:
+    request_id: str
+    streaming: bool
+    future: asyncio.Future[Event]
+    queue: asyncio.Queue[Event] | None = None
+    last_seq: int = 0
+    done: bool = field(default=False)
+
+    def deliver(self, kind: str, payload: bytes) -> None:
+        if self.done:
+            return
+        if kind != "c":
+            self.done = True
+            if not self.future.done():
+                self.future.set_result((kind, payload))
+            if self.queue is not None:
+                self.queue.put_nowait((kind, payload))
+        elif self.queue is not None:
+            self.queue.put_nowait((kind, payload))
+
+
+class ReplyRouter:
+    def __init__(self, client: aioredis.Redis, keys: Keys, gateway_id: str, *, block_ms: int = 1000) -> None:
+        self.r = client
+        self.keys = keys
+        self.stream = keys.replies(gateway_id)
+        self.block_ms = block_ms
+        self.waiters: dict[str, Waiter] = {}
+        self.last_id = "$"
+        self.healthy = False
+        self._resync_needed = False
+
+    def register(self, request_id: str, streaming: bool) -> Waiter:
+        loop = asyncio.get_running_loop()
+        w = Waiter(request_id=request_id, streaming=streaming, future=loop.create_future(),
+                   queue=asyncio.Queue() if streaming else None)
+        self.waiters[request_id] = w
+        return w
+
+    def unregister(self, w: Waiter) -> None:
+        if self.waiters.get(w.request_id) is w:
+            del self.waiters[w.request_id]
+
+    async def run(self) -> None:
+        backoff = 0.05
+        trimmed_at = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if self.last_id == "$":
+                    # pin a concrete position so nothing is missed between reads
+                    info = await self.r.xadd(self.stream, {"k": "x"}, maxlen=100_000, approximate=True)
+                    self.last_id = info.decode() if isinstance(info, bytes) else str(info)
+                if self._resync_needed:
+                    await self._resync()
+                self.healthy = True
+                resp = await self.r.xread({self.stream: self.last_id}, count=2000, block=self.block_ms)
+                backoff = 0.05
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                if self.healthy:
+                    log.warning("reply stream read failed: %s", exc)
+                self.healthy = False
+                self._resync_needed = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            for _stream, entries in resp or ():
+                for entry_id, f in entries:
+                    self.last_id = entry_id.decode()
+                    rid = f.get(b"r")
+                    if rid is None:
+                        continue
+                    w = self.waiters.get(rid.decode())
+                    if w is not None:
+                        self._deliver(w, f[b"k"].decode(), f[b"p"])
+            now = loop.time()
+            if now - trimmed_at > 5.0:
+                trimmed_at = now
+                with contextlib.suppress(redis.RedisError, OSError):
+                    async with self.r.pipeline(transaction=False) as p:
+                        p.xtrim(self.stream, minid=self.last_id, approximate=True)
+                        p.expire(self.stream, 3600)
+                        await p.execute()
+
+    def _deliver(self, w: Waiter, kind: str, payload: bytes) -> None:
+        if kind == "c" and w.queue is not None:
+            seq = Chunk.model_validate_json(payload).seq
+            if seq <= w.last_seq:
+                return  # a duplicate (resync re-read it)
+            w.last_seq = seq
+        w.deliver(kind, payload)
+
+    async def _resync(self) -> None:
+        """After a gap in the reply stream: read every waiter's durable state directly."""
+        waiters = [w for w in self.waiters.values() if not w.done]
+        if not waiters:
+            self._resync_needed = False
+            return
+        async with self.r.pipeline(transaction=False) as p:
+            for w in waiters:
+                if w.streaming:
+                    p.xrange(self.keys.chunks(w.request_id))
+                p.get(self.keys.result(w.request_id))
+            out = await p.execute()
+        i = 0
+        for w in waiters:
+            if w.streaming:
+                for _id, f in out[i]:
+                    self._deliver(w, "c", f[b"c"])
+                i += 1
+            res = out[i]
+            i += 1
+            if res is not None:
+                self._deliver(w, "f", res)  # the handler reads Result.error either way
+        self._resync_needed = False
+        log.info("reply router resynced %d waiters", len(waiters))

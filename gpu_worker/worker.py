@@ -1,0 +1,656 @@
+"""The GPU worker: pulls requests from its model's streams and runs them on one engine.
+
+Flow of one request::
+
+    XREADGROUP COUNT <free slots>  ->  engine.generate()  ->  EMIT_CHUNK* (streaming)  ->  FINISH
+
+FINISH stores the result (first result wins), tells the waiting gateway, and XACKs + XDELs the
+entry, all in one Lua script that first checks this worker still owns the entry (fencing).
+
+Liveness: a thread (which neither the engine nor a busy event loop can starve) heartbeats the
+registry hash and renews the lease on every in-flight entry (XCLAIM JUSTID) twice a second.  It
+stops doing so when the event loop stalls or the engine is unhealthy, so the entries of a dead,
+hung or frozen worker pass the lease (``lease_ms`` idle) and any worker with free slots reclaims
+them with XAUTOCLAIM.  Redis's delivery count is the retry counter; past ``max_deliveries`` the
+entry goes to the dead-letter stream and the client gets an explicit error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+
+from common import errors
+from common.batching import ScriptBatcher
+from common.keys import GROUP
+from common.schemas import Choice, ChoiceDelta, Chunk, ErrorInfo, Result, Usage, WorkItem
+from common.scripts import DEAD_LETTER, EMIT_CHUNK, FINISH, RELEASE, RENEW
+from common.settings import Settings
+from gpu_worker.engine.base import Engine, EngineRequest, InvalidEngineRequest
+
+log = logging.getLogger("mgpu.worker")
+
+_RELEASE_IDLE_MS = 10**12
+
+
+class _Fenced(Exception):
+    """This worker no longer owns the entry (its lease passed and another worker took it)."""
+
+
+@dataclass
+class _Job:
+    stream: str
+    entry_id: str
+    fields: dict[Any, Any]
+    deliveries: int
+    slots: int = 1
+    item: WorkItem | None = None
+    task: asyncio.Task[None] | None = None
+    stop_reason: str | None = None  # "cancelled" | "timeout" | "lost" | "release"
+    finishing: bool = False  # the result is being stored (and the entry acknowledged)
+    started: float = field(default_factory=time.monotonic)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class Worker:
+    def __init__(self, settings: Settings, engine: Engine, client: aioredis.Redis, *, version: str = "dev") -> None:
+        self.s = settings
+        self.engine = engine
+        self.r = client
+        self.keys = settings.keys
+        self.id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.version = version
+        self.model = settings.model
+        self.streams = [self.keys.stream(self.model)]  # read in priority order
+        self.state = "starting"
+        self.healthy = True
+        self.exit_code = 0
+        self.jobs: dict[str, _Job] = {}  # entry id -> job
+        self._by_request: dict[str, _Job] = {}
+        self._cancelled: dict[str, float] = {}
+        self._stop = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._lease_snapshot: tuple[tuple[str, tuple[str, ...]], ...] = ()
+        self._loop_tick = time.monotonic()
+        self._keeper_stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._finish = ScriptBatcher(client, FINISH)
+        self._emit = ScriptBatcher(client, EMIT_CHUNK)
+        self._release = client.register_script(RELEASE)
+        self._dead_letter = client.register_script(DEAD_LETTER)
+        # counters
+        self.served = 0
+        self.failed = 0
+        self.reclaimed = 0
+        self.fenced = 0
+        self.dead_lettered = 0
+        self.cancelled = 0
+        self.skipped = 0  # cancelled or expired before they reached the engine
+
+    def __repr__(self) -> str:
+        return (f"<Worker {self.id} model={self.model} state={self.state} "
+                f"in_flight={self.in_flight}/{self.engine.slots} served={self.served}>")
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def in_flight(self) -> int:
+        return sum(j.slots for j in self.jobs.values())
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.engine.slots - self.in_flight)
+
+    def _refresh_snapshot(self) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for j in self.jobs.values():
+            by_stream.setdefault(j.stream, []).append(j.entry_id)
+        self._lease_snapshot = tuple((s, tuple(ids)) for s, ids in by_stream.items())
+
+    # ------------------------------------------------------------------ lifecycle
+    def request_drain(self) -> None:
+        if not self._stop.is_set():
+            log.info("drain requested", extra={"worker": self.id})
+            self.state = "draining"
+            self._stop.set()
+            self._slot_freed.set()
+
+    async def run(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        await self._ensure_groups()
+        await self._register()
+        keeper = threading.Thread(target=self._keeper, name="mgpu-lease-keeper", daemon=True)
+        keeper.start()
+        self.state = "ready"
+        log.info("worker ready", extra={"worker": self.id, "model": self.model, "slots": self.engine.slots})
+        tasks = [
+            asyncio.create_task(self._pull_loop(), name="pull"),
+            asyncio.create_task(self._reclaim_loop(), name="reclaim"),
+            asyncio.create_task(self._cancel_loop(), name="cancels"),
+            asyncio.create_task(self._tick_loop(), name="tick"),
+            asyncio.create_task(self._health_loop(), name="health"),
+        ]
+        try:
+            await self._stop.wait()
+            await self._drain()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._keeper_stop.set()
+            await asyncio.to_thread(keeper.join, 5)
+            await self._deregister()
+            self.state = "gone"
+            log.info("worker stopped", extra={"worker": self.id, "served": self.served})
+        return self.exit_code
+
+    async def _drain(self) -> None:
+        grace = 0.0 if not self.healthy else self.s.drain_grace_s
+        deadline = time.monotonic() + grace
+        with contextlib.suppress(redis.RedisError, OSError):
+            await self.r.hset(self.keys.worker(self.id), "state", "draining")
+        while self.jobs and time.monotonic() < deadline:
+            self._slot_freed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._slot_freed.wait(), max(0.0, deadline - time.monotonic()))
+        left = list(self.jobs.values())
+        for job in left:
+            job.stop_reason = "release"
+            if job.task is not None:
+                job.task.cancel()
+        if left:
+            await asyncio.gather(*(j.task for j in left if j.task is not None), return_exceptions=True)
+        await self._release_all()
+
+    async def _release_all(self) -> None:
+        """Hand back every entry this consumer still holds, for immediate reclaim elsewhere."""
+        for stream in self.streams:
+            try:
+                pending = await self.r.xpending_range(stream, GROUP, "-", "+", 10_000, consumername=self.id)
+                ids = [_s(p["message_id"]) for p in pending]
+                if ids:
+                    n = await self._release(keys=[stream], args=[GROUP, self.id, _RELEASE_IDLE_MS, *ids])
+                    log.info("released entries", extra={"worker": self.id, "count": n})
+            except (redis.RedisError, OSError) as exc:
+                log.warning("could not release entries: %s", exc)
+
+    async def _ensure_groups(self) -> None:
+        for stream in self.streams:
+            try:
+                await self.r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def _registry_fields(self) -> dict[str, str]:
+        return {
+            "id": self.id, "host": socket.gethostname(), "pid": str(os.getpid()),
+            "gpu": "" if self.s.gpu is None else str(self.s.gpu), "model": self.model,
+            "engine": self.engine.name, "version": self.version, "slots": str(self.engine.slots),
+            "in_flight": str(self.in_flight), "state": self.state, "heartbeat": f"{time.time():.3f}",
+            "max_model_len": str(self.engine.max_model_len), "served": str(self.served),
+            "metrics_port": str(self.s.metrics_port), "failed": str(self.failed),
+            "cancelled": str(self.cancelled), "skipped": str(self.skipped), "reclaimed": str(self.reclaimed),
+            "fenced": str(self.fenced), "dead_lettered": str(self.dead_lettered),
+            "engine_aborts": str(len(getattr(self.engine, "aborted", ()))),
+        }
+
+    async def _register(self) -> None:
+        info = json.dumps({"max_model_len": self.engine.max_model_len, "engine": self.engine.name,
+                           "tokenizer": getattr(self.engine, "tokenizer_spec", self.engine.name)})
+        key = self.keys.worker(self.id)
+        async with self.r.pipeline(transaction=True) as p:
+            p.hset(key, mapping=self._registry_fields())
+            p.pexpire(key, int(self.s.worker_ttl_s * 1000))
+            p.sadd(self.keys.workers, self.id)
+            p.hset(self.keys.models, self.model, info)
+            await p.execute()
+
+    async def _deregister(self) -> None:
+        with contextlib.suppress(redis.RedisError, OSError):
+            async with self.r.pipeline(transaction=True) as p:
+                p.delete(self.keys.worker(self.id))
+                p.srem(self.keys.workers, self.id)
+                await p.execute()
+
+    # ------------------------------------------------------------------ liveness
+    def _keeper(self) -> None:
+        """Heartbeat + lease renewal, in a thread of its own with its own connection."""
+        client = redis.Redis.from_url(self.s.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        renew = client.register_script(RENEW)
+        stall_s = self.s.loop_stall_s
+        stalled = False
+        key = self.keys.worker(self.id)
+        ttl_ms = int(self.s.worker_ttl_s * 1000)
+        while not self._keeper_stop.wait(self.s.heartbeat_interval_s):
+            lag = time.monotonic() - self._loop_tick
+            if lag > stall_s and not stalled:
+                log.error("event loop stalled for %.1fs: letting the lease lapse", lag)
+            stalled = lag > stall_s
+            if not self.healthy or stalled:
+                continue  # a stalled or sick worker lets its lease lapse
+            try:
+                snapshot = self._lease_snapshot
+                p = client.pipeline(transaction=False)
+                p.hset(key, mapping=self._registry_fields())
+                p.pexpire(key, ttl_ms)
+                p.sadd(self.keys.workers, self.id)
+                p.exists(self.keys.drain(self.id))
+                for stream, ids in snapshot:
+                    renew(keys=[stream], args=[GROUP, self.id, *ids], client=p)
+                out = p.execute()
+                if out[3] and self._loop is not None:
+                    self._loop.call_soon_threadsafe(self.request_drain)
+                lost = [(stream, _s(i)) for (stream, _), res in zip(snapshot, out[4:]) for i in res]
+                if lost and self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._on_lost, lost)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("heartbeat failed: %s", exc)
+        client.close()
+
+    def _on_lost(self, lost: list[tuple[str, str]]) -> None:
+        for _stream, entry_id in lost:
+            job = self.jobs.get(entry_id)
+            if job is not None and job.task is not None and not job.finishing:
+                log.warning("lease lost; aborting", extra={"worker": self.id, "entry": entry_id})
+                job.stop_reason = "lost"
+                job.task.cancel()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            self._loop_tick = time.monotonic()
+            await asyncio.sleep(0.1)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await asyncio.wait_for(self.engine.check_health(), timeout=2.0)
+            except (errors.EngineDead, asyncio.TimeoutError) as exc:
+                self._engine_dead(f"engine health check failed: {exc!r}")
+                return
+
+    def _engine_dead(self, why: str) -> None:
+        if self.healthy:
+            log.error("engine dead, stopping: %s", why, extra={"worker": self.id})
+            self.healthy = False
+            self.exit_code = 3
+            self.request_drain()
+
+    # ------------------------------------------------------------------ intake
+    async def _pull_loop(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            free = self.free_slots
+            if free <= 0 or not self.healthy:
+                self._slot_freed.clear()
+                if self.free_slots <= 0:
+                    await self._slot_freed.wait()
+                continue
+            try:
+                resp = await self.r.xreadgroup(GROUP, self.id, {s: ">" for s in self.streams},
+                                               count=free, block=self.s.read_block_ms)
+                backoff = 0.05
+            except redis.ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    await self._ensure_groups()
+                    continue
+                raise
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                log.warning("read failed (%s); retrying in %.2fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            excess: dict[str, list[str]] = {}
+            for stream_b, entries in resp or ():
+                stream = _s(stream_b)
+                for entry_id_b, fields in entries:
+                    entry_id = _s(entry_id_b)
+                    if free > 0 and not self._stop.is_set():
+                        free -= self._start(stream, entry_id, fields or {}, deliveries=1)
+                    else:
+                        excess.setdefault(stream, []).append(entry_id)
+            for stream, ids in excess.items():  # several streams answered at once: hand back the rest
+                await self._release(keys=[stream], args=[GROUP, self.id, _RELEASE_IDLE_MS, *ids])
+
+    async def _reclaim_loop(self) -> None:
+        """Take over entries whose owner stopped renewing their lease (dead, hung or frozen)."""
+        while True:
+            await asyncio.sleep(self.s.reclaim_interval_s)
+            if self._stop.is_set() or not self.healthy:
+                continue
+            for stream in self.streams:
+                try:
+                    await self._reclaim(stream)
+                except (redis.RedisError, OSError) as exc:
+                    log.warning("reclaim failed: %s", exc)
+
+    async def _reclaim(self, stream: str) -> None:
+        cursor = "0-0"
+        for _ in range(16):
+            free = self.free_slots
+            if free <= 0:
+                return
+            nxt, claimed, _deleted = await self.r.xautoclaim(
+                stream, GROUP, self.id, min_idle_time=self.s.lease_ms, start_id=cursor, count=free)
+            if claimed:
+                async with self.r.pipeline(transaction=False) as p:
+                    for entry_id, _f in claimed:
+                        p.xpending_range(stream, GROUP, entry_id, entry_id, 1)
+                    infos = await p.execute()
+                for (entry_id_b, fields), info in zip(claimed, infos):
+                    entry_id = _s(entry_id_b)
+                    deliveries = int(info[0]["times_delivered"]) if info else 1
+                    prev = _s(info[0]["consumer"]) if info else "?"
+                    self.reclaimed += 1
+                    log.info("reclaimed entry", extra={"worker": self.id, "entry": entry_id,
+                                                       "deliveries": deliveries, "from": prev})
+                    if deliveries > self.s.max_deliveries:
+                        await self._to_dead_letter(stream, entry_id, fields or {}, deliveries,
+                                                   reason="max_deliveries")
+                    else:
+                        self._start(stream, entry_id, fields or {}, deliveries=deliveries)
+            cursor = _s(nxt)
+            if cursor == "0-0":
+                return
+
+    async def _cancel_loop(self) -> None:
+        last = f"{int((time.time() - self.s.result_ttl_s) * 1000)}-0"
+        while True:
+            try:
+                resp = await self.r.xread({self.keys.cancels: last}, count=1000, block=1000)
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                await asyncio.sleep(0.5)
+                continue
+            now = time.monotonic()
+            for _stream, entries in resp or ():
+                for entry_id, fields in entries:
+                    last = _s(entry_id)
+                    rid = _s(fields.get(b"r", b""))
+                    self._cancelled[rid] = now
+                    job = self._by_request.get(rid)
+                    if job is not None and job.task is not None and job.stop_reason is None:
+                        job.stop_reason = "cancelled"
+                        job.task.cancel()
+            if len(self._cancelled) > 10_000:
+                horizon = now - self.s.result_ttl_s
+                self._cancelled = {k: t for k, t in self._cancelled.items() if t > horizon}
+
+    # ------------------------------------------------------------------ jobs
+    def _start(self, stream: str, entry_id: str, fields: dict[Any, Any], *, deliveries: int) -> int:
+        if entry_id in self.jobs:
+            return 0
+        job = _Job(stream=stream, entry_id=entry_id, fields=fields, deliveries=deliveries)
+        try:
+            job.item = WorkItem.from_fields(fields)
+            job.slots = max(1, job.item.params.n)
+        except (ValidationError, ValueError):
+            job.item = None
+        self.jobs[entry_id] = job
+        if job.item is not None:
+            self._by_request[job.item.id] = job
+        job.task = asyncio.create_task(self._run_job(job), name=f"job-{entry_id}")
+        self._refresh_snapshot()
+        return job.slots
+
+    async def _run_job(self, job: _Job) -> None:
+        try:
+            if job.item is None:
+                await self._to_dead_letter(job.stream, job.entry_id, job.fields, job.deliveries, reason="malformed")
+                return
+            item = job.item
+            if item.id in self._cancelled:
+                self.skipped += 1
+                await self._finish_error(job, errors.RequestCancelled("the client cancelled the request"))
+                return
+            if item.deadline is not None and time.time() >= item.deadline:
+                self.skipped += 1
+                await self._finish_error(job, errors.RequestTimeout("the request's deadline passed in the queue"))
+                return
+            try:
+                timeout = None if item.deadline is None else max(0.0, item.deadline - time.time())
+                async with asyncio.timeout(timeout):
+                    result = await self._generate(job, item)
+            except TimeoutError:
+                job.stop_reason = "timeout"
+                await self._finish_error(job, errors.RequestTimeout("the request's deadline passed"))
+                return
+            except InvalidEngineRequest as exc:
+                await self._finish_error(job, errors.InvalidRequest(str(exc), param="messages"
+                                                                    if item.kind == "chat" else "prompt"))
+                return
+            await asyncio.shield(self._store(job, result, "f"))
+        except _Fenced:
+            self.fenced += 1
+            log.warning("fenced: entry owned by another worker now", extra={"entry": job.entry_id})
+        except asyncio.CancelledError:
+            reason = job.stop_reason
+            if reason == "cancelled":
+                self.cancelled += 1
+                await asyncio.shield(self._finish_error(job, errors.RequestCancelled("the client cancelled the request")))
+            elif reason == "release":
+                await asyncio.shield(self._release_entry(job))
+            elif reason == "lost":
+                self.fenced += 1
+            else:
+                raise
+        except errors.EngineDead as exc:
+            self._engine_dead(str(exc))
+        except (redis.RedisError, OSError) as exc:
+            # Redis is away: the entry stays pending; our lease lapses and it is retried.
+            log.warning("redis error in job %s: %s", job.entry_id, exc)
+        except Exception as exc:  # the engine failed on this request: tell the client
+            log.exception("generation failed", extra={"entry": job.entry_id})
+            self.failed += 1
+            with contextlib.suppress(_Fenced, redis.RedisError, OSError):
+                await self._finish_error(job, errors.GenerationFailed(f"generation failed: {type(exc).__name__}"))
+        finally:
+            self.jobs.pop(job.entry_id, None)
+            if job.item is not None:
+                self._by_request.pop(job.item.id, None)
+            self._refresh_snapshot()
+            self._slot_freed.set()
+
+    async def _release_entry(self, job: _Job) -> None:
+        with contextlib.suppress(redis.RedisError, OSError):
+            await self._release(keys=[job.stream], args=[GROUP, self.id, _RELEASE_IDLE_MS, job.entry_id])
+
+    async def _resume_state(self, item: WorkItem) -> tuple[dict[int, ChoiceDelta], int]:
+        """What earlier attempts already streamed: per choice text/tokens/finish, and the last seq."""
+        entries = await self.r.xrange(self.keys.chunks(item.id))
+        done: dict[int, ChoiceDelta] = {}
+        seq = 0
+        for _id, fields in entries:
+            chunk = Chunk.model_validate_json(fields[b"c"])
+            if chunk.seq <= seq:
+                continue
+            seq = chunk.seq
+            for d in chunk.choices:
+                acc = done.setdefault(d.index, ChoiceDelta(index=d.index, token_ids=[]))
+                acc.text += d.text
+                acc.token_ids = (acc.token_ids or []) + (d.token_ids or [])
+                acc.finish_reason = d.finish_reason or acc.finish_reason
+        return done, seq
+
+    async def _generate(self, job: _Job, item: WorkItem) -> Result:
+        params = item.params
+        prompt_tokens = self.engine.count_prompt_tokens(item.prompt, item.messages)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.engine.max_model_len - prompt_tokens
+        if prompt_tokens + max_tokens > self.engine.max_model_len:
+            raise InvalidEngineRequest(
+                f"this model's maximum context length is {self.engine.max_model_len} tokens; the request "
+                f"has {prompt_tokens} prompt tokens and asks for {max_tokens} completion tokens")
+        resumed: dict[int, ChoiceDelta] = {}
+        seq = 0
+        if item.stream and job.deliveries > 1:
+            resumed, seq = await self._resume_state(item)
+        emitter = _Emitter(self, job, item, seq) if item.stream else None
+        choices: list[Choice] = []
+        completion_tokens = 0
+
+        async def one(index: int) -> None:
+            nonlocal completion_tokens, prompt_tokens
+            prev = resumed.get(index, ChoiceDelta(index=index, token_ids=[]))
+            text, tokens = prev.text, list(prev.token_ids or [])
+            finish = prev.finish_reason
+            lps: list[dict[str, Any]] = []
+            if finish is None:
+                p = params.model_copy(update={"n": 1, "max_tokens": max_tokens - len(tokens),
+                                              "seed": None if params.seed is None else params.seed + index})
+                req = EngineRequest(request_id=f"{item.id}/{index}/{job.entry_id}/{job.deliveries}",
+                                    prompt=item.prompt, messages=item.messages, params=p,
+                                    resume_token_ids=tokens, resume_text=text)
+                if p.max_tokens <= 0:
+                    finish = "length"
+                else:
+                    async with contextlib.aclosing(self.engine.generate(req)) as outs:
+                        async for out in outs:
+                            text += out.text
+                            tokens.extend(out.token_ids)
+                            prompt_tokens = out.prompt_tokens
+                            if out.logprobs:
+                                lps.extend(out.logprobs)
+                            finish = out.finish_reason
+                            if emitter is not None:
+                                emitter.push(ChoiceDelta(index=index, text=out.text, token_ids=out.token_ids,
+                                                         finish_reason=out.finish_reason, logprobs=out.logprobs))
+            completion_tokens += len(tokens)
+            choices.append(Choice(index=index, text=text, finish_reason=finish or "stop",
+                                  logprobs=lps if params.logprobs is not None else None))
+
+        try:
+            if params.n == 1:
+                await one(0)
+            else:
+                async with asyncio.TaskGroup() as tg:
+                    for i in range(params.n):
+                        tg.create_task(one(i))
+        finally:
+            if emitter is not None:
+                await emitter.close()
+        choices.sort(key=lambda c: c.index)
+        return Result(id=item.id, kind=item.kind, model=item.model, created=item.created, choices=choices,
+                      usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                  total_tokens=prompt_tokens + completion_tokens),
+                      worker=self.id, attempts=job.deliveries)
+
+    async def _finish_error(self, job: _Job, err: errors.MgpuError) -> None:
+        item = job.item
+        assert item is not None
+        if not isinstance(err, errors.RequestCancelled | errors.RequestTimeout):
+            self.failed += 1
+        result = Result(id=item.id, kind=item.kind, model=item.model, created=item.created,
+                        error=err.to_info(), worker=self.id, attempts=job.deliveries)
+        await self._store(job, result, "e")
+
+    async def _store(self, job: _Job, result: Result, kind: str) -> None:
+        item = job.item
+        assert item is not None
+        job.finishing = True
+        reply = item.reply_to or ""
+        rc = await self._finish(
+            keys=[job.stream, self.keys.result(item.id), self.keys.replies(reply)],
+            args=[GROUP, self.id, job.entry_id, item.id, result.model_dump_json(exclude_defaults=True),
+                  self.s.result_ttl_s, "1" if reply else "0", kind])
+        if rc == 0:
+            raise _Fenced(job.entry_id)
+        if kind == "f":
+            self.served += 1
+
+    async def _to_dead_letter(self, stream: str, entry_id: str, fields: dict[Any, Any], deliveries: int,
+                              *, reason: str) -> None:
+        job = self.jobs.get(entry_id)
+        if job is not None:
+            job.finishing = True
+        raw = _s(fields.get(b"p", fields.get("p", b"")) or b"")
+        rid, reply, kind, model = "", "", "completion", ""
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            obj = json.loads(raw)
+            rid = str(obj.get("id") or "")
+            reply = str(obj.get("reply_to") or "")
+            kind = obj.get("kind") if obj.get("kind") in ("chat", "completion") else "completion"
+            model = str(obj.get("model") or "")
+        if reason == "malformed":
+            err = ErrorInfo(message="malformed request entry on the stream", type="invalid_request_error",
+                            code="malformed_entry", status=400)
+        else:
+            err = errors.DeadLettered(
+                f"the request failed on {deliveries - 1} workers and was moved to the dead-letter stream"
+            ).to_info()
+        result = Result(id=rid or entry_id, kind=kind, model=model, error=err, worker=self.id, attempts=deliveries)
+        dlq = self.keys.dlq(self.model)
+        rc = await self._dead_letter(
+            keys=[stream, dlq, self.keys.result(rid or "-"), self.keys.replies(reply)],
+            args=[GROUP, self.id, entry_id, rid, raw, result.model_dump_json(exclude_defaults=True),
+                  self.s.result_ttl_s, "1" if reply else "0", reason, deliveries])
+        if rc:
+            self.dead_lettered += 1
+            log.warning("entry dead-lettered", extra={"entry": entry_id, "reason": reason, "request_id": rid})
+
+
+class _Emitter:
+    """Writes a streaming request's chunks in order; deltas that arrive while a write is in
+    flight are merged into the next chunk, so a busy worker sends fewer, larger chunks."""
+
+    def __init__(self, worker: Worker, job: _Job, item: WorkItem, seq: int) -> None:
+        self.w = worker
+        self.job = job
+        self.item = item
+        self.seq = seq
+        self.pending: dict[int, ChoiceDelta] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+
+    def push(self, d: ChoiceDelta) -> None:
+        if self.error is not None:
+            raise self.error
+        acc = self.pending.get(d.index)
+        if acc is None:
+            self.pending[d.index] = d.model_copy()
+        else:
+            acc.text += d.text
+            acc.token_ids = (acc.token_ids or []) + (d.token_ids or [])
+            acc.finish_reason = d.finish_reason or acc.finish_reason
+            if d.logprobs:
+                acc.logprobs = (acc.logprobs or []) + d.logprobs
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        w = self.w
+        reply = self.item.reply_to or ""
+        while self.pending:
+            deltas, self.pending = self.pending, {}
+            self.seq += 1
+            chunk = Chunk(seq=self.seq, choices=sorted(deltas.values(), key=lambda d: d.index))
+            try:
+                ok = await w._emit(
+                    keys=[self.job.stream, w.keys.chunks(self.item.id), w.keys.replies(reply)],
+                    args=[GROUP, w.id, self.job.entry_id, self.item.id,
+                          chunk.model_dump_json(exclude_defaults=True), w.s.result_ttl_s, "1" if reply else "0"])
+            except BaseException as exc:
+                self.error = exc
+                raise
+            if not ok:
+                self.error = _Fenced(self.job.entry_id)
+                raise self.error
+
+    async def close(self) -> None:
+        if self.task is not None:
+            await asyncio.shield(self.task)
+        if self.error is not None:
+            raise self.error

@@ -1,0 +1,1 @@
+"""Operations: the ``mgpu`` command line, the local supervisor, benchmarks and deployment files."""

@@ -1,0 +1,116 @@
+"""The ``mgpu`` command.
+
+    mgpu up        the whole service on this machine (redis-server, gateway, one worker per GPU)
+    mgpu gateway   the HTTP gateway alone
+    mgpu worker    one GPU worker alone
+    mgpu drain ID  ask a worker to drain and exit
+    mgpu bench     the load generator
+
+Every setting is a flag (``--slots 64``) and an environment variable (``MGPU_SLOTS=64``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from common.logs import setup_logging
+from common.settings import Settings, SettingsError
+
+_SCOPES: dict[str, set[str]] = {
+    "gateway": {"redis_url", "namespace", "log_level", "log_json", "result_ttl_s", "host", "port", "gateway_id",
+                "request_timeout_s", "max_body_bytes", "max_queue_len", "redis_pool_size",
+                "registry_refresh_s", "retry_after_s"},
+    "worker": {"redis_url", "namespace", "log_level", "log_json", "result_ttl_s", "engine", "model",
+               "model_path", "worker_id", "gpu", "slots", "max_model_len", "heartbeat_interval_s", "worker_ttl_s",
+               "lease_ms", "loop_stall_s", "reclaim_interval_s", "max_deliveries", "drain_grace_s", "read_block_ms",
+               "metrics_port", "sim_prefill_ms_per_token", "sim_decode_ms", "sim_decode_ms_per_seq",
+               "vllm_gpu_memory_utilization", "vllm_enforce_eager", "vllm_kv_cache_gb", "vllm_dtype", "data_dir"},
+}
+_SCOPES["up"] = _SCOPES["gateway"] | _SCOPES["worker"] | {"workers"}
+_SCOPES["drain"] = {"redis_url", "namespace"}
+
+
+def _add_settings(p: argparse.ArgumentParser, scope: str) -> None:
+    g = p.add_argument_group("settings (also MGPU_<NAME> environment variables)")
+    for name, f in Settings.model_fields.items():
+        if name not in _SCOPES[scope]:
+            continue
+        default = f.default if f.default_factory is None else "(generated)"
+        g.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar="V",
+                       help=f"default: {default}")
+
+
+def _settings(ns: argparse.Namespace, scope: str, **extra: Any) -> Settings:
+    overrides = {k: getattr(ns, k) for k in _SCOPES[scope] if getattr(ns, k, None) is not None}
+    overrides.update({k: v for k, v in extra.items() if v is not None})
+    return Settings.load(overrides)
+
+
+def _run_gateway(s: Settings) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="warning", access_log=False,
+                loop="uvloop", http="httptools", timeout_graceful_shutdown=5)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from ops.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="mgpu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_up = sub.add_parser("up", help="run the whole service on this machine")
+    _add_settings(p_up, "up")
+    p_gw = sub.add_parser("gateway", help="run the HTTP gateway")
+    _add_settings(p_gw, "gateway")
+    p_w = sub.add_parser("worker", help="run one GPU worker")
+    _add_settings(p_w, "worker")
+    p_w.add_argument("--version", dest="deploy_version", default="dev", help="deployment version label")
+    p_d = sub.add_parser("drain", help="ask a worker to drain and exit")
+    p_d.add_argument("worker")
+    _add_settings(p_d, "drain")
+    sub.add_parser("bench", help="load generator (see: mgpu bench --help)")
+    ns = parser.parse_args(argv)
+    try:
+        s = _settings(ns, ns.cmd)
+    except SettingsError as exc:
+        print(f"mgpu {ns.cmd}: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(s.log_level, s.log_json, name=f"[{ns.cmd}] ")
+    if ns.cmd == "gateway":
+        return _run_gateway(s)
+    if ns.cmd == "worker":
+        from gpu_worker.main import run_worker
+
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+        return asyncio.run(run_worker(s, version=ns.deploy_version))
+    if ns.cmd == "drain":
+        import redis
+
+        r = redis.Redis.from_url(s.redis_url)
+        r.set(s.keys.drain(ns.worker), "1", ex=600)
+        print(f"asked worker {ns.worker} to drain")
+        return 0
+    if ns.cmd == "up":
+        from ops.supervisor import run_up
+
+        return run_up(s, explicit_redis="redis_url" in {k for k in vars(ns) if getattr(ns, k) is not None})
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
