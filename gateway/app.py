@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +21,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -154,7 +154,7 @@ def _build_item(state: GatewayState, kind: Kind, body: dict[str, Any], request_i
 # ----------------------------------------------------------------------------- waiting
 
 
-async def _wait_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+async def _wait_disconnect(receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> None:
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
@@ -266,7 +266,7 @@ async def _sse(state: GatewayState, w: Waiter, item: WorkItem, fmt: StreamFormat
             remaining = max(0.0, (item.deadline or time.time()) - time.time())
             try:
                 kind, payload = await asyncio.wait_for(w.queue.get(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 yield _sse_line(error_body(errors.RequestTimeout("the request's deadline passed")))
                 yield b"data: [DONE]\n\n"
                 return

@@ -280,7 +280,7 @@ class Worker:
             await asyncio.sleep(1.0)
             try:
                 await asyncio.wait_for(self.engine.check_health(), timeout=2.0)
-            except (errors.EngineDead, asyncio.TimeoutError) as exc:
+            except (TimeoutError, errors.EngineDead) as exc:
                 self._engine_dead(f"engine health check failed: {exc!r}")
                 return
 
@@ -441,7 +441,8 @@ class Worker:
             reason = job.stop_reason
             if reason == "cancelled":
                 self.cancelled += 1
-                await asyncio.shield(self._finish_error(job, errors.RequestCancelled("the client cancelled the request")))
+                err = errors.RequestCancelled("the client cancelled the request")
+                await asyncio.shield(self._finish_error(job, err))
             elif reason == "release":
                 await asyncio.shield(self._release_entry(job))
             elif reason == "lost":
@@ -514,7 +515,7 @@ class Worker:
                 req = EngineRequest(request_id=f"{item.id}/{index}/{job.entry_id}/{job.deliveries}",
                                     prompt=item.prompt, messages=item.messages, params=p,
                                     resume_token_ids=tokens, resume_text=text)
-                if p.max_tokens <= 0:
+                if max_tokens - len(tokens) <= 0:
                     finish = "length"
                 else:
                     async with contextlib.aclosing(self.engine.generate(req)) as outs:
@@ -591,7 +592,8 @@ class Worker:
             err = errors.DeadLettered(
                 f"the request failed on {deliveries - 1} workers and was moved to the dead-letter stream"
             ).to_info()
-        result = Result(id=rid or entry_id, kind=kind, model=model, error=err, worker=self.id, attempts=deliveries)
+        result = Result(id=rid or entry_id, kind="chat" if kind == "chat" else "completion", model=model,
+                        error=err, worker=self.id, attempts=deliveries)
         dlq = self.keys.dlq(self.model)
         rc = await self._dead_letter(
             keys=[stream, dlq, self.keys.result(rid or "-"), self.keys.replies(reply)],

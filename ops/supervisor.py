@@ -95,7 +95,8 @@ def run_up(s: Settings, *, explicit_redis: bool = False) -> int:
             children.append(Child(f"worker-cpu{i}", mgpu_cmd("worker"), _settings_env(s, **extra),
                                   data / "logs" / f"worker-cpu{i}.log"))
     port = s.port or free_port()
-    gateway = Child("gateway", mgpu_cmd("gateway"), _settings_env(s, MGPU_PORT=str(port)), data / "logs" / "gateway.log")
+    gateway = Child("gateway", mgpu_cmd("gateway"), _settings_env(s, MGPU_PORT=str(port)),
+                    data / "logs" / "gateway.log")
     children.append(gateway)
     stop = threading.Event()
 
@@ -152,7 +153,7 @@ def run_up(s: Settings, *, explicit_redis: bool = False) -> int:
 
 def _ready(base: str) -> bool:
     try:
-        with urllib.request.urlopen(base + "/ready", timeout=1) as r:  # noqa: S310
+        with urllib.request.urlopen(base + "/ready", timeout=1) as r:
             return bool(r.status == 200)
     except Exception:
         return False

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status, json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"null")

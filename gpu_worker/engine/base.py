@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -48,7 +48,7 @@ class Engine(Protocol):
 
     async def shutdown(self) -> None: ...
 
-    def generate(self, req: EngineRequest) -> AsyncIterator[StepOutput]:
+    def generate(self, req: EngineRequest) -> AsyncGenerator[StepOutput, None]:
         """Yield outputs as steps finish; closing the iterator early aborts the sequence."""
         ...
 

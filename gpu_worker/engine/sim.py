@@ -18,26 +18,25 @@ import asyncio
 import hashlib
 import os
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from common.errors import EngineDead
 from gpu_worker.engine.base import EngineRequest, InvalidEngineRequest, StepOutput
 
 _WORDS = (
-    "the of and to in is it that was for on are as with his they at be this from have or by one "
-    "had not but what all were when we there can an your which their said if do will each about "
-    "how up out them then she many some so these would other into has more her two like him see "
-    "time could no make than first been its who now people my made over did down only way find "
-    "use may water long little very after words called just where most know get through back "
-    "much go good new write our used me man too any day same right look think also around another "
-    "came come work three word must because does part even place well such here take why things "
-    "help put years different away again off went old number great tell men say small every found "
-    "still between name should home big give air line set own under read last never us left end "
-    "along while might next sound below saw something thought both few those always looked show "
-    "large often together asked house world going want school important until form food keep "
-    "children feet land side without boy once animals life enough took sometimes four head above "
-    "kind began almost live page got earth need far hand high year mother light parts country "
+    "the of and to in is it that was for on are as with his they at be this from have or by one had not "
+    "but what all were when we there can an your which their said if do will each about how up out them "
+    "then she many some so these would other into has more her two like him see time could no make than "
+    "first been its who now people my made over did down only way find use may water long little very "
+    "after words called just where most know get through back much go good new write our used me man too "
+    "any day same right look think also around another came come work three word must because does part "
+    "even place well such here take why things help put years different away again off went old number "
+    "great tell men say small every found still between name should home big give air line set own under "
+    "read last never us left end along while might next sound below saw something thought both few those "
+    "always looked show large often together asked house world going want school important until form "
+    "food keep children feet land side without boy once animals life enough took sometimes four head "
+    "above kind began almost live page got earth need far hand high year mother light parts country "
     "father let night following picture being study second eyes soon times story boys since white"
 ).split()
 VOCAB = len(_WORDS)
@@ -133,11 +132,11 @@ class SimEngine:
         text = render_chat(messages) if messages is not None else (prompt or "")
         return len(text.split())
 
-    async def generate(self, req: EngineRequest) -> AsyncIterator[StepOutput]:
+    async def generate(self, req: EngineRequest) -> AsyncGenerator[StepOutput, None]:
         text = render_chat(req.messages) if req.messages is not None else (req.prompt or "")
         context = tokenize(text) + list(req.resume_token_ids)
         prompt_tokens = len(context) - len(req.resume_token_ids)
-        if len(context) + req.params.max_tokens > self.max_model_len:
+        if len(context) + (req.params.max_tokens or 0) > self.max_model_len:
             raise InvalidEngineRequest(
                 f"this model's maximum context length is {self.max_model_len} tokens; the request "
                 f"needs {len(context)} prompt and {req.params.max_tokens} completion tokens"
@@ -229,7 +228,7 @@ class SimEngine:
                     finish = "stop"
                     break
         seq.text += piece
-        if finish is None and (seq.generated >= p.max_tokens or len(seq.context) >= self.max_model_len):
+        if finish is None and (seq.generated >= (p.max_tokens or 0) or len(seq.context) >= self.max_model_len):
             finish = "length"
         logprobs = None
         if p.logprobs is not None:
