@@ -161,9 +161,12 @@ async def _wait_disconnect(receive: Callable[[], Awaitable[MutableMapping[str, A
             return
 
 
-async def _await_result(state: GatewayState, request: Request, w: Waiter, item: WorkItem) -> Result:
+async def _await_result(state: GatewayState, request: Request, w: Waiter, item: WorkItem,
+                        keep_on_disconnect: bool) -> Result:
     timeout = max(0.0, (item.deadline or time.time()) - time.time())
-    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    # A request with an idempotency key outlives its connection: the client will come back for it.
+    watcher = asyncio.ensure_future(asyncio.Event().wait() if keep_on_disconnect
+                                    else _wait_disconnect(request.receive))
     try:
         done, _ = await asyncio.wait((w.future, watcher), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -229,11 +232,12 @@ async def _generate(request: Request, kind: Kind) -> Response:
         if item.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             fmt = StreamFormatter(item.id, kind, item.created, item.model, item.params.n, include_usage)
-            return StreamingResponse(_sse(state, w, item, fmt, started), media_type="text/event-stream",
+            return StreamingResponse(_sse(state, w, item, fmt, started, cancel_on_close=idem is None),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": item.id})
         state.metrics.in_flight.inc()
         try:
-            result = await _await_result(state, request, w, item)
+            result = await _await_result(state, request, w, item, keep_on_disconnect=idem is not None)
         finally:
             state.metrics.in_flight.dec()
             state.router.unregister(w)
@@ -254,7 +258,7 @@ def _sse_line(obj: Any) -> bytes:
 
 
 async def _sse(state: GatewayState, w: Waiter, item: WorkItem, fmt: StreamFormatter,
-               started: float) -> AsyncIterator[bytes]:
+               started: float, cancel_on_close: bool = True) -> AsyncIterator[bytes]:
     assert w.queue is not None
     finished = False
     first = True
@@ -291,7 +295,7 @@ async def _sse(state: GatewayState, w: Waiter, item: WorkItem, fmt: StreamFormat
     finally:
         state.metrics.in_flight.dec()
         state.router.unregister(w)
-        if not finished:
+        if not finished and cancel_on_close:
             await asyncio.shield(state.cancel(item.id))
 
 

@@ -39,6 +39,7 @@ from common.schemas import Choice, ChoiceDelta, Chunk, ErrorInfo, Result, Usage,
 from common.scripts import DEAD_LETTER, EMIT_CHUNK, FINISH, RELEASE, RENEW
 from common.settings import Settings
 from gpu_worker.engine.base import Engine, EngineRequest, InvalidEngineRequest
+from gpu_worker.gpu_health import GpuHealth
 
 log = logging.getLogger("mgpu.worker")
 
@@ -68,7 +69,8 @@ def _s(v: Any) -> str:
 
 
 class Worker:
-    def __init__(self, settings: Settings, engine: Engine, client: aioredis.Redis, *, version: str = "dev") -> None:
+    def __init__(self, settings: Settings, engine: Engine, client: aioredis.Redis, *, version: str = "dev",
+                 gpu_health: GpuHealth | None = None) -> None:
         self.s = settings
         self.engine = engine
         self.r = client
@@ -77,6 +79,7 @@ class Worker:
         self.version = version
         self.model = settings.model
         self.streams = [self.keys.stream(self.model)]  # read in priority order
+        self.gpu = gpu_health or GpuHealth(settings.gpu)
         self.state = "starting"
         self.healthy = True
         self.exit_code = 0
@@ -199,7 +202,7 @@ class Worker:
     def _registry_fields(self) -> dict[str, str]:
         return {
             "id": self.id, "host": socket.gethostname(), "pid": str(os.getpid()),
-            "gpu": "" if self.s.gpu is None else str(self.s.gpu), "model": self.model,
+            "gpu": "" if self.s.gpu is None else str(self.s.gpu), "gpu_name": self.gpu.name, "model": self.model,
             "engine": self.engine.name, "version": self.version, "slots": str(self.engine.slots),
             "in_flight": str(self.in_flight), "state": self.state, "heartbeat": f"{time.time():.3f}",
             "max_model_len": str(self.engine.max_model_len), "served": str(self.served),
@@ -234,9 +237,17 @@ class Worker:
         renew = client.register_script(RENEW)
         stall_s = self.s.loop_stall_s
         stalled = False
+        gpu_problem: str | None = None
         key = self.keys.worker(self.id)
         ttl_ms = int(self.s.worker_ttl_s * 1000)
         while not self._keeper_stop.wait(self.s.heartbeat_interval_s):
+            problem = gpu_problem or self.gpu.check()
+            if problem is not None:
+                if gpu_problem is None and self._loop is not None:
+                    log.error("GPU unhealthy: %s", problem, extra={"worker": self.id})
+                    self._loop.call_soon_threadsafe(self._engine_dead, f"GPU unhealthy: {problem}")
+                gpu_problem = problem
+                continue  # out of rotation: no heartbeat, no lease renewal
             lag = time.monotonic() - self._loop_tick
             if lag > stall_s and not stalled:
                 log.error("event loop stalled for %.1fs: letting the lease lapse", lag)
@@ -254,6 +265,7 @@ class Worker:
                     renew(keys=[stream], args=[GROUP, self.id, *ids], client=p)
                 out = p.execute()
                 if out[3] and self._loop is not None:
+                    client.delete(self.keys.drain(self.id))
                     self._loop.call_soon_threadsafe(self.request_drain)
                 lost = [(stream, _s(i)) for (stream, _), res in zip(snapshot, out[4:]) for i in res]
                 if lost and self._loop is not None:
@@ -563,14 +575,29 @@ class Worker:
         assert item is not None
         job.finishing = True
         reply = item.reply_to or ""
-        rc = await self._finish(
-            keys=[job.stream, self.keys.result(item.id), self.keys.replies(reply)],
-            args=[GROUP, self.id, job.entry_id, item.id, result.model_dump_json(exclude_defaults=True),
-                  self.s.result_ttl_s, "1" if reply else "0", kind])
+        rc = await self._retrying(
+            self._finish, [job.stream, self.keys.result(item.id), self.keys.replies(reply)],
+            [GROUP, self.id, job.entry_id, item.id, result.model_dump_json(exclude_defaults=True),
+             self.s.result_ttl_s, "1" if reply else "0", kind])
         if rc == 0:
             raise _Fenced(job.entry_id)
         if kind == "f":
             self.served += 1
+
+    async def _retrying(self, batcher: ScriptBatcher, keys: list[str], args: list[Any]) -> Any:
+        """Run a fenced script, riding out a Redis outage (restart, failover) for up to a minute.
+
+        The job stays registered meanwhile, so its lease is renewed as soon as Redis is back."""
+        delay, give_up = 0.05, time.monotonic() + 60.0
+        while True:
+            try:
+                return await batcher(keys, args)
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                if time.monotonic() > give_up:
+                    raise
+                log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def _to_dead_letter(self, stream: str, entry_id: str, fields: dict[Any, Any], deliveries: int,
                               *, reason: str) -> None:
@@ -640,10 +667,10 @@ class _Emitter:
             self.seq += 1
             chunk = Chunk(seq=self.seq, choices=sorted(deltas.values(), key=lambda d: d.index))
             try:
-                ok = await w._emit(
-                    keys=[self.job.stream, w.keys.chunks(self.item.id), w.keys.replies(reply)],
-                    args=[GROUP, w.id, self.job.entry_id, self.item.id,
-                          chunk.model_dump_json(exclude_defaults=True), w.s.result_ttl_s, "1" if reply else "0"])
+                ok = await w._retrying(
+                    w._emit, [self.job.stream, w.keys.chunks(self.item.id), w.keys.replies(reply)],
+                    [GROUP, w.id, self.job.entry_id, self.item.id,
+                     chunk.model_dump_json(exclude_defaults=True), w.s.result_ttl_s, "1" if reply else "0"])
             except BaseException as exc:
                 self.error = exc
                 raise

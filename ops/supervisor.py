@@ -125,6 +125,7 @@ def run_up(s: Settings, *, explicit_redis: bool = False) -> int:
                         c.down = True
                         log.error("%s crash-loops (%d exits in %.0fs): left down; see %s", c.name,
                                   len(c.crashes), CRASH_LOOP_WINDOW_S, c.log_path)
+                        _report_down(s, c)
                         continue
                     delay = min(30.0, 0.5 * 2 ** (len(c.crashes) - 1))
                     c.restart_at = now + delay
@@ -149,6 +150,24 @@ def run_up(s: Settings, *, explicit_redis: bool = False) -> int:
         if redis_server is not None:
             redis_server.stop()
     return 0
+
+
+def _report_down(s: Settings, c: Child) -> None:
+    """Show a crash-looping worker in the registry (and so in /workers) as state 'crashloop'."""
+    wid = c.env.get("MGPU_WORKER_ID")
+    if not wid:
+        return
+    import redis
+
+    try:
+        r = redis.Redis.from_url(s.redis_url, socket_timeout=2)
+        key = s.keys.worker(wid)
+        r.hset(key, mapping={"id": wid, "state": "crashloop", "model": s.model, "slots": "0", "in_flight": "0",
+                             "heartbeat": "0", "exits": str(len(c.crashes)), "log": str(c.log_path)})
+        r.expire(key, 3600)
+        r.sadd(s.keys.workers, wid)
+    except redis.RedisError as exc:
+        log.warning("could not report %s as down: %s", c.name, exc)
 
 
 def _ready(base: str) -> bool:

@@ -30,6 +30,16 @@ def _wait_result(stack: Stack, rid: str, timeout: float = 15) -> Result:
     return r
 
 
+def _single_result(stack: Stack, timeout: float = 15) -> Result:
+    """The one request of a test that sent no id of its own (an id would make it idempotent,
+    and idempotent requests are kept, not cancelled, when their client goes away)."""
+    pattern = stack.keys.result("*")
+    wait_until(lambda: len(stack.r.keys(pattern)) == 1, timeout, "one result")
+    raw = stack.r.get(stack.r.keys(pattern)[0])
+    assert raw is not None
+    return Result.model_validate_json(raw)
+
+
 def _field(stack: Stack, wid: str, name: str) -> int:
     return int(stack.r.hget(stack.keys.worker(wid), name) or 0)
 
@@ -38,13 +48,12 @@ def test_stream_disconnect_aborts_in_engine(stack: Stack) -> None:
     w = stack.start_worker(**SLOW)
     stack.start_gateway()
     body = {"model": "slow", "messages": [{"role": "user", "content": "tell me"}], "max_tokens": 200, "stream": True}
-    with httpx.stream("POST", stack.base_url + "/v1/chat/completions", json=body, timeout=10,
-                      headers={"X-Request-Id": "req-stream-disc"}) as r:
+    with httpx.stream("POST", stack.base_url + "/v1/chat/completions", json=body, timeout=10) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]  # role chunk + a couple of tokens
         assert any('"content":" ' in ln for ln in got)
     # the client is gone: the gateway cancels, the worker aborts the sequence in the engine
-    res = _wait_result(stack, "req-stream-disc")
+    res = _single_result(stack)
     assert res.error is not None and res.error.code == "cancelled"
     assert w.worker_id
     wait_until(lambda: _field(stack, w.worker_id, "engine_aborts") == 1, 5, "engine abort")  # type: ignore[arg-type]
@@ -56,8 +65,8 @@ def test_non_stream_disconnect_aborts_in_engine(stack: Stack) -> None:
     stack.start_gateway()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(stack.base_url + "/v1/completions", json={"model": "slow", "prompt": "x", "max_tokens": 200},
-                   headers={"X-Request-Id": "req-disc"}, timeout=httpx.Timeout(10, read=0.5))
-    res = _wait_result(stack, "req-disc")
+                   timeout=httpx.Timeout(10, read=0.5))
+    res = _single_result(stack)
     assert res.error is not None and res.error.code == "cancelled"
     wait_until(lambda: _field(stack, w.worker_id, "engine_aborts") == 1, 5, "engine abort")  # type: ignore[arg-type]
 
@@ -77,10 +86,14 @@ def test_queued_request_cancelled_is_skipped(stack: Stack) -> None:
     wait_until(lambda: _field(stack, w.worker_id, "in_flight") == 1, 10, "slot taken")  # type: ignore[arg-type]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(stack.base_url + "/v1/completions", json={"model": "slow", "prompt": "y", "max_tokens": 5},
-                   headers={"X-Request-Id": "req-queued"}, timeout=httpx.Timeout(10, read=0.3))
+                   timeout=httpx.Timeout(10, read=0.3))
     t.join()
     assert first["status"] == 200
-    res = _wait_result(stack, "req-queued")
+    pattern = stack.keys.result("*")
+    wait_until(lambda: len(stack.r.keys(pattern)) == 2, 10, "both results")
+    results = [Result.model_validate_json(stack.r.get(k) or b"") for k in stack.r.keys(pattern)]
+    res = next(r for r in results if r.error is not None)
+    assert sum(r.error is None for r in results) == 1
     assert res.error is not None and res.error.code == "cancelled"
     wait_until(lambda: _field(stack, w.worker_id, "skipped") == 1, 5, "skip counted")  # type: ignore[arg-type]
     assert _field(stack, w.worker_id, "engine_aborts") == 0  # type: ignore[arg-type]  # never reached the engine
@@ -89,11 +102,11 @@ def test_queued_request_cancelled_is_skipped(stack: Stack) -> None:
 def test_deadline_returns_504_and_aborts(stack: Stack) -> None:
     w = stack.start_worker(**SLOW)
     stack.start_gateway()
-    r = httpx.post(stack.base_url + "/v1/completions", timeout=10, headers={"X-Request-Id": "req-late"},
+    r = httpx.post(stack.base_url + "/v1/completions", timeout=10,
                    json={"model": "slow", "prompt": "x", "max_tokens": 500, "timeout": 0.5})
     assert r.status_code == 504
     assert r.json()["error"]["code"] == "deadline_exceeded"
-    res = _wait_result(stack, "req-late")
+    res = _single_result(stack)
     assert res.error is not None and res.error.code in ("cancelled", "deadline_exceeded")
     wait_until(lambda: _field(stack, w.worker_id, "engine_aborts") == 1, 5, "engine abort")  # type: ignore[arg-type]
 
