@@ -41,7 +41,7 @@ class Settings(BaseModel):
     retry_after_s: int = Field(default=1, ge=1)
 
     # worker
-    engine: Literal["vllm", "sim"] = "sim"
+    engine: Literal["vllm", "sim"] = "vllm"
     model: str = "SmolLM2-135M-Instruct"
     model_path: str | None = None
     worker_id: str | None = None
@@ -71,6 +71,7 @@ class Settings(BaseModel):
 
     # mgpu up
     data_dir: str = ".data"
+    model_cache_dir: str = Field(default_factory=lambda: os.path.expanduser("~/.cache/mgpu/models"))
     workers: int = Field(default=1, ge=0, le=64)
 
     @field_validator("redis_url")

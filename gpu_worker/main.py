@@ -29,7 +29,7 @@ def build_engine(s: Settings) -> Engine:
     from gpu_worker.engine.vllm_engine import VllmEngine
     from gpu_worker.model_store import ensure_embedded_model
 
-    path = s.model_path or str(ensure_embedded_model(Path(s.data_dir) / "models"))
+    path = s.model_path or str(ensure_embedded_model(Path(s.model_cache_dir)))
     return VllmEngine(model_path=path, served_name=s.model, slots=s.slots, max_model_len=s.max_model_len,
                       enforce_eager=s.vllm_enforce_eager, kv_cache_gb=s.vllm_kv_cache_gb,
                       gpu_memory_utilization=s.vllm_gpu_memory_utilization, dtype=s.vllm_dtype)

@@ -5,6 +5,7 @@
     mgpu worker    one GPU worker alone
     mgpu drain ID  ask a worker to drain and exit
     mgpu bench     the load generator
+    mgpu chaos     the chaos benchmark (kills workers and Redis under load)
 
 Every setting is a flag (``--slots 64``) and an environment variable (``MGPU_SLOTS=64``).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from typing import Any
 
@@ -27,7 +29,8 @@ _SCOPES: dict[str, set[str]] = {
                "model_path", "worker_id", "gpu", "slots", "max_model_len", "heartbeat_interval_s", "worker_ttl_s",
                "lease_ms", "loop_stall_s", "reclaim_interval_s", "max_deliveries", "drain_grace_s", "read_block_ms",
                "metrics_port", "sim_prefill_ms_per_token", "sim_decode_ms", "sim_decode_ms_per_seq",
-               "vllm_gpu_memory_utilization", "vllm_enforce_eager", "vllm_kv_cache_gb", "vllm_dtype", "data_dir"},
+               "vllm_gpu_memory_utilization", "vllm_enforce_eager", "vllm_kv_cache_gb", "vllm_dtype", "data_dir",
+               "model_cache_dir"},
 }
 _SCOPES["up"] = _SCOPES["gateway"] | _SCOPES["worker"] | {"workers"}
 _SCOPES["drain"] = {"redis_url", "namespace"}
@@ -45,6 +48,10 @@ def _add_settings(p: argparse.ArgumentParser, scope: str) -> None:
 
 def _settings(ns: argparse.Namespace, scope: str, **extra: Any) -> Settings:
     overrides = {k: getattr(ns, k) for k in _SCOPES[scope] if getattr(ns, k, None) is not None}
+    model = overrides.get("model")
+    if model and os.path.isdir(model) and "model_path" not in overrides:  # --model PATH
+        overrides["model_path"] = os.path.abspath(model)
+        overrides["model"] = os.path.basename(os.path.normpath(model))
     overrides.update({k: v for k, v in extra.items() if v is not None})
     return Settings.load(overrides)
 
@@ -61,6 +68,10 @@ def _run_gateway(s: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chaos"]:
+        from ops.chaos import main as chaos_main
+
+        return chaos_main(argv[1:])
     if argv[:1] == ["bench"]:
         from ops.bench import main as bench_main
 
@@ -79,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p_d.add_argument("worker")
     _add_settings(p_d, "drain")
     sub.add_parser("bench", help="load generator (see: mgpu bench --help)")
+    sub.add_parser("chaos", help="chaos benchmark (see: mgpu chaos --help)")
     ns = parser.parse_args(argv)
     try:
         s = _settings(ns, ns.cmd)

@@ -76,7 +76,7 @@ def run_up(s: Settings, *, explicit_redis: bool = False) -> int:
         from gpu_worker.model_store import ensure_embedded_model
 
         log.info("preparing the embedded model (converted once, then cached)")
-        s = s.model_copy(update={"model_path": str(ensure_embedded_model(data / "models"))})
+        s = s.model_copy(update={"model_path": str(ensure_embedded_model(Path(s.model_cache_dir)))})
     gpus = visible_gpus()
     children: list[Child] = []
     if gpus:

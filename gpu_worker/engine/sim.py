@@ -60,6 +60,18 @@ def next_token(prev2: int, prev1: int, seed: int) -> int:
     return (prev1 * 1_103_515_245 + prev2 * 12_345 + seed * 2_654_435_761 + 7) % VOCAB
 
 
+def expected_text(prompt: str | None = None, messages: list[dict[str, str]] | None = None, *,
+                  max_tokens: int, seed: int = 0) -> str:
+    """What the simulator generates for a request (no stop strings): a reference for checks."""
+    ctx = tokenize(render_chat(messages) if messages is not None else (prompt or "")) or [0]
+    out = []
+    for _ in range(max_tokens):
+        tok = next_token(ctx[-2] if len(ctx) > 1 else 0, ctx[-1], seed)
+        ctx.append(tok)
+        out.append(" " + _WORDS[tok])
+    return "".join(out)
+
+
 @dataclass
 class _Seq:
     req: EngineRequest
