@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -88,10 +89,10 @@ class Settings(BaseModel):
     @classmethod
     def load(cls, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
         """Defaults < ``MGPU_*`` environment < overrides (None values are skipped)."""
-        env = os.environ if env is None else env
+        source: Mapping[str, str] = os.environ if env is None else env
         values: dict[str, Any] = {}
         for name in cls.model_fields:
-            raw = env.get(ENV_PREFIX + name.upper())
+            raw = source.get(ENV_PREFIX + name.upper())
             if raw is not None and raw != "":
                 values[name] = raw
         for k, v in (overrides or {}).items():

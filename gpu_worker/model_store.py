@@ -29,7 +29,7 @@ class ModelStoreError(RuntimeError):
 
 
 def default_cache_dir() -> pathlib.Path:
-    env = os.environ.get("MGPU_MODEL_CACHE")
+    env = os.environ.get("MGPU_MODEL_CACHE_DIR") or os.environ.get("MGPU_MODEL_CACHE")
     return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "mgpu" / "models"
 
 

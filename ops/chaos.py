@@ -169,7 +169,7 @@ async def _load(fleet: Fleet, rate: float, duration: float, report: Report, stop
                     report.succeeded += 1
                 else:
                     report.duplicated_or_corrupted += 1
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 report.lost += 1
 
         start = time.monotonic()
@@ -226,7 +226,7 @@ def _pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 def format_report(r: Report) -> str:

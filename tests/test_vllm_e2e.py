@@ -52,8 +52,8 @@ def test_chat_completion_with_usage(vllm_stack: Stack) -> None:
     text = r.choices[0].message.content
     assert text and text.strip()
     assert r.usage is not None
-    rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-    n_prompt = len(rendered["input_ids"] if isinstance(rendered, dict) else rendered)
+    rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    n_prompt = len(tok.encode(rendered, add_special_tokens=False))
     assert r.usage.prompt_tokens == n_prompt
     assert 1 <= r.usage.completion_tokens <= 24
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens

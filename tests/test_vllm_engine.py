@@ -30,6 +30,7 @@ pytestmark = [
 ]
 
 MAX_MODEL_LEN = 512
+DTYPE = os.environ.get("MGPU_TEST_VLLM_DTYPE", "float32")
 STORY = [{"role": "user", "content": "Write a short story about a cat."}]
 
 
@@ -58,7 +59,7 @@ async def engine(model_path: Path) -> AsyncIterator[Any]:
     from gpu_worker.engine.vllm_engine import VllmEngine
 
     eng = VllmEngine(str(model_path), "SmolLM2-135M-Instruct", slots=4, max_model_len=MAX_MODEL_LEN,
-                     enforce_eager=True, kv_cache_gb=1, gpu_memory_utilization=0.9, dtype="auto")
+                     enforce_eager=True, kv_cache_gb=1, gpu_memory_utilization=0.9, dtype=DTYPE)
     await eng.start()
     try:
         yield eng
@@ -96,7 +97,8 @@ async def test_chat_counts_are_honest(engine: Any, hf_tokenizer: Any) -> None:
     assert all(o.prompt_tokens == n_prompt for o in outs)
     assert engine.count_prompt_tokens(None, STORY) == n_prompt
     ids = _ids(outs)
-    assert [o.completion_tokens for o in outs] == [sum(len(x.token_ids) for x in outs[: i + 1]) for i in range(len(outs))]
+    cumulative = [sum(len(x.token_ids) for x in outs[: i + 1]) for i in range(len(outs))]
+    assert [o.completion_tokens for o in outs] == cumulative
     assert outs[-1].completion_tokens == len(ids) <= 24
     assert outs[-1].finish_reason in ("stop", "length")
     assert all(o.finish_reason is None for o in outs[:-1])
@@ -106,7 +108,8 @@ async def test_chat_counts_are_honest(engine: Any, hf_tokenizer: Any) -> None:
 async def test_completion_prompt(engine: Any, hf_tokenizer: Any) -> None:
     prompt = "The capital of France is"
     outs = await _collect(engine, _req("cmpl-1", prompt=prompt, max_tokens=8))
-    assert outs[-1].prompt_tokens == len(hf_tokenizer(prompt)["input_ids"]) == engine.count_prompt_tokens(prompt, None)
+    n_prompt = len(hf_tokenizer(prompt)["input_ids"])
+    assert outs[-1].prompt_tokens == n_prompt == engine.count_prompt_tokens(prompt, None)
     assert "".join(o.text for o in outs).strip()
 
 
@@ -203,6 +206,15 @@ async def test_too_long_prompt_is_refused(engine: Any) -> None:
     assert engine.load == 0
 
 
+async def test_max_tokens_none_fills_the_context(engine: Any) -> None:
+    prompt = "hello " * (MAX_MODEL_LEN - 8)
+    n = engine.count_prompt_tokens(prompt, None)
+    assert MAX_MODEL_LEN - 20 < n < MAX_MODEL_LEN
+    outs = await _collect(engine, _req("none-1", prompt=prompt, max_tokens=None))
+    assert outs[-1].prompt_tokens == n
+    assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == MAX_MODEL_LEN - n
+
+
 async def test_resume_continues_greedy_sequence(engine: Any, hf_tokenizer: Any) -> None:
     n, k = 32, 12
     full = await _collect(engine, _req("res-full", max_tokens=n))
@@ -214,3 +226,28 @@ async def test_resume_continues_greedy_sequence(engine: Any, hf_tokenizer: Any) 
     assert rest[-1].completion_tokens == n - k
     assert rest[-1].finish_reason == "length"
     assert hf_tokenizer.decode(ids[:k]) + "".join(o.text for o in rest) == "".join(o.text for o in full)
+
+
+async def test_engine_death_is_reported(engine: Any) -> None:
+    """A dead engine core (as after a CUDA fault) fails the running sequence and the health check
+    with EngineDead.  It kills the module's engine, so it is the LAST test of this module."""
+    import signal
+
+    from common.errors import EngineDead
+
+    await engine.check_health()
+    procs = engine._engine.engine_core.resources.engine_manager.processes
+    assert procs and all(p.is_alive() for p in procs)
+    with pytest.raises(EngineDead):
+        async for _ in engine.generate(_req("dead-1", max_tokens=200)):
+            for p in procs:
+                if p.is_alive() and p.pid is not None:
+                    os.kill(p.pid, signal.SIGKILL)
+    with pytest.raises(EngineDead):
+        await engine.check_health()
+    with pytest.raises(EngineDead):
+        await _collect(engine, _req("dead-2", max_tokens=2))
+    await engine.shutdown()
+    await engine.shutdown()  # idempotent
+    with pytest.raises(EngineDead):
+        await engine.check_health()
