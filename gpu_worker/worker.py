@@ -88,7 +88,6 @@ class Worker:
         self._cancelled: dict[str, float] = {}
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
-        self._lease_snapshot: tuple[tuple[str, tuple[str, ...]], ...] = ()
         self._loop_tick = time.monotonic()
         self._keeper_stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -118,11 +117,12 @@ class Worker:
     def free_slots(self) -> int:
         return max(0, self.engine.slots - self.in_flight)
 
-    def _refresh_snapshot(self) -> None:
+    def _lease_snapshot(self) -> list[tuple[str, list[str]]]:
+        """In-flight entries by stream.  Called from the keeper thread: ``dict.copy`` is atomic."""
         by_stream: dict[str, list[str]] = {}
-        for j in self.jobs.values():
+        for j in self.jobs.copy().values():
             by_stream.setdefault(j.stream, []).append(j.entry_id)
-        self._lease_snapshot = tuple((s, tuple(ids)) for s, ids in by_stream.items())
+        return list(by_stream.items())
 
     # ------------------------------------------------------------------ lifecycle
     def request_drain(self) -> None:
@@ -255,7 +255,7 @@ class Worker:
             if not self.healthy or stalled:
                 continue  # a stalled or sick worker lets its lease lapse
             try:
-                snapshot = self._lease_snapshot
+                snapshot = self._lease_snapshot()
                 p = client.pipeline(transaction=False)
                 p.hset(key, mapping=self._registry_fields())
                 p.pexpire(key, ttl_ms)
@@ -416,7 +416,6 @@ class Worker:
         if job.item is not None:
             self._by_request[job.item.id] = job
         job.task = asyncio.create_task(self._run_job(job), name=f"job-{entry_id}")
-        self._refresh_snapshot()
         return job.slots
 
     async def _run_job(self, job: _Job) -> None:
@@ -475,7 +474,6 @@ class Worker:
             self.jobs.pop(job.entry_id, None)
             if job.item is not None:
                 self._by_request.pop(job.item.id, None)
-            self._refresh_snapshot()
             self._slot_freed.set()
 
     async def _release_entry(self, job: _Job) -> None:

@@ -59,9 +59,9 @@ def _settings(ns: argparse.Namespace, scope: str, **extra: Any) -> Settings:
 def _run_gateway(s: Settings) -> int:
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.app import create_asgi
 
-    uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="warning", access_log=False,
+    uvicorn.run(create_asgi(s), host=s.host, port=s.port, log_level="warning", access_log=False,
                 loop="uvloop", http="httptools", timeout_graceful_shutdown=5)
     return 0
 
