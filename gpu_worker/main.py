@@ -50,12 +50,16 @@ async def run_worker(s: Settings, version: str = "dev") -> int:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(s.gpu))
     client = make_client(s.redis_url, max_connections=24, block_ms=max(s.read_block_ms, 1000),
                          name=f"worker:{s.worker_id or os.getpid()}")
+    worker = Worker(s, build_engine(s), client, version=version)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_drain)
     try:
-        async with engine_running(build_engine(s)) as engine:
-            worker = Worker(s, engine, client, version=version)
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, worker.request_drain)
+        await worker.announce()  # visible as "starting" while the engine loads
+        async with engine_running(worker.engine):
+            if worker.state == "draining":  # asked to stop while loading
+                return 0
             return await worker.run()
     finally:
+        await worker.close()
         await client.aclose()

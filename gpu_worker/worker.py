@@ -90,6 +90,8 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._loop_tick = time.monotonic()
         self._keeper_stop = threading.Event()
+        self._keeper_thread: threading.Thread | None = None
+        self._tick_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finish = ScriptBatcher(client, FINISH)
         self._emit = ScriptBatcher(client, EMIT_CHUNK)
@@ -132,19 +134,26 @@ class Worker:
             self._stop.set()
             self._slot_freed.set()
 
-    async def run(self) -> int:
+    async def announce(self) -> None:
+        """Register as ``starting`` and begin heartbeating, before the engine loads (which can
+        take minutes): the fleet sees the worker coming, and it takes no work until ``ready``."""
         self._loop = asyncio.get_running_loop()
         await self._ensure_groups()
         await self._register()
-        keeper = threading.Thread(target=self._keeper, name="mgpu-lease-keeper", daemon=True)
-        keeper.start()
+        self._tick_task = asyncio.create_task(self._tick_loop(), name="tick")
+        self._keeper_thread = threading.Thread(target=self._keeper, name="mgpu-lease-keeper", daemon=True)
+        self._keeper_thread.start()
+
+    async def run(self) -> int:
+        """Serve until drained (SIGTERM, ``mgpu drain``) or the engine dies; then leave the registry."""
+        if self._keeper_thread is None:
+            await self.announce()
         self.state = "ready"
         log.info("worker ready", extra={"worker": self.id, "model": self.model, "slots": self.engine.slots})
         tasks = [
             asyncio.create_task(self._pull_loop(), name="pull"),
             asyncio.create_task(self._reclaim_loop(), name="reclaim"),
             asyncio.create_task(self._cancel_loop(), name="cancels"),
-            asyncio.create_task(self._tick_loop(), name="tick"),
             asyncio.create_task(self._health_loop(), name="health"),
         ]
         try:
@@ -154,12 +163,22 @@ class Worker:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self._keeper_stop.set()
-            await asyncio.to_thread(keeper.join, 5)
-            await self._deregister()
-            self.state = "gone"
+            await self.close()
             log.info("worker stopped", extra={"worker": self.id, "served": self.served})
         return self.exit_code
+
+    async def close(self) -> None:
+        """Stop heartbeating and deregister (idempotent)."""
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            self._tick_task = None
+        self._keeper_stop.set()
+        if self._keeper_thread is not None:
+            await asyncio.to_thread(self._keeper_thread.join, 5)
+            self._keeper_thread = None
+        if self.state != "gone":
+            await self._deregister()
+            self.state = "gone"
 
     async def _drain(self) -> None:
         grace = 0.0 if not self.healthy else self.s.drain_grace_s
