@@ -221,7 +221,7 @@ def test_fencing_scripts(r: redis.Redis) -> None:
     assert renew(keys=[s], args=[GROUP, "b", eid]) == [eid.encode()]  # b does not
     # a releases it: immediately claimable, without spending a delivery
     assert release(keys=[s], args=[GROUP, "a", 10**12, eid]) == 1
-    nxt, claimed, _ = r.xautoclaim(s, GROUP, "b", min_idle_time=3000, count=10)
+    _next, claimed, _ = r.xautoclaim(s, GROUP, "b", min_idle_time=3000, count=10)
     assert [c[0].decode() for c in claimed] == [eid]
     assert r.xpending_range(s, GROUP, eid, eid, 1)[0]["times_delivered"] == 1
     # the zombie a can neither store a result nor acknowledge
