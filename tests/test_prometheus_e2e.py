@@ -124,8 +124,13 @@ def test_prometheus_scrapes_load(stack: Stack, tmp_path: Path) -> None:
         wait_until(lambda: prom.scalar('sum(mgpu_gateway_requests_total{status="success"})') == n, 20,
                    "gateway totals scraped")
         per_worker = prom.by('sum by (worker) (mgpu_worker_requests_total{status="success"})', "worker")
-        served = {w.worker_id: int(stack.r.hget(stack.keys.worker(w.worker_id or ""), "served") or 0)
-                  for w in workers}
+
+        def served_now() -> dict[str | None, int]:  # the registry's counters, refreshed by the heartbeat
+            return {w.worker_id: int(stack.r.hget(stack.keys.worker(w.worker_id or ""), "served") or 0)
+                    for w in workers}
+
+        wait_until(lambda: sum(served_now().values()) == n, 10, "registry counters")
+        served = served_now()
         assert per_worker == {k: float(v) for k, v in served.items()}
         assert sum(per_worker.values()) == n and all(v > 0 for v in per_worker.values())
         assert prom.scalar('sum(mgpu_worker_requests_total{status!="success"})') == 0
@@ -156,7 +161,7 @@ def test_prometheus_scrapes_load(stack: Stack, tmp_path: Path) -> None:
         assert ttft is not None and e2e is not None
         assert DECODE_MS / 1000 <= ttft < e2e and e2e >= floor
         itl = prom.scalar("histogram_quantile(0.5, sum by (le) (mgpu_worker_inter_token_latency_seconds_bucket))")
-        assert itl is not None and 0.01 <= itl <= 0.03  # one decode step: 20 ms
+        assert itl is not None and 0.01 <= itl <= 0.05  # one decode step: 20 ms (plus scheduling)
 
         # slots: saturated during the load (12 clients, 2 x 2 slots), idle after it
         busy = prom.by("max_over_time(mgpu_worker_busy_slots[2m])", "worker")
