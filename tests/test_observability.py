@@ -273,7 +273,7 @@ def test_dashboard_is_valid_and_queries_only_exported_metrics(stack: Stack) -> N
     for p in d["panels"]:
         assert {"type", "title", "gridPos"} <= set(p)
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0
         if p["type"] == "row":
             continue
         assert p["type"] in ("timeseries", "stat") and p["targets"]
