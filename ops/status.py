@@ -134,8 +134,9 @@ def render(snap: Snapshot, *, title: str = "", colour: bool = False, stale_s: fl
                         "red" if w.failed else None, None, "yellow" if w.starts > 1 else None])
     out += _table(["WORKER", "STATE", "GPU", "MODEL", "VERSION", "SLOTS", "HEARTBEAT", "REQ/S", "SERVED",
                    "FAILED", "RECLAIMED", "RESTARTS"], rows, colours, colour)
-    out.append(f"{'':>2}total {total_rate:.1f} req/s" if any(w.rate is not None for w in snap.workers) else "")
-    out.append("QUEUES")
+    if any(w.rate is not None for w in snap.workers):
+        out.append(f"  total {total_rate:.1f} req/s")
+    out += ["", "QUEUES"]
     rows, colours = [], []
     for mq in snap.queues:
         for q in mq.streams:
