@@ -16,6 +16,7 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
     {ns}:models                   hash: model -> JSON facts (max_model_len, tokenizer) ever served
     {ns}:drain:{id}               present: that worker drains and exits
     {ns}:control                  hash of run-time settings (strategy, ...)
+    {ns}:starts                   hash: worker id -> how many times it registered (restarts = starts - 1)
 """
 
 from __future__ import annotations
@@ -74,3 +75,7 @@ class Keys:
     @property
     def control(self) -> str:
         return f"{self.ns}:control"
+
+    @property
+    def worker_starts(self) -> str:
+        return f"{self.ns}:starts"

@@ -29,6 +29,7 @@ class Settings(BaseModel):
     log_level: str = "INFO"
     log_json: bool = False
     result_ttl_s: int = Field(default=600, ge=1)
+    log_requests: bool = True  # one INFO line per finished request (request_id, outcome, timings)
 
     # gateway
     host: str = "127.0.0.1"
@@ -40,6 +41,8 @@ class Settings(BaseModel):
     redis_pool_size: int = Field(default=32, ge=2)
     registry_refresh_s: float = Field(default=0.5, gt=0)
     retry_after_s: int = Field(default=1, ge=1)
+    gateway_procs: int = Field(default=1, ge=1, le=64)  # uvicorn worker processes (Prometheus multiprocess mode)
+    queue_metrics_interval_s: float = Field(default=2.0, gt=0)  # how often queue gauges are read from Redis
 
     # worker
     engine: Literal["vllm", "sim"] = "vllm"
@@ -57,7 +60,8 @@ class Settings(BaseModel):
     max_deliveries: int = Field(default=3, ge=1)
     drain_grace_s: float = Field(default=60.0, ge=0)
     read_block_ms: int = Field(default=1000, ge=1)
-    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_port: int = Field(default=0, ge=0, le=65535)  # worker /metrics + /health; 0: a free port
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 to be scraped from other hosts (the hostname is published)
 
     # sim engine (ms); zero cost makes it an overhead probe
     sim_prefill_ms_per_token: float = Field(default=0.02, ge=0)

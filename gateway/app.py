@@ -22,12 +22,14 @@ import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common import errors
 from common.batching import ScriptBatcher
+from common.logs import set_request_id
+from common.outcomes import outcome_of
 from common.redis_conn import make_client
 from common.schemas import (
     ChatCompletionRequest,
@@ -205,11 +207,15 @@ async def _generate(request: Request, kind: Kind) -> Response:
     endpoint = "chat" if kind == "chat" else "completions"
     model_label = "-"
     status = 200
+    outcome = "success"
+    request_id = "-"
+    streamed = False
     try:
         body = await _read_json(request, s.max_body_bytes)
         model_label = str(body.get("model") or "-")[:64]
         idem = request.headers.get("idempotency-key") or request.headers.get("x-request-id")
         request_id = idem if idem and len(idem) <= 200 else new_request_id(kind)
+        set_request_id(request_id)
         item, req = _build_item(state, kind, body, request_id)
         model_label = item.model
         w = state.router.register(item.id, item.stream)
@@ -232,6 +238,7 @@ async def _generate(request: Request, kind: Kind) -> Response:
         if item.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             fmt = StreamFormatter(item.id, kind, item.created, item.model, item.params.n, include_usage)
+            streamed = True  # _sse accounts for it when the stream ends
             return StreamingResponse(_sse(state, w, item, fmt, started, cancel_on_close=idem is None),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": item.id})
@@ -245,12 +252,24 @@ async def _generate(request: Request, kind: Kind) -> Response:
             raise errors.from_info(result.error)
         return _orjson(full_response(result, item.model), headers={"X-Request-Id": item.id})
     except errors.MgpuError as exc:
-        status = exc.status
+        status, outcome = exc.status, outcome_of(exc)
+        raise
+    except Exception:
+        status, outcome = 500, "failed"
         raise
     finally:
-        state.metrics.requests.labels(model_label, endpoint, str(status)).inc()
-        if status == 200:
-            state.metrics.latency.labels(model_label, endpoint).observe(time.perf_counter() - started)
+        if not streamed:
+            _account(state, model_label, endpoint, outcome, status, started, request_id)
+
+
+def _account(state: GatewayState, model: str, endpoint: str, outcome: str, status: int, started: float,
+             request_id: str) -> None:
+    """Metrics and the access log line of one finished request."""
+    duration = time.perf_counter() - started
+    state.metrics.observe(model, endpoint, outcome, status, duration)
+    if state.settings.log_requests:
+        log.info("request done", extra={"request_id": request_id, "model": model, "endpoint": endpoint,
+                                        "outcome": outcome, "code": status, "duration_ms": round(duration * 1000, 1)})
 
 
 def _sse_line(obj: Any) -> bytes:
@@ -262,6 +281,7 @@ async def _sse(state: GatewayState, w: Waiter, item: WorkItem, fmt: StreamFormat
     assert w.queue is not None
     finished = False
     first = True
+    outcome, status = "cancelled", 499  # the client went away unless the stream ends otherwise
     state.metrics.in_flight.inc()
     try:
         for obj in fmt.role_chunks():
@@ -271,6 +291,7 @@ async def _sse(state: GatewayState, w: Waiter, item: WorkItem, fmt: StreamFormat
             try:
                 kind, payload = await asyncio.wait_for(w.queue.get(), remaining)
             except TimeoutError:
+                outcome, status = "timeout", 504
                 yield _sse_line(error_body(errors.RequestTimeout("the request's deadline passed")))
                 yield b"data: [DONE]\n\n"
                 return
@@ -284,6 +305,8 @@ async def _sse(state: GatewayState, w: Waiter, item: WorkItem, fmt: StreamFormat
                 continue
             finished = True
             result = Result.model_validate_json(payload)
+            outcome = outcome_of(result.error)
+            status = 200 if result.error is None else result.error.status
             if result.error is not None:
                 yield _sse_line(error_body(errors.from_info(result.error)))
             else:
@@ -295,6 +318,8 @@ async def _sse(state: GatewayState, w: Waiter, item: WorkItem, fmt: StreamFormat
     finally:
         state.metrics.in_flight.dec()
         state.router.unregister(w)
+        _account(state, item.model, "chat" if item.kind == "chat" else "completions", outcome, status, started,
+                 item.id)
         if not finished and cancel_on_close:
             await asyncio.shield(state.cancel(item.id))
 
@@ -361,11 +386,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = RegistryView(settings.keys)
         with contextlib.suppress(redis.RedisError, OSError):
             await registry.refresh(client)
+        metrics = GatewayMetrics(view=registry)
         state = GatewayState(settings=settings, redis=client, router=router, registry=registry,
-                             metrics=GatewayMetrics(), enqueue=ScriptBatcher(client, ENQUEUE))
+                             metrics=metrics, enqueue=ScriptBatcher(client, ENQUEUE))
         app.state.gw = state
         tasks = [asyncio.create_task(router.run(), name="replies"),
-                 asyncio.create_task(registry.run(client, settings.registry_refresh_s), name="registry")]
+                 asyncio.create_task(registry.run(client, settings.registry_refresh_s), name="registry"),
+                 asyncio.create_task(metrics.run_monitor(client, settings.keys, settings.queue_metrics_interval_s),
+                                     name="queue-metrics")]
         log.info("gateway %s ready on redis %s", settings.gateway_id, settings.redis_url)
         try:
             yield
@@ -375,6 +403,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.gather(*tasks, return_exceptions=True)
             await client.aclose()
             await listener.aclose()
+            metrics.close()
 
     app = FastAPI(title="mgpu", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -441,9 +470,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        state = _state(request)
-        for m in state.registry.live_models():
-            state.metrics.live_workers.labels(m).set(len(state.registry.live_workers(m)))
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(_state(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -35,11 +35,13 @@ from pydantic import ValidationError
 from common import errors
 from common.batching import ScriptBatcher
 from common.keys import GROUP
+from common.logs import set_request_id
 from common.schemas import Choice, ChoiceDelta, Chunk, ErrorInfo, Result, Usage, WorkItem
 from common.scripts import DEAD_LETTER, EMIT_CHUNK, FINISH, RELEASE, RENEW
 from common.settings import Settings
 from gpu_worker.engine.base import Engine, EngineRequest, InvalidEngineRequest
 from gpu_worker.gpu_health import GpuHealth
+from gpu_worker.metrics import WorkerMetrics
 
 log = logging.getLogger("mgpu.worker")
 
@@ -105,6 +107,8 @@ class Worker:
         self.dead_lettered = 0
         self.cancelled = 0
         self.skipped = 0  # cancelled or expired before they reached the engine
+        self.drains = 0
+        self.metrics = WorkerMetrics(self)
 
     def __repr__(self) -> str:
         return (f"<Worker {self.id} model={self.model} state={self.state} "
@@ -114,6 +118,10 @@ class Worker:
     @property
     def in_flight(self) -> int:
         return sum(j.slots for j in self.jobs.values())
+
+    @property
+    def loop_lag_s(self) -> float:
+        return max(0.0, time.monotonic() - self._loop_tick)
 
     @property
     def free_slots(self) -> int:
@@ -130,6 +138,7 @@ class Worker:
     def request_drain(self) -> None:
         if not self._stop.is_set():
             log.info("drain requested", extra={"worker": self.id})
+            self.drains += 1
             self.state = "draining"
             self._stop.set()
             self._slot_freed.set()
@@ -139,6 +148,7 @@ class Worker:
         take minutes): the fleet sees the worker coming, and it takes no work until ``ready``."""
         self._loop = asyncio.get_running_loop()
         await self._ensure_groups()
+        self.metrics.serve(self.s.metrics_host, self.s.metrics_port)
         await self._register()
         self._tick_task = asyncio.create_task(self._tick_loop(), name="tick")
         self._keeper_thread = threading.Thread(target=self._keeper, name="mgpu-lease-keeper", daemon=True)
@@ -179,6 +189,7 @@ class Worker:
         if self.state != "gone":
             await self._deregister()
             self.state = "gone"
+        self.metrics.close()
 
     async def _drain(self) -> None:
         grace = 0.0 if not self.healthy else self.s.drain_grace_s
@@ -225,7 +236,9 @@ class Worker:
             "engine": self.engine.name, "version": self.version, "slots": str(self.engine.slots),
             "in_flight": str(self.in_flight), "state": self.state, "heartbeat": f"{time.time():.3f}",
             "max_model_len": str(self.engine.max_model_len), "served": str(self.served),
-            "metrics_port": str(self.s.metrics_port), "failed": str(self.failed),
+            "metrics_port": str(self.metrics.port), "failed": str(self.failed),
+            "metrics_host": self.s.metrics_host if self.s.metrics_host not in ("", "0.0.0.0", "::")
+            else socket.gethostname(),
             "cancelled": str(self.cancelled), "skipped": str(self.skipped), "reclaimed": str(self.reclaimed),
             "fenced": str(self.fenced), "dead_lettered": str(self.dead_lettered),
             "engine_aborts": str(len(getattr(self.engine, "aborted", ()))),
@@ -240,6 +253,7 @@ class Worker:
             p.pexpire(key, int(self.s.worker_ttl_s * 1000))
             p.sadd(self.keys.workers, self.id)
             p.hset(self.keys.models, self.model, info)
+            p.hincrby(self.keys.worker_starts, self.id, 1)
             await p.execute()
 
     async def _deregister(self) -> None:
@@ -434,10 +448,12 @@ class Worker:
         self.jobs[entry_id] = job
         if job.item is not None:
             self._by_request[job.item.id] = job
+        self.metrics.started(job)
         job.task = asyncio.create_task(self._run_job(job), name=f"job-{entry_id}")
         return job.slots
 
     async def _run_job(self, job: _Job) -> None:
+        set_request_id(job.item.id if job.item is not None else None)
         try:
             if job.item is None:
                 await self._to_dead_letter(job.stream, job.entry_id, job.fields, job.deliveries, reason="malformed")
@@ -539,6 +555,7 @@ class Worker:
             finish = prev.finish_reason
             lps: list[dict[str, Any]] = []
             if finish is None:
+                timer = self.metrics.token_timer(item, index)
                 p = params.model_copy(update={"n": 1, "max_tokens": max_tokens - len(tokens),
                                               "seed": None if params.seed is None else params.seed + index})
                 req = EngineRequest(request_id=f"{item.id}/{index}/{job.entry_id}/{job.deliveries}",
@@ -549,6 +566,7 @@ class Worker:
                 else:
                     async with contextlib.aclosing(self.engine.generate(req)) as outs:
                         async for out in outs:
+                            timer.step(len(out.token_ids), out.prompt_tokens)
                             text += out.text
                             tokens.extend(out.token_ids)
                             prompt_tokens = out.prompt_tokens
@@ -600,6 +618,7 @@ class Worker:
             raise _Fenced(job.entry_id)
         if kind == "f":
             self.served += 1
+        self.metrics.finished(job, result)
 
     async def _retrying(self, batcher: ScriptBatcher, keys: list[str], args: list[Any]) -> Any:
         """Run a fenced script, riding out a Redis outage (restart, failover) for up to a minute.
@@ -645,6 +664,7 @@ class Worker:
                   self.s.result_ttl_s, "1" if reply else "0", reason, deliveries])
         if rc:
             self.dead_lettered += 1
+            self.metrics.dead_lettered()
             log.warning("entry dead-lettered", extra={"entry": entry_id, "reason": reason, "request_id": rid})
 
 

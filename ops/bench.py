@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -43,6 +44,7 @@ import os
 import random
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
 perf_counter = time.perf_counter
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_TIMER_SLACK_S = 0.0005
 LATE_WARN_MS = 5.0  # p99 send lateness above this: the generator did not keep up with its schedule
 _WORDS = [
     "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo",
@@ -543,10 +546,22 @@ def _split_url(url: str, endpoint: str) -> tuple[str, str, int, str, bool]:
 
 
 class RawHttpClient:
-    """Minimal asyncio HTTP/1.1 client: POST only, keep-alive pool (LIFO), no pool limit."""
+    """Minimal asyncio HTTP/1.1 client: POST only, keep-alive pool (LIFO), no pool size limit.
 
-    def __init__(self, url: str, endpoint: str, api_key: str | None = None) -> None:
+    At most ``max_connecting`` connects run at once; a request that finds no idle connection and
+    no free connect slot takes the next connection released.  Without that bound a burst of
+    arrivals opens hundreds of connections at once, the connects (dearer than requests, and
+    dropped once the server's accept queue fills) slow the loop, more requests pile up and open
+    more connections: the run collapses (seen here at 12,500 req/s).
+    """
+
+    max_connecting = 16
+
+    def __init__(
+        self, url: str, endpoint: str, api_key: str | None = None, connect_timeout: float = 10.0
+    ) -> None:
         _, self.host, self.port, path, tls = _split_url(url, endpoint)
+        self.connect_timeout = connect_timeout
         self._ssl: bool | None = True if tls else None
         auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         host_hdr = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
@@ -556,25 +571,87 @@ class RawHttpClient:
         ).encode()
         self._idle: list[_HttpConn] = []
         self._all: set[_HttpConn] = set()
+        self._connecting = 0
+        self._waiters: deque[asyncio.Future[_HttpConn | None]] = deque()
         self.connections_opened = 0
+        self.stale_retries = 0  # requests resent because a reused connection had been closed
 
     def _release(self, conn: _HttpConn) -> None:
+        waiters = self._waiters
+        while waiters:
+            w = waiters.popleft()
+            if not w.done():
+                w.set_result(conn)
+                return
         self._idle.append(conn)
+
+    def _wake_one(self) -> None:
+        """A connect slot is free: the longest waiter may connect."""
+        waiters = self._waiters
+        while waiters:
+            w = waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
 
     def _forget(self, conn: _HttpConn) -> None:
         self._all.discard(conn)
 
-    async def _acquire(self) -> _HttpConn:
-        idle = self._idle
-        while idle:
-            conn = idle.pop()
-            if not conn.closed:
-                return conn
+    async def _connect(self) -> _HttpConn:
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(lambda: _HttpConn(self), self.host, self.port, ssl=self._ssl)
+        async with asyncio.timeout(self.connect_timeout):  # a full accept queue drops SYNs silently
+            _, conn = await loop.create_connection(
+                lambda: _HttpConn(self), self.host, self.port, ssl=self._ssl
+            )
         self.connections_opened += 1
         self._all.add(conn)
         return conn
+
+    async def _acquire(self) -> _HttpConn:
+        idle = self._idle
+        while True:
+            while idle:
+                conn = idle.pop()
+                if not conn.closed:
+                    return conn
+            if self._connecting < self.max_connecting:
+                self._connecting += 1
+                try:
+                    return await self._connect()
+                finally:
+                    self._connecting -= 1
+                    self._wake_one()
+            fut: asyncio.Future[_HttpConn | None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                got = await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():  # handed over just before the cancel
+                    handed = fut.result()
+                    if handed is None:
+                        self._wake_one()
+                    else:
+                        self._release(handed)
+                raise
+            if got is not None and not got.closed:
+                return got
+
+    async def prewarm(self, n: int) -> int:
+        """Open ``n`` idle keep-alive connections (in batches); return how many opened.
+
+        Without them, a burst in an open-loop run opens connections while it should be sending,
+        which on a busy machine snowballs (connects are far dearer than requests).
+        """
+        opened = 0
+        while opened < n:
+            batch = min(64, n - opened)
+            got = await asyncio.gather(*(self._connect() for _ in range(batch)), return_exceptions=True)
+            conns = [c for c in got if isinstance(c, _HttpConn)]
+            self._idle.extend(conns)
+            opened += len(conns)
+            if len(conns) < batch:
+                break  # the target refuses connections: the run will count the errors
+        return opened
 
     async def send(self, body: bytes, resp: _Response, timeout: float) -> None:
         data = b"%s%d\r\n\r\n%s" % (self._prefix, len(body), body)
@@ -591,6 +668,7 @@ class RawHttpClient:
             except _StaleConnection:
                 if attempt == 1:
                     raise ConnectionResetError("server closed two connections before replying") from None
+                self.stale_retries += 1
                 resp.reset()
             except BaseException:
                 if conn.fut is fut:  # cancelled while in flight: the connection cannot be reused
@@ -612,32 +690,30 @@ class AiohttpClient:
     """The same job done by aiohttp (a cross-check of the raw client; several times more CPU)."""
 
     def __init__(self, url: str, endpoint: str, api_key: str | None = None) -> None:
+        """Construct inside the running loop (the session binds to it)."""
+        import aiohttp  # here, not at the first request: an import mid-run would stall the schedule
+
         scheme, host, port, path, _ = _split_url(url, endpoint)
         self.url = f"{scheme}://{host}:{port}{path}"
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
-        self._session: Any = None
+        self._timeout_cls = aiohttp.ClientTimeout
+        self._session: Any = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0), auto_decompress=False
+        )
 
     async def send(self, body: bytes, resp: _Response, timeout: float) -> None:
-        import aiohttp
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0), auto_decompress=False
-            )
         resp.t_sent = perf_counter()
         async with self._session.post(
-            self.url, data=body, headers=self.headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            self.url, data=body, headers=self.headers, timeout=self._timeout_cls(total=timeout)
         ) as r:
             resp.on_status(r.status)
             async for data in r.content.iter_any():
                 resp.on_data(data)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._session.close()
 
 
 # ============================================================================ config and results
@@ -659,6 +735,7 @@ class BenchConfig:
     requests: int | None = None  # stop after this many requests (warmup included), if sooner
     seed: int = 0
     timeout: float = 60.0  # per request, from its send
+    connections: int | None = None  # raw client: keep-alive connections opened before the start (None: auto)
     max_inflight: int = 0  # 0: no limit (beyond the file-descriptor limit)
     procs: int = 1
     client: Literal["raw", "aiohttp"] = "raw"
@@ -685,6 +762,8 @@ class BenchConfig:
             raise ValueError("requests must be >= 1")
         if self.procs < 1:
             raise ValueError("procs must be >= 1")
+        if self.connections is not None and self.connections < 0:
+            raise ValueError("connections must be >= 0")
         if self.concurrency is not None and self.procs > self.concurrency:
             raise ValueError("procs must not exceed concurrency")
         if self.in_process and self.procs != 1:
@@ -718,6 +797,7 @@ class Sample(NamedTuple):
 class _ShardOutput:
     samples: list[Sample]
     cpu_s: float
+    wall_s: float  # from the shared start to the last reply
     error_details: dict[str, str]
     connections: int
 
@@ -734,7 +814,7 @@ class BenchResult:
     procs: int
     client: str
     window_s: float  # measured seconds (throughput denominator)
-    wall_s: float  # whole run, warmup and drain included
+    wall_s: float  # start to last reply (warmup and drain included; setup excluded)
     offered: int  # requests scheduled (open) / started (closed) in the measured window
     sent: int
     ok: int
@@ -834,6 +914,21 @@ def summarize(
 # ============================================================================ the load generator
 
 
+def _shard_requests(cfg: BenchConfig, shard: int, nshards: int) -> int | None:
+    if cfg.requests is None:
+        return None
+    return cfg.requests // nshards + (1 if shard < cfg.requests % nshards else 0)
+
+
+def arrival_schedule(cfg: BenchConfig, shard: int = 0, nshards: int = 1) -> list[float]:
+    """The open-loop arrival offsets (seconds from the start) that process ``shard`` of ``nshards`` sends."""
+    assert cfg.rate is not None
+    return poisson_schedule(
+        cfg.rate / nshards, cfg.warmup + cfg.duration, seed=cfg.seed * 7919 + 2 * shard,
+        max_n=_shard_requests(cfg, shard, nshards),
+    )
+
+
 def _prompt(words: int, tag: str) -> str:
     # a unique first word keeps prompts distinct (no prefix-cache sharing between requests)
     body = [_WORDS[i % len(_WORDS)] for i in range(words - 1)]
@@ -855,14 +950,10 @@ class _Shard:
         self._chat = cfg.endpoint == "chat"
         self._schedule: list[float] = []
         self._concurrency = 0
-        self._requests: int | None = None
-        if cfg.requests is not None:
-            self._requests = cfg.requests // nshards + (1 if shard < cfg.requests % nshards else 0)
+        self._rate = (cfg.rate or 0.0) / nshards
+        self._requests = _shard_requests(cfg, shard, nshards)
         if cfg.rate is not None:
-            self._schedule = poisson_schedule(
-                cfg.rate / nshards, cfg.warmup + cfg.duration, seed=cfg.seed * 7919 + 2 * shard,
-                max_n=self._requests,
-            )
+            self._schedule = arrival_schedule(cfg, shard, nshards)
         else:
             assert cfg.concurrency is not None
             self._concurrency = cfg.concurrency // nshards + (1 if shard < cfg.concurrency % nshards else 0)
@@ -885,7 +976,17 @@ class _Shard:
         elif cfg.client == "aiohttp":
             self._client = AiohttpClient(cfg.url, cfg.endpoint, cfg.api_key)
         else:
-            self._client = RawHttpClient(cfg.url, cfg.endpoint, cfg.api_key)
+            client = RawHttpClient(cfg.url, cfg.endpoint, cfg.api_key, connect_timeout=cfg.timeout)
+            self._client = client
+            await client.prewarm(self._prewarm_count())
+
+    def _prewarm_count(self) -> int:
+        if self.cfg.connections is not None:
+            return self.cfg.connections
+        if self.cfg.rate is None:
+            return self._concurrency
+        # about 20 ms worth of arrivals, so a burst finds connections ready
+        return min(256, 4 + math.ceil(self._rate * 0.02))
 
     async def close(self) -> None:
         if self._client is not None:
@@ -911,9 +1012,11 @@ class _Shard:
         tasks: set[asyncio.Task[None]] = set()
         for i, off in enumerate(self._schedule):
             at = t0 + off
-            delay = at - perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            while (delay := at - perf_counter()) > 0:
+                # uvloop's timers have 1 ms granularity and round to nearest: a plain sleep(delay)
+                # would wake early (sending before the schedule) or spin; round up instead, so a
+                # send is never early and at most ~1 ms late (measured: ``lateness``)
+                await asyncio.sleep(delay + _TIMER_SLACK_S)
             task = loop.create_task(self._request(i, at))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -971,6 +1074,9 @@ class _Shard:
         except asyncio.CancelledError:
             error = "Unfinished"
             raise
+        except TimeoutError as exc:  # one name for every client's flavour of timeout
+            error = "TimeoutError"
+            detail = str(exc)[:300]
         except Exception as exc:  # every failure is a counted outcome, never a crash of the run
             error = type(exc).__name__
             detail = str(exc)[:300]
@@ -1068,12 +1174,13 @@ async def _run_shard(cfg: BenchConfig, shard: int, nshards: int, start: Callable
             await asyncio.sleep(delay)
         await runner.run(t0)
         cpu = time.process_time() - cpu0
+        wall = perf_counter() - t0
     finally:
         await runner.close()
     details = dict(runner.error_details)
     if runner.no_usage:
         details["_no_usage"] = str(runner.no_usage)
-    return _ShardOutput(runner.samples, cpu, details, runner.connections)
+    return _ShardOutput(runner.samples, cpu, wall, details, runner.connections)
 
 
 def _shard_main(conn: Connection, cfg: BenchConfig, shard: int, nshards: int) -> None:
@@ -1091,7 +1198,8 @@ def _shard_main(conn: Connection, cfg: BenchConfig, shard: int, nshards: int) ->
         out = _run(_run_shard(cfg, shard, nshards, start))
         conn.send(("ok", out))
     except BaseException as exc:  # report, do not hang the parent
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:
         conn.close()
 
@@ -1134,7 +1242,7 @@ async def _run_procs(cfg: BenchConfig) -> list[_ShardOutput]:
         for pipe in pipes:
             pipe.close()
         for p in procs:
-            p.join(timeout=5.0)
+            await loop.run_in_executor(None, p.join, 5.0)
             if p.is_alive():
                 p.kill()
 
@@ -1142,12 +1250,11 @@ async def _run_procs(cfg: BenchConfig) -> list[_ShardOutput]:
 async def run_load(cfg: BenchConfig) -> BenchResult:
     """Run one benchmark (HTTP or in-process; one process or ``cfg.procs``) and summarize it."""
     cfg.validate()
-    wall0 = perf_counter()
     if cfg.procs > 1:
         outs = await _run_procs(cfg)
     else:
         outs = [await _run_shard(cfg, 0, 1, lambda: perf_counter() + 0.001)]
-    wall = perf_counter() - wall0
+    wall = max(o.wall_s for o in outs)
     samples = [s for out in outs for s in out.samples]
     samples.sort(key=lambda s: s.sched)
     details: dict[str, str] = {}
@@ -1380,6 +1487,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--seed", type=int, default=0)
     lg.add_argument("--max-inflight", type=int, default=0, help="open loop: in-flight cap (0: fd limit)")
     lg.add_argument("--procs", type=int, default=1, help="split the load over K processes")
+    lg.add_argument("--connections", type=int, default=None,
+                    help="raw client: connections to open before the start (default: auto)")
     s = p.add_argument_group("in-process sim engine")
     s.add_argument("--in-process", action="store_true", help="no HTTP: drive a SimEngine in this process")
     s.add_argument("--in-process-baseline", action="store_true",
@@ -1411,7 +1520,8 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         url=a.url, model=a.model, endpoint=a.endpoint, stream=a.stream, max_tokens=a.max_tokens,
         mix=parse_mix(a.mix) if a.mix else None, prompt_words=a.prompt_words, rate=a.rate,
         concurrency=a.concurrency, duration=a.duration, warmup=a.warmup, requests=a.requests, seed=a.seed,
-        timeout=a.timeout, max_inflight=a.max_inflight, procs=a.procs, client=a.client, api_key=a.api_key,
+        timeout=a.timeout, connections=a.connections, max_inflight=a.max_inflight, procs=a.procs,
+        client=a.client, api_key=a.api_key,
         extra_body=extra, label=a.label, in_process=a.in_process, sim_decode_ms=a.sim_decode_ms,
         sim_decode_ms_per_seq=a.sim_decode_ms_per_seq, sim_prefill_ms_per_token=a.sim_prefill_ms_per_token,
         sim_slots=a.sim_slots, sim_max_model_len=a.sim_max_model_len,

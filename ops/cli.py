@@ -4,6 +4,7 @@
     mgpu gateway   the HTTP gateway alone
     mgpu worker    one GPU worker alone
     mgpu drain ID  ask a worker to drain and exit
+    mgpu status    live view of workers and queues (``--once``: one snapshot)
     mgpu bench     the load generator
     mgpu chaos     the chaos benchmark (kills workers and Redis under load)
 
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from common.logs import setup_logging
@@ -24,16 +26,17 @@ from common.settings import Settings, SettingsError
 _SCOPES: dict[str, set[str]] = {
     "gateway": {"redis_url", "namespace", "log_level", "log_json", "result_ttl_s", "host", "port", "gateway_id",
                 "request_timeout_s", "max_body_bytes", "max_queue_len", "redis_pool_size",
-                "registry_refresh_s", "retry_after_s"},
+                "registry_refresh_s", "retry_after_s", "log_requests", "gateway_procs", "queue_metrics_interval_s"},
     "worker": {"redis_url", "namespace", "log_level", "log_json", "result_ttl_s", "engine", "model",
                "model_path", "worker_id", "gpu", "slots", "max_model_len", "heartbeat_interval_s", "worker_ttl_s",
                "lease_ms", "loop_stall_s", "reclaim_interval_s", "max_deliveries", "drain_grace_s", "read_block_ms",
-               "metrics_port", "sim_prefill_ms_per_token", "sim_decode_ms", "sim_decode_ms_per_seq",
-               "vllm_gpu_memory_utilization", "vllm_enforce_eager", "vllm_kv_cache_gb", "vllm_dtype", "data_dir",
-               "model_cache_dir"},
+               "metrics_port", "metrics_host", "log_requests", "sim_prefill_ms_per_token", "sim_decode_ms",
+               "sim_decode_ms_per_seq", "vllm_gpu_memory_utilization", "vllm_enforce_eager", "vllm_kv_cache_gb",
+               "vllm_dtype", "data_dir", "model_cache_dir"},
 }
 _SCOPES["up"] = _SCOPES["gateway"] | _SCOPES["worker"] | {"workers"}
 _SCOPES["drain"] = {"redis_url", "namespace"}
+_SCOPES["status"] = {"redis_url", "namespace", "log_level"}
 
 
 def _add_settings(p: argparse.ArgumentParser, scope: str) -> None:
@@ -56,13 +59,33 @@ def _settings(ns: argparse.Namespace, scope: str, **extra: Any) -> Settings:
     return Settings.load(overrides)
 
 
+def _multiproc_dir(s: Settings) -> Path:
+    """prometheus-client's multiprocess directory, emptied: stale files would add old counts."""
+    default = Path(s.data_dir) / "prometheus-multiproc" / f"gateway-{s.port}"
+    d = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or default)
+    d.mkdir(parents=True, exist_ok=True)
+    for f in d.glob("*.db"):
+        f.unlink()
+    return d.resolve()
+
+
 def _run_gateway(s: Settings) -> int:
     import uvicorn
 
+    opts: dict[str, Any] = dict(host=s.host, port=s.port, log_level="warning", access_log=False, loop="uvloop",
+                                http="httptools", timeout_graceful_shutdown=5)
+    if s.gateway_procs > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # set before any process imports prometheus_client; uvicorn's workers inherit the environment
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_multiproc_dir(s))
+    if s.gateway_procs > 1:
+        # every process loads the same settings from the environment, with a gateway_id of its own
+        os.environ.update({"MGPU_" + k.upper(): str(v) for k, v in s.model_dump().items()
+                           if v is not None and k != "gateway_id"})
+        uvicorn.run("gateway.factory:app_from_env", factory=True, workers=s.gateway_procs, **opts)
+        return 0
     from gateway.app import create_asgi
 
-    uvicorn.run(create_asgi(s), host=s.host, port=s.port, log_level="warning", access_log=False,
-                loop="uvloop", http="httptools", timeout_graceful_shutdown=5)
+    uvicorn.run(create_asgi(s), **opts)
     return 0
 
 
@@ -89,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     p_d = sub.add_parser("drain", help="ask a worker to drain and exit")
     p_d.add_argument("worker")
     _add_settings(p_d, "drain")
+    p_st = sub.add_parser("status", help="live view of workers and queues, from Redis")
+    p_st.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p_st.add_argument("--interval", type=float, default=1.0, help="refresh (and requests/s window), seconds")
+    p_st.add_argument("--color", dest="color", action="store_true", default=None, help="colours even when piped")
+    p_st.add_argument("--no-color", dest="color", action="store_false", help="no colours")
+    _add_settings(p_st, "status")
     sub.add_parser("bench", help="load generator (see: mgpu bench --help)")
     sub.add_parser("chaos", help="chaos benchmark (see: mgpu chaos --help)")
     ns = parser.parse_args(argv)
@@ -117,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         r.set(s.keys.drain(ns.worker), "1", ex=600)
         print(f"asked worker {ns.worker} to drain")
         return 0
+    if ns.cmd == "status":
+        from ops.status import run_status
+
+        try:
+            return asyncio.run(run_status(s.redis_url, s.keys, once=ns.once, interval=ns.interval, colour=ns.color))
+        except KeyboardInterrupt:
+            return 0
     if ns.cmd == "up":
         from ops.supervisor import run_up
 

@@ -4,6 +4,9 @@ It starts a redis-server of its own (AOF on) unless ``MGPU_REDIS_URL`` / ``--red
 converts the embedded model once, starts one worker per visible GPU (or ``--workers N`` CPU
 workers), starts the gateway, restarts crashed workers with exponential backoff, leaves a
 crash-looping worker down (5 crashes within 60 s), and shuts everything down on Ctrl+C/SIGTERM.
+
+For Prometheus it keeps ``<data_dir>/prometheus/workers.json`` (file_sd targets: every worker's
+``/metrics``, from the registry) and ``<data_dir>/prometheus/gateway.json`` up to date.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
+
 from common.settings import Settings
 from ops.procs import RedisServer, free_port, mgpu_cmd, spawn, terminate
+from ops.targets import TargetsWriter, static_targets, write_json_atomic
 
 log = logging.getLogger("mgpu.up")
 
@@ -110,9 +116,20 @@ def run_up(s: Settings, *, explicit_redis: bool = False) -> int:
     base = f"http://{s.host}:{port}"
     announced = False
     started = time.monotonic()
+    prom_dir = data / "prometheus"
+    write_json_atomic(prom_dir / "gateway.json", static_targets([f"{s.host}:{port}"], namespace=s.namespace))
+    targets = TargetsWriter(prom_dir / "workers.json", s.keys)
+    registry = redis.Redis.from_url(s.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    next_targets = 0.0
     try:
         while not stop.wait(0.25):
             now = time.monotonic()
+            if now >= next_targets:
+                next_targets = now + 2.0
+                try:
+                    targets.refresh(registry)
+                except (redis.RedisError, OSError) as exc:
+                    log.warning("could not refresh Prometheus targets: %s", exc)
             for c in children:
                 if c.down or c.proc is None:
                     continue
@@ -147,6 +164,7 @@ def run_up(s: Settings, *, explicit_redis: bool = False) -> int:
         for c in children:
             if c.proc is not None:
                 terminate(c.proc, timeout=s.drain_grace_s + 5)
+        registry.close()
         if redis_server is not None:
             redis_server.stop()
     return 0

@@ -194,9 +194,11 @@ def test_drain_past_grace_hands_work_over_at_once(stack: Stack) -> None:
 def test_hung_engine_leaves_rotation(stack: Stack) -> None:
     a = stack.start_worker(MGPU_SIM_FAULTS="1", **SLOW)
     stack.start_gateway()
-    call = Call(stack, {"model": "m", "prompt": "__mgpu_sim_hang__", "max_tokens": 5, "timeout": 20})
-    assert a.proc.wait(DETECT_S + 2) == 3  # health check failed: the worker left and exited
-    assert stack.worker_state(a.worker_id or "") is None
+    call = Call(stack, {"model": "m", "prompt": "__mgpu_sim_hang__", "max_tokens": 5, "timeout": 30})
+    wait_until(lambda: _owner(stack) == a.worker_id, 10, "the hanging request reached a")
+    # the health check fails: a leaves rotation (and the registry) within the detection bound ...
+    wait_until(lambda: stack.worker_state(a.worker_id or "") is None, DETECT_S, "a out of rotation")
+    assert a.proc.wait(30) == 3  # ... and exits with the engine-dead code, for its supervisor
     b = stack.start_worker(**SLOW)  # a healthy worker (faults off) picks the released request up
     call.join(30)
     assert call.status == 200

@@ -1,0 +1,17 @@
+"""The app factory for several gateway processes: ``uvicorn gateway.factory:app_from_env --factory``.
+
+Each uvicorn worker process builds its own app from ``MGPU_*`` environment variables (``mgpu gateway
+--gateway-procs N`` exports them) and its own ``gateway_id``, hence its own reply stream.
+"""
+
+from __future__ import annotations
+
+from common.logs import setup_logging
+from common.settings import Settings
+from gateway.app import GenerationFastPath, create_asgi
+
+
+def app_from_env() -> GenerationFastPath:
+    s = Settings.load()
+    setup_logging(s.log_level, s.log_json, name="[gateway] ")
+    return create_asgi(s)
