@@ -1,8 +1,9 @@
 """Coalesce many concurrent Lua-script calls into pipelined round trips.
 
-Callers ``await batcher.call(keys, args)`` as if they ran the script alone; while one pipeline
-is in flight, new calls queue up and go out together in the next one.  Under light load every
-call goes out at once (no added latency); under heavy load a round trip carries hundreds of calls.
+Callers ``await batcher.call(keys, args)`` as if they ran the script alone.  A call that finds
+the batcher idle goes out at once, from the caller's own task (no extra event-loop turn); calls
+made while a round trip is in flight queue up and go out together in the next one, so under heavy
+load a round trip carries hundreds of calls.
 """
 
 from __future__ import annotations
@@ -22,13 +23,26 @@ class ScriptBatcher:
         self.max_batch = max_batch
         self._queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._busy = False  # a round trip is in flight (inline or in the flush task)
 
     async def call(self, keys: list[str], args: list[Any]) -> Any:
+        if not self._busy:
+            self._busy = True
+            try:
+                return await self.script(keys=keys, args=args)
+            finally:
+                self._busy = False
+                if self._queue:
+                    self._spawn()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((keys, args, fut))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._flush())
+        if not self._busy:
+            self._spawn()
         return await fut
+
+    def _spawn(self) -> None:
+        self._busy = True
+        self._task = asyncio.create_task(self._flush())
 
     __call__ = call
 
@@ -39,6 +53,12 @@ class ScriptBatcher:
             return await p.execute(raise_on_error=False)  # type: ignore[no-any-return]
 
     async def _flush(self) -> None:
+        try:
+            await self._flush_queue()
+        finally:
+            self._busy = False
+
+    async def _flush_queue(self) -> None:
         while self._queue:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
             try:
