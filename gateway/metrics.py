@@ -19,5 +19,8 @@ class GatewayMetrics:
         self.ttft = Histogram("mgpu_gateway_time_to_first_token_seconds", "Time to first streamed token",
                               ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("mgpu_gateway_in_flight_requests", "Requests waiting for a result", registry=r)
+        self.routed = Counter("mgpu_gateway_routed_requests", "Requests routed, by target worker's own stream "
+                              "('shared': the model's shared stream) and strategy", ["worker", "strategy"],
+                              registry=r)
         self.live_workers = Gauge("mgpu_gateway_live_workers", "Ready workers seen in the registry", ["model"],
                                   registry=r)

@@ -39,6 +39,7 @@ from common.schemas import Choice, ChoiceDelta, Chunk, ErrorInfo, Result, Usage,
 from common.scripts import DEAD_LETTER, EMIT_CHUNK, FINISH, RELEASE, RENEW
 from common.settings import Settings
 from gpu_worker.engine.base import Engine, EngineRequest, InvalidEngineRequest
+from gpu_worker.orphans import OwnStreams
 
 log = logging.getLogger("mgpu.worker")
 
@@ -76,7 +77,10 @@ class Worker:
         self.id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.version = version
         self.model = settings.model
-        self.streams = [self.keys.stream(self.model)]  # read in priority order
+        # read in priority order: what a push strategy sent to this worker, then the shared stream
+        self.own = OwnStreams(client, self.keys, self.model, self.id)
+        self.streams = [self.own.own, self.keys.stream(self.model)]
+        self._own_queued = 0  # unread entries in the own stream, as of the last heartbeat
         self.state = "starting"
         self.healthy = True
         self.exit_code = 0
@@ -163,6 +167,7 @@ class Worker:
         deadline = time.monotonic() + grace
         with contextlib.suppress(redis.RedisError, OSError):
             await self.r.hset(self.keys.worker(self.id), "state", "draining")
+            await self.own.move_own()  # the gateway no longer pushes here: hand back what waits
         while self.jobs and time.monotonic() < deadline:
             self._slot_freed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -207,6 +212,7 @@ class Worker:
             "cancelled": str(self.cancelled), "skipped": str(self.skipped), "reclaimed": str(self.reclaimed),
             "fenced": str(self.fenced), "dead_lettered": str(self.dead_lettered),
             "engine_aborts": str(len(getattr(self.engine, "aborted", ()))),
+            "weight": str(self.s.weight or self.engine.slots), "queued": str(self._own_queued),
         }
 
     async def _register(self) -> None:
@@ -217,6 +223,7 @@ class Worker:
             p.hset(key, mapping=self._registry_fields())
             p.pexpire(key, int(self.s.worker_ttl_s * 1000))
             p.sadd(self.keys.workers, self.id)
+            p.sadd(self.keys.worker_streams(self.model), self.id)
             p.hset(self.keys.models, self.model, info)
             await p.execute()
 
@@ -252,7 +259,11 @@ class Worker:
                 p.exists(self.keys.drain(self.id))
                 for stream, ids in snapshot:
                     renew(keys=[stream], args=[GROUP, self.id, *ids], client=p)
+                p.sadd(self.keys.worker_streams(self.model), self.id)
+                p.xlen(self.own.own)
                 out = p.execute()
+                own_jobs = sum(len(ids) for stream, ids in snapshot if stream == self.own.own)
+                self._own_queued = max(0, int(out[-1]) - own_jobs)
                 if out[3] and self._loop is not None:
                     self._loop.call_soon_threadsafe(self.request_drain)
                 lost = [(stream, _s(i)) for (stream, _), res in zip(snapshot, out[4:]) for i in res]
@@ -333,7 +344,12 @@ class Worker:
             await asyncio.sleep(self.s.reclaim_interval_s)
             if self._stop.is_set() or not self.healthy:
                 continue
-            for stream in self.streams:
+            try:  # own streams of gone workers: unread entries to the shared stream, pending ones here
+                orphaned = await self.own.sweep()
+            except (redis.RedisError, OSError) as exc:
+                log.warning("orphan sweep failed: %s", exc)
+                orphaned = []
+            for stream in [*self.streams, *orphaned]:
                 try:
                     await self._reclaim(stream)
                 except (redis.RedisError, OSError) as exc:
