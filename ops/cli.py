@@ -4,6 +4,8 @@
     mgpu gateway   the HTTP gateway alone
     mgpu worker    one GPU worker alone
     mgpu drain ID  ask a worker to drain and exit
+    mgpu strategy  show or set the load-balancing strategy of running gateways
+    mgpu sim-server  the sim engine as a standalone OpenAI-compatible server (no Redis)
     mgpu bench     the load generator
 
 Every setting is a flag (``--slots 64``) and an environment variable (``MGPU_SLOTS=64``).
@@ -22,15 +24,18 @@ from common.settings import Settings, SettingsError
 _SCOPES: dict[str, set[str]] = {
     "gateway": {"redis_url", "namespace", "log_level", "log_json", "result_ttl_s", "host", "port", "gateway_id",
                 "request_timeout_s", "max_body_bytes", "max_queue_len", "redis_pool_size",
-                "registry_refresh_s", "retry_after_s"},
+                "registry_refresh_s", "retry_after_s", "strategy", "affinity_prefix_chars", "affinity_vnodes"},
     "worker": {"redis_url", "namespace", "log_level", "log_json", "result_ttl_s", "engine", "model",
-               "model_path", "worker_id", "gpu", "slots", "max_model_len", "heartbeat_interval_s", "worker_ttl_s",
-               "lease_ms", "loop_stall_s", "reclaim_interval_s", "max_deliveries", "drain_grace_s", "read_block_ms",
-               "metrics_port", "sim_prefill_ms_per_token", "sim_decode_ms", "sim_decode_ms_per_seq",
+               "model_path", "worker_id", "gpu", "slots", "weight", "max_model_len", "heartbeat_interval_s",
+               "worker_ttl_s", "lease_ms", "loop_stall_s", "reclaim_interval_s", "max_deliveries", "drain_grace_s",
+               "read_block_ms", "metrics_port", "sim_prefill_ms_per_token", "sim_decode_ms", "sim_decode_ms_per_seq",
                "vllm_gpu_memory_utilization", "vllm_enforce_eager", "vllm_kv_cache_gb", "vllm_dtype", "data_dir"},
 }
 _SCOPES["up"] = _SCOPES["gateway"] | _SCOPES["worker"] | {"workers"}
 _SCOPES["drain"] = {"redis_url", "namespace"}
+_SCOPES["strategy"] = {"redis_url", "namespace"}
+_SCOPES["sim-server"] = {"log_level", "log_json", "host", "port", "model", "slots", "max_model_len",
+                         "sim_prefill_ms_per_token", "sim_decode_ms", "sim_decode_ms_per_seq"}
 
 
 def _add_settings(p: argparse.ArgumentParser, scope: str) -> None:
@@ -59,6 +64,29 @@ def _run_gateway(s: Settings) -> int:
     return 0
 
 
+def _strategy(s: Settings, name: str | None, gateway: str | None) -> int:
+    import redis
+
+    from gateway.routing import STRATEGIES
+
+    r = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    field = f"strategy:{gateway}" if gateway else "strategy"
+    if name is None:
+        control = r.hgetall(s.keys.control)
+        shown = {k: v for k, v in control.items() if k == "strategy" or k.startswith("strategy:")}
+        print(shown or "no run-time strategy set: each gateway uses its --strategy")
+        return 0
+    if name == "default":
+        r.hdel(s.keys.control, field)
+    elif name in STRATEGIES:
+        r.hset(s.keys.control, field, name)
+    else:
+        print(f"mgpu strategy: unknown strategy {name!r}; one of {', '.join(STRATEGIES)}", file=sys.stderr)
+        return 2
+    print(f"{field} = {name} (gateways pick it up within their registry refresh interval)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
@@ -78,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     p_d = sub.add_parser("drain", help="ask a worker to drain and exit")
     p_d.add_argument("worker")
     _add_settings(p_d, "drain")
+    p_st = sub.add_parser("strategy", help="show or set the load-balancing strategy at run time")
+    p_st.add_argument("name", nargs="?", help="pull, round_robin, least_loaded, weighted, prefix_affinity; "
+                                             "'default': back to each gateway's own setting")
+    p_st.add_argument("--gateway", dest="target_gateway", default=None, help="only this gateway id")
+    _add_settings(p_st, "strategy")
+    p_ss = sub.add_parser("sim-server", help="the sim engine as a standalone OpenAI-compatible server")
+    _add_settings(p_ss, "sim-server")
     sub.add_parser("bench", help="load generator (see: mgpu bench --help)")
     ns = parser.parse_args(argv)
     try:
@@ -105,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         r.set(s.keys.drain(ns.worker), "1", ex=600)
         print(f"asked worker {ns.worker} to drain")
         return 0
+    if ns.cmd == "strategy":
+        return _strategy(s, ns.name, ns.target_gateway)
+    if ns.cmd == "sim-server":
+        from gpu_worker.sim_server import run_sim_server
+
+        return run_sim_server(s)
     if ns.cmd == "up":
         from ops.supervisor import run_up
 
