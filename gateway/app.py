@@ -228,6 +228,7 @@ async def _generate(request: Request, kind: Kind) -> Response:
             target = None if fell and fell[0] == 1 else route.target
             state.balancer.count(target)
             state.metrics.routed.labels(target or "shared", route.strategy).inc()
+            w.future.add_done_callback(lambda _f: state.balancer.done(route))
         if rc == 2:  # a retry of an accepted request: answer with the original result
             state.router.unregister(w)
             result = await _await_existing(state, val.decode(), max(0.0, (item.deadline or 0) - time.time()))

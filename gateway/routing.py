@@ -158,6 +158,7 @@ class Route:
     worker_key: str  # the target's registry hash ('' for the shared stream)
     shared: str
     others: tuple[str, ...]  # the other own streams of the model (counted toward the queue limit)
+    epoch: int = 0  # the registry refresh it was counted under (see Balancer.done)
 
     def enqueue_keys(self, idempotency_key: str) -> list[str]:
         return [self.stream, idempotency_key, self.worker_key, self.shared, *self.others]
@@ -181,7 +182,9 @@ class Balancer:
     prefix_chars: int = 256
     vnodes: int = 64
     pushed: dict[str, int] = field(default_factory=dict)  # worker (or SHARED) -> requests routed there
-    local: dict[str, int] = field(default_factory=dict)  # pushed since the registry was last refreshed
+    # pushed since the registry was last refreshed and not finished yet: what the registry's counts miss
+    local: dict[str, int] = field(default_factory=dict)
+    epoch: int = 0
     _models: dict[str, _ModelState] = field(default_factory=dict)
     _seen_refresh: float = -1.0
     _bad: str | None = None
@@ -203,7 +206,15 @@ class Balancer:
         """Fresh registry counts include what was pushed before: restart the local counts."""
         if refreshed_at != self._seen_refresh:
             self._seen_refresh = refreshed_at
+            self.epoch += 1
             self.local.clear()
+
+    def done(self, route: Route) -> None:
+        """A pushed request finished: it no longer loads its worker (unless a refresh already
+        folded it into the registry's counts)."""
+        t = route.target
+        if t is not None and route.epoch == self.epoch and self.local.get(t, 0) > 0:
+            self.local[t] -= 1
 
     def route(self, strategy: str, model: str, cands: Sequence[Candidate], key: str = "") -> str | None:
         """The worker whose own stream gets the request, or ``None`` for the shared stream."""
@@ -239,8 +250,9 @@ class Balancer:
         shared = keys.stream(model)
         others = tuple(keys.worker_stream(model, w.id) for w in live if w.id != target)
         if target is None:
-            return Route(strategy, None, shared, "", shared, others)
-        return Route(strategy, target, keys.worker_stream(model, target), keys.worker(target), shared, others)
+            return Route(strategy, None, shared, "", shared, others, self.epoch)
+        return Route(strategy, target, keys.worker_stream(model, target), keys.worker(target), shared, others,
+                     self.epoch)
 
     def count(self, target: str | None) -> None:
         k = target or SHARED
