@@ -140,6 +140,9 @@ def test_affinity_keeps_a_user_on_one_worker_and_spills_when_full(stack: Stack) 
     owner = owners[user]
     other = "a2" if owner == "a1" else "a1"
 
+    # let the registry settle (no stale in_flight from the requests above) before filling the owner
+    wait_until(lambda: _in_flight(stack, owner) == 0 and _in_flight(stack, other) == 0, 10, "idle view")
+
     async def fill_then_spill() -> tuple[list[int], str | None]:
         async with httpx.AsyncClient(base_url=stack.base_url, timeout=60) as c:
             long = [asyncio.create_task(c.post("/v1/completions", json={
@@ -226,33 +229,38 @@ def test_draining_worker_hands_back_its_own_stream(stack: Stack) -> None:
 def test_strategy_switch_at_run_time_drops_nothing(stack: Stack) -> None:
     stack.start_worker(**FAST, worker_id="s1")
     stack.start_worker(**FAST, worker_id="s2")
-    stack.start_gateway()  # pull
+    stack.start_gateway(gateway_id="gw-switch")  # pull
     wait_until(lambda: len(_live(stack)) == 2, 10, "2 workers in the gateway's view")
     assert _workers(stack)["strategy"] == "pull"
 
     async def scenario() -> list[int]:
+        switched = asyncio.Event()
         async with httpx.AsyncClient(base_url=stack.base_url, timeout=60) as c:
             async def client(k: int) -> list[int]:
                 codes = []
-                for i in range(40):
-                    r = await c.post("/v1/completions", json={"model": "m", "prompt": f"{k} {i}", "max_tokens": 3})
+                after = 0
+                while after < 20:  # keep going across the switch, then 20 more requests each
+                    r = await c.post("/v1/completions", json={"model": "m", "prompt": f"{k}", "max_tokens": 3})
                     codes.append(r.status_code)
+                    after += switched.is_set()
                 return codes
 
             tasks = [asyncio.create_task(client(k)) for k in range(4)]
             await asyncio.sleep(0.3)
             await asyncio.to_thread(stack.r.hset, stack.keys.control, "strategy", "round_robin")
             await asyncio.to_thread(wait_until, lambda: _workers(stack)["strategy"] == "round_robin", 5, "switch")
+            switched.set()
             return [c for t in tasks for c in await t]
 
     codes = asyncio.run(scenario())
-    assert codes == [200] * 160
+    assert len(codes) >= 80 and codes == [200] * len(codes)
     info = _workers(stack)
     assert all(w["pushed"] > 0 for w in info["workers"]), info
     assert info["shared_routed"] > 0
-    stack.r.hset(stack.keys.control, f"strategy:{uuid.uuid4().hex}", "weighted")  # another gateway's field
-    time.sleep(0.0)
-    assert _workers(stack)["strategy"] == "round_robin"
+    # a field for another gateway does not apply here; one for this gateway wins over the global one
+    stack.r.hset(stack.keys.control, f"strategy:{uuid.uuid4().hex}", "weighted")
+    stack.r.hset(stack.keys.control, "strategy:gw-switch", "least_loaded")
+    wait_until(lambda: _workers(stack)["strategy"] == "least_loaded", 5, "per-gateway override")
 
 
 def test_sim_server_speaks_openai(stack: Stack) -> None:
