@@ -5,6 +5,7 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
     {ns}:q:{model}                shared request stream of a model (consumer group GROUP)
     {ns}:q:{model}:batch          lower-priority stream for batch jobs (same group)
     {ns}:q:{model}:w:{worker}     a worker's own stream, for push strategies
+    {ns}:wq:{model}               set of worker ids that have an own stream for the model
     {ns}:dlq:{model}              dead-letter stream
     {ns}:res:{id}                 a request's final Result (JSON, TTL)
     {ns}:chunks:{id}              a streaming request's chunks (stream, TTL)
@@ -15,7 +16,8 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
     {ns}:workers                  set of registered worker ids
     {ns}:models                   hash: model -> JSON facts (max_model_len, tokenizer) ever served
     {ns}:drain:{id}               present: that worker drains and exits
-    {ns}:control                  hash of run-time settings (strategy, ...)
+    {ns}:control                  hash of run-time settings: ``strategy`` (every gateway),
+                                  ``strategy:{gateway}`` (one gateway, wins)
     {ns}:starts                   hash: worker id -> how many times it registered (restarts = starts - 1)
 """
 
@@ -38,6 +40,9 @@ class Keys:
 
     def worker_stream(self, model: str, worker: str) -> str:
         return f"{self.ns}:q:{model}:w:{worker}"
+
+    def worker_streams(self, model: str) -> str:
+        return f"{self.ns}:wq:{model}"
 
     def dlq(self, model: str) -> str:
         return f"{self.ns}:dlq:{model}"

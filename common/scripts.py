@@ -4,17 +4,64 @@ lost an entry can neither write a chunk or a result for it nor acknowledge it.""
 
 from __future__ import annotations
 
-# KEYS: stream, idempotency key   ARGV: max_len, payload, request_id, idem_ttl, use_idem('1'/'0')
-# -> {1, entry_id} queued | {0, ''} queue full | {2, existing_request_id} duplicate
+# KEYS: stream, idempotency key, [target worker's registry hash ('' for none), shared stream,
+#       further streams that count toward the model's backlog...]
+# ARGV: max_len, payload, request_id, idem_ttl, use_idem('1'/'0')
+# -> {1, entry_id, fell_back} queued | {0, ''} queue full | {2, existing_request_id} duplicate
+# A push to a worker's own stream (KEYS[1]) goes to the shared stream (KEYS[4]) instead when that
+# worker is not 'ready' (draining, or its registry hash expired): nothing is pushed to a stream that
+# nobody reads, atomically with the orphan sweep (MOVE_UNDELIVERED) that deletes such streams.
+# The queue limit counts KEYS[1], KEYS[4] (when different) and KEYS[5..].
 ENQUEUE = """
 if ARGV[5] == '1' then
   local existing = redis.call('GET', KEYS[2])
   if existing then return {2, existing} end
 end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return {0, ''} end
-local id = redis.call('XADD', KEYS[1], '*', 'p', ARGV[2])
+local target = KEYS[1]
+local fell = 0
+if #KEYS >= 4 and KEYS[3] ~= '' and redis.call('HGET', KEYS[3], 'state') ~= 'ready' then
+  target = KEYS[4]
+  fell = 1
+end
+local backlog = redis.call('XLEN', KEYS[1])
+if #KEYS >= 4 and KEYS[4] ~= KEYS[1] then backlog = backlog + redis.call('XLEN', KEYS[4]) end
+for i = 5, #KEYS do backlog = backlog + redis.call('XLEN', KEYS[i]) end
+if backlog >= tonumber(ARGV[1]) then return {0, ''} end
+local id = redis.call('XADD', target, '*', 'p', ARGV[2])
 if ARGV[5] == '1' then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4]) end
-return {1, id}
+return {1, id, fell}
+"""
+
+# Move the entries of a worker's own stream that nobody has read yet to the shared stream (payload
+# kept, new id at the back), then delete the own stream once it is empty (nothing pending either).
+# Runs for a draining worker (by itself, force='1') and for a dead one (by any live worker: only
+# when the registry hash is gone).  Entries already delivered stay pending for XAUTOCLAIM.
+# KEYS: own stream, its worker's registry hash, shared stream, set of own streams of the model
+# ARGV: group, mover consumer, max entries, worker id, force('1'/'0')
+# -> {moved, entries left in the own stream} | {-1, 0} the worker is alive
+MOVE_UNDELIVERED = """
+if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[2]) == 1 then return {-1, 0} end
+local moved = 0
+local ok, res = pcall(redis.call, 'XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
+                      'STREAMS', KEYS[1], '>')
+local entries = {}
+if ok then
+  if res and res[1] then entries = res[1][2] end
+else  -- no group yet: nothing was ever delivered
+  entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[3])
+end
+for _, e in ipairs(entries) do
+  if e[2] and #e[2] > 0 then redis.call('XADD', KEYS[3], '*', unpack(e[2])) end
+  if ok then redis.call('XACK', KEYS[1], ARGV[1], e[1]) end
+  redis.call('XDEL', KEYS[1], e[1])
+  moved = moved + 1
+end
+local left = redis.call('XLEN', KEYS[1])
+if left == 0 and ARGV[5] ~= '1' then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[4], ARGV[4])
+end
+return {moved, left}
 """
 
 _OWNED = """

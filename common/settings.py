@@ -43,6 +43,10 @@ class Settings(BaseModel):
     retry_after_s: int = Field(default=1, ge=1)
     gateway_procs: int = Field(default=1, ge=1, le=64)  # uvicorn worker processes (Prometheus multiprocess mode)
     queue_metrics_interval_s: float = Field(default=2.0, gt=0)  # how often queue gauges are read from Redis
+    # load balancing (gateway/routing.py); the `strategy` field of the control hash overrides it at run time
+    strategy: Literal["pull", "round_robin", "least_loaded", "weighted", "prefix_affinity"] = "pull"
+    affinity_prefix_chars: int = Field(default=256, ge=1)  # prompt prefix that keys prefix_affinity
+    affinity_vnodes: int = Field(default=64, ge=1, le=4096)  # virtual nodes per worker on the hash ring
 
     # worker
     engine: Literal["vllm", "sim"] = "vllm"
@@ -51,6 +55,7 @@ class Settings(BaseModel):
     worker_id: str | None = None
     gpu: int | None = None
     slots: int = Field(default=32, ge=1, le=65536)
+    weight: float | None = Field(default=None, gt=0)  # share for the `weighted` strategy; default: slots
     max_model_len: int = Field(default=2048, ge=16)
     heartbeat_interval_s: float = Field(default=0.5, gt=0)
     worker_ttl_s: float = Field(default=2.0, gt=0)
@@ -91,7 +96,7 @@ class Settings(BaseModel):
         return Keys(self.namespace)
 
     @classmethod
-    def load(cls, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
+    def load(cls, overrides: dict[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
         """Defaults < ``MGPU_*`` environment < overrides (None values are skipped)."""
         source: Mapping[str, str] = os.environ if env is None else env
         values: dict[str, Any] = {}

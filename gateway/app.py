@@ -47,6 +47,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.protocol import StreamFormatter, error_body, full_response
 from gateway.registry import RegistryView
 from gateway.replies import ReplyRouter, Waiter
+from gateway.routing import Balancer, affinity_key
 
 log = logging.getLogger("mgpu.gateway")
 
@@ -59,6 +60,7 @@ class GatewayState:
     registry: RegistryView
     metrics: GatewayMetrics
     enqueue: Any
+    balancer: Balancer
 
     @property
     def ready(self) -> bool:
@@ -218,10 +220,12 @@ async def _generate(request: Request, kind: Kind) -> Response:
         set_request_id(request_id)
         item, req = _build_item(state, kind, body, request_id)
         model_label = item.model
+        route = state.balancer.plan(state.registry, s.keys, item.model, lambda: affinity_key(
+            req.user, request.headers.get("x-session-id"), item.prompt, item.messages, s.affinity_prefix_chars))
         w = state.router.register(item.id, item.stream)
         try:
-            rc, val = await state.enqueue(
-                keys=[s.keys.stream(item.model), s.keys.idempotency(idem or "-")],
+            rc, val, *fell = await state.enqueue(
+                keys=route.enqueue_keys(s.keys.idempotency(idem or "-")),
                 args=[s.max_queue_len, item.to_fields()["p"], item.id, s.result_ttl_s, "1" if idem else "0"])
         except (redis.RedisError, OSError) as exc:
             state.router.unregister(w)
@@ -229,6 +233,11 @@ async def _generate(request: Request, kind: Kind) -> Response:
         if rc == 0:
             state.router.unregister(w)
             raise errors.QueueFull(f"the queue for '{item.model}' is full", retry_after=s.retry_after_s)
+        if rc == 1:
+            target = None if fell and fell[0] == 1 else route.target
+            state.balancer.count(target)
+            state.metrics.routed.labels(target or "shared", route.strategy).inc()
+            w.future.add_done_callback(lambda _f: state.balancer.done(route))
         if rc == 2:  # a retry of an accepted request: answer with the original result
             state.router.unregister(w)
             result = await _await_existing(state, val.decode(), max(0.0, (item.deadline or 0) - time.time()))
@@ -388,7 +397,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await registry.refresh(client)
         metrics = GatewayMetrics(view=registry)
         state = GatewayState(settings=settings, redis=client, router=router, registry=registry,
-                             metrics=metrics, enqueue=ScriptBatcher(client, ENQUEUE))
+                             metrics=metrics, enqueue=ScriptBatcher(client, ENQUEUE),
+                             balancer=Balancer(settings.strategy, settings.gateway_id,
+                                               settings.affinity_prefix_chars, settings.affinity_vnodes))
         app.state.gw = state
         tasks = [asyncio.create_task(router.run(), name="replies"),
                  asyncio.create_task(registry.run(client, settings.registry_refresh_s), name="registry"),
@@ -465,8 +476,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/workers")
     async def workers(request: Request) -> Response:
-        reg = _state(request).registry
-        return _orjson({"workers": [w.as_dict() for w in reg.workers.values()]})
+        state = _state(request)
+        reg, bal = state.registry, state.balancer
+        return _orjson({"strategy": bal.strategy(reg.control), "shared_routed": bal.pushed.get("shared", 0),
+                        "workers": [{**w.as_dict(), "pushed": bal.pushed.get(w.id, 0)} for w in reg.workers.values()]})
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

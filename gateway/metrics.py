@@ -124,6 +124,9 @@ class GatewayMetrics:
                               ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("mgpu_gateway_in_flight_requests", "Requests waiting for a result", registry=r,
                                multiprocess_mode="livesum")
+        self.routed = Counter("mgpu_gateway_routed_requests", "Requests routed, by target worker's own stream "
+                              "('shared': the model's shared stream) and strategy", ["worker", "strategy"],
+                              registry=r)
         self.cluster = ClusterCollector(self)
         if not self.multiprocess:
             r.register(self.cluster)

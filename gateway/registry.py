@@ -28,6 +28,20 @@ class WorkerInfo:
     fields: dict[str, str]
 
     @property
+    def weight(self) -> float:
+        """Share for the weighted strategy (the worker's ``weight`` setting; default: slots)."""
+        try:
+            return float(self.fields.get("weight") or self.slots)
+        except ValueError:
+            return float(self.slots)
+
+    @property
+    def queued(self) -> int:
+        """Undelivered entries in the worker's own stream, as of its last heartbeat."""
+        v = self.fields.get("queued", "0")
+        return int(v) if v.isdigit() else 0
+
+    @property
     def heartbeat_age_s(self) -> float:
         return max(0.0, time.time() - self.heartbeat)
 
@@ -52,6 +66,7 @@ class RegistryView:
     models: dict[str, ModelInfo] = field(default_factory=dict)
     refreshed_at: float = 0.0
     redis_ok: bool = False
+    control: dict[str, str] = field(default_factory=dict)  # run-time settings (Keys.control)
 
     def live_workers(self, model: str | None = None) -> list[WorkerInfo]:
         return [w for w in self.workers.values()
@@ -66,7 +81,9 @@ class RegistryView:
             for i in ids:
                 p.hgetall(self.keys.worker(i))
             p.hgetall(self.keys.models)
+            p.hgetall(self.keys.control)
             out = await p.execute()
+        control_raw = out.pop()
         workers: dict[str, WorkerInfo] = {}
         gone = []
         for wid, raw in zip(ids, out[:-1]):
@@ -89,6 +106,7 @@ class RegistryView:
             models[name] = ModelInfo(name=name, max_model_len=int(info.get("max_model_len", 0)),
                                      tokenizer=str(info.get("tokenizer", "")), engine=str(info.get("engine", "")))
         self.workers, self.models = workers, models
+        self.control = {k.decode(): v.decode() for k, v in control_raw.items()}
         self.refreshed_at = time.monotonic()
         self.redis_ok = True
 

@@ -42,6 +42,7 @@ from common.settings import Settings
 from gpu_worker.engine.base import Engine, EngineRequest, InvalidEngineRequest
 from gpu_worker.gpu_health import GpuHealth
 from gpu_worker.metrics import WorkerMetrics
+from gpu_worker.orphans import OwnStreams
 
 log = logging.getLogger("mgpu.worker")
 
@@ -80,7 +81,10 @@ class Worker:
         self.id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.version = version
         self.model = settings.model
-        self.streams = [self.keys.stream(self.model)]  # read in priority order
+        # read in priority order: what a push strategy sent to this worker, then the shared stream
+        self.own = OwnStreams(client, self.keys, self.model, self.id)
+        self.streams = [self.own.own, self.keys.stream(self.model)]
+        self._own_queued = 0  # unread entries in the own stream, as of the last heartbeat
         self.gpu = gpu_health or GpuHealth(settings.gpu)
         self.state = "starting"
         self.healthy = True
@@ -196,6 +200,7 @@ class Worker:
         deadline = time.monotonic() + grace
         with contextlib.suppress(redis.RedisError, OSError):
             await self.r.hset(self.keys.worker(self.id), "state", "draining")
+            await self.own.move_own()  # the gateway no longer pushes here: hand back what waits
         while self.jobs and time.monotonic() < deadline:
             self._slot_freed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -242,6 +247,7 @@ class Worker:
             "cancelled": str(self.cancelled), "skipped": str(self.skipped), "reclaimed": str(self.reclaimed),
             "fenced": str(self.fenced), "dead_lettered": str(self.dead_lettered),
             "engine_aborts": str(len(getattr(self.engine, "aborted", ()))),
+            "weight": str(self.s.weight or self.engine.slots), "queued": str(self._own_queued),
         }
 
     async def _register(self) -> None:
@@ -252,6 +258,7 @@ class Worker:
             p.hset(key, mapping=self._registry_fields())
             p.pexpire(key, int(self.s.worker_ttl_s * 1000))
             p.sadd(self.keys.workers, self.id)
+            p.sadd(self.keys.worker_streams(self.model), self.id)
             p.hset(self.keys.models, self.model, info)
             p.hincrby(self.keys.worker_starts, self.id, 1)
             await p.execute()
@@ -296,7 +303,11 @@ class Worker:
                 p.exists(self.keys.drain(self.id))
                 for stream, ids in snapshot:
                     renew(keys=[stream], args=[GROUP, self.id, *ids], client=p)
+                p.sadd(self.keys.worker_streams(self.model), self.id)
+                p.xlen(self.own.own)
                 out = p.execute()
+                own_jobs = sum(len(ids) for stream, ids in snapshot if stream == self.own.own)
+                self._own_queued = max(0, int(out[-1]) - own_jobs)
                 if out[3] and self._loop is not None:
                     client.delete(self.keys.drain(self.id))
                     self._loop.call_soon_threadsafe(self.request_drain)
@@ -378,7 +389,12 @@ class Worker:
             await asyncio.sleep(self.s.reclaim_interval_s)
             if self._stop.is_set() or not self.healthy:
                 continue
-            for stream in self.streams:
+            try:  # own streams of gone workers: unread entries to the shared stream, pending ones here
+                orphaned = await self.own.sweep()
+            except (redis.RedisError, OSError) as exc:
+                log.warning("orphan sweep failed: %s", exc)
+                orphaned = []
+            for stream in [*self.streams, *orphaned]:
                 try:
                     await self._reclaim(stream)
                 except (redis.RedisError, OSError) as exc:

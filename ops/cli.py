@@ -5,6 +5,8 @@
     mgpu worker    one GPU worker alone
     mgpu drain ID  ask a worker to drain and exit
     mgpu status    live view of workers and queues (``--once``: one snapshot)
+    mgpu strategy  show or set the load-balancing strategy of running gateways
+    mgpu sim-server  the sim engine as a standalone OpenAI-compatible server (no Redis)
     mgpu bench     the load generator
     mgpu chaos     the chaos benchmark (kills workers and Redis under load)
 
@@ -26,8 +28,9 @@ from common.settings import Settings, SettingsError
 _SCOPES: dict[str, set[str]] = {
     "gateway": {"redis_url", "namespace", "log_level", "log_json", "result_ttl_s", "host", "port", "gateway_id",
                 "request_timeout_s", "max_body_bytes", "max_queue_len", "redis_pool_size",
-                "registry_refresh_s", "retry_after_s", "log_requests", "gateway_procs", "queue_metrics_interval_s"},
-    "worker": {"redis_url", "namespace", "log_level", "log_json", "result_ttl_s", "engine", "model",
+                "registry_refresh_s", "retry_after_s", "log_requests", "gateway_procs", "queue_metrics_interval_s",
+                "strategy", "affinity_prefix_chars", "affinity_vnodes"},
+    "worker": {"redis_url", "namespace", "log_level", "log_json", "result_ttl_s", "engine", "model", "weight",
                "model_path", "worker_id", "gpu", "slots", "max_model_len", "heartbeat_interval_s", "worker_ttl_s",
                "lease_ms", "loop_stall_s", "reclaim_interval_s", "max_deliveries", "drain_grace_s", "read_block_ms",
                "metrics_port", "metrics_host", "log_requests", "sim_prefill_ms_per_token", "sim_decode_ms",
@@ -37,6 +40,9 @@ _SCOPES: dict[str, set[str]] = {
 _SCOPES["up"] = _SCOPES["gateway"] | _SCOPES["worker"] | {"workers"}
 _SCOPES["drain"] = {"redis_url", "namespace"}
 _SCOPES["status"] = {"redis_url", "namespace", "log_level"}
+_SCOPES["strategy"] = {"redis_url", "namespace"}
+_SCOPES["sim-server"] = {"log_level", "log_json", "host", "port", "model", "slots", "max_model_len",
+                         "sim_prefill_ms_per_token", "sim_decode_ms", "sim_decode_ms_per_seq"}
 
 
 def _add_settings(p: argparse.ArgumentParser, scope: str) -> None:
@@ -89,6 +95,29 @@ def _run_gateway(s: Settings) -> int:
     return 0
 
 
+def _strategy(s: Settings, name: str | None, gateway: str | None) -> int:
+    import redis
+
+    from gateway.routing import STRATEGIES
+
+    r = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    field = f"strategy:{gateway}" if gateway else "strategy"
+    if name is None:
+        control = r.hgetall(s.keys.control)
+        shown = {k: v for k, v in control.items() if k == "strategy" or k.startswith("strategy:")}
+        print(shown or "no run-time strategy set: each gateway uses its --strategy")
+        return 0
+    if name == "default":
+        r.hdel(s.keys.control, field)
+    elif name in STRATEGIES:
+        r.hset(s.keys.control, field, name)
+    else:
+        print(f"mgpu strategy: unknown strategy {name!r}; one of {', '.join(STRATEGIES)}", file=sys.stderr)
+        return 2
+    print(f"{field} = {name} (gateways pick it up within their registry refresh interval)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["chaos"]:
@@ -118,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     p_st.add_argument("--color", dest="color", action="store_true", default=None, help="colours even when piped")
     p_st.add_argument("--no-color", dest="color", action="store_false", help="no colours")
     _add_settings(p_st, "status")
+    p_sg = sub.add_parser("strategy", help="show or set the load-balancing strategy at run time")
+    p_sg.add_argument("name", nargs="?", help="pull, round_robin, least_loaded, weighted, prefix_affinity; "
+                                             "'default': back to each gateway's own setting")
+    p_sg.add_argument("--gateway", dest="target_gateway", default=None, help="only this gateway id")
+    _add_settings(p_sg, "strategy")
+    p_ss = sub.add_parser("sim-server", help="the sim engine as a standalone OpenAI-compatible server")
+    _add_settings(p_ss, "sim-server")
     sub.add_parser("bench", help="load generator (see: mgpu bench --help)")
     sub.add_parser("chaos", help="chaos benchmark (see: mgpu chaos --help)")
     ns = parser.parse_args(argv)
@@ -153,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(run_status(s.redis_url, s.keys, once=ns.once, interval=ns.interval, colour=ns.color))
         except KeyboardInterrupt:
             return 0
+    if ns.cmd == "strategy":
+        return _strategy(s, ns.name, ns.target_gateway)
+    if ns.cmd == "sim-server":
+        from gpu_worker.sim_server import run_sim_server
+
+        return run_sim_server(s)
     if ns.cmd == "up":
         from ops.supervisor import run_up
 

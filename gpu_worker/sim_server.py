@@ -1,0 +1,159 @@
+"""``mgpu sim-server``: the sim engine alone behind an OpenAI-compatible HTTP server.
+
+No Redis and no gateway: one process, one :class:`SimEngine`, requests go straight to the engine
+(which queues what exceeds its slots, as a vLLM server does).  It exists so that a push router
+(nginx, a Kubernetes Service, ...) can be put in front of the same simulated fleet that mgpu's
+workers run, for a like-for-like comparison.  ``/v1/completions`` and ``/v1/chat/completions``,
+streaming or not, with usage; ``n`` must be 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
+
+from common import errors
+from common.schemas import (
+    ChatCompletionRequest,
+    Choice,
+    ChoiceDelta,
+    CompletionRequest,
+    Kind,
+    Result,
+    SamplingParams,
+    Usage,
+    new_request_id,
+)
+from common.settings import Settings
+from gateway.protocol import StreamFormatter, error_body, full_response
+from gpu_worker.engine.base import EngineRequest, InvalidEngineRequest
+from gpu_worker.engine.sim import SimEngine
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def create_sim_app(settings: Settings) -> FastAPI:
+    s = settings
+    engine = SimEngine(slots=s.slots, max_model_len=s.max_model_len, prefill_ms_per_token=s.sim_prefill_ms_per_token,
+                       decode_ms=s.sim_decode_ms, decode_ms_per_seq=s.sim_decode_ms_per_seq)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="mgpu sim-server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine
+
+    @app.exception_handler(errors.MgpuError)
+    async def _err(_request: Request, exc: errors.MgpuError) -> Response:
+        return _json(error_body(exc), status=exc.status)
+
+    async def parse(request: Request, kind: Kind) -> tuple[EngineRequest, CompletionRequest | ChatCompletionRequest]:
+        try:
+            body = orjson.loads(await request.body())
+            model = ChatCompletionRequest if kind == "chat" else CompletionRequest
+            req: CompletionRequest | ChatCompletionRequest = model.model_validate(body)
+        except orjson.JSONDecodeError as exc:
+            raise errors.InvalidRequest(f"could not parse the JSON body: {exc}") from None
+        except ValidationError as exc:
+            raise errors.InvalidRequest(str(exc.errors()[0]["msg"])) from None
+        if req.model != s.model:
+            raise errors.ModelNotFound(f"the model '{req.model}' does not exist", param="model")
+        if req.n != 1:
+            raise errors.InvalidRequest("sim-server supports n=1 only", param="n")
+        messages = ([{"role": m.role, "content": m.text()} for m in req.messages]
+                    if isinstance(req, ChatCompletionRequest) else None)
+        prompt = req.prompt_text() if isinstance(req, CompletionRequest) else None
+        n_prompt = engine.count_prompt_tokens(prompt, messages)
+        max_tokens = req.max_tokens or (16 if kind == "completion" else s.max_model_len - n_prompt)
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                                stop=req.stop_list(), seed=req.seed)
+        return EngineRequest(request_id=uuid.uuid4().hex, prompt=prompt, messages=messages, params=params), req
+
+    async def generate(request: Request, kind: Kind) -> Response:
+        ereq, req = await parse(request, kind)
+        rid, created = new_request_id(kind), int(time.time())
+        if not req.stream:
+            text, finish, usage = "", "stop", Usage()
+            try:
+                async with contextlib.aclosing(engine.generate(ereq)) as outs:
+                    async for out in outs:
+                        text += out.text
+                        finish = out.finish_reason or finish
+                        usage = Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                                      total_tokens=out.prompt_tokens + out.completion_tokens)
+            except InvalidEngineRequest as exc:
+                raise errors.InvalidRequest(str(exc)) from None
+            result = Result(id=rid, kind=kind, model=s.model, created=created,
+                            choices=[Choice(index=0, text=text, finish_reason=finish)], usage=usage)
+            return _json(full_response(result, s.model))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        fmt = StreamFormatter(rid, kind, created, s.model, 1, include_usage)
+
+        async def events() -> AsyncIterator[bytes]:
+            for obj in fmt.role_chunks():
+                yield _sse(obj)
+            usage = Usage()
+            try:
+                async with contextlib.aclosing(engine.generate(ereq)) as outs:
+                    async for out in outs:
+                        for obj in fmt.delta_chunks([ChoiceDelta(index=0, text=out.text,
+                                                                 finish_reason=out.finish_reason)]):
+                            yield _sse(obj)
+                        usage = Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                                      total_tokens=out.prompt_tokens + out.completion_tokens)
+            except InvalidEngineRequest as exc:
+                yield _sse(error_body(errors.InvalidRequest(str(exc))))
+            else:
+                u = fmt.usage_chunk(usage)
+                if u is not None:
+                    yield _sse(u)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await generate(request, "chat")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return _json({"object": "list", "data": [{"id": s.model, "object": "model", "created": 0,
+                                                  "owned_by": "mgpu-sim"}]})
+
+    @app.get("/health")
+    async def health() -> Response:
+        return _json({"status": "ok", "load": engine.load, "slots": engine.slots})
+
+    return app
+
+
+def run_sim_server(s: Settings) -> int:
+    import uvicorn
+
+    uvicorn.run(create_sim_app(s), host=s.host, port=s.port, log_level="warning", access_log=False,
+                loop="uvloop", http="httptools", timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,356 @@
+"""Side-by-side comparison of mgpu's balancing strategies and nginx round-robin, plus worker scaling.
+
+    python -m ops.compare --out docs            # ~15 minutes on a 2-core machine
+
+Part 1: one sim fleet (4 workers x 16 slots, decode 10 ms + 0.1 ms per running sequence, prefill
+0.02 ms per prompt token), requests 90 % max_tokens=32 / 10 % max_tokens=1024, streaming.  The
+fleet's capacity is measured first (closed loop, saturating, ``pull``); then every mgpu strategy
+(switched at run time through the control hash, same gateway and workers) and nginx round-robin
+(``upstream`` over 4 ``mgpu sim-server`` processes with the same engine settings) run open-loop
+Poisson load at 50 %, 80 % and 95 % of that capacity.
+Part 2: throughput of 1, 2, 4, 8 workers (``pull``) under saturating closed-loop load with a fixed,
+cheap sim cost (8 slots, 40 ms per step, 16 tokens) so that the fleet stays far below what the
+gateway and load generator can do on 2 cores.
+
+Writes ``<out>/balancing.json``, ``<out>/balancing.png`` and prints the Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from ops.bench import BenchConfig, BenchResult, run_load
+from ops.procs import RedisServer, free_port, mgpu_cmd, spawn, terminate, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "sim"
+MIX = [(0.9, 32), (0.1, 1024)]
+STRATEGIES = ["pull", "round_robin", "least_loaded", "weighted", "prefix_affinity"]
+SIM = {"slots": 16, "sim_decode_ms": 10.0, "sim_decode_ms_per_seq": 0.1, "sim_prefill_ms_per_token": 0.02}
+SCALE_SIM = {"slots": 8, "sim_decode_ms": 40.0, "sim_decode_ms_per_seq": 0.0, "sim_prefill_ms_per_token": 0.0}
+SCALE_TOKENS = 16
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def _flags(d: dict[str, Any]) -> list[str]:
+    return [x for k, v in d.items() for x in ("--" + k.replace("_", "-"), str(v))]
+
+
+@dataclass
+class Fleet:
+    """redis-server + mgpu gateway + N sim workers."""
+
+    tmp: Path
+    redis_url: str
+    n: int
+    sim: dict[str, Any]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Fleet:
+        ns = f"cmp{os.getpid()}n{self.n}"
+        env = {"MGPU_REDIS_URL": self.redis_url, "MGPU_NAMESPACE": ns, "MGPU_LOG_LEVEL": "WARNING",
+               "PYTHONPATH": str(ROOT)}
+        self.ns = ns
+        for i in range(self.n):
+            self.procs.append(spawn(mgpu_cmd("worker", "--engine", "sim", "--model", MODEL, "--worker-id", f"w{i}",
+                                             *_flags(self.sim)), env=env, log_path=self.tmp / f"w{i}.log"))
+        self.port = free_port()
+        self.procs.append(spawn(mgpu_cmd("gateway", "--port", str(self.port)), env=env,
+                                log_path=self.tmp / "gateway.log"))
+
+        def ready() -> bool:
+            try:
+                ws = _get(self.url + "/workers")["workers"]
+            except OSError:
+                return False
+            return sum(w["state"] == "ready" for w in ws) == self.n
+
+        wait_until(ready, 60, f"{self.n} workers ready", interval=0.2)
+        return self
+
+    def set_strategy(self, name: str) -> None:
+        r = redis.Redis.from_url(self.redis_url)
+        r.hset(f"{self.ns}:control", "strategy", name)
+        wait_until(lambda: _get(self.url + "/workers")["strategy"] == name, 10, f"strategy {name}")
+
+    def wait_idle(self) -> None:
+        def idle() -> bool:
+            ws = _get(self.url + "/workers")["workers"]
+            return all(int(w["in_flight"]) == 0 and int(w.get("queued", 0)) == 0 for w in ws)
+
+        wait_until(idle, 120, "fleet idle", interval=0.2)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            terminate(p, timeout=10)
+        self.procs.clear()
+
+
+@dataclass
+class NginxFleet:
+    """nginx (generated config, ``upstream`` round-robin) over N ``mgpu sim-server`` processes."""
+
+    tmp: Path
+    n: int
+    sim: dict[str, Any]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    port: int = 0
+    config: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> NginxFleet:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        ports = [free_port() for _ in range(self.n)]
+        for i, p in enumerate(ports):
+            self.procs.append(spawn(mgpu_cmd("sim-server", "--port", str(p), "--model", MODEL, *_flags(self.sim)),
+                                    env={"PYTHONPATH": str(ROOT), "MGPU_LOG_LEVEL": "WARNING"},
+                                    log_path=self.tmp / f"sim{i}.log"))
+        for p in ports:
+            wait_until(lambda p=p: _up(f"http://127.0.0.1:{p}/health"), 30, f"sim-server :{p}", interval=0.2)
+        self.port = free_port()
+        prefix = self.tmp / "nginx"
+        (prefix / "logs").mkdir(parents=True, exist_ok=True)
+        servers = "\n".join(f"        server 127.0.0.1:{p};" for p in ports)
+        self.config = f"""worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    upstream sim {{
+        # round-robin (nginx's default)
+{servers}
+        keepalive 256;
+    }}
+    server {{
+        listen 127.0.0.1:{self.port};
+        location / {{
+            proxy_pass http://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"""
+        conf = prefix / "nginx.conf"
+        conf.write_text(self.config)
+        self.procs.append(spawn([nginx, "-p", str(prefix), "-c", str(conf)], log_path=self.tmp / "nginx.out"))
+        wait_until(lambda: _up(self.url + "/health"), 20, "nginx", interval=0.2)
+        return self
+
+    def wait_idle(self) -> None:
+        pass  # each run drains its own requests (run_load waits for them)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            terminate(p, timeout=10)
+        self.procs.clear()
+
+
+def _up(url: str) -> bool:
+    try:
+        _get(url)
+        return True
+    except OSError:
+        return False
+
+
+def _cfg(url: str, **kw: Any) -> BenchConfig:
+    base: dict[str, Any] = {"url": url, "model": MODEL, "endpoint": "completions", "stream": True, "mix": MIX,
+                            "prompt_words": 32, "timeout": 300.0, "seed": 1}
+    base.update(kw)
+    return BenchConfig(**base)
+
+
+def _row(r: BenchResult) -> dict[str, Any]:
+    lat = r.latency_ms or {}
+    ttft = r.ttft_ms or {}
+    return {"label": r.label, "rate": r.rate, "concurrency": r.concurrency, "offered": r.offered, "ok": r.ok,
+            "errors": r.error_count, "throughput_rps": round(r.throughput_rps, 2),
+            "tokens_per_s": round(r.tokens_per_s, 1),
+            "p50_ms": round(lat.get("p50", float("nan")), 1), "p99_ms": round(lat.get("p99", float("nan")), 1),
+            "ttft_p50_ms": round(ttft.get("p50", float("nan")), 1),
+            "ttft_p99_ms": round(ttft.get("p99", float("nan")), 1),
+            "lateness_p99_ms": round((r.lateness_ms or {}).get("p99", 0.0), 2),
+            "gen_cpu_util": round(r.cpu_s / r.wall_s, 2) if r.wall_s else 0.0}
+
+
+def _run(cfg: BenchConfig) -> dict[str, Any]:
+    res = asyncio.run(run_load(cfg))
+    row = _row(res)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def compare(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"sim": SIM, "mix": MIX, "duration_s": args.duration, "warmup_s": args.warmup, "runs": []}
+    fleet = Fleet(tmp / "mgpu", redis_url, 4, SIM)
+    (tmp / "mgpu").mkdir()
+    fleet.start()
+    try:
+        fleet.set_strategy("pull")
+        cap = _run(_cfg(fleet.url, concurrency=4 * SIM["slots"] * 2, duration=args.cap_duration,
+                        warmup=args.cap_warmup, label="capacity (pull, closed loop)"))
+        capacity = args.capacity or cap["throughput_rps"]
+        out["capacity"] = {**cap, "used_rps": capacity}
+        fleet.wait_idle()
+        for frac in args.loads:
+            for strat in STRATEGIES:
+                fleet.set_strategy(strat)
+                row = _run(_cfg(fleet.url, rate=frac * capacity, duration=args.duration, warmup=args.warmup,
+                                label=f"mgpu {strat} @{frac:.0%}"))
+                out["runs"].append({"system": f"mgpu {strat}", "load": frac, **row})
+                fleet.wait_idle()
+    finally:
+        fleet.stop()
+    (tmp / "nginx").mkdir()
+    ng = NginxFleet(tmp / "nginx", 4, SIM).start()
+    out["nginx_config"] = ng.config
+    try:
+        for frac in args.loads:
+            row = _run(_cfg(ng.url, rate=frac * capacity, duration=args.duration, warmup=args.warmup,
+                            label=f"nginx round-robin @{frac:.0%}"))
+            out["runs"].append({"system": "nginx round-robin", "load": frac, **row})
+    finally:
+        ng.stop()
+    return out
+
+
+def scaling(args: argparse.Namespace, tmp: Path, redis_url: str) -> list[dict[str, Any]]:
+    rows = []
+    for n in args.scale:
+        d = tmp / f"scale{n}"
+        d.mkdir()
+        fleet = Fleet(d, redis_url, n, SCALE_SIM).start()
+        try:
+            row = _run(_cfg(fleet.url, stream=False, mix=None, max_tokens=SCALE_TOKENS, prompt_words=8,
+                            concurrency=2 * n * SCALE_SIM["slots"], duration=args.scale_duration, warmup=3.0,
+                            label=f"scaling {n} workers"))
+            rows.append({"workers": n, **row})
+        finally:
+            fleet.stop()
+    base = rows[0]["throughput_rps"] / rows[0]["workers"]
+    for r in rows:
+        r["efficiency"] = round(r["throughput_rps"] / (r["workers"] * base), 3)
+        r["ideal_rps"] = round(r["workers"] * SCALE_SIM["slots"] / (SCALE_TOKENS * SCALE_SIM["sim_decode_ms"] / 1000),
+                               1)
+    return rows
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    systems = sorted({r["system"] for r in data["runs"]}, key=lambda s: (s.startswith("nginx"), s))
+    for s in systems:
+        rs = sorted((r for r in data["runs"] if r["system"] == s), key=lambda r: r["load"])
+        style = "--" if s.startswith("nginx") else "-"
+        ax1.plot([r["load"] * 100 for r in rs], [r["p99_ms"] / 1000 for r in rs], style, marker="o", label=s)
+        ax2.plot([r["load"] * 100 for r in rs], [r["ttft_p99_ms"] / 1000 for r in rs], style, marker="o", label=s)
+    ax1.set(xlabel="offered load (% of measured fleet capacity)", ylabel="p99 latency (s)",
+            title="p99 end-to-end latency")
+    ax2.set(xlabel="offered load (% of measured fleet capacity)", ylabel="p99 TTFT (s)",
+            title="p99 time to first token (≈ time in queue)")
+    ax2.set_yscale("log")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.suptitle("4 simulated workers (sim engine, 2-core CPU machine, no GPU): mgpu strategies vs nginx round-robin",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def tables(data: dict[str, Any]) -> str:
+    lines = []
+    cap = data.get("capacity")
+    if cap:
+        lines.append(f"Measured capacity (pull, closed loop, {cap['concurrency']} clients): "
+                     f"**{cap['throughput_rps']:.1f} req/s** (used: {cap['used_rps']:.1f} req/s)\n")
+    if data.get("runs"):
+        lines.append("| system | load | offered req/s | throughput req/s | p50 ms | p99 ms | TTFT p50 ms | TTFT p99 ms "
+                     "| errors | gen lateness p99 ms |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in sorted(data["runs"], key=lambda r: (r["load"], r["system"].startswith("nginx"), r["system"])):
+            lines.append(f"| {r['system']} | {r['load']:.0%} | {r['rate']:.1f} | {r['throughput_rps']:.1f} "
+                         f"| {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} "
+                         f"| {r['errors']} | {r['lateness_p99_ms']:.1f} |")
+    if data.get("scaling"):
+        lines.append("\n| workers | clients | throughput req/s | ideal req/s | efficiency | p50 ms | p99 ms |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in data["scaling"]:
+            lines.append(f"| {r['workers']} | {r['concurrency']} | {r['throughput_rps']:.1f} | {r['ideal_rps']:.1f} "
+                         f"| {r['efficiency']:.0%} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ops.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="docs")
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds per point")
+    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.8, 0.95])
+    p.add_argument("--capacity", type=float, default=None, help="skip nothing, but use this req/s as 100 %%")
+    p.add_argument("--cap-duration", type=float, default=20.0)
+    p.add_argument("--cap-warmup", type=float, default=15.0)
+    p.add_argument("--scale", type=int, nargs="*", default=[1, 2, 4, 8])
+    p.add_argument("--scale-duration", type=float, default=15.0)
+    p.add_argument("--skip-compare", action="store_true")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": " ".join(["python -m ops.compare",
+                                                                                          *(argv or sys.argv[1:])]),
+                            "machine": f"{os.cpu_count()} CPU cores, no GPU, sim engine"}
+    with tempfile.TemporaryDirectory(prefix="mgpu-compare-") as td:
+        tmp = Path(td)
+        srv = RedisServer(tmp / "redis", appendonly=False).start()
+        try:
+            if not a.skip_compare:
+                data.update(compare(a, tmp, srv.url))
+            if a.scale:
+                data["scaling"] = scaling(a, tmp, srv.url)
+        finally:
+            srv.stop()
+    (out / "balancing.json").write_text(json.dumps(data, indent=1))
+    if data.get("runs"):
+        plot(data, out / "balancing.png")
+    print(tables(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
