@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -48,6 +48,7 @@ from gateway.protocol import StreamFormatter, error_body, full_response
 from gateway.registry import RegistryView
 from gateway.replies import ReplyRouter, Waiter
 from gateway.routing import Balancer, affinity_key
+from gateway.tokens import PromptCounter
 
 log = logging.getLogger("mgpu.gateway")
 
@@ -61,6 +62,7 @@ class GatewayState:
     metrics: GatewayMetrics
     enqueue: Any
     balancer: Balancer
+    prompts: PromptCounter = field(default_factory=PromptCounter)
 
     @property
     def ready(self) -> bool:
@@ -137,14 +139,11 @@ def _build_item(state: GatewayState, kind: Kind, body: dict[str, Any], request_i
     if max_len and max_tokens is not None and max_tokens >= max_len:
         raise errors.InvalidRequest(
             f"max_tokens ({max_tokens}) must be below the model's context length ({max_len})", param="max_tokens")
-    if max_len and info is not None and info.tokenizer == "sim":
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:" if messages else prompt
-        n_prompt = len((text or "").split())
-        if n_prompt + (max_tokens or 1) > max_len:
-            raise errors.InvalidRequest(
-                f"this model's maximum context length is {max_len} tokens; the prompt has {n_prompt} tokens "
-                f"and {max_tokens or 1} completion tokens were asked for",
-                param="messages" if messages else "prompt")
+    n_prompt = state.prompts.count(info.tokenizer, prompt, messages) if max_len and info is not None else None
+    if n_prompt is not None and n_prompt + (max_tokens or 1) > max_len:
+        raise errors.InvalidRequest(
+            f"this model's maximum context length is {max_len} tokens; the prompt has {n_prompt} tokens "
+            f"and {max_tokens or 1} completion tokens were asked for", param="messages" if messages else "prompt")
     timeout = req.timeout or s.request_timeout_s
     params = SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,

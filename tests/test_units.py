@@ -4,6 +4,7 @@ and the Lua fencing primitives against a real redis-server."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -244,3 +245,24 @@ def test_fencing_scripts(r: redis.Redis) -> None:
     entry = r.xrange(k.dlq("m"))[0][1]
     assert entry[b"p"] == b'{"id":"poison"}' and entry[b"deliveries"] == b"4"
     assert r.get(k.result("poison")) is not None and r.xlen(s) == 0
+
+
+def test_gateway_prompt_counter(tmp_path: Any) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from gateway.tokens import PromptCounter
+
+    c = PromptCounter()
+    msgs = [{"role": "user", "content": "one two three"}]
+    assert c.count("sim", None, msgs) == len("user: one two three\nassistant:".split())
+    assert c.count("vllm", "x", None) is None  # unknown: the worker checks
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    spec = str(tmp_path)
+    assert c.count(spec, "a b a", None) is None  # loads in the background; meanwhile no check
+    for t in list(threading.enumerate()):
+        if t.name == "tokenizer-load":
+            t.join(10)
+    assert c.count(spec, "a b a", None) == 3
+    assert c.count(spec, None, [{"role": "user", "content": "a b"}, {"role": "user", "content": "b"}]) == 3

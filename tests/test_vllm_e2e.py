@@ -125,3 +125,21 @@ def test_mgpu_up_serves_the_embedded_model(tmp_path: Path) -> None:
             rc = -9
         log.close()
     assert rc == 0, (tmp_path / "up.log").read_text()[-3000:]
+
+
+def test_overlong_prompt_refused_before_queueing(vllm_stack: Stack) -> None:
+    import httpx
+
+    s = vllm_stack
+    body = {"model": MODEL, "prompt": "hello " * 3000, "max_tokens": 8}
+    stream = s.keys.stream(MODEL)
+
+    def refused_at_gateway() -> bool:
+        before = int(s.r.xinfo_stream(stream)["entries-added"])
+        r = httpx.post(s.base_url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
+        return int(s.r.xinfo_stream(stream)["entries-added"]) == before
+
+    # the worker refuses it exactly; once the gateway has loaded the model's tokenizer (in the
+    # background, on first sight of the model) it is refused before anything is queued
+    wait_until(refused_at_gateway, 30, "gateway-side refusal", interval=0.5)

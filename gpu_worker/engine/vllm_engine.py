@@ -46,6 +46,7 @@ class VllmEngine:
         dtype: str = "auto",
     ) -> None:
         self.model_path = model_path
+        self.tokenizer_spec = model_path  # the gateway counts prompt tokens with this folder's tokenizer.json
         self.served_name = served_name
         self.slots = slots
         self.max_model_len = max_model_len
