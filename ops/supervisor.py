@@ -61,6 +61,15 @@ class Child:
     def start(self) -> None:
         self.proc = spawn(self.args, env=self.env, log_path=self.log_path)
 
+    def on_exit(self, now: float) -> float | None:
+        """Record an exit: the delay before the restart (exponential backoff, 0.5 s doubling up to
+        30 s), or None when it crash-loops (``CRASH_LOOP_N`` exits within ``CRASH_LOOP_WINDOW_S``)."""
+        self.crashes = [t for t in self.crashes if now - t < CRASH_LOOP_WINDOW_S] + [now]
+        if len(self.crashes) >= CRASH_LOOP_N:
+            self.down = True
+            return None
+        return min(30.0, 0.5 * 2 ** (len(self.crashes) - 1))
+
 
 def _settings_env(s: Settings, **extra: str) -> dict[str, str]:
     env = {"MGPU_" + k.upper(): str(v) for k, v in s.model_dump().items()
@@ -137,14 +146,12 @@ def run_up(s: Settings, *, explicit_redis: bool = False) -> int:
                 if rc is None:
                     continue
                 if c.restart_at == 0.0:
-                    c.crashes = [t for t in c.crashes if now - t < CRASH_LOOP_WINDOW_S] + [now]
-                    if len(c.crashes) >= CRASH_LOOP_N:
-                        c.down = True
+                    delay = c.on_exit(now)
+                    if delay is None:
                         log.error("%s crash-loops (%d exits in %.0fs): left down; see %s", c.name,
                                   len(c.crashes), CRASH_LOOP_WINDOW_S, c.log_path)
                         _report_down(s, c)
                         continue
-                    delay = min(30.0, 0.5 * 2 ** (len(c.crashes) - 1))
                     c.restart_at = now + delay
                     log.warning("%s exited with %s; restarting in %.1fs", c.name, rc, delay)
                 elif now >= c.restart_at:

@@ -1,0 +1,77 @@
+"""``mgpu up``: restarts with backoff, leaves a crash-looping worker down and says so."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import redis
+
+from common.keys import Keys
+from ops.procs import free_port, wait_until
+from ops.supervisor import CRASH_LOOP_N, Child
+from tests.conftest import ROOT, http_get
+
+
+def test_backoff_then_crash_loop() -> None:
+    c = Child("w", [], {}, Path("/dev/null"))
+    delays = [c.on_exit(t) for t in (0.0, 1.0, 2.0, 3.0)]
+    assert delays == [0.5, 1.0, 2.0, 4.0] and not c.down
+    assert c.on_exit(4.0) is None and c.down  # the 5th exit within a minute
+    fresh = Child("w", [], {}, Path("/dev/null"))
+    assert [fresh.on_exit(t) for t in (0.0, 61.0, 122.0)] == [0.5, 0.5, 0.5]  # spread out: no loop
+
+
+def test_up_restarts_a_killed_worker_and_reports_a_crash_loop(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MGPU_")}
+    env.update(PYTHONPATH=str(ROOT), MGPU_SIM_DECODE_MS="1")
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "up", "--engine", "sim", "--model", "sim-up",
+                             "--workers", "1", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+                            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()
+            try:
+                return http_get(f"http://127.0.0.1:{port}/ready")[0] == 200
+            except OSError:
+                return False
+
+        wait_until(ready, 60, "mgpu up ready", interval=0.2)
+        workers = httpx.get(f"http://127.0.0.1:{port}/workers").json()["workers"]
+        assert len(workers) == 1
+        wid = workers[0]["id"]
+        redis_url = next(line.split(" on ")[1].split(",")[0] for line in (tmp_path / "up.log").read_text()
+                         .splitlines() if "redis-server (AOF) on" in line)
+        r = redis.Redis.from_url(redis_url)
+        key = Keys().worker(wid)
+
+        def pid_ready() -> int | None:
+            h = r.hgetall(key)
+            return int(h[b"pid"]) if h.get(b"state") == b"ready" else None
+
+        for _ in range(CRASH_LOOP_N):
+            pid = pid_ready()
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda p=pid: pid_ready() not in (None, p) or r.hget(key, "state") == b"crashloop",
+                       30, "restarted or reported down", interval=0.05)
+        assert r.hget(key, "state") == b"crashloop"
+
+        def shown_state() -> str | None:
+            shown = {w["id"]: w for w in httpx.get(f"http://127.0.0.1:{port}/workers").json()["workers"]}
+            return shown[wid]["state"] if wid in shown else None
+
+        wait_until(lambda: shown_state() == "crashloop", 5, "/workers shows the crash loop")
+        assert "crash-loops" in (tmp_path / "up.log").read_text()
+        assert httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 503  # no live worker left
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(60)
+        log.close()
+    assert rc == 0
