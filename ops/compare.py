@@ -33,12 +33,13 @@ from typing import Any
 
 import redis
 
-from ops.bench import BenchConfig, BenchResult, run_load
+from ops.bench import BenchConfig, BenchResult, percentile, run_load
 from ops.procs import RedisServer, free_port, mgpu_cmd, spawn, terminate, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "sim"
 MIX = [(0.9, 32), (0.1, 1024)]
+SHORT_TOKENS = 32  # requests of at most this many tokens are "short" in the per-class p99
 STRATEGIES = ["pull", "round_robin", "least_loaded", "weighted", "prefix_affinity"]
 SIM = {"slots": 16, "sim_decode_ms": 10.0, "sim_decode_ms_per_seq": 0.1, "sim_prefill_ms_per_token": 0.02}
 SCALE_SIM = {"slots": 8, "sim_decode_ms": 40.0, "sim_decode_ms_per_seq": 0.0, "sim_prefill_ms_per_token": 0.0}
@@ -204,9 +205,20 @@ def _row(r: BenchResult) -> dict[str, Any]:
             "gen_cpu_util": round(r.cpu_s / r.wall_s, 2) if r.wall_s else 0.0}
 
 
+def _class_p99(res: BenchResult, cfg: BenchConfig, short: bool) -> float:
+    """p99 latency (ms) of the measured successful requests of one class: short (<= 32 tokens) or long."""
+    lat = sorted((smp.end - smp.sched) * 1000 for smp in res.samples
+                 if smp.error is None and cfg.warmup <= smp.sched < cfg.warmup + cfg.duration
+                 and (smp.tokens <= SHORT_TOKENS) == short)
+    return round(percentile(lat, 99), 1) if lat else float("nan")
+
+
 def _run(cfg: BenchConfig) -> dict[str, Any]:
     res = asyncio.run(run_load(cfg))
     row = _row(res)
+    if cfg.mix:
+        row["short_p99_ms"] = _class_p99(res, cfg, short=True)
+        row["long_p99_ms"] = _class_p99(res, cfg, short=False)
     print(json.dumps(row), flush=True)
     return row
 
@@ -300,13 +312,14 @@ def tables(data: dict[str, Any]) -> str:
         lines.append(f"Measured capacity (pull, closed loop, {cap['concurrency']} clients): "
                      f"**{cap['throughput_rps']:.1f} req/s** (used: {cap['used_rps']:.1f} req/s)\n")
     if data.get("runs"):
-        lines.append("| system | load | offered req/s | throughput req/s | p50 ms | p99 ms | TTFT p50 ms | TTFT p99 ms "
-                     "| errors | gen lateness p99 ms |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("| system | load | offered req/s | throughput req/s | p50 ms | p99 ms | p99 short ms "
+                     "| p99 long ms | TTFT p50 ms | TTFT p99 ms | errors | gen lateness p99 ms |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sorted(data["runs"], key=lambda r: (r["load"], r["system"].startswith("nginx"), r["system"])):
             lines.append(f"| {r['system']} | {r['load']:.0%} | {r['rate']:.1f} | {r['throughput_rps']:.1f} "
-                         f"| {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} "
-                         f"| {r['errors']} | {r['lateness_p99_ms']:.1f} |")
+                         f"| {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r.get('short_p99_ms', float('nan')):.0f} "
+                         f"| {r.get('long_p99_ms', float('nan')):.0f} | {r['ttft_p50_ms']:.0f} "
+                         f"| {r['ttft_p99_ms']:.0f} | {r['errors']} | {r['lateness_p99_ms']:.1f} |")
     if data.get("scaling"):
         lines.append("\n| workers | clients | throughput req/s | ideal req/s | efficiency | p50 ms | p99 ms |")
         lines.append("|---|---|---|---|---|---|---|")
