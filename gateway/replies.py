@@ -76,9 +76,10 @@ class ReplyRouter:
         while True:
             try:
                 if self.last_id == "$":
-                    # pin a concrete position so nothing is missed between reads
-                    info = await self.r.xadd(self.stream, {"k": "x"}, maxlen=100_000, approximate=True)
-                    self.last_id = info.decode() if isinstance(info, bytes) else str(info)
+                    # pin a concrete position (the server's clock, a millisecond back) so that nothing
+                    # added between two reads is missed; older entries have no waiter and are skipped
+                    sec, usec = await self.r.time()
+                    self.last_id = f"{int(sec) * 1000 + int(usec) // 1000 - 1}-0"
                 if self._resync_needed:
                     await self._resync()
                 self.healthy = True
