@@ -1,6 +1,6 @@
 """Renders real ``mgpu status --once`` output under load to docs/mgpu-status.png.
 
-Starts a redis-server, three sim workers ("GPUs" 0-2, one slower) and a gateway, drives load from
+Starts a redis-server, four sim workers (three on one model, one slower; one on another) and a gateway, drives load from
 threads, captures ``mgpu status --once --color`` and draws its ANSI text with matplotlib.
 
     .venv/bin/python docs/make_status_png.py
@@ -33,13 +33,13 @@ def capture() -> str:
     s = Stack(tmp, srv, ns="mgpu")
     stop = threading.Event()
     try:
+        # simulated workers, named as such: these are not GPU figures
         for g, decode in ((0, 40), (1, 40), (2, 80)):
-            s.start_worker(model="llama-3-8b", gpu=g, slots=4, sim_decode_ms=decode, worker_id=f"node1-gpu{g}",
+            s.start_worker(model="sim-large", slots=4, sim_decode_ms=decode, worker_id=f"sim-w{g}",
                            log_level="WARNING")
-        s.start_worker(model="qwen-1.5b", gpu=3, slots=8, sim_decode_ms=15, worker_id="node1-gpu3",
-                       log_level="WARNING")
+        s.start_worker(model="sim-small", slots=8, sim_decode_ms=15, worker_id="sim-w3", log_level="WARNING")
         s.start_gateway(log_level="WARNING")
-        s.r.xadd(s.keys.stream("qwen-1.5b"), {"p": "not json"})  # a malformed producer entry: dead-lettered
+        s.r.xadd(s.keys.stream("sim-small"), {"p": "not json"})  # a malformed producer entry: dead-lettered
 
         def client(model: str, i: int) -> None:  # a closed-loop client
             with httpx.Client(timeout=60) as c:
@@ -47,11 +47,11 @@ def capture() -> str:
                     c.post(s.base_url + "/v1/completions", json={"model": model, "prompt": f"hello {i}",
                                                                  "max_tokens": 32})
 
-        threads = [threading.Thread(target=client, args=("llama-3-8b", i)) for i in range(20)]
-        threads += [threading.Thread(target=client, args=("qwen-1.5b", i)) for i in range(10)]
+        threads = [threading.Thread(target=client, args=("sim-large", i)) for i in range(20)]
+        threads += [threading.Thread(target=client, args=("sim-small", i)) for i in range(10)]
         for t in threads:
             t.start()
-        wait_until(lambda: int(s.r.hget(s.keys.worker("node1-gpu2"), "served") or 0) > 8, 60, "warm-up")
+        wait_until(lambda: int(s.r.hget(s.keys.worker("sim-w2"), "served") or 0) > 8, 60, "warm-up")
         out = subprocess.run(mgpu_cmd("status", "--once", "--color", "--interval", "2"), capture_output=True,
                              text=True, cwd=ROOT, env={**s._env({}), "PATH": "/usr/bin:/bin"}, check=True)
         return out.stdout

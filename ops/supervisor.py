@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -201,7 +200,3 @@ def _ready(base: str) -> bool:
             return bool(r.status == 200)
     except Exception:
         return False
-
-
-if __name__ == "__main__":
-    sys.exit(0)
