@@ -351,8 +351,11 @@ class Worker:
     async def _pull_loop(self) -> None:
         backoff = 0.05
         while not self._stop.is_set():
+            if not self.healthy:  # out of rotation: take nothing more
+                await self._stop.wait()
+                break
             free = self.free_slots
-            if free <= 0 or not self.healthy:
+            if free <= 0:
                 self._slot_freed.clear()
                 if self.free_slots <= 0:
                     await self._slot_freed.wait()
