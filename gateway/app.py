@@ -408,12 +408,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            log.info("gateway %s shutting down", settings.gateway_id)
+            router.closed = registry.closed = metrics.closed = True
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await client.aclose()
-            await listener.aclose()
+            _, stuck = await asyncio.wait(tasks, timeout=3.0)
+            for t in stuck:
+                log.error("background task %s did not stop: %s", t.get_name(), t.get_stack(limit=5))
+            for c in (client, listener):
+                try:
+                    await asyncio.wait_for(c.aclose(), 3.0)
+                except (TimeoutError, redis.RedisError, OSError) as exc:
+                    log.warning("closing a Redis pool failed: %r", exc)
             metrics.close()
+            log.info("gateway %s stopped", settings.gateway_id)
 
     app = FastAPI(title="mgpu", lifespan=lifespan, docs_url=None, redoc_url=None)
 

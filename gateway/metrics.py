@@ -146,6 +146,8 @@ class GatewayMetrics:
         reg.register(self.cluster)
         return generate_latest(reg)
 
+    closed = False  # set at shutdown: the monitor loop ends even if a cancellation got lost
+
     def close(self) -> None:
         """At process exit: a live gauge (in-flight) stops counting this process."""
         if self.multiprocess:
@@ -163,7 +165,7 @@ class GatewayMetrics:
 
     async def run_monitor(self, r: aioredis.Redis, keys: Keys, interval_s: float) -> None:
         failing = False
-        while True:
+        while not self.closed:
             try:
                 await self.refresh_queues(r, keys)
                 failing = False

@@ -110,8 +110,10 @@ class RegistryView:
         self.refreshed_at = time.monotonic()
         self.redis_ok = True
 
+    closed: bool = False  # set at shutdown: the loop ends even if a cancellation got lost
+
     async def run(self, r: aioredis.Redis, interval_s: float) -> None:
-        while True:
+        while not self.closed:
             try:
                 await self.refresh(r)
             except (redis.RedisError, OSError) as exc:

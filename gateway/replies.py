@@ -56,6 +56,7 @@ class ReplyRouter:
         self.waiters: dict[str, Waiter] = {}
         self.last_id = "$"
         self.healthy = False
+        self.closed = False  # set at shutdown: the loop ends even if a cancellation got lost
         self._resync_needed = False
 
     def register(self, request_id: str, streaming: bool) -> Waiter:
@@ -73,7 +74,7 @@ class ReplyRouter:
         backoff = 0.05
         trimmed_at = 0.0
         loop = asyncio.get_running_loop()
-        while True:
+        while not self.closed:
             try:
                 if self.last_id == "$":
                     # pin a concrete position (the server's clock, a millisecond back) so that nothing

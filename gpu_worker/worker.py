@@ -93,6 +93,7 @@ class Worker:
         self._by_request: dict[str, _Job] = {}
         self._cancelled: dict[str, float] = {}
         self._stop = asyncio.Event()
+        self._closing = False  # background loops end even if a cancellation got lost
         self._slot_freed = asyncio.Event()
         self._loop_tick = time.monotonic()
         self._keeper_stop = threading.Event()
@@ -174,15 +175,19 @@ class Worker:
             await self._stop.wait()
             await self._drain()
         finally:
+            self._closing = True
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, stuck = await asyncio.wait(tasks, timeout=3.0)
+            for t in stuck:
+                log.error("background task %s did not stop: %s", t.get_name(), t.get_stack(limit=5))
             await self.close()
             log.info("worker stopped", extra={"worker": self.id, "served": self.served})
         return self.exit_code
 
     async def close(self) -> None:
         """Stop heartbeating and deregister (idempotent)."""
+        self._closing = True
         if self._tick_task is not None:
             self._tick_task.cancel()
             self._tick_task = None
@@ -327,12 +332,12 @@ class Worker:
                 job.task.cancel()
 
     async def _tick_loop(self) -> None:
-        while True:
+        while not self._closing:
             self._loop_tick = time.monotonic()
             await asyncio.sleep(0.1)
 
     async def _health_loop(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(1.0)
             try:
                 await asyncio.wait_for(self.engine.check_health(), timeout=2.0)
@@ -388,7 +393,7 @@ class Worker:
 
     async def _reclaim_loop(self) -> None:
         """Take over entries whose owner stopped renewing their lease (dead, hung or frozen)."""
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.s.reclaim_interval_s)
             if self._stop.is_set() or not self.healthy:
                 continue
@@ -434,7 +439,7 @@ class Worker:
 
     async def _cancel_loop(self) -> None:
         last = f"{int((time.time() - self.s.result_ttl_s) * 1000)}-0"
-        while True:
+        while not self._closing:
             try:
                 resp = await self.r.xread({self.keys.cancels: last}, count=1000, block=1000)
             except (redis.ConnectionError, redis.TimeoutError, OSError):

@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from common.logs import setup_logging
 from common.settings import Settings, SettingsError
+
+log = logging.getLogger("mgpu.cli")
 
 _SCOPES: dict[str, set[str]] = {
     "gateway": {"redis_url", "namespace", "log_level", "log_json", "result_ttl_s", "host", "port", "gateway_id",
@@ -91,8 +97,55 @@ def _run_gateway(s: Settings) -> int:
         return 0
     from gateway.app import create_asgi
 
-    uvicorn.run(create_asgi(s), **opts)
+    _gateway_server_class()(uvicorn.Config(create_asgi(s), **opts)).run()
     return 0
+
+
+def _gateway_server_class() -> type:
+    import signal
+
+    import uvicorn
+
+    class GatewayServer(uvicorn.Server):
+        """uvicorn's server with SIGTERM/SIGINT handled by the event loop itself.
+
+        uvicorn installs plain ``signal.signal`` handlers; under uvloop we saw a gateway sit through
+        SIGTERM and SIGINT without ever running them (about one start in six, in tests).  The
+        loop's own ``add_signal_handler`` is uvloop's supported path."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            loop = asyncio.get_running_loop()
+            sigs = (signal.SIGINT, signal.SIGTERM)
+            for sig in sigs:
+                loop.add_signal_handler(sig, self.handle_exit, sig, None)
+            try:
+                yield
+            finally:
+                for sig in sigs:
+                    loop.remove_signal_handler(sig)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            log.info("gateway: signal %s, shutting down", sig)
+            if not self._watchdog_started:  # a shutdown that hangs must not leave the process behind
+                self._watchdog_started = True
+                limit = (self.config.timeout_graceful_shutdown or 5) + 10.0
+                timer = threading.Timer(limit, _exit_hung, args=(limit,))
+                timer.daemon = True  # it must not itself keep the process alive
+                timer.start()
+
+        _watchdog_started = False
+
+    return GatewayServer
+
+
+def _exit_hung(limit: float) -> None:
+    stacks = {t.name: t.ident for t in threading.enumerate()}
+    log.error("gateway shutdown did not finish within %.0fs (threads: %s): exiting now", limit, stacks)
+    logging.shutdown()
+    os._exit(1)
+
 
 
 def _strategy(s: Settings, name: str | None, gateway: str | None) -> int:

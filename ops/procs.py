@@ -95,15 +95,24 @@ def mgpu_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "ops.cli", *args]
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies, even by SIGKILL (Linux)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def spawn(args: list[str], *, env: dict[str, str] | None = None, log_path: Path | None = None,
-          cwd: str | None = None) -> subprocess.Popen[bytes]:
+          cwd: str | None = None, die_with_parent: bool = False) -> subprocess.Popen[bytes]:
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
     try:
         return subprocess.Popen(args, env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None)
     finally:
         if log_path is not None:
             out.close()  # type: ignore[union-attr]

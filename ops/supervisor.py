@@ -58,7 +58,7 @@ class Child:
     down: bool = False
 
     def start(self) -> None:
-        self.proc = spawn(self.args, env=self.env, log_path=self.log_path)
+        self.proc = spawn(self.args, env=self.env, log_path=self.log_path, die_with_parent=True)
 
     def on_exit(self, now: float) -> float | None:
         """Record an exit: the delay before the restart (exponential backoff, 0.5 s doubling up to
