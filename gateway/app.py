@@ -266,14 +266,15 @@ async def _generate(request: Request, kind: Kind) -> Response:
         status, outcome = 500, "failed"
         raise
     finally:
-        if not streamed:
-            _account(state, model_label, endpoint, outcome, status, started, request_id)
+        if not streamed:  # accounted for after the response is on its way, off the latency path
+            asyncio.get_running_loop().call_soon(_account, state, model_label, endpoint, outcome, status, started,
+                                                 request_id, time.perf_counter())
 
 
 def _account(state: GatewayState, model: str, endpoint: str, outcome: str, status: int, started: float,
-             request_id: str) -> None:
+             request_id: str, ended: float | None = None) -> None:
     """Metrics and the access log line of one finished request."""
-    duration = time.perf_counter() - started
+    duration = (ended or time.perf_counter()) - started
     state.metrics.observe(model, endpoint, outcome, status, duration)
     if state.settings.log_requests:
         log.info("request done", extra={"request_id": request_id, "model": model, "endpoint": endpoint,
