@@ -29,6 +29,19 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
         return e.code, json.loads(e.read() or b"null")
 
 
+def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float) -> None:
+    """Until the gateway on ``port`` answers /ready with 200; fail at once if ``proc`` exits."""
+
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            return http_get(f"http://127.0.0.1:{port}/ready")[0] == 200
+        except OSError:
+            return False
+
+    wait_until(ready, timeout, "gateway ready", interval=0.2)
+
+
 @dataclass
 class Proc:
     name: str

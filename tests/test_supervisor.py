@@ -14,7 +14,7 @@ import redis
 from common.keys import Keys
 from ops.procs import free_port, wait_until
 from ops.supervisor import CRASH_LOOP_N, Child
-from tests.conftest import ROOT, http_get
+from tests.conftest import ROOT, wait_ready
 
 
 def test_backoff_then_crash_loop() -> None:
@@ -35,14 +35,7 @@ def test_up_restarts_a_killed_worker_and_reports_a_crash_loop(tmp_path: Path) ->
                              "--workers", "1", "--port", str(port), "--data-dir", str(tmp_path / "data")],
                             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
-        def ready() -> bool:
-            assert proc.poll() is None, (tmp_path / "up.log").read_text()
-            try:
-                return http_get(f"http://127.0.0.1:{port}/ready")[0] == 200
-            except OSError:
-                return False
-
-        wait_until(ready, 60, "mgpu up ready", interval=0.2)
+        wait_ready(proc, port, tmp_path / "up.log", 60)
         workers = httpx.get(f"http://127.0.0.1:{port}/workers").json()["workers"]
         assert len(workers) == 1
         wid = workers[0]["id"]

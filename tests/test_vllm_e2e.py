@@ -16,7 +16,7 @@ import pytest
 
 from common.settings import Settings
 from ops.procs import RedisServer, free_port, wait_until
-from tests.conftest import ROOT, Stack, http_get
+from tests.conftest import ROOT, Stack, wait_ready
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 MODEL = "SmolLM2-135M-Instruct"
@@ -100,14 +100,7 @@ def test_mgpu_up_serves_the_embedded_model(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "up", "--port", str(port), "--data-dir",
                              str(tmp_path / "data")], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
-        def ready() -> bool:
-            assert proc.poll() is None, (tmp_path / "up.log").read_text()
-            try:
-                return http_get(f"http://127.0.0.1:{port}/ready")[0] == 200
-            except OSError:
-                return False
-
-        wait_until(ready, 300, "mgpu up ready", interval=0.5)
+        wait_ready(proc, port, tmp_path / "up.log", 300)
         import openai
 
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120)
