@@ -168,17 +168,18 @@ async def _await_result(state: GatewayState, request: Request, w: Waiter, item: 
                         keep_on_disconnect: bool) -> Result:
     timeout = max(0.0, (item.deadline or time.time()) - time.time())
     # A request with an idempotency key outlives its connection: the client will come back for it.
-    watcher = asyncio.ensure_future(asyncio.Event().wait() if keep_on_disconnect
-                                    else _wait_disconnect(request.receive))
+    watcher = None if keep_on_disconnect else asyncio.ensure_future(_wait_disconnect(request.receive))
     try:
-        done, _ = await asyncio.wait((w.future, watcher), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        waiting = (w.future,) if watcher is None else (w.future, watcher)
+        done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
     if w.future in done:
         _kind, payload = w.future.result()
         return Result.model_validate_json(payload)
     await state.cancel(item.id)
-    if watcher in done:
+    if watcher is not None and watcher in done:
         raise errors.RequestCancelled("the client disconnected")
     raise errors.RequestTimeout(f"no result within the request's {timeout:.1f}s deadline")
 
