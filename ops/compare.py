@@ -33,7 +33,7 @@ from typing import Any
 
 import redis
 
-from ops.bench import BenchConfig, BenchResult, percentile, run_load
+from ops.bench import BenchConfig, BenchResult, Sample, percentile, run_load
 from ops.procs import RedisServer, free_port, mgpu_cmd, spawn, terminate, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,55 +205,109 @@ def _row(r: BenchResult) -> dict[str, Any]:
             "gen_cpu_util": round(r.cpu_s / r.wall_s, 2) if r.wall_s else 0.0}
 
 
-def _class_p99(res: BenchResult, cfg: BenchConfig, short: bool) -> float:
-    """p99 latency (ms) of the measured successful requests of one class: short (<= 32 tokens) or long."""
-    lat = sorted((smp.end - smp.sched) * 1000 for smp in res.samples
-                 if smp.error is None and cfg.warmup <= smp.sched < cfg.warmup + cfg.duration
-                 and (smp.tokens <= SHORT_TOKENS) == short)
-    return round(percentile(lat, 99), 1) if lat else float("nan")
+def _measured(res: BenchResult, cfg: BenchConfig) -> list[Sample]:
+    """The successful requests scheduled inside the measured window."""
+    return [smp for smp in res.samples
+            if smp.error is None and cfg.warmup <= smp.sched < cfg.warmup + cfg.duration]
 
 
-def _run(cfg: BenchConfig) -> dict[str, Any]:
+def _p(values: list[float], q: float) -> float:
+    return round(percentile(sorted(values), q), 1) if values else float("nan")
+
+
+def _class_stats(samples: list[Sample]) -> dict[str, float]:
+    """Per-request metrics over measured samples (pooled over repetitions by the caller):
+    p99 latency of the short (<= 32 tokens) and of the long requests, and p99 normalized latency
+    (end-to-end latency / output tokens, ms per token: the vLLM paper's metric for mixed lengths)."""
+    lat = [((smp.end - smp.sched) * 1000, smp.tokens) for smp in samples]
+    return {"short_p99_ms": _p([ms for ms, t in lat if t <= SHORT_TOKENS], 99),
+            "long_p99_ms": _p([ms for ms, t in lat if t > SHORT_TOKENS], 99),
+            "norm_p99_ms_per_tok": _p([ms / max(t, 1) for ms, t in lat], 99)}
+
+
+def _run(cfg: BenchConfig) -> tuple[dict[str, Any], list[Sample]]:
     res = asyncio.run(run_load(cfg))
     row = _row(res)
+    samples = _measured(res, cfg)
     if cfg.mix:
-        row["short_p99_ms"] = _class_p99(res, cfg, short=True)
-        row["long_p99_ms"] = _class_p99(res, cfg, short=False)
+        row.update(_class_stats(samples))
     print(json.dumps(row), flush=True)
-    return row
+    return row, samples
+
+
+def pooled(system: str, load: float, reps: list[dict[str, Any]], samples: list[Sample],
+           window_s: float) -> dict[str, Any]:
+    """One (system, load) point over all its repetitions: percentiles of the pooled requests (each
+    repetition is a different Poisson arrival sequence), and the spread of the per-repetition p99."""
+    lat = [(smp.end - smp.sched) * 1000 for smp in samples]
+    ttft = [(smp.first - smp.sched) * 1000 for smp in samples if smp.first is not None]
+    return {"system": system, "load": load, "repeats": len(reps), "rate": reps[0]["rate"],
+            "throughput_rps": round(sum(r["throughput_rps"] for r in reps) / len(reps), 2),
+            "requests": len(samples), "errors": sum(r["errors"] for r in reps),
+            "p50_ms": _p(lat, 50), "p99_ms": _p(lat, 99), "ttft_p50_ms": _p(ttft, 50), "ttft_p99_ms": _p(ttft, 99),
+            **_class_stats(samples),
+            "p99_ms_each": [r["p99_ms"] for r in reps], "short_p99_ms_each": [r.get("short_p99_ms") for r in reps],
+            "lateness_p99_ms_max": max(r["lateness_p99_ms"] for r in reps), "window_s": window_s}
+
+
+def p99_floor(sim: dict[str, Any], mix: list[tuple[float, int]], prompt_words: int) -> dict[str, Any]:
+    """The lowest p99 end-to-end latency that ANY router could reach on this fleet and mix: every
+    request served alone the moment it arrives (no queue, batch of one).  Take the request classes
+    from the shortest up; the class where the cumulative share passes 99 % holds the p99."""
+    cum, tokens, share = 0.0, 0, 0.0
+    for share, tokens in sorted(mix, key=lambda x: x[1]):  # noqa: B007 (the class that holds the p99)
+        cum += share
+        if cum >= 0.99:
+            break
+    step = sim["sim_decode_ms"] + sim["sim_decode_ms_per_seq"]
+    ms = sim["sim_prefill_ms_per_token"] * prompt_words + tokens * step  # the sim: one token per word
+    return {"tokens": tokens, "ms": round(ms, 1),
+            "why": f"{share:.0%} of requests generate {tokens} tokens, so the p99 is one of them; alone on a "
+                   f"worker each takes {tokens} decode steps of {step:.1f} ms"}
 
 
 def compare(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"sim": SIM, "mix": MIX, "duration_s": args.duration, "warmup_s": args.warmup, "runs": []}
-    fleet = Fleet(tmp / "mgpu", redis_url, 4, SIM)
+    """Both fleets stay up for the whole run, and every repetition runs every (load, system) point
+    with the same arrival sequence (seed = repetition), rotating the order of the systems, so that
+    drift on a shared machine falls on all systems alike."""
+    out: dict[str, Any] = {"sim": SIM, "mix": MIX, "duration_s": args.duration, "warmup_s": args.warmup,
+                           "repeats": args.repeats, "runs": [], "each": []}
     (tmp / "mgpu").mkdir()
-    fleet.start()
+    (tmp / "nginx").mkdir()
+    fleet = Fleet(tmp / "mgpu", redis_url, 4, SIM)
+    ng = NginxFleet(tmp / "nginx", 4, SIM)
     try:
+        fleet.start()
+        ng.start()
+        out["nginx_config"] = ng.config
         fleet.set_strategy("pull")
-        cap = _run(_cfg(fleet.url, concurrency=4 * SIM["slots"] * 2, duration=args.cap_duration,
-                        warmup=args.cap_warmup, label="capacity (pull, closed loop)"))
+        cap, _ = _run(_cfg(fleet.url, concurrency=4 * SIM["slots"] * 2, duration=args.cap_duration,
+                           warmup=args.cap_warmup, label="capacity (pull, closed loop)"))
         capacity = args.capacity or cap["throughput_rps"]
         out["capacity"] = {**cap, "used_rps": capacity}
         fleet.wait_idle()
-        for frac in args.loads:
-            for strat in STRATEGIES:
-                fleet.set_strategy(strat)
-                row = _run(_cfg(fleet.url, rate=frac * capacity, duration=args.duration, warmup=args.warmup,
-                                label=f"mgpu {strat} @{frac:.0%}"))
-                out["runs"].append({"system": f"mgpu {strat}", "load": frac, **row})
-                fleet.wait_idle()
+        systems = [f"mgpu {s}" for s in STRATEGIES] + ["nginx round-robin"]
+        acc: dict[tuple[str, float], tuple[list[dict[str, Any]], list[Sample]]] = {}
+        for rep in range(args.repeats):
+            for frac in args.loads:
+                k = rep % len(systems)
+                for system in systems[k:] + systems[:k]:
+                    url = ng.url if system.startswith("nginx") else fleet.url
+                    if not system.startswith("nginx"):
+                        fleet.set_strategy(system.split()[1])
+                    row, samples = _run(_cfg(url, rate=frac * capacity, duration=args.duration, warmup=args.warmup,
+                                             seed=1 + rep, label=f"{system} @{frac:.0%} #{rep + 1}"))
+                    out["each"].append({"system": system, "load": frac, "repeat": rep + 1, **row})
+                    rows, pool = acc.setdefault((system, frac), ([], []))
+                    rows.append(row)
+                    pool.extend(samples)
+                    fleet.wait_idle()
+        for (system, frac), (rows, pool) in acc.items():
+            out["runs"].append(pooled(system, frac, rows, pool, args.duration * len(rows)))
     finally:
         fleet.stop()
-    (tmp / "nginx").mkdir()
-    ng = NginxFleet(tmp / "nginx", 4, SIM).start()
-    out["nginx_config"] = ng.config
-    try:
-        for frac in args.loads:
-            row = _run(_cfg(ng.url, rate=frac * capacity, duration=args.duration, warmup=args.warmup,
-                            label=f"nginx round-robin @{frac:.0%}"))
-            out["runs"].append({"system": "nginx round-robin", "load": frac, **row})
-    finally:
         ng.stop()
+    out["p99_floor"] = p99_floor(SIM, MIX, 32)
     return out
 
 
@@ -264,7 +318,7 @@ def scaling(args: argparse.Namespace, tmp: Path, redis_url: str) -> list[dict[st
         d.mkdir()
         fleet = Fleet(d, redis_url, n, SCALE_SIM).start()
         try:
-            row = _run(_cfg(fleet.url, stream=False, mix=None, max_tokens=SCALE_TOKENS, prompt_words=8,
+            row, _ = _run(_cfg(fleet.url, stream=False, mix=None, max_tokens=SCALE_TOKENS, prompt_words=8,
                             concurrency=2 * n * SCALE_SIM["slots"], duration=args.scale_duration, warmup=3.0,
                             label=f"scaling {n} workers"))
             rows.append({"workers": n, **row})
@@ -278,31 +332,68 @@ def scaling(args: argparse.Namespace, tmp: Path, redis_url: str) -> list[dict[st
     return rows
 
 
+def _systems(data: dict[str, Any]) -> list[str]:
+    return sorted({r["system"] for r in data["runs"]}, key=lambda s: (s.startswith("nginx"), s))
+
+
 def plot(data: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    systems = sorted({r["system"] for r in data["runs"]}, key=lambda s: (s.startswith("nginx"), s))
-    for s in systems:
+    panels = [("p99_ms", "p99 latency, all requests (s)", False),
+              ("short_p99_ms", "p99 latency, 32-token requests (s)", True),
+              ("ttft_p99_ms", "p99 time to first token ≈ time in queue (s)", True)]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for s in _systems(data):
         rs = sorted((r for r in data["runs"] if r["system"] == s), key=lambda r: r["load"])
         style = "--" if s.startswith("nginx") else "-"
-        ax1.plot([r["load"] * 100 for r in rs], [r["p99_ms"] / 1000 for r in rs], style, marker="o", label=s)
-        ax2.plot([r["load"] * 100 for r in rs], [r["ttft_p99_ms"] / 1000 for r in rs], style, marker="o", label=s)
-    ax1.set(xlabel="offered load (% of measured fleet capacity)", ylabel="p99 latency (s)",
-            title="p99 end-to-end latency")
-    ax2.set(xlabel="offered load (% of measured fleet capacity)", ylabel="p99 TTFT (s)",
-            title="p99 time to first token (≈ time in queue)")
-    ax2.set_yscale("log")
-    for ax in (ax1, ax2):
+        for ax, (key, _, _) in zip(axes, panels, strict=True):
+            ax.plot([r["load"] * 100 for r in rs], [r[key] / 1000 for r in rs], style, marker="o", label=s)
+    floor = data.get("p99_floor")
+    if floor:
+        axes[0].axhline(floor["ms"] / 1000, color="grey", linestyle=":",
+                        label="floor for any router (no queue, batch of 1)")
+    for ax, (_, title, log) in zip(axes, panels, strict=True):
+        ax.set(xlabel="offered load (% of measured fleet capacity)", ylabel="seconds", title=title)
+        if log:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    ax1.legend(fontsize=8)
-    fig.suptitle("4 simulated workers (sim engine, 2-core CPU machine, no GPU): mgpu strategies vs nginx round-robin",
+    axes[0].legend(fontsize=8)
+    reps = data.get("repeats", 1)
+    fig.suptitle("4 simulated workers (sim engine, 2-core CPU machine, no GPU): mgpu strategies vs nginx "
+                 f"round-robin; {reps} repetition(s) x {data.get('duration_s', 0):.0f} s per point, pooled",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def verdict(data: dict[str, Any]) -> list[str]:
+    """The claims the issue asks about, computed from the pooled points."""
+    lines = []
+    runs = {(r["system"], r["load"]): r for r in data["runs"]}
+    floor = data.get("p99_floor")
+    for load in sorted({r["load"] for r in data["runs"]}):
+        pull, nginx = runs.get(("mgpu pull", load)), runs.get(("nginx round-robin", load))
+        if not pull or not nginx:
+            continue
+        best = min((r for r in data["runs"] if r["load"] == load), key=lambda r: r["p99_ms"])
+        lines.append(
+            f"* {load:.0%}: pull / nginx round-robin: p99 all {pull['p99_ms']:.0f} / {nginx['p99_ms']:.0f} ms = "
+            f"{_ratio(pull['p99_ms'], nginx['p99_ms'])}; "
+            f"p99 32-token {_ratio(pull['short_p99_ms'], nginx['short_p99_ms'])}; "
+            f"p99 TTFT {_ratio(pull['ttft_p99_ms'], nginx['ttft_p99_ms'])}; "
+            f"p99 normalized latency {_ratio(pull['norm_p99_ms_per_tok'], nginx['norm_p99_ms_per_tok'])}. "
+            f"Lowest p99 all: {best['system']} ({best['p99_ms']:.0f} ms; pull is "
+            f"{(pull['p99_ms'] / best['p99_ms'] - 1) * 100:+.1f} %)."
+            + (f" Floor for any router: {floor['ms']:.0f} ms = {_ratio(floor['ms'], nginx['p99_ms'])} of nginx's p99."
+               if floor else ""))
+    return lines
 
 
 def tables(data: dict[str, Any]) -> str:
@@ -312,14 +403,19 @@ def tables(data: dict[str, Any]) -> str:
         lines.append(f"Measured capacity (pull, closed loop, {cap['concurrency']} clients): "
                      f"**{cap['throughput_rps']:.1f} req/s** (used: {cap['used_rps']:.1f} req/s)\n")
     if data.get("runs"):
-        lines.append("| system | load | offered req/s | throughput req/s | p50 ms | p99 ms | p99 short ms "
-                     "| p99 long ms | TTFT p50 ms | TTFT p99 ms | errors | gen lateness p99 ms |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("| system | load | offered req/s | throughput req/s | requests | p50 ms | p99 ms "
+                     "| p99 ms each run | p99 32-tok ms | p99 1024-tok ms | p99 ms/token | TTFT p50 ms | TTFT p99 ms "
+                     "| errors | gen lateness p99 ms |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sorted(data["runs"], key=lambda r: (r["load"], r["system"].startswith("nginx"), r["system"])):
+            each = " / ".join(f"{x:.0f}" for x in r.get("p99_ms_each", []))
             lines.append(f"| {r['system']} | {r['load']:.0%} | {r['rate']:.1f} | {r['throughput_rps']:.1f} "
-                         f"| {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r.get('short_p99_ms', float('nan')):.0f} "
-                         f"| {r.get('long_p99_ms', float('nan')):.0f} | {r['ttft_p50_ms']:.0f} "
-                         f"| {r['ttft_p99_ms']:.0f} | {r['errors']} | {r['lateness_p99_ms']:.1f} |")
+                         f"| {r.get('requests', '')} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {each} "
+                         f"| {r.get('short_p99_ms', float('nan')):.0f} | {r.get('long_p99_ms', float('nan')):.0f} "
+                         f"| {r.get('norm_p99_ms_per_tok', float('nan')):.1f} | {r['ttft_p50_ms']:.0f} "
+                         f"| {r['ttft_p99_ms']:.0f} | {r['errors']} | {r.get('lateness_p99_ms_max', 0.0):.1f} |")
+        lines.append("")
+        lines.extend(verdict(data))
     if data.get("scaling"):
         lines.append("\n| workers | clients | throughput req/s | ideal req/s | efficiency | p50 ms | p99 ms |")
         lines.append("|---|---|---|---|---|---|---|")
@@ -336,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.8, 0.95])
+    p.add_argument("--repeats", type=int, default=3,
+                   help="repetitions of every point (different arrivals each), pooled")
     p.add_argument("--capacity", type=float, default=None, help="skip nothing, but use this req/s as 100 %%")
     p.add_argument("--cap-duration", type=float, default=20.0)
     p.add_argument("--cap-warmup", type=float, default=15.0)

