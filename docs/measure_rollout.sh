@@ -25,16 +25,21 @@ $PY -m ops.cli bench --url "http://127.0.0.1:$port" --model sim --endpoint chat 
   --duration "$DURATION" --max-tokens 32 --timeout 60 --json "$tmp/bench.json" > "$tmp/bench.out" 2>&1 &
 bench_pid=$!
 sleep 8  # let the load settle before rolling
-start=$(date +%s.%N)
-$PY -m ops.cli rollout --set sim_decode_ms=8 --set revision=v2 --wait | tail -n 6
-end=$(date +%s.%N)
-echo "rollout command took $(echo "$end - $start" | bc) s"
+rc=0
+$PY -m ops.cli rollout --set sim_decode_ms=8 --set revision=v2 --wait > "$tmp/rollout.out" || rc=$?
+echo "mgpu rollout --wait: exit code $rc"
+$PY -m ops.cli rollout --status --json > "$tmp/rollout.json"
 wait "$bench_pid"
-tail -n 8 "$tmp/bench.out"
-$PY - "$tmp/bench.json" <<'EOF'
+$PY - "$tmp/rollout.json" "$tmp/bench.json" <<'EOF'
 import json, sys
-runs = json.load(open(sys.argv[1]))
-runs = runs if isinstance(runs, list) else runs.get("results", [runs])
-for r in runs:
-    print(f"bench: {r.get('completed', r.get('ok', '?'))} requests completed, errors: {r.get('errors')}")
+ro = json.load(open(sys.argv[1]))
+print(f"rollout {ro['id']}: {ro['phase']}, {ro['from_revision']} -> {ro['to_revision']}, "
+      f"{ro['finished_at'] - ro['started_at']:.1f} s from taken to done")
+for p in ro["slots"]:
+    print(f"  {p['slot']} {p['worker']}: {p['phase']} ({p['detail']})")
+r = json.load(open(sys.argv[2]))["results"][0]
+lat = r["latency_ms"]
+print(f"bench (the whole {r['window_s']:.0f} s, rollout included): offered {r['offered']}, sent {r['sent']}, "
+      f"ok {r['ok']}, failed {sum(r['errors'].values())} {r['errors'] or ''}; "
+      f"latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms")
 EOF

@@ -45,7 +45,7 @@ _SCOPES: dict[str, set[str]] = {
                "sim_decode_ms_per_seq", "vllm_gpu_memory_utilization", "vllm_enforce_eager", "vllm_kv_cache_gb",
                "vllm_dtype", "data_dir", "model_cache_dir", "revision", "canary_gate"},
 }
-_SCOPES["up"] = _SCOPES["gateway"] | _SCOPES["worker"] | {"workers"}
+_SCOPES["up"] = (_SCOPES["gateway"] | _SCOPES["worker"] | {"workers"}) - {"canary_gate"}  # set per start by rollouts
 _SCOPES["drain"] = {"redis_url", "namespace"}
 _SCOPES["status"] = {"redis_url", "namespace", "log_level"}
 _SCOPES["strategy"] = {"redis_url", "namespace"}

@@ -358,6 +358,9 @@ def run_command(s: Settings, ns: argparse.Namespace) -> int:
     except RolloutError as exc:
         print(f"mgpu rollout: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # leaving --wait does not stop the rollout: the supervisor carries it out
+        print("\nstopped following; the rollout goes on (mgpu rollout --status, --abort)", file=sys.stderr)
+        return 130
     except (ValidationError, redis.RedisError, OSError) as exc:
         print(f"mgpu rollout: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
