@@ -32,7 +32,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,14 +94,12 @@ def check_canary(item: WorkItem, res: Result, worker_id: str, engine: str) -> st
 class RollingUpdate:
     """One rollout (or rollback) of a fleet to ``target``; :meth:`steps` is the procedure."""
 
-    def __init__(self, fleet: Supervisor, state: RolloutState, target: Settings,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, fleet: Supervisor, state: RolloutState, target: Settings) -> None:
         self.fleet = fleet
         self.state = state
         self.source = fleet.template
         self.target = target
         self.opt = state.options
-        self.clock = clock
         self.before = list(fleet.workers)  # the processes of each slot when the rollout began
         self.was_running = [w.running for w in fleet.workers]
         self.dirty = True  # the state changed since it was last written to Redis
@@ -269,16 +267,16 @@ class RollingUpdate:
     def _gate(self, i: int, w: Child, template: Settings, canary: int, *, soak_s: float) -> Outcome:
         opt, keys, r = self.opt, self.fleet.keys, self.fleet.registry
         wid = w.worker_id
-        t0 = self.clock()
+        t0 = time.monotonic()
         deadline = t0 + opt.ready_timeout_s
         want = "canary" if canary else "ready"
         while (state := self._registry_state(wid)) != want:
             if why := self._stopped(w):
                 return why
-            if self.clock() > deadline:
+            if time.monotonic() > deadline:
                 return f"{wid} was not {want} within {opt.ready_timeout_s:g}s (state: {state or 'not registered'})"
             yield
-        detail = f"up in {self.clock() - t0:.1f}s"
+        detail = f"up in {time.monotonic() - t0:.1f}s"
         self._progress(i, want, detail)
         if canary:
             items = canary_items(self.state.id, wid, template.model, canary, time.time() + opt.ready_timeout_s)
@@ -299,7 +297,7 @@ class RollingUpdate:
                     raws = [None] * len(items)
                 if all(raw is not None for raw in raws):
                     break
-                if self.clock() > deadline:
+                if time.monotonic() > deadline:
                     done = sum(raw is not None for raw in raws)
                     return f"{wid} answered {done} of {canary} canary request(s) within {opt.ready_timeout_s:g}s"
                 yield
@@ -321,13 +319,13 @@ class RollingUpdate:
             while (state := self._registry_state(wid)) != "ready":
                 if why := self._stopped(w):
                     return why
-                if self.clock() > deadline:
+                if time.monotonic() > deadline:
                     return f"{wid} was admitted but not ready within {opt.ready_timeout_s:g}s (state: {state})"
                 yield
         soak = max(soak_s, 2 * self.fleet.registry_refresh_s)
         self._progress(i, "soak", detail)
-        until = self.clock() + soak
-        while self.clock() < until:
+        until = time.monotonic() + soak
+        while time.monotonic() < until:
             if why := self._stopped(w):
                 return why + " during its soak"
             state = self._registry_state(wid)
@@ -344,10 +342,10 @@ class RollingUpdate:
             return
         w.signal(signal.SIGTERM)
         grace = (w.template.drain_grace_s if w.template is not None else self.source.drain_grace_s) + KILL_AFTER_S
-        until = self.clock() + grace
+        until = time.monotonic() + grace
         killed = False
         while w.poll() is None:
-            if not killed and self.clock() > until:
+            if not killed and time.monotonic() > until:
                 self._event(f"{w.worker_id} still running {grace:g}s after SIGTERM: killed (its requests are "
                             "reclaimed by the others)", level=logging.WARNING)
                 w.signal(signal.SIGKILL)
