@@ -19,6 +19,13 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
     {ns}:control                  hash of run-time settings: ``strategy`` (every gateway),
                                   ``strategy:{gateway}`` (one gateway, wins)
     {ns}:starts                   hash: worker id -> how many times it registered (restarts = starts - 1)
+    {ns}:admit:{id}               present: that worker, started in state 'canary', joins the fleet ('ready')
+    {ns}:supervisor:{id}          a running `mgpu up` (JSON: host, pid, revision, workers; TTL = its lease)
+    {ns}:supervisors              set of supervisor ids
+    {ns}:rollout                  the current or last rollout (JSON, ops.rollout.RolloutState)
+    {ns}:rollout:lock             present while a rollout is requested or runs: its id (TTL, renewed)
+    {ns}:rollout:history          the last finished rollouts (list of JSON, newest first)
+    {ns}:rollout:abort            present: stop the running rollout with that id and roll it back (JSON, TTL)
 """
 
 from __future__ import annotations
@@ -84,3 +91,29 @@ class Keys:
     @property
     def worker_starts(self) -> str:
         return f"{self.ns}:starts"
+
+    def admit(self, worker_id: str) -> str:
+        return f"{self.ns}:admit:{worker_id}"
+
+    def supervisor(self, supervisor_id: str) -> str:
+        return f"{self.ns}:supervisor:{supervisor_id}"
+
+    @property
+    def supervisors(self) -> str:
+        return f"{self.ns}:supervisors"
+
+    @property
+    def rollout(self) -> str:
+        return f"{self.ns}:rollout"
+
+    @property
+    def rollout_lock(self) -> str:
+        return f"{self.ns}:rollout:lock"
+
+    @property
+    def rollout_history(self) -> str:
+        return f"{self.ns}:rollout:history"
+
+    @property
+    def rollout_abort(self) -> str:
+        return f"{self.ns}:rollout:abort"

@@ -3,6 +3,8 @@ then explicit overrides (command-line flags); they are validated once, at start-
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import uuid
@@ -14,6 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from common.keys import Keys
 
 ENV_PREFIX = "MGPU_"
+
+
+# The worker settings that ``mgpu rollout`` may change (``--set NAME=VALUE``).  Not among them: where a
+# worker is (redis_url, namespace, worker_id, gpu, metrics port and host, data folders) and the name of
+# the model it serves, which clients address (see docs/rollouts.md).
+ROLLOUT_FIELDS: tuple[str, ...] = (
+    "engine", "model_path", "slots", "weight", "max_model_len", "heartbeat_interval_s", "worker_ttl_s", "lease_ms",
+    "loop_stall_s", "reclaim_interval_s", "max_deliveries", "drain_grace_s", "read_block_ms", "log_level",
+    "log_json", "log_requests", "result_ttl_s", "sim_prefill_ms_per_token", "sim_decode_ms", "sim_decode_ms_per_seq",
+    "vllm_gpu_memory_utilization", "vllm_enforce_eager", "vllm_kv_cache_gb", "vllm_dtype", "revision",
+)
 
 
 class SettingsError(ValueError):
@@ -67,6 +80,12 @@ class Settings(BaseModel):
     read_block_ms: int = Field(default=1000, ge=1)
     metrics_port: int = Field(default=0, ge=0, le=65535)  # worker /metrics + /health; 0: a free port
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 to be scraped from other hosts (the hostname is published)
+    # what the worker runs, as a label: published in the registry, /workers, mgpu status and /metrics.
+    # Unset: derived from the settings a rollout can change (Settings.effective_revision)
+    revision: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:+-]{1,64}$")
+    # start in state 'canary': take work only from the own stream until admitted (Keys.admit); mgpu rollout
+    # starts new workers so, to run its canary requests before any client request reaches them
+    canary_gate: bool = False
 
     # sim engine (ms); zero cost makes it an overhead probe
     sim_prefill_ms_per_token: float = Field(default=0.02, ge=0)
@@ -94,6 +113,16 @@ class Settings(BaseModel):
     @property
     def keys(self) -> Keys:
         return Keys(self.namespace)
+
+    @property
+    def effective_revision(self) -> str:
+        """``revision`` when set, else ``r-`` and a hash of the served model and of the settings a
+        rollout may change: two workers with the same derived revision run the same thing."""
+        if self.revision:
+            return self.revision
+        facts = {k: getattr(self, k) for k in ("model", *ROLLOUT_FIELDS) if k != "revision"}
+        digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+        return "r-" + digest[:8]
 
     @classmethod
     def load(cls, overrides: dict[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from common.redis_conn import make_client
-from common.settings import Settings
+from common.settings import Settings, SettingsError
 from gpu_worker.engine.base import Engine
 from gpu_worker.worker import Worker
 
@@ -30,6 +30,9 @@ def build_engine(s: Settings) -> Engine:
     from gpu_worker.model_store import ensure_embedded_model
 
     path = s.model_path or str(ensure_embedded_model(Path(s.model_cache_dir)))
+    if path.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(path)):
+        # a local folder that is not there (anything else is a model id for vLLM to fetch): fail before vLLM loads
+        raise SettingsError(f"MGPU_MODEL_PATH / --model-path: {path} does not exist")
     return VllmEngine(model_path=path, served_name=s.model, slots=s.slots, max_model_len=s.max_model_len,
                       enforce_eager=s.vllm_enforce_eager, kv_cache_gb=s.vllm_kv_cache_gb,
                       gpu_memory_utilization=s.vllm_gpu_memory_utilization, dtype=s.vllm_dtype)

@@ -34,7 +34,7 @@ log = logging.getLogger("mgpu.worker")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
-STATES = ("starting", "ready", "draining", "gone")
+STATES = ("starting", "canary", "ready", "draining", "gone")
 
 
 class TokenTimer:
@@ -94,8 +94,9 @@ class _StateCollector(Collector):
         for s in STATES:
             st.add_metric([*lv, s], 1 if w.state == s else 0)
         yield st
-        info = GaugeMetricFamily("mgpu_worker_info", "Worker facts", labels=[*names, "engine", "version"])
-        info.add_metric([*lv, w.engine.name, w.version], 1)
+        info = GaugeMetricFamily("mgpu_worker_info", "Worker facts",
+                                 labels=[*names, "engine", "version", "revision"])
+        info.add_metric([*lv, w.engine.name, w.version, w.revision], 1)
         yield info
         yield counter("mgpu_worker_reclaims_total", "Entries taken over from a worker whose lease lapsed",
                       w.reclaimed)
@@ -224,7 +225,7 @@ class WorkerMetrics:
     def health(self) -> tuple[int, dict[str, Any]]:
         w = self.worker
         lag = w.loop_lag_s
-        ok = w.healthy and w.state in ("starting", "ready", "draining") and lag < w.s.loop_stall_s
+        ok = w.healthy and w.state in ("starting", "canary", "ready", "draining") and lag < w.s.loop_stall_s
         return (200 if ok else 503), {
             "status": "ok" if ok else "unhealthy", "state": w.state, "healthy": w.healthy, "worker": w.id,
             "model": w.model, "gpu": w.s.gpu, "in_flight": len(w.jobs), "busy_slots": w.in_flight,

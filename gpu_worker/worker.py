@@ -80,6 +80,7 @@ class Worker:
         self.keys = settings.keys
         self.id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.version = version
+        self.revision = settings.effective_revision
         self.model = settings.model
         # read in priority order: what a push strategy sent to this worker, then the shared stream
         self.own = OwnStreams(client, self.keys, self.model, self.id)
@@ -99,6 +100,7 @@ class Worker:
         self._keeper_stop = threading.Event()
         self._keeper_thread: threading.Thread | None = None
         self._tick_task: asyncio.Task[None] | None = None
+        self._admit_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finish = ScriptBatcher(client, FINISH)
         self._emit = ScriptBatcher(client, EMIT_CHUNK)
@@ -160,11 +162,18 @@ class Worker:
         self._keeper_thread.start()
 
     async def run(self) -> int:
-        """Serve until drained (SIGTERM, ``mgpu drain``) or the engine dies; then leave the registry."""
+        """Serve until drained (SIGTERM, ``mgpu drain``) or the engine dies; then leave the registry.
+
+        With ``canary_gate`` the worker first serves only its own stream, in state ``canary`` (the
+        gateway routes nothing to it), until the ``admit`` key tells it to join the fleet."""
         if self._keeper_thread is None:
             await self.announce()
-        self.state = "ready"
-        log.info("worker ready", extra={"worker": self.id, "model": self.model, "slots": self.engine.slots})
+        if self.s.canary_gate:
+            self.state = "canary"
+            log.info("worker in canary: serving its own stream only until admitted",
+                     extra={"worker": self.id, "revision": self.revision})
+        else:
+            await self._become_ready()
         tasks = [
             asyncio.create_task(self._pull_loop(), name="pull"),
             asyncio.create_task(self._reclaim_loop(), name="reclaim"),
@@ -176,6 +185,8 @@ class Worker:
             await self._drain()
         finally:
             self._closing = True
+            if self._admit_task is not None:
+                tasks.append(self._admit_task)
             for t in tasks:
                 t.cancel()
             _, stuck = await asyncio.wait(tasks, timeout=3.0)
@@ -184,6 +195,27 @@ class Worker:
             await self.close()
             log.info("worker stopped", extra={"worker": self.id, "served": self.served})
         return self.exit_code
+
+    def admit(self) -> None:
+        """The supervisor admitted this worker out of its canary state (the ``admit`` key)."""
+        if self.state == "canary" and self._admit_task is None:
+            self._admit_task = asyncio.create_task(self._become_ready(), name="admit")
+
+    async def _become_ready(self) -> None:
+        """Publish the model's facts (the gateway checks prompt lengths with them), then take client work."""
+        if self.state not in ("starting", "canary"):  # asked to drain meanwhile
+            return
+        self.state = "ready"
+        info = json.dumps({"max_model_len": self.engine.max_model_len, "engine": self.engine.name,
+                           "tokenizer": getattr(self.engine, "tokenizer_spec", self.engine.name)})
+        with contextlib.suppress(redis.RedisError, OSError):
+            async with self.r.pipeline(transaction=True) as p:
+                p.hset(self.keys.models, self.model, info)
+                p.hset(self.keys.worker(self.id), "state", "ready")
+                await p.execute()
+        self._slot_freed.set()  # the pull loop adds the shared stream at its next read
+        log.info("worker ready", extra={"worker": self.id, "model": self.model, "slots": self.engine.slots,
+                                        "revision": self.revision})
 
     async def close(self) -> None:
         """Stop heartbeating and deregister (idempotent)."""
@@ -243,7 +275,8 @@ class Worker:
         return {
             "id": self.id, "host": socket.gethostname(), "pid": str(os.getpid()),
             "gpu": "" if self.s.gpu is None else str(self.s.gpu), "gpu_name": self.gpu.name, "model": self.model,
-            "engine": self.engine.name, "version": self.version, "slots": str(self.engine.slots),
+            "engine": self.engine.name, "version": self.version, "revision": self.revision,
+            "slots": str(self.engine.slots),
             "in_flight": str(self.in_flight), "state": self.state, "heartbeat": f"{time.time():.3f}",
             "max_model_len": str(self.engine.max_model_len), "served": str(self.served),
             "metrics_port": str(self.metrics.port), "failed": str(self.failed),
@@ -256,15 +289,12 @@ class Worker:
         }
 
     async def _register(self) -> None:
-        info = json.dumps({"max_model_len": self.engine.max_model_len, "engine": self.engine.name,
-                           "tokenizer": getattr(self.engine, "tokenizer_spec", self.engine.name)})
         key = self.keys.worker(self.id)
         async with self.r.pipeline(transaction=True) as p:
             p.hset(key, mapping=self._registry_fields())
             p.pexpire(key, int(self.s.worker_ttl_s * 1000))
             p.sadd(self.keys.workers, self.id)
             p.sadd(self.keys.worker_streams(self.model), self.id)
-            p.hset(self.keys.models, self.model, info)
             p.hincrby(self.keys.worker_starts, self.id, 1)
             await p.execute()
 
@@ -310,12 +340,16 @@ class Worker:
                     renew(keys=[stream], args=[GROUP, self.id, *ids], client=p)
                 p.sadd(self.keys.worker_streams(self.model), self.id)
                 p.xlen(self.own.own)
+                p.exists(self.keys.admit(self.id))
                 out = p.execute()
                 own_jobs = sum(len(ids) for stream, ids in snapshot if stream == self.own.own)
-                self._own_queued = max(0, int(out[-1]) - own_jobs)
+                self._own_queued = max(0, int(out[-2]) - own_jobs)
                 if out[3] and self._loop is not None:
                     client.delete(self.keys.drain(self.id))
                     self._loop.call_soon_threadsafe(self.request_drain)
+                if out[-1] and self._loop is not None:
+                    client.delete(self.keys.admit(self.id))
+                    self._loop.call_soon_threadsafe(self.admit)
                 lost = [(stream, _s(i)) for (stream, _), res in zip(snapshot, out[4:]) for i in res]
                 if lost and self._loop is not None:
                     self._loop.call_soon_threadsafe(self._on_lost, lost)
@@ -366,7 +400,8 @@ class Worker:
                     await self._slot_freed.wait()
                 continue
             try:
-                resp = await self.r.xreadgroup(GROUP, self.id, {s: ">" for s in self.streams},
+                streams = [self.own.own] if self.state == "canary" else self.streams
+                resp = await self.r.xreadgroup(GROUP, self.id, {s: ">" for s in streams},
                                                count=free, block=self.s.read_block_ms)
                 backoff = 0.05
             except redis.ResponseError as exc:
@@ -395,8 +430,8 @@ class Worker:
         """Take over entries whose owner stopped renewing their lease (dead, hung or frozen)."""
         while not self._closing:
             await asyncio.sleep(self.s.reclaim_interval_s)
-            if self._stop.is_set() or not self.healthy:
-                continue
+            if self._stop.is_set() or not self.healthy or self.state == "canary":
+                continue  # a canary takes no one else's work
             try:  # own streams of gone workers: unread entries to the shared stream, pending ones here
                 orphaned = await self.own.sweep()
             except (redis.RedisError, OSError) as exc:

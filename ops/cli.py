@@ -6,6 +6,7 @@
     mgpu drain ID  ask a worker to drain and exit
     mgpu status    live view of workers and queues (``--once``: one snapshot)
     mgpu strategy  show or set the load-balancing strategy of running gateways
+    mgpu rollout   roll the workers of a running `mgpu up` to new settings, with health gate and rollback
     mgpu sim-server  the sim engine as a standalone OpenAI-compatible server (no Redis)
     mgpu bench     the load generator
     mgpu chaos     the chaos benchmark (kills workers and Redis under load)
@@ -28,6 +29,7 @@ from typing import Any
 
 from common.logs import setup_logging
 from common.settings import Settings, SettingsError
+from ops.rollout import add_arguments as rollout_arguments
 
 log = logging.getLogger("mgpu.cli")
 
@@ -41,12 +43,13 @@ _SCOPES: dict[str, set[str]] = {
                "lease_ms", "loop_stall_s", "reclaim_interval_s", "max_deliveries", "drain_grace_s", "read_block_ms",
                "metrics_port", "metrics_host", "log_requests", "sim_prefill_ms_per_token", "sim_decode_ms",
                "sim_decode_ms_per_seq", "vllm_gpu_memory_utilization", "vllm_enforce_eager", "vllm_kv_cache_gb",
-               "vllm_dtype", "data_dir", "model_cache_dir"},
+               "vllm_dtype", "data_dir", "model_cache_dir", "revision", "canary_gate"},
 }
-_SCOPES["up"] = _SCOPES["gateway"] | _SCOPES["worker"] | {"workers"}
+_SCOPES["up"] = (_SCOPES["gateway"] | _SCOPES["worker"] | {"workers"}) - {"canary_gate"}  # set per start by rollouts
 _SCOPES["drain"] = {"redis_url", "namespace"}
 _SCOPES["status"] = {"redis_url", "namespace", "log_level"}
 _SCOPES["strategy"] = {"redis_url", "namespace"}
+_SCOPES["rollout"] = {"redis_url", "namespace", "log_level"}
 _SCOPES["sim-server"] = {"log_level", "log_json", "host", "port", "model", "slots", "max_model_len",
                          "sim_prefill_ms_per_token", "sim_decode_ms", "sim_decode_ms_per_seq"}
 
@@ -205,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
                                              "'default': back to each gateway's own setting")
     p_sg.add_argument("--gateway", dest="target_gateway", default=None, help="only this gateway id")
     _add_settings(p_sg, "strategy")
+    p_ro = sub.add_parser("rollout", help="zero-downtime rolling update of the workers of a running `mgpu up`",
+                          description="Roll the workers of a running `mgpu up` to new settings, one at a time, "
+                                      "each gated by a canary; a failed gate rolls every worker back. "
+                                      "See docs/rollouts.md.")
+    rollout_arguments(p_ro)
+    _add_settings(p_ro, "rollout")
     p_ss = sub.add_parser("sim-server", help="the sim engine as a standalone OpenAI-compatible server")
     _add_settings(p_ss, "sim-server")
     sub.add_parser("bench", help="load generator (see: mgpu bench --help)")
@@ -227,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.install()
         except ImportError:
             pass
-        return asyncio.run(run_worker(s, version=ns.deploy_version))
+        try:
+            return asyncio.run(run_worker(s, version=ns.deploy_version))
+        except SettingsError as exc:
+            log.error("mgpu worker: %s", exc)
+            return 2
     if ns.cmd == "drain":
         import redis
 
@@ -244,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     if ns.cmd == "strategy":
         return _strategy(s, ns.name, ns.target_gateway)
+    if ns.cmd == "rollout":
+        from ops.rollout import run_command
+
+        return run_command(s, ns)
     if ns.cmd == "sim-server":
         from gpu_worker.sim_server import run_sim_server
 

@@ -9,17 +9,21 @@ Plain ANSI: the screen is cleared and redrawn; colours only on a terminal (or ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 
 from common.keys import Keys
 from common.queues import ModelQueues, read_queues
+from ops.rollout import RolloutState
 
 CLEAR = "\x1b[H\x1b[2J"
+ROLLOUT_SHOWN_S = 3600.0  # a finished rollout stays on the screen this long
 _COLOURS = {"green": "32", "yellow": "33", "red": "31", "bold": "1", "dim": "2"}
 
 
@@ -41,6 +45,7 @@ class WorkerRow:
     failed: int
     reclaimed: int
     starts: int
+    revision: str = ""
     rate: float | None = None  # requests/s, from the served counter between two snapshots
 
 
@@ -49,6 +54,7 @@ class Snapshot:
     at: float
     workers: list[WorkerRow] = field(default_factory=list)
     queues: list[ModelQueues] = field(default_factory=list)
+    rollout: RolloutState | None = None  # the current or last rollout
 
 
 async def take_snapshot(r: aioredis.Redis, keys: Keys) -> Snapshot:
@@ -59,9 +65,13 @@ async def take_snapshot(r: aioredis.Redis, keys: Keys) -> Snapshot:
             p.hgetall(keys.worker(wid))
         p.hkeys(keys.models)
         p.hgetall(keys.worker_starts)
+        p.get(keys.rollout)
         out = await p.execute()
+    rollout_raw = out.pop()
     starts = {_s(k): int(v) for k, v in out[-1].items()}
     snap = Snapshot(at=now)
+    with contextlib.suppress(ValidationError):
+        snap.rollout = None if rollout_raw is None else RolloutState.model_validate_json(rollout_raw)
     for wid, raw in zip(ids, out[:-2]):
         if not raw:
             continue
@@ -77,7 +87,8 @@ async def take_snapshot(r: aioredis.Redis, keys: Keys) -> Snapshot:
             id=wid, state=f.get("state", "?"), gpu=f.get("gpu") or "-", model=f.get("model", ""),
             version=f.get("version", ""), slots=num("slots"), busy=num("in_flight"),
             heartbeat_age_s=max(0.0, now - float(f.get("heartbeat") or 0)), served=num("served"),
-            failed=num("failed"), reclaimed=num("reclaimed"), starts=starts.get(wid, 0)))
+            failed=num("failed"), reclaimed=num("reclaimed"), starts=starts.get(wid, 0),
+            revision=f.get("revision", "")))
     models = sorted({_s(m) for m in out[-2]} | {w.model for w in snap.workers})
     snap.queues = await read_queues(r, keys, models, now=now)
     return snap
@@ -124,18 +135,29 @@ def render(snap: Snapshot, *, title: str = "", colour: bool = False, stale_s: fl
     total_rate = 0.0
     for w in snap.workers:
         total_rate += w.rate or 0.0
-        state_c = {"ready": "green", "draining": "yellow"}.get(w.state, "red")
+        state_c = {"ready": "green", "draining": "yellow", "canary": "yellow"}.get(w.state, "red")
         hb_c = "red" if w.heartbeat_age_s > stale_s else None
         busy_c = "yellow" if w.slots and w.busy >= w.slots else None
         rows.append([w.id, w.state, w.gpu, w.model, w.version, f"{w.busy}/{w.slots}", _age(w.heartbeat_age_s),
                      "-" if w.rate is None else f"{w.rate:.1f}", str(w.served), str(w.failed), str(w.reclaimed),
-                     str(max(0, w.starts - 1))])
+                     str(max(0, w.starts - 1)), w.revision or "-"])
         colours.append([None, state_c, None, None, None, busy_c, hb_c, None, None,
-                        "red" if w.failed else None, None, "yellow" if w.starts > 1 else None])
+                        "red" if w.failed else None, None, "yellow" if w.starts > 1 else None, None])
     out += _table(["WORKER", "STATE", "GPU", "MODEL", "VERSION", "SLOTS", "HEARTBEAT", "REQ/S", "SERVED",
-                   "FAILED", "RECLAIMED", "RESTARTS"], rows, colours, colour)
+                   "FAILED", "RECLAIMED", "RESTARTS", "REVISION"], rows, colours, colour)
     if any(w.rate is not None for w in snap.workers):
         out.append(f"  total {total_rate:.1f} req/s")
+    ro = snap.rollout
+    if ro is not None and (ro.active or snap.at - (ro.finished_at or 0) < ROLLOUT_SHOWN_S):
+        updated = sum(p.phase == "updated" for p in ro.slots)
+        busy = ", ".join(f"{p.slot} {p.phase}" for p in ro.slots if p.phase not in ("waiting", "updated"))
+        line = f"ROLLOUT  {ro.id} {ro.kind} {ro.phase}"
+        if ro.slots:
+            line += (f" {ro.from_revision} -> {ro.to_revision}  {updated}/{len(ro.slots)} updated"
+                     + (f"  ({busy})" if busy else ""))
+        out += ["", line if not colour else f"\x1b[{_COLOURS['yellow' if ro.active else 'bold']}m{line}\x1b[0m"]
+        if ro.reason:
+            out.append(f"  reason: {ro.reason}")
     out += ["", "QUEUES"]
     rows, colours = [], []
     for mq in snap.queues:

@@ -5,32 +5,47 @@ converts the embedded model once, starts one worker per visible GPU (or ``--work
 workers), starts the gateway, restarts crashed workers with exponential backoff, leaves a
 crash-looping worker down (5 crashes within 60 s), and shuts everything down on Ctrl+C/SIGTERM.
 
+It also carries out ``mgpu rollout`` (zero-downtime rolling updates of its workers, with health
+gate and rollback: :mod:`ops.rolling`): it announces itself at ``Keys.supervisor`` and polls
+``Keys.rollout`` from its main loop, which advances a running rollout one step per tick.
+
 For Prometheus it keeps ``<data_dir>/prometheus/workers.json`` (file_sd targets: every worker's
 ``/metrics``, from the registry) and ``<data_dir>/prometheus/gateway.json`` up to date.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
+from pydantic import ValidationError
 
-from common.settings import Settings
+from common.settings import ROLLOUT_FIELDS, Settings
+from ops import rollout
 from ops.procs import RedisServer, free_port, mgpu_cmd, spawn, terminate
+from ops.rolling import RollingUpdate, Steps
+from ops.rollout import RolloutError, RolloutState
 from ops.targets import TargetsWriter, static_targets, write_json_atomic
 
 log = logging.getLogger("mgpu.up")
 
 CRASH_LOOP_N = 5
 CRASH_LOOP_WINDOW_S = 60.0
+TICK_S = 0.25
+ROLLOUT_POLL_S = 0.5
+STATE_WRITE_S = 2.0  # a running rollout's state is written when it changes, and at least this often (lock)
 
 
 def visible_gpus() -> list[int]:
@@ -56,9 +71,30 @@ class Child:
     crashes: list[float] = field(default_factory=list)
     restart_at: float = 0.0
     down: bool = False
+    held: bool = False  # a rollout drives this process: no automatic restart
+    template: Settings | None = None  # a worker's settings (None: the gateway)
 
-    def start(self) -> None:
-        self.proc = spawn(self.args, env=self.env, log_path=self.log_path, die_with_parent=True)
+    def start(self, **extra_env: str) -> None:
+        """Start the process; ``extra_env`` applies to this start only, not to restarts."""
+        self.proc = spawn(self.args, env={**self.env, **extra_env}, log_path=self.log_path, die_with_parent=True)
+
+    @property
+    def worker_id(self) -> str:
+        return self.env.get("MGPU_WORKER_ID", self.name)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def poll(self) -> int | None:
+        return -1 if self.proc is None else self.proc.poll()
+
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
 
     def on_exit(self, now: float) -> float | None:
         """Record an exit: the delay before the restart (exponential backoff, 0.5 s doubling up to
@@ -70,11 +106,322 @@ class Child:
         return min(30.0, 0.5 * 2 ** (len(self.crashes) - 1))
 
 
+@dataclass(frozen=True)
+class SlotSpec:
+    """Where one worker runs: a GPU (or a CPU slot), its log, its base worker id."""
+
+    name: str
+    worker_id: str
+    gpu: int | None
+    log_path: Path
+
+
 def _settings_env(s: Settings, **extra: str) -> dict[str, str]:
     env = {"MGPU_" + k.upper(): str(v) for k, v in s.model_dump().items()
            if v is not None and k not in ("gateway_id", "worker_id", "gpu")}
     env.update(extra)
     return env
+
+
+class Supervisor:
+    """The processes of ``mgpu up`` and the loop that keeps them running (and rolls them)."""
+
+    def __init__(self, s: Settings, data: Path, gpus: list[int]) -> None:
+        self.s = s
+        self.keys = s.keys
+        self.template = s  # the settings every worker runs (a rollout replaces it)
+        self.history: list[Settings] = []  # templates before each completed rollout (--rollback pops)
+        self.id = socket.gethostname()
+        self.data = data
+        self.registry_refresh_s = s.registry_refresh_s
+        node = os.uname().nodename
+        logs = data / "logs"
+        if gpus:
+            self.specs = [SlotSpec(f"worker-gpu{g}", f"{node}-gpu{g}", g, logs / f"worker-gpu{g}.log") for g in gpus]
+        else:
+            self.specs = [SlotSpec(f"worker-cpu{i}", f"{node}-cpu{i}", None, logs / f"worker-cpu{i}.log")
+                          for i in range(s.workers)]
+        self._surges = [0] * len(self.specs)
+        self.workers: list[Child] = []
+        self.transient: list[Child] = []
+        self.port = s.port or free_port()
+        self.gateway = Child("gateway", mgpu_cmd("gateway"), _settings_env(s, MGPU_PORT=str(self.port)),
+                             logs / "gateway.log")
+        self.registry = redis.Redis.from_url(s.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self.rollout: RollingUpdate | None = None
+        self._steps: Steps | None = None
+        self._unwritten: RolloutState | None = None  # a final rollout state Redis did not take yet
+        self._next = {"targets": 0.0, "presence": 0.0, "poll": 0.0, "write": 0.0, "abort": 0.0}
+
+    # ------------------------------------------------------------------ workers (used by ops.rolling)
+    def worker_env(self, slot: int, template: Settings, worker_id: str) -> dict[str, str]:
+        spec = self.specs[slot]
+        extra = {"MGPU_WORKER_ID": worker_id, "MGPU_REVISION": template.effective_revision,
+                 "MGPU_CANARY_GATE": "false"}
+        if spec.gpu is not None:
+            extra.update(MGPU_GPU=str(spec.gpu), CUDA_VISIBLE_DEVICES=str(spec.gpu))
+        elif template.engine == "vllm":
+            extra["MGPU_VLLM_ENFORCE_EAGER"] = "true"
+        return _settings_env(template, **extra)
+
+    def spawn_worker(self, slot: int, template: Settings, *, worker_id: str, gated: bool) -> Child:
+        """Start a worker on ``slot`` (held: the caller decides when supervision takes it over)."""
+        spec = self.specs[slot]
+        c = Child(spec.name, mgpu_cmd("worker"), self.worker_env(slot, template, worker_id), spec.log_path,
+                  held=True, template=template)
+        c.start(**({"MGPU_CANARY_GATE": "true"} if gated else {}))
+        return c
+
+    def surge_worker_id(self, slot: int) -> str:
+        self._surges[slot] += 1
+        return f"{self.specs[slot].worker_id}-s{self._surges[slot]}"
+
+    def children(self) -> list[Child]:
+        return [*self.workers, *self.transient, self.gateway]
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, stop: threading.Event) -> int:
+        data = self.data
+        base = f"http://{self.s.host}:{self.port}"
+        announced = False
+        started = time.monotonic()
+        prom_dir = data / "prometheus"
+        targets = TargetsWriter(prom_dir / "workers.json", self.keys)
+        try:
+            for i, spec in enumerate(self.specs):
+                c = self.spawn_worker(i, self.template, worker_id=spec.worker_id, gated=False)
+                c.held = False
+                self.workers.append(c)
+            self.gateway.start()
+            write_json_atomic(prom_dir / "gateway.json",
+                              static_targets([f"{self.s.host}:{self.port}"], namespace=self.s.namespace))
+            self._recover()
+            while not stop.wait(TICK_S):
+                now = time.monotonic()
+                if self._due("targets", now, 2.0):
+                    try:
+                        targets.refresh(self.registry)
+                    except (redis.RedisError, OSError) as exc:
+                        log.warning("could not refresh Prometheus targets: %s", exc)
+                for c in [*self.workers, self.gateway]:
+                    self._supervise(c, now)
+                self._control(now)
+                if not announced and _ready(base):
+                    announced = True
+                    print(f"\nmgpu is up in {now - started:.0f}s: {base}/v1  (model: {self.s.model})\n"
+                          f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+                          f"-d '{{\"model\": \"{self.s.model}\", \"messages\": [{{\"role\": \"user\", "
+                          f"\"content\": \"Hello!\"}}]}}'\n  logs: {data / 'logs'}   stop: Ctrl+C\n", flush=True)
+        finally:
+            self._shutdown()
+        return 0
+
+    def _due(self, what: str, now: float, every: float) -> bool:
+        if now < self._next[what]:
+            return False
+        self._next[what] = now + every
+        return True
+
+    def _supervise(self, c: Child, now: float) -> None:
+        if c.down or c.held or c.proc is None:
+            return
+        rc = c.proc.poll()
+        if rc is None:
+            return
+        if c.restart_at == 0.0:
+            delay = c.on_exit(now)
+            if delay is None:
+                log.error("%s crash-loops (%d exits in %.0fs): left down; see %s", c.name,
+                          len(c.crashes), CRASH_LOOP_WINDOW_S, c.log_path)
+                self._report_down(c)
+                return
+            c.restart_at = now + delay
+            log.warning("%s exited with %s; restarting in %.1fs", c.name, rc, delay)
+        elif now >= c.restart_at:
+            c.restart_at = 0.0
+            c.start()
+
+    def _report_down(self, c: Child) -> None:
+        """Show a crash-looping worker in the registry (and so in /workers) as state 'crashloop'."""
+        if c.template is None:
+            return
+        wid = c.worker_id
+        try:
+            key = self.keys.worker(wid)
+            self.registry.hset(key, mapping={
+                "id": wid, "state": "crashloop", "model": c.template.model, "slots": "0", "in_flight": "0",
+                "heartbeat": "0", "exits": str(len(c.crashes)), "log": str(c.log_path),
+                "revision": c.template.effective_revision})
+            self.registry.expire(key, 3600)
+            self.registry.sadd(self.keys.workers, wid)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not report %s as down: %s", c.name, exc)
+
+    def _shutdown(self) -> None:
+        log.info("shutting down")
+        if self._steps is not None and self.rollout is not None:
+            self._steps.close()
+            st = self.rollout.state
+            st.phase, st.finished_at = "failed", time.time()
+            st.reason = (st.reason + "; " if st.reason else "") + "the supervisor stopped during the rollout"
+            st.event(st.reason)
+            self._unwritten = st
+        if self._unwritten is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                rollout.write(self.registry, self.keys, self._unwritten, final=True)
+        children = self.children()
+        for c in children:
+            c.signal(signal.SIGTERM)
+        for c in children:
+            if c.proc is not None:
+                terminate(c.proc, timeout=(c.template or self.s).drain_grace_s + 5)
+        with contextlib.suppress(redis.RedisError, OSError):
+            self.registry.delete(self.keys.supervisor(self.id))
+            self.registry.srem(self.keys.supervisors, self.id)
+        self.registry.close()
+
+    # ------------------------------------------------------------------ rollouts
+    def _control(self, now: float) -> None:
+        try:
+            if self._due("presence", now, 1.0):
+                rollout.publish_supervisor(self.registry, self.keys, self._facts())
+            if self._steps is not None:
+                self._step(now)
+            elif self._unwritten is None and self._due("poll", now, ROLLOUT_POLL_S):
+                self._take_request()
+            if self._unwritten is not None:
+                rollout.write(self.registry, self.keys, self._unwritten, final=True)
+                self._unwritten = None
+        except (redis.RedisError, OSError) as exc:
+            log.warning("rollout control: redis: %s", exc)
+
+    def _facts(self) -> dict[str, Any]:
+        return {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
+                "revision": self.template.effective_revision, "workers": [c.worker_id for c in self.workers],
+                "can_roll_back": bool(self.history),
+                "previous_revision": self.history[-1].effective_revision if self.history else None,
+                "rollout": self.rollout.state.id if self.rollout is not None else None}
+
+    def _recover(self) -> None:
+        """Say what became of a rollout that this supervisor ran before it (re)started."""
+        try:
+            st = rollout.read(self.registry, self.keys)
+            if st is None or st.supervisor != self.id:
+                return
+            if st.active:
+                st.phase, st.finished_at = "failed", time.time()
+                st.reason = "the supervisor restarted during the rollout"
+                st.event(f"{st.reason}; its workers run its command line's settings "
+                         f"({self.template.effective_revision})")
+                rollout.write(self.registry, self.keys, st, final=True)
+                log.warning("rollout %s: %s", st.id, st.reason)
+            elif st.phase == "done" and st.to_revision != self.template.effective_revision:
+                log.warning("the last rollout (%s) moved the workers to revision %s; this supervisor starts them "
+                            "on its own settings (revision %s): change its flags or roll out again", st.id,
+                            st.to_revision, self.template.effective_revision)
+        except (redis.RedisError, OSError, ValidationError) as exc:
+            log.warning("could not read the last rollout: %s", exc)
+
+    def _take_request(self) -> None:
+        st = rollout.read(self.registry, self.keys)
+        if st is None or st.phase != "requested" or st.target not in (None, self.id):
+            return
+        st.supervisor = self.id
+        try:
+            target = self._plan(st)
+        except RolloutError as exc:
+            st.phase, st.reason, st.finished_at = "rejected", str(exc), time.time()
+            st.event(f"rejected: {exc}")
+            rollout.write(self.registry, self.keys, st, final=True, expect="requested")
+            log.warning("rollout %s rejected: %s", st.id, exc)
+            return
+        st.phase, st.started_at = "running", time.time()
+        ru = RollingUpdate(self, st, target)
+        if not rollout.write(self.registry, self.keys, st, expect="requested"):
+            return  # it expired meanwhile
+        ru.dirty = False
+        self.rollout, self._steps = ru, ru.steps()
+        self._next["write"] = time.monotonic() + STATE_WRITE_S
+
+    def _plan(self, st: RolloutState) -> Settings:
+        """The settings to roll to; raises RolloutError when the request cannot be carried out."""
+        n, opt = len(self.workers), st.options
+        if n == 0:
+            raise RolloutError("this supervisor runs no worker")
+        if st.kind == "rollback":
+            if not self.history:
+                raise RolloutError("no earlier revision to roll back to: no rollout has completed since this "
+                                   "supervisor started")
+            target = self.history[-1]
+        else:
+            unknown = sorted(set(st.changes) - set(ROLLOUT_FIELDS))
+            if unknown:
+                raise RolloutError(f"not settings a rollout can change: {', '.join(unknown)}")
+            try:
+                target = Settings.model_validate({**self.template.model_dump(), "revision": None, **st.changes})
+            except ValidationError as exc:
+                raise RolloutError("invalid settings: " + "; ".join(
+                    f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+            if target == self.template:
+                raise RolloutError(f"no change: the workers already run these settings "
+                                   f"(revision {target.effective_revision})")
+        if not opt.surge and not opt.allow_downtime and opt.max_unavailable >= n:
+            raise RolloutError(f"with {n} worker(s) and max unavailable {opt.max_unavailable}, no worker would be "
+                               "ready while they are replaced (new requests would get 503): use --surge if there "
+                               "is room for a second engine, or --allow-downtime")
+        return target
+
+    def _step(self, now: float) -> None:
+        ru, steps = self.rollout, self._steps
+        assert ru is not None and steps is not None
+        if self._due("abort", now, ROLLOUT_POLL_S):
+            raw = self.registry.get(self.keys.rollout_abort)
+            if raw is not None:
+                try:
+                    ask = json.loads(raw)
+                except ValueError:
+                    ask = {}
+                if isinstance(ask, dict) and ask.get("id") == ru.state.id:
+                    self.registry.delete(self.keys.rollout_abort)
+                    ru.abort(str(ask.get("by", "?")))
+        try:
+            next(steps)
+        except StopIteration:
+            self._finish()
+            return
+        except Exception as exc:  # a bug or an unforeseen error: stop rolling, say so, supervise as usual
+            log.exception("rollout %s stopped on an error", ru.state.id)
+            ru.state.phase = "failed"
+            ru.state.reason = f"the rollout stopped on an error: {exc!r}"
+            ru.state.event(ru.state.reason)
+            self._finish()
+            return
+        if ru.dirty or self._due("write", now, STATE_WRITE_S):
+            if not rollout.write(self.registry, self.keys, ru.state):
+                log.warning("rollout %s: its state was taken over in Redis", ru.state.id)
+            ru.dirty = False
+
+    def _finish(self) -> None:
+        ru = self.rollout
+        assert ru is not None
+        st = ru.state
+        st.finished_at = time.time()
+        if st.phase == "done":
+            if st.kind == "rollback":
+                self.history.pop()
+            else:
+                self.history.append(ru.source)
+            self.template = ru.target
+        for c in self.workers:  # after a failed rollback, plain supervision restarts what is down
+            c.held = False
+        for c in self.transient:
+            c.signal(signal.SIGTERM)
+        self.transient.clear()
+        self.rollout, self._steps = None, None
+        self._unwritten = st  # written by _control, again on the next tick if Redis does not answer
+        level = logging.INFO if st.phase == "done" else logging.WARNING
+        log.log(level, "rollout %s %s: %s -> %s in %.1fs%s", st.id, st.phase, st.from_revision, st.to_revision,
+                st.finished_at - (st.started_at or st.finished_at), f" ({st.reason})" if st.reason else "")
 
 
 def run_up(s: Settings, *, explicit_redis: bool = False) -> int:
@@ -92,26 +439,10 @@ def run_up(s: Settings, *, explicit_redis: bool = False) -> int:
         log.info("preparing the embedded model (converted once, then cached)")
         s = s.model_copy(update={"model_path": str(ensure_embedded_model(Path(s.model_cache_dir)))})
     gpus = visible_gpus()
-    children: list[Child] = []
     if gpus:
         log.info("found %d GPU(s): one worker each", len(gpus))
-        for g in gpus:
-            children.append(Child(f"worker-gpu{g}", mgpu_cmd("worker"),
-                                  _settings_env(s, MGPU_GPU=str(g), CUDA_VISIBLE_DEVICES=str(g),
-                                                MGPU_WORKER_ID=f"{os.uname().nodename}-gpu{g}"),
-                                  data / "logs" / f"worker-gpu{g}.log"))
     else:
         log.info("no GPU found: %d CPU worker(s)", s.workers)
-        for i in range(s.workers):
-            extra = {"MGPU_WORKER_ID": f"{os.uname().nodename}-cpu{i}"}
-            if s.engine == "vllm":
-                extra["MGPU_VLLM_ENFORCE_EAGER"] = "true"
-            children.append(Child(f"worker-cpu{i}", mgpu_cmd("worker"), _settings_env(s, **extra),
-                                  data / "logs" / f"worker-cpu{i}.log"))
-    port = s.port or free_port()
-    gateway = Child("gateway", mgpu_cmd("gateway"), _settings_env(s, MGPU_PORT=str(port)),
-                    data / "logs" / "gateway.log")
-    children.append(gateway)
     stop = threading.Event()
 
     def on_signal(_sig: int, _frm: object) -> None:
@@ -119,79 +450,11 @@ def run_up(s: Settings, *, explicit_redis: bool = False) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    for c in children:
-        c.start()
-    base = f"http://{s.host}:{port}"
-    announced = False
-    started = time.monotonic()
-    prom_dir = data / "prometheus"
-    write_json_atomic(prom_dir / "gateway.json", static_targets([f"{s.host}:{port}"], namespace=s.namespace))
-    targets = TargetsWriter(prom_dir / "workers.json", s.keys)
-    registry = redis.Redis.from_url(s.redis_url, socket_timeout=2, socket_connect_timeout=2)
-    next_targets = 0.0
     try:
-        while not stop.wait(0.25):
-            now = time.monotonic()
-            if now >= next_targets:
-                next_targets = now + 2.0
-                try:
-                    targets.refresh(registry)
-                except (redis.RedisError, OSError) as exc:
-                    log.warning("could not refresh Prometheus targets: %s", exc)
-            for c in children:
-                if c.down or c.proc is None:
-                    continue
-                rc = c.proc.poll()
-                if rc is None:
-                    continue
-                if c.restart_at == 0.0:
-                    delay = c.on_exit(now)
-                    if delay is None:
-                        log.error("%s crash-loops (%d exits in %.0fs): left down; see %s", c.name,
-                                  len(c.crashes), CRASH_LOOP_WINDOW_S, c.log_path)
-                        _report_down(s, c)
-                        continue
-                    c.restart_at = now + delay
-                    log.warning("%s exited with %s; restarting in %.1fs", c.name, rc, delay)
-                elif now >= c.restart_at:
-                    c.restart_at = 0.0
-                    c.start()
-            if not announced and _ready(base):
-                announced = True
-                print(f"\nmgpu is up in {now - started:.0f}s: {base}/v1  (model: {s.model})\n"
-                      f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
-                      f"-d '{{\"model\": \"{s.model}\", \"messages\": [{{\"role\": \"user\", "
-                      f"\"content\": \"Hello!\"}}]}}'\n  logs: {data / 'logs'}   stop: Ctrl+C\n", flush=True)
+        return Supervisor(s, data, gpus).run(stop)
     finally:
-        log.info("shutting down")
-        for c in children:
-            if c.proc is not None and c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
-        for c in children:
-            if c.proc is not None:
-                terminate(c.proc, timeout=s.drain_grace_s + 5)
-        registry.close()
         if redis_server is not None:
             redis_server.stop()
-    return 0
-
-
-def _report_down(s: Settings, c: Child) -> None:
-    """Show a crash-looping worker in the registry (and so in /workers) as state 'crashloop'."""
-    wid = c.env.get("MGPU_WORKER_ID")
-    if not wid:
-        return
-    import redis
-
-    try:
-        r = redis.Redis.from_url(s.redis_url, socket_timeout=2)
-        key = s.keys.worker(wid)
-        r.hset(key, mapping={"id": wid, "state": "crashloop", "model": s.model, "slots": "0", "in_flight": "0",
-                             "heartbeat": "0", "exits": str(len(c.crashes)), "log": str(c.log_path)})
-        r.expire(key, 3600)
-        r.sadd(s.keys.workers, wid)
-    except redis.RedisError as exc:
-        log.warning("could not report %s as down: %s", c.name, exc)
 
 
 def _ready(base: str) -> bool:
