@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +64,22 @@ def _add_settings(p: argparse.ArgumentParser, scope: str) -> None:
                        help=f"default: {default}")
 
 
-def _settings(ns: argparse.Namespace, scope: str, **extra: Any) -> Settings:
+def _settings(ns: argparse.Namespace, scope: str, env: Mapping[str, str] | None = None, **extra: Any) -> Settings:
     overrides = {k: getattr(ns, k) for k in _SCOPES[scope] if getattr(ns, k, None) is not None}
     model = overrides.get("model")
     if model and os.path.isdir(model) and "model_path" not in overrides:  # --model PATH
         overrides["model_path"] = os.path.abspath(model)
         overrides["model"] = os.path.basename(os.path.normpath(model))
     overrides.update({k: v for k, v in extra.items() if v is not None})
-    return Settings.load(overrides)
+    return Settings.load(overrides, env=env)
+
+
+def parse_command(argv: list[str], env: Mapping[str, str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    """An ``mgpu`` command line (not ``bench``/``chaos``) and its settings, loaded as ``main`` loads them
+    (``env``: the ``MGPU_*`` variables; default ``os.environ``).  SystemExit on bad arguments,
+    SettingsError on bad settings.  The container health check and tests/test_compose.py use it."""
+    ns = build_parser().parse_args(argv)
+    return ns, _settings(ns, ns.cmd, env)
 
 
 def _multiproc_dir(s: Settings) -> Path:
@@ -174,16 +182,8 @@ def _strategy(s: Settings, name: str | None, gateway: str | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["chaos"]:
-        from ops.chaos import main as chaos_main
-
-        return chaos_main(argv[1:])
-    if argv[:1] == ["bench"]:
-        from ops.bench import main as bench_main
-
-        return bench_main(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mgpu`` argument parser (``bench`` and ``chaos`` hand their arguments to their own parsers)."""
     parser = argparse.ArgumentParser(prog="mgpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -218,6 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     _add_settings(p_ss, "sim-server")
     sub.add_parser("bench", help="load generator (see: mgpu bench --help)")
     sub.add_parser("chaos", help="chaos benchmark (see: mgpu chaos --help)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chaos"]:
+        from ops.chaos import main as chaos_main
+
+        return chaos_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from ops.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    parser = build_parser()
     ns = parser.parse_args(argv)
     try:
         s = _settings(ns, ns.cmd)
