@@ -43,6 +43,10 @@ class RedisServer:
     binary: str = field(default_factory=lambda: shutil.which("redis-server") or "/usr/bin/redis-server")
     proc: subprocess.Popen[bytes] | None = None
     appendonly: bool = True
+    # SIGTERM (a clean, AOF-flushing shutdown) when the process that started it dies, even by SIGKILL:
+    # a second redis-server must never append to the same AOF.  Only for a server started from a thread
+    # that lives as long as it should (the signal follows the starting thread).
+    die_with_parent: bool = False
 
     @property
     def url(self) -> str:
@@ -56,7 +60,9 @@ class RedisServer:
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
                 "--maxmemory-policy", "noeviction", "--daemonize", "no", "--protected-mode", "yes",
                 "--logfile", str(self.data_dir / "redis.log")]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent if self.die_with_parent and sys.platform == "linux"
+                                     else None)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=1)
 
         def up() -> bool:

@@ -430,7 +430,7 @@ def run_up(s: Settings, *, explicit_redis: bool = False) -> int:
     (data / "logs").mkdir(exist_ok=True)
     redis_server: RedisServer | None = None
     if not explicit_redis and not os.environ.get("MGPU_REDIS_URL"):
-        redis_server = RedisServer(data / "redis").start()
+        redis_server = RedisServer(data / "redis", die_with_parent=True).start()
         s = s.model_copy(update={"redis_url": redis_server.url})
         log.info("redis-server (AOF) on %s, data in %s", redis_server.url, data / "redis")
     if s.engine == "vllm" and not s.model_path:

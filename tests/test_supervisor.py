@@ -68,3 +68,62 @@ def test_up_restarts_a_killed_worker_and_reports_a_crash_loop(tmp_path: Path) ->
         rc = proc.wait(60)
         log.close()
     assert rc == 0
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie counts: nothing reaps orphans promptly here)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _up(tmp_path: Path, port: int, log_name: str) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MGPU_")}
+    env.update(PYTHONPATH=str(ROOT), MGPU_SIM_DECODE_MS="1")
+    with open(tmp_path / log_name, "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "ops.cli", "up", "--engine", "sim", "--model", "sim-up",
+                                 "--workers", "1", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+                                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_a_killed_up_takes_its_redis_and_children_with_it_and_keeps_the_data(tmp_path: Path) -> None:
+    """SIGKILL of `mgpu up` (nothing of it runs its shutdown): its redis-server, gateway and worker all
+    exit, redis-server flushing its AOF, so a second `mgpu up` on the same data folder never runs next
+    to an orphan writing the same file, and finds what was written."""
+    port = free_port()
+    proc = _up(tmp_path, port, "up1.log")
+    try:
+        wait_ready(proc, port, tmp_path / "up1.log", 60)
+        redis_url = next(line.split(" on ")[1].split(",")[0] for line in (tmp_path / "up1.log").read_text()
+                         .splitlines() if "redis-server (AOF) on" in line)
+        r = redis.Redis.from_url(redis_url)
+        redis_pid = int(r.info("server")["process_id"])
+        r.set("kept-across-the-kill", "yes")
+        children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert redis_pid in children and len(children) >= 3  # redis-server, gateway, worker
+        r.close()
+    finally:
+        proc.kill()
+        proc.wait(10)
+    try:
+        for pid in children:
+            wait_until(lambda p=pid: _gone(p), 30, f"child {pid} of the killed mgpu up exits", interval=0.05)
+    finally:  # when it failed: leave no orphan behind
+        for pid in children:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    port2 = free_port()
+    proc2 = _up(tmp_path, port2, "up2.log")
+    try:
+        wait_ready(proc2, port2, tmp_path / "up2.log", 60)
+        url2 = next(line.split(" on ")[1].split(",")[0] for line in (tmp_path / "up2.log").read_text()
+                    .splitlines() if "redis-server (AOF) on" in line)
+        r2 = redis.Redis.from_url(url2)
+        assert r2.get("kept-across-the-kill") == b"yes"
+        r2.close()
+    finally:
+        proc2.send_signal(signal.SIGINT)
+        rc = proc2.wait(60)
+    assert rc == 0
