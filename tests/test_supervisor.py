@@ -87,6 +87,14 @@ def _up(tmp_path: Path, port: int, log_name: str) -> subprocess.Popen[bytes]:
                                 env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
+def _up_redis(proc: subprocess.Popen[bytes], port: int, log: Path) -> redis.Redis:
+    """Once that `mgpu up` is ready: a client of the redis-server it started."""
+    wait_ready(proc, port, log, 60)
+    url = next(line.split(" on ")[1].split(",")[0] for line in log.read_text().splitlines()
+               if "redis-server (AOF) on" in line)
+    return redis.Redis.from_url(url)
+
+
 def test_a_killed_up_takes_its_redis_and_children_with_it_and_keeps_the_data(tmp_path: Path) -> None:
     """SIGKILL of `mgpu up` (nothing of it runs its shutdown): its redis-server, gateway and worker all
     exit, redis-server flushing its AOF, so a second `mgpu up` on the same data folder never runs next
@@ -94,10 +102,7 @@ def test_a_killed_up_takes_its_redis_and_children_with_it_and_keeps_the_data(tmp
     port = free_port()
     proc = _up(tmp_path, port, "up1.log")
     try:
-        wait_ready(proc, port, tmp_path / "up1.log", 60)
-        redis_url = next(line.split(" on ")[1].split(",")[0] for line in (tmp_path / "up1.log").read_text()
-                         .splitlines() if "redis-server (AOF) on" in line)
-        r = redis.Redis.from_url(redis_url)
+        r = _up_redis(proc, port, tmp_path / "up1.log")
         redis_pid = int(r.info("server")["process_id"])
         r.set("kept-across-the-kill", "yes")
         children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
@@ -117,10 +122,7 @@ def test_a_killed_up_takes_its_redis_and_children_with_it_and_keeps_the_data(tmp
     port2 = free_port()
     proc2 = _up(tmp_path, port2, "up2.log")
     try:
-        wait_ready(proc2, port2, tmp_path / "up2.log", 60)
-        url2 = next(line.split(" on ")[1].split(",")[0] for line in (tmp_path / "up2.log").read_text()
-                    .splitlines() if "redis-server (AOF) on" in line)
-        r2 = redis.Redis.from_url(url2)
+        r2 = _up_redis(proc2, port2, tmp_path / "up2.log")
         assert r2.get("kept-across-the-kill") == b"yes"
         r2.close()
     finally:
