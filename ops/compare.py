@@ -77,10 +77,11 @@ class Fleet:
         self.ns = ns
         for i in range(self.n):
             self.procs.append(spawn(mgpu_cmd("worker", "--engine", "sim", "--model", MODEL, "--worker-id", f"w{i}",
-                                             *_flags(self.sim)), env=env, log_path=self.tmp / f"w{i}.log"))
+                                             *_flags(self.sim)), env=env, log_path=self.tmp / f"w{i}.log",
+                                    die_with_parent=True))
         self.port = free_port()
         self.procs.append(spawn(mgpu_cmd("gateway", "--port", str(self.port)), env=env,
-                                log_path=self.tmp / "gateway.log"))
+                                log_path=self.tmp / "gateway.log", die_with_parent=True))
 
         def ready() -> bool:
             try:
@@ -131,7 +132,7 @@ class NginxFleet:
         for i, p in enumerate(ports):
             self.procs.append(spawn(mgpu_cmd("sim-server", "--port", str(p), "--model", MODEL, *_flags(self.sim)),
                                     env={"PYTHONPATH": str(ROOT), "MGPU_LOG_LEVEL": "WARNING"},
-                                    log_path=self.tmp / f"sim{i}.log"))
+                                    log_path=self.tmp / f"sim{i}.log", die_with_parent=True))
         for p in ports:
             wait_until(lambda p=p: _up(f"http://127.0.0.1:{p}/health"), 30, f"sim-server :{p}", interval=0.2)
         self.port = free_port()
@@ -164,7 +165,8 @@ http {{
 """
         conf = prefix / "nginx.conf"
         conf.write_text(self.config)
-        self.procs.append(spawn([nginx, "-p", str(prefix), "-c", str(conf)], log_path=self.tmp / "nginx.out"))
+        self.procs.append(spawn([nginx, "-p", str(prefix), "-c", str(conf)], log_path=self.tmp / "nginx.out",
+                                die_with_parent=True))
         wait_until(lambda: _up(self.url + "/health"), 20, "nginx", interval=0.2)
         return self
 
@@ -448,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                             "machine": f"{os.cpu_count()} CPU cores, no GPU, sim engine"}
     with tempfile.TemporaryDirectory(prefix="mgpu-compare-") as td:
         tmp = Path(td)
-        srv = RedisServer(tmp / "redis", appendonly=False).start()
+        srv = RedisServer(tmp / "redis", appendonly=False, die_with_parent=True).start()  # a killed run leaves nothing
         try:
             if not a.skip_compare:
                 data.update(compare(a, tmp, srv.url))
