@@ -576,23 +576,23 @@ class RawHttpClient:
         self.connections_opened = 0
         self.stale_retries = 0  # requests resent because a reused connection had been closed
 
-    def _release(self, conn: _HttpConn) -> None:
+    def _hand_over(self, conn: _HttpConn | None) -> bool:
+        """Give the longest waiter ``conn`` (None: leave to connect); False when nobody waits."""
         waiters = self._waiters
         while waiters:
             w = waiters.popleft()
             if not w.done():
                 w.set_result(conn)
-                return
-        self._idle.append(conn)
+                return True
+        return False
+
+    def _release(self, conn: _HttpConn) -> None:
+        if not self._hand_over(conn):
+            self._idle.append(conn)
 
     def _wake_one(self) -> None:
         """A connect slot is free: the longest waiter may connect."""
-        waiters = self._waiters
-        while waiters:
-            w = waiters.popleft()
-            if not w.done():
-                w.set_result(None)
-                return
+        self._hand_over(None)
 
     def _forget(self, conn: _HttpConn) -> None:
         self._all.discard(conn)

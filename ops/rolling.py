@@ -270,12 +270,8 @@ class RollingUpdate:
         t0 = time.monotonic()
         deadline = t0 + opt.ready_timeout_s
         want = "canary" if canary else "ready"
-        while (state := self._registry_state(wid)) != want:
-            if why := self._stopped(w):
-                return why
-            if time.monotonic() > deadline:
-                return f"{wid} was not {want} within {opt.ready_timeout_s:g}s (state: {state or 'not registered'})"
-            yield
+        if why := (yield from self._until_state(w, want, deadline, f"was not {want}")):
+            return why
         detail = f"up in {time.monotonic() - t0:.1f}s"
         self._progress(i, want, detail)
         if canary:
@@ -316,12 +312,8 @@ class RollingUpdate:
                 r.set(keys.admit(wid), "1", ex=max(60, int(opt.ready_timeout_s)))
             except (redis.RedisError, OSError) as exc:
                 return f"could not admit {wid}: {exc}"
-            while (state := self._registry_state(wid)) != "ready":
-                if why := self._stopped(w):
-                    return why
-                if time.monotonic() > deadline:
-                    return f"{wid} was admitted but not ready within {opt.ready_timeout_s:g}s (state: {state})"
-                yield
+            if why := (yield from self._until_state(w, "ready", deadline, "was admitted but not ready")):
+                return why
         soak = max(soak_s, 2 * self.fleet.registry_refresh_s)
         self._progress(i, "soak", detail)
         until = time.monotonic() + soak
@@ -333,6 +325,17 @@ class RollingUpdate:
                 return f"{wid} left 'ready' during its soak (state: {state})"
             yield
         self._progress(i, "soak", detail + f", {soak:g}s soak ok")
+        return None
+
+    def _until_state(self, w: Child, want: str, deadline: float, failed: str) -> Outcome:
+        """Until the registry shows ``w`` in state ``want``; None, or why it did not get there."""
+        while (state := self._registry_state(w.worker_id)) != want:
+            if why := self._stopped(w):
+                return why
+            if time.monotonic() > deadline:
+                return (f"{w.worker_id} {failed} within {self.opt.ready_timeout_s:g}s "
+                        f"(state: {state or 'not registered'})")
+            yield
         return None
 
     def _retire(self, w: Child) -> Steps:
