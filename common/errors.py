@@ -7,11 +7,15 @@
     │   ├── InvalidRequest        400 schema / value / context-length violations
     │   ├── NotFound              404 no such request
     │   │   └── ModelNotFound     404 no such model
+    │   ├── MethodNotAllowed      405 (with ``Allow``)
+    │   ├── ReadTimeout           408 the request's body did not arrive in time
     │   ├── PayloadTooLarge       413 body over the configured limit
-    │   └── QueueFull             429 the model's backlog is over its limit
-    ├── ServiceUnavailable        503 no live worker, Redis unreachable
+    │   ├── IdempotencyMismatch   422 an Idempotency-Key reused for another request
+    │   └── QueueFull             429 the model's backlog is over its limit (entries or bytes)
+    ├── ServiceUnavailable        503 no live worker, Redis unreachable or near its memory limit
     ├── RequestTimeout            504 the deadline passed before a result
     ├── RequestCancelled          499 the client went away
+    ├── BadResult                 502 a stored result cannot be read
     ├── GenerationFailed          500 the engine failed on this request
     │   └── DeadLettered          500 retries exhausted, moved to the dead-letter stream
     └── EngineDead                    the engine of a worker is gone (ends the worker process)
@@ -33,11 +37,13 @@ class MgpuError(Exception):
     type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = None
 
-    def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None):
+    def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.retry_after = retry_after
+        self.headers = headers  # extra response headers (``Allow`` of a 405, ...)
 
     def to_info(self) -> ErrorInfo:
         return ErrorInfo(
@@ -61,6 +67,21 @@ class NotFound(RequestError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class MethodNotAllowed(RequestError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class ReadTimeout(RequestError):
+    status = 408
+    code = "read_timeout"
+
+
+class IdempotencyMismatch(RequestError):
+    status = 422
+    code = "idempotency_key_reused"
 
 
 class PayloadTooLarge(RequestError):
@@ -92,6 +113,12 @@ class RequestCancelled(MgpuError):
     code = "cancelled"
 
 
+class BadResult(MgpuError):
+    status = 502
+    type = "server_error"
+    code = "bad_result"
+
+
 class GenerationFailed(MgpuError):
     status = 500
     type = "server_error"
@@ -110,8 +137,9 @@ class EngineDead(MgpuError):
 
 _BY_CODE: dict[str | None, type[MgpuError]] = {
     cls.code: cls
-    for cls in (NotFound, ModelNotFound, PayloadTooLarge, QueueFull, ServiceUnavailable, RequestTimeout,
-                RequestCancelled, GenerationFailed, DeadLettered, EngineDead)
+    for cls in (NotFound, ModelNotFound, MethodNotAllowed, ReadTimeout, PayloadTooLarge, IdempotencyMismatch,
+                QueueFull, ServiceUnavailable, RequestTimeout, RequestCancelled, BadResult, GenerationFailed,
+                DeadLettered, EngineDead)
 }
 
 

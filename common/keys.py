@@ -9,7 +9,10 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
     {ns}:dlq:{model}              dead-letter stream
     {ns}:res:{id}                 a request's final Result (JSON, TTL)
     {ns}:chunks:{id}              a streaming request's chunks (stream, TTL)
-    {ns}:idem:{key}               idempotency key -> request id (TTL)
+    {ns}:idem:{scope}:{hash}      an Idempotency-Key (hashed) of one scope -> IdempotencyRecord JSON (TTL)
+    {ns}:qbytes:{model}           bytes of the model's request payloads on its streams (ENQUEUE adds, FINISH and
+                                  DEAD_LETTER subtract; entries carry their size in field ``b``)
+    {ns}:qbytes                   the same over all models
     {ns}:replies:{gateway}        events for one gateway process (stream, trimmed, TTL)
     {ns}:cancels                  cancellations, read by every worker (stream, trimmed)
     {ns}:worker:{id}              a worker's registry hash (TTL = heartbeat lease)
@@ -30,6 +33,7 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 GROUP = "workers"
@@ -60,8 +64,16 @@ class Keys:
     def chunks(self, request_id: str) -> str:
         return f"{self.ns}:chunks:{request_id}"
 
-    def idempotency(self, key: str) -> str:
-        return f"{self.ns}:idem:{key}"
+    def idempotency(self, scope: str, key: str) -> str:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:40]
+        return f"{self.ns}:idem:{scope}:{digest}"
+
+    def queue_bytes(self, model: str) -> str:
+        return f"{self.ns}:qbytes:{model}"
+
+    @property
+    def queue_bytes_total(self) -> str:
+        return f"{self.ns}:qbytes"
 
     def replies(self, gateway: str) -> str:
         return f"{self.ns}:replies:{gateway}"

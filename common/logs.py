@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 
@@ -38,21 +39,54 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+MAX_VALUE_CHARS = 256  # an untrusted value (a model name, a header) is cut to this in a log line
+_SAFE = re.compile(r"^[\w.:/@+\-]*$")  # logfmt values that need no quotes
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _cap(v: str) -> str:
+    return v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS] + f"...(+{len(v) - MAX_VALUE_CHARS})"
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_text(text: str) -> str:
+    """A message on one line: control characters (newlines, NUL, ANSI escapes) escaped."""
+    return _CONTROL.sub(lambda m: _ESCAPES.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
+
+
+def logfmt_value(v: object) -> str:
+    """A ``key=value`` value that cannot forge another pair or another line: quoted (JSON string
+    escapes) unless it is plain, and capped."""
+    text = _cap(v if isinstance(v, str) else str(v))
+    return text if text and _SAFE.match(text) else json.dumps(text)
+
+
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line (escaping is JSON's); untrusted values are capped."""
+
     def format(self, record: logging.LogRecord) -> str:
         out = {"ts": round(time.time(), 3), "level": record.levelname, "logger": record.name,
-               "msg": record.getMessage()}
-        out.update({k: v for k, v in record.__dict__.items() if k not in _STD})
+               "msg": _cap(record.getMessage()) if record.args else record.getMessage()}
+        out.update({k: _cap(v) if isinstance(v, str) else v for k, v in record.__dict__.items() if k not in _STD})
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
 
 
 class PlainFormatter(logging.Formatter):
+    """``time level name: message  key=value ...`` on one line whatever the values hold."""
+
     def format(self, record: logging.LogRecord) -> str:
-        base = super().format(record)
+        record.message = escape_text(record.getMessage())  # what Formatter.format sets, escaped
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)  # a traceback is ours, not the client's
         extra = {k: v for k, v in record.__dict__.items() if k not in _STD}
-        return base + ("  " + " ".join(f"{k}={v}" for k, v in extra.items()) if extra else "")
+        return line + ("  " + " ".join(f"{k}={logfmt_value(v)}" for k, v in extra.items()) if extra else "")
 
 
 def setup_logging(level: str = "INFO", json_lines: bool = False, name: str = "") -> None:

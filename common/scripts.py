@@ -4,31 +4,38 @@ lost an entry can neither write a chunk or a result for it nor acknowledge it.""
 
 from __future__ import annotations
 
-# KEYS: stream, idempotency key, [target worker's registry hash ('' for none), shared stream,
-#       further streams that count toward the model's backlog...]
-# ARGV: max_len, payload, request_id, idem_ttl, use_idem('1'/'0')
-# -> {1, entry_id, fell_back} queued | {0, ''} queue full | {2, existing_request_id} duplicate
+# KEYS: target stream, idempotency key ('' for none), target worker's registry hash ('' for none), shared
+#       stream, the model's byte counter, the total byte counter, further streams counted toward the backlog...
+# ARGV: max_len, payload, idempotency record (JSON), idem_ttl, max_bytes (model), max_bytes_total
+# -> {1, entry_id, fell_back} queued | {0, 'entries' | 'bytes' | 'total_bytes'} full
+#    | {2, the stored idempotency record} that key was used before
 # A push to a worker's own stream (KEYS[1]) goes to the shared stream (KEYS[4]) instead when that
 # worker is not 'ready' (draining, or its registry hash expired): nothing is pushed to a stream that
 # nobody reads, atomically with the orphan sweep (MOVE_UNDELIVERED) that deletes such streams.
-# The queue limit counts KEYS[1], KEYS[4] (when different) and KEYS[5..].
+# The queue limit counts KEYS[1], KEYS[4] (when different) and KEYS[7..].  The entry carries its size
+# (field 'b'), which FINISH and DEAD_LETTER subtract from both byte counters when they delete it.
 ENQUEUE = """
-if ARGV[5] == '1' then
+if KEYS[2] ~= '' then
   local existing = redis.call('GET', KEYS[2])
   if existing then return {2, existing} end
 end
 local target = KEYS[1]
 local fell = 0
-if #KEYS >= 4 and KEYS[3] ~= '' and redis.call('HGET', KEYS[3], 'state') ~= 'ready' then
+if KEYS[3] ~= '' and redis.call('HGET', KEYS[3], 'state') ~= 'ready' then
   target = KEYS[4]
   fell = 1
 end
 local backlog = redis.call('XLEN', KEYS[1])
-if #KEYS >= 4 and KEYS[4] ~= KEYS[1] then backlog = backlog + redis.call('XLEN', KEYS[4]) end
-for i = 5, #KEYS do backlog = backlog + redis.call('XLEN', KEYS[i]) end
-if backlog >= tonumber(ARGV[1]) then return {0, ''} end
-local id = redis.call('XADD', target, '*', 'p', ARGV[2])
-if ARGV[5] == '1' then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4]) end
+if KEYS[4] ~= KEYS[1] then backlog = backlog + redis.call('XLEN', KEYS[4]) end
+for i = 7, #KEYS do backlog = backlog + redis.call('XLEN', KEYS[i]) end
+if backlog >= tonumber(ARGV[1]) then return {0, 'entries'} end
+local size = #ARGV[2]
+if tonumber(redis.call('GET', KEYS[5]) or '0') + size > tonumber(ARGV[5]) then return {0, 'bytes'} end
+if tonumber(redis.call('GET', KEYS[6]) or '0') + size > tonumber(ARGV[6]) then return {0, 'total_bytes'} end
+local id = redis.call('XADD', target, '*', 'p', ARGV[2], 'b', size)
+redis.call('INCRBY', KEYS[5], size)
+redis.call('INCRBY', KEYS[6], size)
+if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4]) end
 return {1, id, fell}
 """
 
@@ -71,6 +78,23 @@ local function owned(stream, group, id, consumer)
 end
 """
 
+# Before an entry is deleted: take its size (field 'b', set by ENQUEUE) off the byte counters.
+_UNCOUNT = """
+local function uncount(stream, id, model_key, total_key)
+  local e = redis.call('XRANGE', stream, id, id)
+  if not e[1] then return end
+  local f = e[1][2]
+  for i = 1, #f, 2 do
+    if f[i] == 'b' then
+      for _, k in ipairs({model_key, total_key}) do
+        if redis.call('DECRBY', k, f[i + 1]) <= 0 then redis.call('DEL', k) end
+      end
+      return
+    end
+  end
+end
+"""
+
 # KEYS: stream, chunks, replies   ARGV: group, consumer, entry_id, request_id, chunk_json, ttl, reply('1'/'0')
 # -> 1 written | 0 fenced (this consumer no longer owns the entry)
 EMIT_CHUNK = _OWNED + """
@@ -83,14 +107,16 @@ end
 return 1
 """
 
-# KEYS: stream, result, replies   ARGV: group, consumer, entry_id, request_id, result_json, ttl, reply, kind
+# KEYS: stream, result, replies, model byte counter, total byte counter
+# ARGV: group, consumer, entry_id, request_id, result_json, ttl, reply, kind
 # -> 1 stored and acknowledged | 2 acknowledged, an earlier result won | 0 fenced
-FINISH = _OWNED + """
+FINISH = _OWNED + _UNCOUNT + """
 if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
 local stored = redis.call('SET', KEYS[2], ARGV[5], 'NX', 'EX', ARGV[6])
 if stored and ARGV[7] == '1' then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', '100000', '*', 'r', ARGV[4], 'k', ARGV[8], 'p', ARGV[5])
 end
+uncount(KEYS[1], ARGV[3], KEYS[4], KEYS[5])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 if stored then return 1 end
@@ -110,6 +136,23 @@ end
 return lost
 """
 
+# Take over entries whose lease passed (idle past min_idle_ms): XPENDING first, so that the previous
+# owner and delivery count are known, then XCLAIM (which counts a delivery, and drops from the pending
+# list an entry deleted meanwhile).  Follow the cursor until it is '0-0'.
+# KEYS: stream   ARGV: group, consumer, min_idle_ms, start ('-' or '(id'), count
+# -> {next_start | '0-0', {{entry_id, fields, previous_owner, deliveries}, ...}}
+RECLAIM = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[4], '+', ARGV[5])
+local out = {}
+for _, e in ipairs(p) do
+  local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], e[1])
+  if c[1] then table.insert(out, {e[1], c[1][2], e[2], e[4] + 1}) end
+end
+local nxt = '0-0'
+if #p >= tonumber(ARGV[5]) then nxt = '(' .. p[#p][1] end
+return {nxt, out}
+"""
+
 # Hand entries back for immediate reclaim without spending a delivery: the idle time is set far
 # past any lease and the delivery count lowered by one (the reclaim adds it back).
 # KEYS: stream   ARGV: group, consumer, idle_ms, id...   -> number released
@@ -126,19 +169,57 @@ end
 return n
 """
 
-# KEYS: stream, dlq, result, replies
-# ARGV: group, consumer, entry_id, request_id, raw_payload, result_json, ttl, reply, reason, deliveries
+# Stream ids compared as numbers ("ms-seq").
+_ID_LT = """
+local function id_lt(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+"""
+
+# Keep a dead-letter stream at most `max` long: trim the oldest first, but never an entry that a
+# consumer group of the dead-letter stream (an operator's tool) has not acknowledged or not read yet.
+_TRIM_DLQ = _ID_LT + """
+local function trim_dlq(dlq, max)
+  local len = redis.call('XLEN', dlq)
+  if len <= max then return end
+  local cut = redis.call('XRANGE', dlq, '-', '+', 'COUNT', len - max + 1)
+  local minid = cut[#cut][1]
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', dlq)
+  if ok then
+    for _, g in ipairs(groups) do
+      local info = {}
+      for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+      if tonumber(info['pending']) > 0 then
+        local p = redis.call('XPENDING', dlq, info['name'])
+        if id_lt(p[2], minid) then minid = p[2] end
+      end
+      local unread = redis.call('XRANGE', dlq, '(' .. info['last-delivered-id'], '+', 'COUNT', 1)
+      if unread[1] and id_lt(unread[1][1], minid) then minid = unread[1][1] end
+    end
+  end
+  redis.call('XTRIM', dlq, 'MINID', minid)
+end
+"""
+
+# KEYS: stream, dlq, result, replies, model byte counter, total byte counter
+# ARGV: group, consumer, entry_id, request_id, raw_payload, result_json, ttl, reply, reason, deliveries,
+#       max dead letters
 # -> 1 moved | 0 fenced
-DEAD_LETTER = _OWNED + """
+DEAD_LETTER = _OWNED + _UNCOUNT + _TRIM_DLQ + """
 if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
 redis.call('XADD', KEYS[2], '*', 'p', ARGV[5], 'entry', ARGV[3], 'request_id', ARGV[4],
            'reason', ARGV[9], 'deliveries', ARGV[10], 'consumer', ARGV[2])
+trim_dlq(KEYS[2], tonumber(ARGV[11]))
 if ARGV[4] ~= '' then
   local stored = redis.call('SET', KEYS[3], ARGV[6], 'NX', 'EX', ARGV[7])
   if stored and ARGV[8] == '1' then
     redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100000', '*', 'r', ARGV[4], 'k', 'e', 'p', ARGV[6])
   end
 end
+uncount(KEYS[1], ARGV[3], KEYS[5], KEYS[6])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 return 1

@@ -49,8 +49,19 @@ class Settings(BaseModel):
     port: int = Field(default=8000, ge=0, le=65535)
     gateway_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
     request_timeout_s: float = Field(default=600.0, gt=0)
+    max_request_timeout_s: float = Field(default=3600.0, gt=0)  # the most a request's `timeout` may ask for
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_queue_len: int = Field(default=50_000, ge=1)
+    # bytes of request payloads waiting or running, per model and over all models (429 past them)
+    max_queue_bytes: int = Field(default=256 << 20, ge=1 << 20)
+    max_queue_bytes_total: int = Field(default=1 << 30, ge=1 << 20)
+    # Redis used_memory / maxmemory past which new work is refused (503) before Redis refuses writes
+    redis_memory_high_water: float = Field(default=0.9, gt=0, le=1)
+    http_read_timeout_s: float = Field(default=10.0, gt=0)  # to receive a request's headers, and its body
+    max_connections: int = Field(default=10_000, ge=16)  # open HTTP connections; past it new requests get 503
+    # /health, /ready and /metrics on a listener of their own (answers under a connection flood on `port`):
+    # unset: port + 1 (a free port when port is 0); 0: a free port
+    health_port: int | None = Field(default=None, ge=0, le=65535)
     redis_pool_size: int = Field(default=32, ge=2)
     registry_refresh_s: float = Field(default=0.5, gt=0)
     retry_after_s: int = Field(default=1, ge=1)
@@ -76,6 +87,7 @@ class Settings(BaseModel):
     loop_stall_s: float = Field(default=3.0, gt=0)  # event loop silent this long: stop renewing
     reclaim_interval_s: float = Field(default=0.5, gt=0)
     max_deliveries: int = Field(default=3, ge=1)
+    max_dead_letters: int = Field(default=10_000, ge=1)  # per model; oldest trimmed first, never unacknowledged ones
     drain_grace_s: float = Field(default=60.0, ge=0)
     read_block_ms: int = Field(default=1000, ge=1)
     metrics_port: int = Field(default=0, ge=0, le=65535)  # worker /metrics + /health; 0: a free port
@@ -100,6 +112,7 @@ class Settings(BaseModel):
 
     # mgpu up
     data_dir: str = ".data"
+    redis_maxmemory: str = Field(default="2gb", pattern=r"^[0-9]+(b|kb|mb|gb)?$")  # of the redis-server mgpu up starts
     model_cache_dir: str = Field(default_factory=lambda: os.path.expanduser("~/.cache/mgpu/models"))
     workers: int = Field(default=1, ge=0, le=64)
 
@@ -113,6 +126,13 @@ class Settings(BaseModel):
     @property
     def keys(self) -> Keys:
         return Keys(self.namespace)
+
+    @property
+    def probe_port(self) -> int:
+        """Where the gateway's probe listener binds: ``health_port``, else port + 1 (a free port when port is 0)."""
+        if self.health_port is not None:
+            return self.health_port
+        return self.port + 1 if self.port else 0
 
     @property
     def effective_revision(self) -> str:

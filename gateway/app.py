@@ -1,9 +1,9 @@
-"""The HTTP gateway: FastAPI app factory, lifespan, routes and the one place errors become HTTP.
+"""The HTTP gateway: app factory, lifespan, routes, and the one place errors become HTTP.
 
-A request is validated, appended to its model's Redis stream (one Lua call, which also enforces
-the queue limit and idempotency keys), and awaited through the gateway's reply stream.  The
-gateway holds no Redis connection per request: a bounded pool serves the enqueues and one
-connection reads every reply.
+A request is admitted (``gateway.serving``: read, validated, turned into a WorkItem), appended to its
+model's Redis stream (one Lua call, which also enforces the queue limits and idempotency keys), and
+awaited through the gateway's reply stream.  The gateway holds no Redis connection per request: a
+bounded pool serves the enqueues and one connection reads every reply.
 """
 
 from __future__ import annotations
@@ -12,65 +12,39 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import redis
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common import errors
 from common.batching import ScriptBatcher
 from common.logs import set_request_id
 from common.outcomes import outcome_of
+from common.probe_http import ProbeServer
 from common.redis_conn import make_client
-from common.schemas import (
-    ChatCompletionRequest,
-    Chunk,
-    CompletionRequest,
-    Kind,
-    Result,
-    SamplingParams,
-    WorkItem,
-    new_request_id,
-)
+from common.schemas import ANONYMOUS, Kind, Result
 from common.scripts import ENQUEUE
 from common.settings import Settings
+from gateway import serving
 from gateway.metrics import GatewayMetrics
+from gateway.openapi import install_openapi
 from gateway.protocol import StreamFormatter, error_body, full_response
 from gateway.registry import RegistryView
-from gateway.replies import ReplyRouter, Waiter
+from gateway.replies import Event, ReplyRouter, Waiter
 from gateway.routing import Balancer, affinity_key
-from gateway.tokens import PromptCounter
+from gateway.state import GatewayState
 
 log = logging.getLogger("mgpu.gateway")
 
-
-@dataclass
-class GatewayState:
-    settings: Settings
-    redis: aioredis.Redis
-    router: ReplyRouter
-    registry: RegistryView
-    metrics: GatewayMetrics
-    enqueue: Any
-    balancer: Balancer
-    prompts: PromptCounter = field(default_factory=PromptCounter)
-
-    @property
-    def ready(self) -> bool:
-        return self.registry.redis_ok and self.router.healthy
-
-    async def cancel(self, request_id: str) -> None:
-        with contextlib.suppress(redis.RedisError, OSError):
-            await self.redis.xadd(self.settings.keys.cancels, {"r": request_id}, maxlen=10_000, approximate=True)
+_ENDPOINTS: dict[Kind, str] = {"chat": "chat", "completion": "completions"}
 
 
 def _state(request: Request) -> GatewayState:
@@ -81,271 +55,152 @@ def _orjson(obj: Any, status: int = 200, headers: dict[str, str] | None = None) 
     return Response(orjson.dumps(obj), status_code=status, media_type="application/json", headers=headers)
 
 
-# ----------------------------------------------------------------------------- validation
+# ----------------------------------------------------------------------------- accounting
 
 
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise errors.PayloadTooLarge(f"the request body is over the {limit}-byte limit")
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise errors.PayloadTooLarge(f"the request body is over the {limit}-byte limit")
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise errors.InvalidRequest(f"could not parse the JSON body: {exc}") from None
-    if not isinstance(obj, dict):
-        raise errors.InvalidRequest("the request body must be a JSON object")
-    return obj
+@dataclass
+class Access:
+    """One request's access-log line and metrics."""
+
+    endpoint: str
+    started: float
+    model: str = "-"  # a bounded label: a served model, or "unknown"
+    request_id: str = "-"
+    trace: str | None = None
+    outcome: str = "success"
+    status: int = 200
 
 
-def _validation_error(exc: ValidationError) -> errors.InvalidRequest:
-    e = exc.errors()[0]
-    param = ".".join(str(p) for p in e["loc"]) or None
-    msg = e["msg"] if not param else f"{param}: {e['msg']}"
-    return errors.InvalidRequest(msg, param=param)
+def _account(state: GatewayState, a: Access, ended: float | None = None) -> None:
+    duration = (ended or time.perf_counter()) - a.started
+    state.metrics.observe(a.model, a.endpoint, a.outcome, a.status, duration)
+    if state.settings.log_requests:
+        extra: dict[str, Any] = {"request_id": a.request_id, "model": a.model, "endpoint": a.endpoint,
+                                 "outcome": a.outcome, "code": a.status, "duration_ms": round(duration * 1000, 1)}
+        if a.trace is not None:
+            extra["trace_id"] = a.trace
+        log.info("request done", extra=extra)
 
 
-def _build_item(state: GatewayState, kind: Kind, body: dict[str, Any], request_id: str) -> tuple[WorkItem, Any]:
-    s = state.settings
-    try:
-        req: CompletionRequest | ChatCompletionRequest = (
-            ChatCompletionRequest.model_validate(body) if kind == "chat" else CompletionRequest.model_validate(body))
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
-    reg = state.registry
-    if not reg.redis_ok:
-        raise errors.ServiceUnavailable("the queue (Redis) is unreachable", retry_after=s.retry_after_s)
-    live = reg.live_workers(req.model)
-    info = reg.models.get(req.model)
-    if not live:
-        if info is None:
-            raise errors.ModelNotFound(f"the model '{req.model}' does not exist", param="model")
-        raise errors.ServiceUnavailable(f"no live worker serves '{req.model}' right now",
-                                        retry_after=s.retry_after_s)
-    max_len = info.max_model_len if info is not None else 0
-    if isinstance(req, ChatCompletionRequest):
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        prompt = None
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    else:
-        messages = None
-        prompt = req.prompt_text()
-        logprobs = req.logprobs
-    max_tokens = req.max_tokens if req.max_tokens is not None else (16 if kind == "completion" else None)
-    if max_len and max_tokens is not None and max_tokens >= max_len:
-        raise errors.InvalidRequest(
-            f"max_tokens ({max_tokens}) must be below the model's context length ({max_len})", param="max_tokens")
-    n_prompt = state.prompts.count(info.tokenizer, prompt, messages) if max_len and info is not None else None
-    if n_prompt is not None and n_prompt + (max_tokens or 1) > max_len:
-        raise errors.InvalidRequest(
-            f"this model's maximum context length is {max_len} tokens; the prompt has {n_prompt} tokens "
-            f"and {max_tokens or 1} completion tokens were asked for", param="messages" if messages else "prompt")
-    timeout = req.timeout or s.request_timeout_s
-    params = SamplingParams(
-        max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, stop=req.stop_list(), seed=req.seed, n=req.n,
-        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logprobs=logprobs)
-    item = WorkItem(id=request_id, kind=kind, model=req.model, prompt=prompt, messages=messages, params=params,
-                    stream=req.stream, deadline=time.time() + timeout, reply_to=s.gateway_id)
-    return item, req
-
-
-# ----------------------------------------------------------------------------- waiting
-
-
-async def _wait_disconnect(receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> None:
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            return
-
-
-async def _await_result(state: GatewayState, request: Request, w: Waiter, item: WorkItem,
-                        keep_on_disconnect: bool) -> Result:
-    timeout = max(0.0, (item.deadline or time.time()) - time.time())
-    # A request with an idempotency key outlives its connection: the client will come back for it.
-    watcher = None if keep_on_disconnect else asyncio.ensure_future(_wait_disconnect(request.receive))
-    try:
-        waiting = (w.future,) if watcher is None else (w.future, watcher)
-        done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-    if w.future in done:
-        _kind, payload = w.future.result()
-        return Result.model_validate_json(payload)
-    await state.cancel(item.id)
-    if watcher is not None and watcher in done:
-        raise errors.RequestCancelled("the client disconnected")
-    raise errors.RequestTimeout(f"no result within the request's {timeout:.1f}s deadline")
-
-
-async def _await_existing(state: GatewayState, request_id: str, timeout: float) -> Result:
-    """Idempotent retry: the original request may live on another gateway; poll its result key."""
-    deadline = time.monotonic() + timeout
-    delay = 0.02
-    key = state.settings.keys.result(request_id)
-    while True:
-        raw = await state.redis.get(key)
-        if raw is not None:
-            return Result.model_validate_json(raw)
-        if time.monotonic() >= deadline:
-            raise errors.RequestTimeout("the original request has not finished within the deadline")
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.5)
-
-
-# ----------------------------------------------------------------------------- handlers
+# ----------------------------------------------------------------------------- generation
 
 
 async def _generate(request: Request, kind: Kind) -> Response:
     state = _state(request)
     s = state.settings
-    started = time.perf_counter()
-    endpoint = "chat" if kind == "chat" else "completions"
-    model_label = "-"
-    status = 200
-    outcome = "success"
-    request_id = "-"
+    a = Access(endpoint=_ENDPOINTS[kind], started=time.perf_counter())
     streamed = False
     try:
-        body = await _read_json(request, s.max_body_bytes)
-        model_label = str(body.get("model") or "-")[:64]
-        idem = request.headers.get("idempotency-key") or request.headers.get("x-request-id")
-        request_id = idem if idem and len(idem) <= 200 else new_request_id(kind)
-        set_request_id(request_id)
-        item, req = _build_item(state, kind, body, request_id)
-        model_label = item.model
+        trace = a.trace = serving.trace_id(request)
+        key = serving.idempotency_key(request)
+        body = await serving.read_json(request, s.max_body_bytes, s.http_read_timeout_s)
+        model = body.get("model")
+        a.model = state.model_label(model if isinstance(model, str) else None)
+        adm = serving.admit(state, kind, body, trace, key, ANONYMOUS)
+        item = adm.item
+        a.request_id = item.id
+        set_request_id(item.id)
         route = state.balancer.plan(state.registry, s.keys, item.model, lambda: affinity_key(
-            req.user, request.headers.get("x-session-id"), item.prompt, item.messages, s.affinity_prefix_chars))
+            adm.req.user, request.headers.get("x-session-id"), item.prompt, item.messages, s.affinity_prefix_chars))
         w = state.router.register(item.id, item.stream)
         try:
-            rc, val, *fell = await state.enqueue(
-                keys=route.enqueue_keys(s.keys.idempotency(idem or "-")),
-                args=[s.max_queue_len, item.to_fields()["p"], item.id, s.result_ttl_s, "1" if idem else "0"])
-        except (redis.RedisError, OSError) as exc:
+            queued = await serving.enqueue(state, adm, route)
+        except BaseException:
             state.router.unregister(w)
-            raise errors.ServiceUnavailable(f"could not enqueue: {exc}", retry_after=s.retry_after_s) from None
-        if rc == 0:
+            raise
+        deadline = item.deadline or time.time()
+        if isinstance(queued, serving.Duplicate):  # a retry: answer with the original, do not generate again
             state.router.unregister(w)
-            raise errors.QueueFull(f"the queue for '{item.model}' is full", retry_after=s.retry_after_s)
-        if rc == 1:
-            target = None if fell and fell[0] == 1 else route.target
-            state.balancer.count(target)
-            state.metrics.routed.labels(target or "shared", route.strategy).inc()
-            w.future.add_done_callback(lambda _f: state.balancer.done(route))
-        if rc == 2:  # a retry of an accepted request: answer with the original result
-            state.router.unregister(w)
-            result = await _await_existing(state, val.decode(), max(0.0, (item.deadline or 0) - time.time()))
-            if result.error is not None:
-                raise errors.from_info(result.error)
-            return _orjson(full_response(result, item.model))
+            serving.check_reuse(adm, queued.first)
+            rid = a.request_id = queued.first.request_id
+            headers = {"X-Request-Id": trace or rid}
+            events = serving.follow(state, rid, item.stream, deadline)
+            if item.stream:
+                streamed = True
+                return _streaming(state, events, adm, rid, queued.first.created, a, headers, None, cancel=False)
+            result = await serving.final_result(events, rid)
+            return _orjson(serving.json_answer(result, item.model), headers=headers)
+        state.balancer.count(queued.target)
+        state.metrics.routed.labels(queued.target or "shared", route.strategy).inc()
+        w.future.add_done_callback(lambda _f: state.balancer.done(route))
+        headers = {"X-Request-Id": trace or item.id}
         if item.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            fmt = StreamFormatter(item.id, kind, item.created, item.model, item.params.n, include_usage)
-            streamed = True  # _sse accounts for it when the stream ends
-            return StreamingResponse(_sse(state, w, item, fmt, started, cancel_on_close=idem is None),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Request-Id": item.id})
+            streamed = True  # the stream accounts for itself when it ends
+            return _streaming(state, serving.waiter_events(w, deadline), adm, item.id, item.created, a, headers, w,
+                              cancel=adm.idem_key is None)
         state.metrics.in_flight.inc()
         try:
-            result = await _await_result(state, request, w, item, keep_on_disconnect=idem is not None)
+            result = await serving.until_result_or_disconnect(state, request, w, item,
+                                                              keep_on_disconnect=adm.idem_key is not None)
         finally:
             state.metrics.in_flight.dec()
             state.router.unregister(w)
-        if result.error is not None:
-            raise errors.from_info(result.error)
-        return _orjson(full_response(result, item.model), headers={"X-Request-Id": item.id})
+        return _orjson(serving.json_answer(result, item.model), headers=headers)
     except errors.MgpuError as exc:
-        status, outcome = exc.status, outcome_of(exc)
+        a.status, a.outcome = exc.status, outcome_of(exc)
         raise
     except Exception:
-        status, outcome = 500, "failed"
+        a.status, a.outcome = 500, "failed"
         raise
     finally:
         if not streamed:  # accounted for after the response is on its way, off the latency path
-            asyncio.get_running_loop().call_soon(_account, state, model_label, endpoint, outcome, status, started,
-                                                 request_id, time.perf_counter())
+            asyncio.get_running_loop().call_soon(_account, state, a, time.perf_counter())
 
 
-def _account(state: GatewayState, model: str, endpoint: str, outcome: str, status: int, started: float,
-             request_id: str, ended: float | None = None) -> None:
-    """Metrics and the access log line of one finished request."""
-    duration = (ended or time.perf_counter()) - started
-    state.metrics.observe(model, endpoint, outcome, status, duration)
-    if state.settings.log_requests:
-        log.info("request done", extra={"request_id": request_id, "model": model, "endpoint": endpoint,
-                                        "outcome": outcome, "code": status, "duration_ms": round(duration * 1000, 1)})
+def _streaming(state: GatewayState, events: AsyncIterator[Event], adm: serving.Admission, request_id: str,
+               created: int, a: Access, headers: dict[str, str], w: Waiter | None, *, cancel: bool) -> Response:
+    """The SSE response of a stream; when it ends without its result (the client went away, the deadline
+    passed) the request is cancelled, unless ``cancel`` is off (an idempotent request's client comes back)."""
+    item = adm.item
+    include_usage = bool(adm.req.stream_options and adm.req.stream_options.include_usage)
+    fmt = StreamFormatter(request_id, item.kind, created, item.model, item.params.n, include_usage)
+    end = serving.StreamEnd()
 
+    async def body() -> AsyncIterator[bytes]:
+        state.metrics.in_flight.inc()
+        try:
+            async for part in serving.sse(events, fmt, request_id, end):
+                yield part
+        finally:
+            state.metrics.in_flight.dec()
+            if w is not None:
+                state.router.unregister(w)
+            if end.first_token_at is not None:
+                state.metrics.ttft.labels(a.model).observe(end.first_token_at - a.started)
+            a.outcome, a.status = end.outcome, end.status
+            _account(state, a)
+            if not end.got_result and cancel:
+                await asyncio.shield(state.cancel(request_id))
 
-def _sse_line(obj: Any) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-async def _sse(state: GatewayState, w: Waiter, item: WorkItem, fmt: StreamFormatter,
-               started: float, cancel_on_close: bool = True) -> AsyncIterator[bytes]:
-    assert w.queue is not None
-    finished = False
-    first = True
-    outcome, status = "cancelled", 499  # the client went away unless the stream ends otherwise
-    state.metrics.in_flight.inc()
-    try:
-        for obj in fmt.role_chunks():
-            yield _sse_line(obj)
-        while True:
-            remaining = max(0.0, (item.deadline or time.time()) - time.time())
-            try:
-                kind, payload = await asyncio.wait_for(w.queue.get(), remaining)
-            except TimeoutError:
-                outcome, status = "timeout", 504
-                yield _sse_line(error_body(errors.RequestTimeout("the request's deadline passed")))
-                yield b"data: [DONE]\n\n"
-                return
-            if kind == "c":
-                chunk = Chunk.model_validate_json(payload)
-                if first:
-                    first = False
-                    state.metrics.ttft.labels(item.model).observe(time.perf_counter() - started)
-                for obj in fmt.delta_chunks(chunk.choices):
-                    yield _sse_line(obj)
-                continue
-            finished = True
-            result = Result.model_validate_json(payload)
-            outcome = outcome_of(result.error)
-            status = 200 if result.error is None else result.error.status
-            if result.error is not None:
-                yield _sse_line(error_body(errors.from_info(result.error)))
-            else:
-                usage = fmt.usage_chunk(result.usage)
-                if usage is not None:
-                    yield _sse_line(usage)
-            yield b"data: [DONE]\n\n"
-            return
-    finally:
-        state.metrics.in_flight.dec()
-        state.router.unregister(w)
-        _account(state, item.model, "chat" if item.kind == "chat" else "completions", outcome, status, started,
-                 item.id)
-        if not finished and cancel_on_close:
-            await asyncio.shield(state.cancel(item.id))
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
 
 
 # ----------------------------------------------------------------------------- errors -> HTTP
 
 
 def error_response(exc: errors.MgpuError) -> Response:
-    """The one place an mgpu error becomes an HTTP response (status, OpenAI body, Retry-After)."""
-    headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else None
-    return _orjson(error_body(exc), status=exc.status, headers=headers)
+    """The one place an mgpu error becomes an HTTP response (status, OpenAI body, Retry-After, headers)."""
+    headers = dict(exc.headers or {})
+    if exc.retry_after:
+        headers["Retry-After"] = str(int(exc.retry_after))
+    return _orjson(error_body(exc), status=exc.status, headers=headers or None)
 
 
 def unexpected_error_response(exc: Exception) -> Response:
     log.error("unexpected error", exc_info=exc)
     return _orjson(error_body(errors.MgpuError("internal error")), status=500)
+
+
+def http_exception_error(exc: StarletteHTTPException) -> errors.MgpuError:
+    """The framework's own errors (no such route, wrong method) as mgpu errors, headers kept."""
+    headers = dict(exc.headers or {})
+    if exc.status_code == 404:
+        return errors.NotFound("no such route", headers=headers)
+    if exc.status_code == 405:
+        return errors.MethodNotAllowed(f"method not allowed; allowed: {headers.get('Allow', '?')}", headers=headers)
+    err = errors.RequestError(str(exc.detail), headers=headers)
+    err.status = exc.status_code  # type: ignore[misc]
+    return err
 
 
 # ----------------------------------------------------------------------------- app
@@ -382,6 +237,36 @@ def create_asgi(settings: Settings | None = None) -> GenerationFastPath:
     return GenerationFastPath(create_app(settings))
 
 
+def _probe_routes(state: GatewayState) -> dict[str, Any]:
+    """/health (the event loop ticks), /ready and /metrics for the probe listener, answered from its thread."""
+    stall = state.settings.loop_stall_s
+
+    def health() -> tuple[int, str, bytes]:
+        lag = state.loop_lag_s
+        ok = lag < stall
+        return (200 if ok else 503), "application/json", orjson.dumps(
+            {"status": "ok" if ok else "event loop stalled", "loop_lag_s": round(lag, 3)})
+
+    def ready() -> tuple[int, str, bytes]:
+        code, body = _readiness(state)
+        return code, "application/json", orjson.dumps(body)
+
+    return {"/health": health, "/ready": ready,
+            "/metrics": lambda: (200, CONTENT_TYPE_LATEST, state.metrics.exposition())}
+
+
+def _readiness(state: GatewayState) -> tuple[int, dict[str, Any]]:
+    live = len(state.registry.live_workers())
+    ok = state.ready and live > 0
+    return (200 if ok else 503), {"status": "ready" if ok else "not ready", "redis": state.registry.redis_ok,
+                                  "live_workers": live}
+
+
+async def _tick(state: GatewayState, closed: list[bool]) -> None:
+    while not closed[0]:
+        state.loop_tick = time.monotonic()
+        await asyncio.sleep(0.1)
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.load()
@@ -393,7 +278,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         listener = make_client(settings.redis_url, max_connections=2, block_ms=1000,
                                name=f"gateway:{settings.gateway_id}:replies")
         router = ReplyRouter(listener, settings.keys, settings.gateway_id)
-        registry = RegistryView(settings.keys)
+        registry = RegistryView(settings.keys, memory_high_water=settings.redis_memory_high_water)
         with contextlib.suppress(redis.RedisError, OSError):
             await registry.refresh(client)
         metrics = GatewayMetrics(view=registry)
@@ -402,16 +287,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                              balancer=Balancer(settings.strategy, settings.gateway_id,
                                                settings.affinity_prefix_chars, settings.affinity_vnodes))
         app.state.gw = state
+        probe = ProbeServer(_probe_routes(state))
+        port = probe.start(settings.host, settings.probe_port, reuse_port=settings.gateway_procs > 1)
+        closed = [False]
         tasks = [asyncio.create_task(router.run(), name="replies"),
                  asyncio.create_task(registry.run(client, settings.registry_refresh_s), name="registry"),
                  asyncio.create_task(metrics.run_monitor(client, settings.keys, settings.queue_metrics_interval_s),
-                                     name="queue-metrics")]
-        log.info("gateway %s ready on redis %s", settings.gateway_id, settings.redis_url)
+                                     name="queue-metrics"),
+                 asyncio.create_task(_tick(state, closed), name="tick")]
+        log.info("gateway %s ready on redis %s; probes on http://%s:%d/health", settings.gateway_id,
+                 settings.redis_url, settings.host, port)
         try:
             yield
         finally:
             log.info("gateway %s shutting down", settings.gateway_id)
-            router.closed = registry.closed = metrics.closed = True
+            router.closed = registry.closed = metrics.closed = closed[0] = True
+            probe.close()
             for t in tasks:
                 t.cancel()
             _, stuck = await asyncio.wait(tasks, timeout=3.0)
@@ -425,7 +316,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.close()
             log.info("gateway %s stopped", settings.gateway_id)
 
-    app = FastAPI(title="mgpu", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="mgpu", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  redirect_slashes=False)  # a redirect would build its Location from the client's Host header
 
     @app.exception_handler(errors.MgpuError)
     async def _mgpu_error(_request: Request, exc: errors.MgpuError) -> Response:
@@ -433,65 +325,62 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
-        err = errors.RequestError(str(exc.detail))
-        body = error_body(err)
-        body["error"]["code"] = exc.status_code
-        return _orjson(body, status=exc.status_code)
+        return error_response(http_exception_error(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> Response:
         return unexpected_error_response(exc)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", name="completions")
     async def completions(request: Request) -> Response:
         return await _generate(request, "completion")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", name="chat_completions")
     async def chat_completions(request: Request) -> Response:
         return await _generate(request, "chat")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", name="models")
     async def models(request: Request) -> Response:
         reg = _state(request).registry
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "mgpu"} for m in reg.live_models()]
         return _orjson({"object": "list", "data": data})
 
-    @app.get("/v1/requests/{request_id}")
+    @app.get("/v1/requests/{request_id}", name="get_request")
     async def get_request(request: Request, request_id: str) -> Response:
         state = _state(request)
         try:
             raw = await state.redis.get(state.settings.keys.result(request_id))
         except (redis.RedisError, OSError) as exc:
-            raise errors.ServiceUnavailable(f"Redis is unreachable: {exc}") from None
-        if raw is None:
+            raise errors.ServiceUnavailable(f"Redis is unreachable: {exc}",
+                                            retry_after=state.settings.retry_after_s) from None
+        result: Result | None = None if raw is None else serving.read_result(request_id, raw)
+        if result is None or (result.scope or ANONYMOUS) != ANONYMOUS:  # another caller's: as if absent
             raise errors.NotFound(f"no finished request '{request_id}'")
-        result = Result.model_validate_json(raw)
         if result.error is not None:
             return _orjson({"id": result.id, **error_body(errors.from_info(result.error))},
                            status=result.error.status)
         return _orjson(full_response(result, result.model))
 
-    @app.get("/health")
+    @app.get("/health", name="health")
     async def health() -> Response:
         return _orjson({"status": "ok"})
 
-    @app.get("/ready")
+    @app.get("/ready", name="ready")
     async def ready(request: Request) -> Response:
-        state = _state(request)
-        live = len(state.registry.live_workers())
-        ok = state.ready and live > 0
-        body = {"status": "ready" if ok else "not ready", "redis": state.registry.redis_ok, "live_workers": live}
-        return _orjson(body, status=200 if ok else 503)
+        code, body = _readiness(_state(request))
+        return _orjson(body, status=code)
 
-    @app.get("/workers")
+    @app.get("/workers", name="workers")
     async def workers(request: Request) -> Response:
         state = _state(request)
         reg, bal = state.registry, state.balancer
         return _orjson({"strategy": bal.strategy(reg.control), "shared_routed": bal.pushed.get("shared", 0),
                         "workers": [{**w.as_dict(), "pushed": bal.pushed.get(w.id, 0)} for w in reg.workers.values()]})
 
-    @app.get("/metrics")
+    @app.get("/metrics", name="metrics")
     async def metrics(request: Request) -> Response:
-        return Response(_state(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        body = await asyncio.to_thread(_state(request).metrics.exposition)  # off the event loop
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    install_openapi(app, lambda: app.state.gw.registry.live_models() if hasattr(app.state, "gw") else [])
     return app

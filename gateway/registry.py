@@ -67,6 +67,8 @@ class RegistryView:
     refreshed_at: float = 0.0
     redis_ok: bool = False
     control: dict[str, str] = field(default_factory=dict)  # run-time settings (Keys.control)
+    memory_high_water: float = 0.9  # used_memory / maxmemory past which new work is refused
+    memory_pressure: str | None = None  # why new work is refused now (Redis near its maxmemory), or None
 
     def live_workers(self, model: str | None = None) -> list[WorkerInfo]:
         return [w for w in self.workers.values()
@@ -82,7 +84,9 @@ class RegistryView:
                 p.hgetall(self.keys.worker(i))
             p.hgetall(self.keys.models)
             p.hgetall(self.keys.control)
+            p.info("memory")
             out = await p.execute()
+        self.memory_pressure = self._pressure(out.pop())
         control_raw = out.pop()
         workers: dict[str, WorkerInfo] = {}
         gone = []
@@ -109,6 +113,13 @@ class RegistryView:
         self.control = {k.decode(): v.decode() for k, v in control_raw.items()}
         self.refreshed_at = time.monotonic()
         self.redis_ok = True
+
+    def _pressure(self, info: dict[str, Any]) -> str | None:
+        used, limit = int(info.get("used_memory", 0) or 0), int(info.get("maxmemory", 0) or 0)
+        if limit and used >= self.memory_high_water * limit:
+            return (f"the queue (Redis) is near its memory limit ({used / limit:.0%} of maxmemory); new work is "
+                    "refused until it drains")
+        return None
 
     closed: bool = False  # set at shutdown: the loop ends even if a cancellation got lost
 

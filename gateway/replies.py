@@ -2,7 +2,8 @@
 
 Workers append every event (chunk, final result, error) for a request to the reply stream of
 the gateway that accepted it.  One task per gateway process reads that stream with a single
-blocking XREAD, so thousands of requests in flight share one connection.  The stream is durable:
+blocking XREAD, so thousands of requests in flight share one connection.  Several waiters may
+wait on one request (an idempotent retry follows its original): each gets every event.  The stream is durable:
 after a Redis restart (AOF) or a dropped connection the reader resumes from the last id it saw,
 and in case Redis lost data it re-reads each waiter's result key and chunk stream.
 """
@@ -27,16 +28,21 @@ Event = tuple[str, bytes]  # (kind: "c" chunk | "f" result | "e" error result, J
 
 @dataclass(eq=False)
 class Waiter:
+    """One waiting handler: the final event on ``future``, every event on ``queue`` (streaming), and
+    ``changed`` set at each event (a follower that reads the durable keys uses it as a wake-up)."""
+
     request_id: str
     streaming: bool
     future: asyncio.Future[Event]
     queue: asyncio.Queue[Event] | None = None
     last_seq: int = 0
     done: bool = field(default=False)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def deliver(self, kind: str, payload: bytes) -> None:
         if self.done:
             return
+        self.changed.set()
         if kind != "c":
             self.done = True
             if not self.future.done():
@@ -53,7 +59,7 @@ class ReplyRouter:
         self.keys = keys
         self.stream = keys.replies(gateway_id)
         self.block_ms = block_ms
-        self.waiters: dict[str, Waiter] = {}
+        self.waiters: dict[str, list[Waiter]] = {}
         self.last_id = "$"
         self.healthy = False
         self.closed = False  # set at shutdown: the loop ends even if a cancellation got lost
@@ -63,12 +69,19 @@ class ReplyRouter:
         loop = asyncio.get_running_loop()
         w = Waiter(request_id=request_id, streaming=streaming, future=loop.create_future(),
                    queue=asyncio.Queue() if streaming else None)
-        self.waiters[request_id] = w
+        self.waiters.setdefault(request_id, []).append(w)
         return w
 
     def unregister(self, w: Waiter) -> None:
-        if self.waiters.get(w.request_id) is w:
-            del self.waiters[w.request_id]
+        ws = self.waiters.get(w.request_id)
+        if ws is not None and w in ws:
+            ws.remove(w)
+            if not ws:
+                del self.waiters[w.request_id]
+
+    def __len__(self) -> int:
+        """Waiting handlers."""
+        return sum(len(ws) for ws in self.waiters.values())
 
     async def run(self) -> None:
         backoff = 0.05
@@ -100,8 +113,7 @@ class ReplyRouter:
                     rid = f.get(b"r")
                     if rid is None:
                         continue
-                    w = self.waiters.get(rid.decode())
-                    if w is not None:
+                    for w in self.waiters.get(rid.decode(), ()):
                         self._deliver(w, f[b"k"].decode(), f[b"p"])
             now = loop.time()
             if now - trimmed_at > 5.0:
@@ -122,7 +134,7 @@ class ReplyRouter:
 
     async def _resync(self) -> None:
         """After a gap in the reply stream: read every waiter's durable state directly."""
-        waiters = [w for w in self.waiters.values() if not w.done]
+        waiters = [w for ws in self.waiters.values() for w in ws if not w.done]
         if not waiters:
             self._resync_needed = False
             return

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -24,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from common.outcomes import OUTCOMES, outcome_of
+from common.probe_http import ProbeServer
 from common.schemas import Result, WorkItem
 from gpu_worker.gpu_metrics import GpuSampler
 
@@ -103,8 +102,7 @@ class _StateCollector(Collector):
         yield counter("mgpu_worker_fenced_writes_total",
                       "Writes refused because another worker owns the entry now (zombie writes)", w.fenced)
         yield counter("mgpu_worker_drains_total", "Drain requests this worker received", w.drains)
-        yield counter("mgpu_worker_engine_aborts_total", "Sequences aborted in the engine",
-                      len(getattr(w.engine, "aborted", ())))
+        yield counter("mgpu_worker_engine_aborts_total", "Sequences aborted in the engine", w.engine.aborts)
 
 
 class _GpuCollector(Collector):
@@ -150,10 +148,6 @@ class _GpuCollector(Collector):
         yield info
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-
 class WorkerMetrics:
     def __init__(self, worker: Worker, *, gpu_sampler: GpuSampler | None = None) -> None:
         self.worker = worker
@@ -191,7 +185,7 @@ class WorkerMetrics:
             r.register(_GpuCollector(self, self.gpu))
         elif gpu_sampler is None:
             log.info("no GPU metrics: this worker has no GPU index (--gpu)")
-        self.server: _Server | None = None
+        self.server: ProbeServer | None = None
         self.port = 0
 
     # ------------------------------------------------------------------ hooks
@@ -212,11 +206,14 @@ class WorkerMetrics:
         if outcome == "success" and item is not None:
             self.latency.observe(max(0.0, now - item.enqueued_at))
         if self.worker.s.log_requests:
-            log.info("request finished", extra={
+            extra: dict[str, Any] = {
                 "request_id": result.id, "worker": self.worker.id, "model": result.model, "outcome": outcome,
                 "attempts": job.deliveries, "completion_tokens": result.usage.completion_tokens,
                 "run_ms": round((time.monotonic() - job.started) * 1000, 1),
-                "total_ms": round((now - item.enqueued_at) * 1000, 1) if item is not None else None})
+                "total_ms": round((now - item.enqueued_at) * 1000, 1) if item is not None else None}
+            if item is not None and item.trace_id is not None:
+                extra["trace_id"] = item.trace_id
+            log.info("request finished", extra=extra)
 
     def dead_lettered(self) -> None:
         self.requests["dead_lettered"].inc()
@@ -233,37 +230,20 @@ class WorkerMetrics:
 
     def serve(self, host: str, port: int) -> int:
         """Start ``/metrics`` and ``/health`` on ``host:port`` (0: a free port); returns the port."""
-        metrics = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    code, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
-                elif path == "/health":
-                    code, obj = metrics.health()
-                    ctype, body = "application/json", json.dumps(obj).encode()
-                else:
-                    code, ctype, body = 404, "text/plain", b"not found\n"
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def health() -> tuple[int, str, bytes]:
+            code, obj = self.health()
+            return code, "application/json", json.dumps(obj).encode()
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = _Server((host, port), Handler)
-        self.port = int(self.server.server_address[1])
-        threading.Thread(target=self.server.serve_forever, name="mgpu-metrics-http", daemon=True).start()
+        self.server = ProbeServer({"/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(self.registry)),
+                                   "/health": health})
+        self.port = self.server.start(host, port)
         log.info("metrics on http://%s:%d/metrics", host, self.port, extra={"worker": self.worker.id})
         return self.port
 
     def close(self) -> None:
         if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+            self.server.close()
             self.server = None
         if self.gpu is not None:
             self.gpu.close()

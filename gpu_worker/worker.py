@@ -25,6 +25,7 @@ import os
 import socket
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ from common.batching import ScriptBatcher
 from common.keys import GROUP
 from common.logs import set_request_id
 from common.schemas import Choice, ChoiceDelta, Chunk, ErrorInfo, Result, Usage, WorkItem
-from common.scripts import DEAD_LETTER, EMIT_CHUNK, FINISH, RELEASE, RENEW
+from common.scripts import DEAD_LETTER, EMIT_CHUNK, FINISH, RECLAIM, RELEASE, RENEW
 from common.settings import Settings
 from gpu_worker.engine.base import Engine, EngineRequest, InvalidEngineRequest
 from gpu_worker.gpu_health import GpuHealth
@@ -64,11 +65,34 @@ class _Job:
     task: asyncio.Task[None] | None = None
     stop_reason: str | None = None  # "cancelled" | "timeout" | "lost" | "release"
     finishing: bool = False  # the result is being stored (and the entry acknowledged)
+    running: bool = False  # its task has taken its first step (before that, cancel() would skip its body)
     started: float = field(default_factory=time.monotonic)
 
 
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class RecentIds:
+    """Request ids seen in the last ``ttl_s`` seconds (at most ``cap``): O(1) to add, test and expire."""
+
+    def __init__(self, ttl_s: float, cap: int = 200_000) -> None:
+        self.ttl_s = ttl_s
+        self.cap = cap
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, request_id: str, now: float) -> None:
+        self._seen[request_id] = now
+        self._seen.move_to_end(request_id)
+        horizon = now - self.ttl_s
+        while self._seen and (len(self._seen) > self.cap or next(iter(self._seen.values())) < horizon):
+            self._seen.popitem(last=False)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._seen
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 class Worker:
@@ -92,7 +116,7 @@ class Worker:
         self.exit_code = 0
         self.jobs: dict[str, _Job] = {}  # entry id -> job
         self._by_request: dict[str, _Job] = {}
-        self._cancelled: dict[str, float] = {}
+        self._cancelled = RecentIds(settings.result_ttl_s)
         self._stop = asyncio.Event()
         self._closing = False  # background loops end even if a cancellation got lost
         self._slot_freed = asyncio.Event()
@@ -105,6 +129,7 @@ class Worker:
         self._finish = ScriptBatcher(client, FINISH)
         self._emit = ScriptBatcher(client, EMIT_CHUNK)
         self._release = client.register_script(RELEASE)
+        self._reclaim_script = client.register_script(RECLAIM)
         self._dead_letter = client.register_script(DEAD_LETTER)
         # counters
         self.served = 0
@@ -244,9 +269,7 @@ class Worker:
                 await asyncio.wait_for(self._slot_freed.wait(), max(0.0, deadline - time.monotonic()))
         left = list(self.jobs.values())
         for job in left:
-            job.stop_reason = "release"
-            if job.task is not None:
-                job.task.cancel()
+            self._end_early(job, "release")
         if left:
             await asyncio.gather(*(j.task for j in left if j.task is not None), return_exceptions=True)
         await self._release_all()
@@ -284,7 +307,7 @@ class Worker:
             else socket.gethostname(),
             "cancelled": str(self.cancelled), "skipped": str(self.skipped), "reclaimed": str(self.reclaimed),
             "fenced": str(self.fenced), "dead_lettered": str(self.dead_lettered),
-            "engine_aborts": str(len(getattr(self.engine, "aborted", ()))),
+            "engine_aborts": str(self.engine.aborts),
             "weight": str(self.s.weight or self.engine.slots), "queued": str(self._own_queued),
         }
 
@@ -360,10 +383,9 @@ class Worker:
     def _on_lost(self, lost: list[tuple[str, str]]) -> None:
         for _stream, entry_id in lost:
             job = self.jobs.get(entry_id)
-            if job is not None and job.task is not None and not job.finishing:
+            if job is not None and not job.finishing and job.stop_reason is None:
                 log.warning("lease lost; aborting", extra={"worker": self.id, "entry": entry_id})
-                job.stop_reason = "lost"
-                job.task.cancel()
+                self._end_early(job, "lost")
 
     async def _tick_loop(self) -> None:
         while not self._closing:
@@ -444,30 +466,23 @@ class Worker:
                     log.warning("reclaim failed: %s", exc)
 
     async def _reclaim(self, stream: str) -> None:
-        cursor = "0-0"
+        cursor = "-"
         for _ in range(16):
             free = self.free_slots
             if free <= 0:
                 return
-            nxt, claimed, _deleted = await self.r.xautoclaim(
-                stream, GROUP, self.id, min_idle_time=self.s.lease_ms, start_id=cursor, count=free)
-            if claimed:
-                async with self.r.pipeline(transaction=False) as p:
-                    for entry_id, _f in claimed:
-                        p.xpending_range(stream, GROUP, entry_id, entry_id, 1)
-                    infos = await p.execute()
-                for (entry_id_b, fields), info in zip(claimed, infos):
-                    entry_id = _s(entry_id_b)
-                    deliveries = int(info[0]["times_delivered"]) if info else 1
-                    prev = _s(info[0]["consumer"]) if info else "?"
-                    self.reclaimed += 1
-                    log.info("reclaimed entry", extra={"worker": self.id, "entry": entry_id,
-                                                       "deliveries": deliveries, "from": prev})
-                    if deliveries > self.s.max_deliveries:
-                        await self._to_dead_letter(stream, entry_id, fields or {}, deliveries,
-                                                   reason="max_deliveries")
-                    else:
-                        self._start(stream, entry_id, fields or {}, deliveries=deliveries)
+            nxt, claimed = await self._reclaim_script(
+                keys=[stream], args=[GROUP, self.id, self.s.lease_ms, cursor, free])
+            for entry_id_b, flat, prev_b, deliveries in claimed:
+                entry_id = _s(entry_id_b)
+                fields = dict(zip(flat[::2], flat[1::2]))
+                self.reclaimed += 1
+                log.info("reclaimed entry", extra={"worker": self.id, "entry": entry_id,
+                                                   "deliveries": int(deliveries), "from": _s(prev_b)})
+                if int(deliveries) > self.s.max_deliveries:
+                    await self._to_dead_letter(stream, entry_id, fields, int(deliveries), reason="max_deliveries")
+                else:
+                    self._start(stream, entry_id, fields, deliveries=int(deliveries))
             cursor = _s(nxt)
             if cursor == "0-0":
                 return
@@ -484,17 +499,34 @@ class Worker:
             for _stream, entries in resp or ():
                 for entry_id, fields in entries:
                     last = _s(entry_id)
-                    rid = _s(fields.get(b"r", b""))
-                    self._cancelled[rid] = now
-                    job = self._by_request.get(rid)
-                    if job is not None and job.task is not None and job.stop_reason is None:
-                        job.stop_reason = "cancelled"
-                        job.task.cancel()
-            if len(self._cancelled) > 10_000:
-                horizon = now - self.s.result_ttl_s
-                self._cancelled = {k: t for k, t in self._cancelled.items() if t > horizon}
+                    self.on_cancel(_s(fields.get(b"r", b"")), now)
+
+    def on_cancel(self, request_id: str, now: float) -> None:
+        """A client cancelled ``request_id``: stop it if it runs here, skip it if it arrives later."""
+        self._cancelled.add(request_id, now)
+        job = self._by_request.get(request_id)
+        if job is not None:
+            self._end_early(job, "cancelled")
 
     # ------------------------------------------------------------------ jobs
+    def _end_early(self, job: _Job, reason: str) -> None:
+        """End a job early for ``reason``.  A job whose task has not taken its first step is not
+        cancelled (a task cancelled before its first step never runs its body, so nothing would
+        answer the request or free the slot): its first step sees ``stop_reason`` and ends there."""
+        if job.stop_reason is not None or job.finishing:
+            return
+        job.stop_reason = reason
+        if job.running and job.task is not None:
+            job.task.cancel()
+
+    def _forget(self, job: _Job) -> None:
+        """The job's task is done, however it ended: free its slot (idempotent)."""
+        if self.jobs.get(job.entry_id) is job:
+            del self.jobs[job.entry_id]
+        if job.item is not None and self._by_request.get(job.item.id) is job:
+            del self._by_request[job.item.id]
+        self._slot_freed.set()
+
     def _start(self, stream: str, entry_id: str, fields: dict[Any, Any], *, deliveries: int) -> int:
         if entry_id in self.jobs:
             return 0
@@ -509,51 +541,28 @@ class Worker:
             self._by_request[job.item.id] = job
         self.metrics.started(job)
         job.task = asyncio.create_task(self._run_job(job), name=f"job-{entry_id}")
+        job.task.add_done_callback(lambda _t: self._forget(job))
         return job.slots
 
     async def _run_job(self, job: _Job) -> None:
+        job.running = True
         set_request_id(job.item.id if job.item is not None else None)
         try:
-            if job.item is None:
-                await self._to_dead_letter(job.stream, job.entry_id, job.fields, job.deliveries, reason="malformed")
-                return
-            item = job.item
-            if item.id in self._cancelled:
-                self.skipped += 1
-                await self._finish_error(job, errors.RequestCancelled("the client cancelled the request"))
-                return
-            if item.deadline is not None and time.time() >= item.deadline:
-                self.skipped += 1
-                await self._finish_error(job, errors.RequestTimeout("the request's deadline passed in the queue"))
-                return
             try:
-                timeout = None if item.deadline is None else max(0.0, item.deadline - time.time())
-                async with asyncio.timeout(timeout):
-                    result = await self._generate(job, item)
-            except TimeoutError:
-                job.stop_reason = "timeout"
-                await self._finish_error(job, errors.RequestTimeout("the request's deadline passed"))
-                return
-            except InvalidEngineRequest as exc:
-                await self._finish_error(job, errors.InvalidRequest(str(exc), param="messages"
-                                                                    if item.kind == "chat" else "prompt"))
-                return
-            await asyncio.shield(self._store(job, result, "f"))
+                if job.stop_reason is not None:  # stopped before this first step
+                    await self._stopped(job)
+                elif job.item is None:
+                    await self._to_dead_letter(job.stream, job.entry_id, job.fields, job.deliveries,
+                                               reason="malformed")
+                else:
+                    await self._execute(job, job.item)
+            except asyncio.CancelledError:
+                if job.stop_reason is None:
+                    raise
+                await asyncio.shield(self._stopped(job))
         except _Fenced:
             self.fenced += 1
             log.warning("fenced: entry owned by another worker now", extra={"entry": job.entry_id})
-        except asyncio.CancelledError:
-            reason = job.stop_reason
-            if reason == "cancelled":
-                self.cancelled += 1
-                err = errors.RequestCancelled("the client cancelled the request")
-                await asyncio.shield(self._finish_error(job, err))
-            elif reason == "release":
-                await asyncio.shield(self._release_entry(job))
-            elif reason == "lost":
-                self.fenced += 1
-            else:
-                raise
         except errors.EngineDead as exc:
             self._engine_dead(str(exc))
         except (redis.RedisError, OSError) as exc:
@@ -564,11 +573,40 @@ class Worker:
             self.failed += 1
             with contextlib.suppress(_Fenced, redis.RedisError, OSError):
                 await self._finish_error(job, errors.GenerationFailed(f"generation failed: {type(exc).__name__}"))
-        finally:
-            self.jobs.pop(job.entry_id, None)
-            if job.item is not None:
-                self._by_request.pop(job.item.id, None)
-            self._slot_freed.set()
+
+    async def _execute(self, job: _Job, item: WorkItem) -> None:
+        if item.id in self._cancelled:
+            self.skipped += 1
+            await self._finish_error(job, errors.RequestCancelled("the client cancelled the request"))
+            return
+        if item.deadline is not None and time.time() >= item.deadline:
+            self.skipped += 1
+            await self._finish_error(job, errors.RequestTimeout("the request's deadline passed in the queue"))
+            return
+        try:
+            timeout = None if item.deadline is None else max(0.0, item.deadline - time.time())
+            async with asyncio.timeout(timeout):
+                result = await self._generate(job, item)
+        except TimeoutError:
+            job.stop_reason = "timeout"
+            await self._finish_error(job, errors.RequestTimeout("the request's deadline passed"))
+            return
+        except InvalidEngineRequest as exc:
+            await self._finish_error(job, errors.InvalidRequest(str(exc), param="messages"
+                                                                if item.kind == "chat" else "prompt"))
+            return
+        await asyncio.shield(self._store(job, result, "f"))
+
+    async def _stopped(self, job: _Job) -> None:
+        """What a job stopped early leaves behind: an answer, a handed-back entry, or nothing (lost)."""
+        reason = job.stop_reason
+        if reason == "cancelled" and job.item is not None:
+            self.cancelled += 1
+            await self._finish_error(job, errors.RequestCancelled("the client cancelled the request"))
+        elif reason == "release":
+            await self._release_entry(job)
+        elif reason == "lost":
+            self.fenced += 1
 
     async def _release_entry(self, job: _Job) -> None:
         with contextlib.suppress(redis.RedisError, OSError):
@@ -653,7 +691,7 @@ class Worker:
         return Result(id=item.id, kind=item.kind, model=item.model, created=item.created, choices=choices,
                       usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                   total_tokens=prompt_tokens + completion_tokens),
-                      worker=self.id, attempts=job.deliveries)
+                      worker=self.id, attempts=job.deliveries, scope=item.scope)
 
     async def _finish_error(self, job: _Job, err: errors.MgpuError) -> None:
         item = job.item
@@ -661,7 +699,7 @@ class Worker:
         if not isinstance(err, errors.RequestCancelled | errors.RequestTimeout):
             self.failed += 1
         result = Result(id=item.id, kind=item.kind, model=item.model, created=item.created,
-                        error=err.to_info(), worker=self.id, attempts=job.deliveries)
+                        error=err.to_info(), worker=self.id, attempts=job.deliveries, scope=item.scope)
         await self._store(job, result, "e")
 
     async def _store(self, job: _Job, result: Result, kind: str) -> None:
@@ -670,7 +708,8 @@ class Worker:
         job.finishing = True
         reply = item.reply_to or ""
         rc = await self._retrying(
-            self._finish, [job.stream, self.keys.result(item.id), self.keys.replies(reply)],
+            self._finish, [job.stream, self.keys.result(item.id), self.keys.replies(reply),
+                           self.keys.queue_bytes(self.model), self.keys.queue_bytes_total],
             [GROUP, self.id, job.entry_id, item.id, result.model_dump_json(exclude_defaults=True),
              self.s.result_ttl_s, "1" if reply else "0", kind])
         if rc == 0:
@@ -687,7 +726,8 @@ class Worker:
         while True:
             try:
                 return await batcher(keys, args)
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError, OSError) as exc:
+                # out of memory: results expire and entries are deleted as work finishes, so it passes
                 if time.monotonic() > give_up:
                     raise
                 log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
@@ -700,13 +740,14 @@ class Worker:
         if job is not None:
             job.finishing = True
         raw = _s(fields.get(b"p", fields.get("p", b"")) or b"")
-        rid, reply, kind, model = "", "", "completion", ""
+        rid, reply, kind, model, scope = "", "", "completion", "", None
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             obj = json.loads(raw)
             rid = str(obj.get("id") or "")
             reply = str(obj.get("reply_to") or "")
             kind = obj.get("kind") if obj.get("kind") in ("chat", "completion") else "completion"
             model = str(obj.get("model") or "")
+            scope = str(obj["scope"]) if obj.get("scope") else None
         if reason == "malformed":
             err = ErrorInfo(message="malformed request entry on the stream", type="invalid_request_error",
                             code="malformed_entry", status=400)
@@ -715,12 +756,13 @@ class Worker:
                 f"the request failed on {deliveries - 1} workers and was moved to the dead-letter stream"
             ).to_info()
         result = Result(id=rid or entry_id, kind="chat" if kind == "chat" else "completion", model=model,
-                        error=err, worker=self.id, attempts=deliveries)
+                        error=err, worker=self.id, attempts=deliveries, scope=scope)
         dlq = self.keys.dlq(self.model)
         rc = await self._dead_letter(
-            keys=[stream, dlq, self.keys.result(rid or "-"), self.keys.replies(reply)],
+            keys=[stream, dlq, self.keys.result(rid or "-"), self.keys.replies(reply),
+                  self.keys.queue_bytes(self.model), self.keys.queue_bytes_total],
             args=[GROUP, self.id, entry_id, rid, raw, result.model_dump_json(exclude_defaults=True),
-                  self.s.result_ttl_s, "1" if reply else "0", reason, deliveries])
+                  self.s.result_ttl_s, "1" if reply else "0", reason, deliveries, self.s.max_dead_letters])
         if rc:
             self.dead_lettered += 1
             self.metrics.dead_lettered()

@@ -37,15 +37,19 @@ _SCOPES: dict[str, set[str]] = {
     "gateway": {"redis_url", "namespace", "log_level", "log_json", "result_ttl_s", "host", "port", "gateway_id",
                 "request_timeout_s", "max_body_bytes", "max_queue_len", "redis_pool_size",
                 "registry_refresh_s", "retry_after_s", "log_requests", "gateway_procs", "queue_metrics_interval_s",
-                "strategy", "affinity_prefix_chars", "affinity_vnodes"},
+                "strategy", "affinity_prefix_chars", "affinity_vnodes", "max_request_timeout_s", "max_queue_bytes",
+                "max_queue_bytes_total", "redis_memory_high_water", "http_read_timeout_s", "max_connections",
+                "health_port"},
     "worker": {"redis_url", "namespace", "log_level", "log_json", "result_ttl_s", "engine", "model", "weight",
                "model_path", "worker_id", "gpu", "slots", "max_model_len", "heartbeat_interval_s", "worker_ttl_s",
                "lease_ms", "loop_stall_s", "reclaim_interval_s", "max_deliveries", "drain_grace_s", "read_block_ms",
+               "max_dead_letters",
                "metrics_port", "metrics_host", "log_requests", "sim_prefill_ms_per_token", "sim_decode_ms",
                "sim_decode_ms_per_seq", "vllm_gpu_memory_utilization", "vllm_enforce_eager", "vllm_kv_cache_gb",
                "vllm_dtype", "data_dir", "model_cache_dir", "revision", "canary_gate"},
 }
-_SCOPES["up"] = (_SCOPES["gateway"] | _SCOPES["worker"] | {"workers"}) - {"canary_gate"}  # set per start by rollouts
+# canary_gate: set per start by rollouts
+_SCOPES["up"] = (_SCOPES["gateway"] | _SCOPES["worker"] | {"workers", "redis_maxmemory"}) - {"canary_gate"}
 _SCOPES["drain"] = {"redis_url", "namespace"}
 _SCOPES["status"] = {"redis_url", "namespace", "log_level"}
 _SCOPES["strategy"] = {"redis_url", "namespace"}
@@ -95,8 +99,12 @@ def _multiproc_dir(s: Settings) -> Path:
 def _run_gateway(s: Settings) -> int:
     import uvicorn
 
+    from gateway.server import GuardedHttpToolsProtocol, configure
+
+    configure(s.http_read_timeout_s, s.max_connections, s.retry_after_s)
     opts: dict[str, Any] = dict(host=s.host, port=s.port, log_level="warning", access_log=False, loop="uvloop",
-                                http="httptools", timeout_graceful_shutdown=5)
+                                http=GuardedHttpToolsProtocol, timeout_graceful_shutdown=5,
+                                backlog=min(4096, s.max_connections))
     if s.gateway_procs > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # set before any process imports prometheus_client; uvicorn's workers inherit the environment
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_multiproc_dir(s))

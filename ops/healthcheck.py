@@ -4,8 +4,9 @@ One image runs every part, so the check reads the container's main command from 
 (``tini -- mgpu worker ...``), loads its settings exactly as that process did (flags, then the
 container's ``MGPU_*`` environment) and asks the right endpoint:
 
-* ``mgpu gateway`` / ``mgpu up``: ``GET /health`` on the gateway port (liveness: the process serves
-  HTTP; ``/ready``, which needs a live worker, is for load balancers, not for restarts);
+* ``mgpu gateway`` / ``mgpu up``: ``GET /health`` on the gateway's probe port (``health_port``, default
+  the gateway port + 1: it answers under a connection flood on the API port; liveness: the event loop
+  ticks; ``/ready``, which needs a live worker, is for load balancers, not for restarts);
 * ``mgpu worker``: ``GET /health`` on the worker's metrics port (200 while the engine is healthy and the
   event loop ticks, also while the model loads or the worker drains);
 * anything else (``status``, a model conversion, a shell): healthy.
@@ -48,7 +49,7 @@ def health_url(argv: list[str], env: Mapping[str, str] | None = None) -> str | N
         if port == 0:
             raise ValueError("the worker's metrics port is 0 (a free port): set MGPU_METRICS_PORT to check it")
     else:
-        host, port = s.host, s.port
+        host, port = s.host, s.probe_port
     host = "127.0.0.1" if host in _WILDCARD else host
     return f"http://{host}:{port}/health"
 

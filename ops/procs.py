@@ -25,6 +25,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``port`` can be listened on now (a hint: another process may take it next)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def wait_until(pred, timeout: float, what: str, interval: float = 0.02) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -43,6 +54,7 @@ class RedisServer:
     binary: str = field(default_factory=lambda: shutil.which("redis-server") or "/usr/bin/redis-server")
     proc: subprocess.Popen[bytes] | None = None
     appendonly: bool = True
+    maxmemory: str = "0"  # e.g. "2gb"; "0": no limit (the gateway refuses work near a set limit)
     # SIGTERM (a clean, AOF-flushing shutdown) when the process that started it dies, even by SIGKILL:
     # a second redis-server must never append to the same AOF.  Only for a server started from a thread
     # that lives as long as it should (the signal follows the starting thread).
@@ -58,8 +70,8 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
-                "--maxmemory-policy", "noeviction", "--daemonize", "no", "--protected-mode", "yes",
-                "--logfile", str(self.data_dir / "redis.log")]
+                "--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction", "--daemonize", "no",
+                "--protected-mode", "yes", "--logfile", str(self.data_dir / "redis.log")]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      preexec_fn=_die_with_parent if self.die_with_parent and sys.platform == "linux"
                                      else None)

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from common.settings import ROLLOUT_FIELDS, Settings
 from ops import rollout
-from ops.procs import RedisServer, free_port, mgpu_cmd, spawn, terminate
+from ops.procs import RedisServer, free_port, mgpu_cmd, port_free, spawn, terminate
 from ops.rolling import RollingUpdate, Steps
 from ops.rollout import RolloutError, RolloutState
 from ops.targets import TargetsWriter, static_targets, write_json_atomic
@@ -145,7 +145,11 @@ class Supervisor:
         self.workers: list[Child] = []
         self.transient: list[Child] = []
         self.port = s.port or free_port()
-        self.gateway = Child("gateway", mgpu_cmd("gateway"), _settings_env(s, MGPU_PORT=str(self.port)),
+        # the gateway's probe listener: as set, else the port after the API port, else any free port
+        probe = s.health_port if s.health_port is not None else \
+            self.port + 1 if port_free(self.port + 1, s.host) else free_port()
+        self.gateway = Child("gateway", mgpu_cmd("gateway"),
+                             _settings_env(s, MGPU_PORT=str(self.port), MGPU_HEALTH_PORT=str(probe)),
                              logs / "gateway.log")
         self.registry = redis.Redis.from_url(s.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.rollout: RollingUpdate | None = None
@@ -430,7 +434,7 @@ def run_up(s: Settings, *, explicit_redis: bool = False) -> int:
     (data / "logs").mkdir(exist_ok=True)
     redis_server: RedisServer | None = None
     if not explicit_redis and not os.environ.get("MGPU_REDIS_URL"):
-        redis_server = RedisServer(data / "redis", die_with_parent=True).start()
+        redis_server = RedisServer(data / "redis", die_with_parent=True, maxmemory=s.redis_maxmemory).start()
         s = s.model_copy(update={"redis_url": redis_server.url})
         log.info("redis-server (AOF) on %s, data in %s", redis_server.url, data / "redis")
     if s.engine == "vllm" and not s.model_path:

@@ -49,6 +49,7 @@ class Proc:
     log: Path
     worker_id: str | None = None
     port: int | None = None
+    probe_port: int | None = None  # a gateway's /health, /ready, /metrics listener
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -109,9 +110,10 @@ class Stack:
     def start_gateway(self, wait_ready: bool = True, **overrides: Any) -> Proc:
         port = free_port()
         overrides.setdefault("port", port)
+        overrides.setdefault("health_port", free_port())
         log = self.tmp / f"gateway-{port}.log"
         p = Proc(f"gateway-{port}", spawn(mgpu_cmd("gateway"), env=self._env(overrides), log_path=log,
-                                          cwd=str(ROOT)), log, port=port)
+                                          cwd=str(ROOT)), log, port=port, probe_port=int(overrides["health_port"]))
         self.procs.append(p)
         if self.gateway_port is None:
             self.gateway_port = port

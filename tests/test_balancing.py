@@ -20,16 +20,21 @@ FAST = {"model": "m", "sim_decode_ms": 2, "sim_decode_ms_per_seq": 0, "sim_prefi
 SLOW = {**FAST, "sim_decode_ms": 50}
 
 
-def _post(stack: Stack, rid: str, max_tokens: int = 2, user: str | None = None, timeout: float = 30) -> int:
-    body: dict[str, Any] = {"model": "m", "prompt": f"hello {rid}", "max_tokens": max_tokens}
+_IDS: dict[str, str] = {}  # a test's tag of a request -> the id the gateway gave it
+
+
+def _post(stack: Stack, tag: str, max_tokens: int = 2, user: str | None = None, timeout: float = 30) -> int:
+    body: dict[str, Any] = {"model": "m", "prompt": f"hello {tag}", "max_tokens": max_tokens}
     if user:
         body["user"] = user
-    r = httpx.post(stack.base_url + "/v1/completions", json=body, headers={"X-Request-Id": rid}, timeout=timeout)
+    r = httpx.post(stack.base_url + "/v1/completions", json=body, headers={"X-Request-Id": tag}, timeout=timeout)
+    if r.status_code == 200:
+        _IDS[tag] = r.json()["id"]
     return r.status_code
 
 
-def _served_by(stack: Stack, rid: str) -> str | None:
-    raw = stack.r.get(stack.keys.result(rid))
+def _served_by(stack: Stack, tag: str) -> str | None:
+    raw = stack.r.get(stack.keys.result(_IDS.get(tag, tag)))
     return None if raw is None else Result.model_validate_json(raw).worker
 
 
@@ -60,6 +65,8 @@ async def _post_many(stack: Stack, n: int, max_tokens: int, prefix: str) -> list
         async def one(i: int) -> int:
             r = await c.post("/v1/completions", headers={"X-Request-Id": f"{prefix}-{i}"},
                              json={"model": "m", "prompt": f"p {i}", "max_tokens": max_tokens})
+            if r.status_code == 200:
+                _IDS[f"{prefix}-{i}"] = r.json()["id"]
             return r.status_code
         return await asyncio.gather(*(one(i) for i in range(n)))
 
@@ -148,9 +155,8 @@ def test_affinity_keeps_a_user_on_one_worker_and_spills_when_full(stack: Stack) 
             long = [asyncio.create_task(c.post("/v1/completions", json={
                 "model": "m", "prompt": f"long {i}", "max_tokens": 100, "user": user})) for i in range(2)]
             await asyncio.to_thread(wait_until, lambda: _in_flight(stack, owner) == 2, 15, "owner full")
-            r = await c.post("/v1/completions", headers={"X-Request-Id": "af-spill"},
-                             json={"model": "m", "prompt": "short", "max_tokens": 2, "user": user})
-            spilled_by = _served_by(stack, "af-spill")
+            r = await c.post("/v1/completions", json={"model": "m", "prompt": "short", "max_tokens": 2, "user": user})
+            spilled_by = _served_by(stack, r.json()["id"])
             return [r.status_code, *[(await t).status_code for t in long]], spilled_by
 
     statuses, spilled_by = asyncio.run(fill_then_spill())

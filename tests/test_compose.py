@@ -378,7 +378,7 @@ def test_redis_is_durable_and_never_evicts() -> None:
 def test_healthcheck_finds_the_endpoint_of_each_service() -> None:
     svcs = services("base")
     gw, worker = svcs["gateway"], svcs["worker-0"]
-    assert healthcheck.health_url(mgpu_argv(gw) or [], env_of(gw)) == "http://127.0.0.1:8000/health"
+    assert healthcheck.health_url(mgpu_argv(gw) or [], env_of(gw)) == "http://127.0.0.1:8001/health"  # the probe port
     assert healthcheck.health_url(mgpu_argv(worker) or [], env_of(worker)) == "http://127.0.0.1:9400/health"
     assert healthcheck.mgpu_argv(["/usr/bin/tini", "--", "/opt/mgpu/venv/bin/mgpu", "worker", "--slots", "4"]) == [
         "worker", "--slots", "4"]

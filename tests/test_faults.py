@@ -244,9 +244,11 @@ def test_idempotent_retry_returns_original(stack: Stack) -> None:
     stack.gateway_port = None
     stack.start_gateway()
     r2 = httpx.post(stack.base_url + "/v1/completions", json=body, headers=headers, timeout=30)
-    assert r2.status_code == 200 and r2.json()["id"] == "order-123"
+    assert r2.status_code == 200 and r2.json()["id"].startswith("cmpl-")  # the gateway's id, not the key
     r3 = httpx.post(stack.base_url + "/v1/completions", json=body, headers=headers, timeout=30)
     assert r3.json() == r2.json()
-    assert httpx.get(f"{stack.base_url}/v1/requests/order-123").json()["choices"] == r2.json()["choices"]
+    rid = r2.json()["id"]
+    assert httpx.get(f"{stack.base_url}/v1/requests/{rid}").json()["choices"] == r2.json()["choices"]
+    assert httpx.get(f"{stack.base_url}/v1/requests/order-123").status_code == 404  # a key is not an id
     wait_until(lambda: _field(stack, a, "served") == 1, 5, "served counted")
     assert int(stack.r.xinfo_stream(stack.keys.stream("m"))["entries-added"]) == 1  # generated once

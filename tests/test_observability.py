@@ -327,20 +327,23 @@ def test_request_id_in_gateway_and_worker_json_logs(stack: Stack) -> None:
     gw = stack.start_gateway(log_json=True)
     r = httpx.post(stack.base_url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3},
                    headers={"X-Request-Id": "req-log-42"}, timeout=10)
-    assert r.status_code == 200 and r.headers["x-request-id"] == "req-log-42"
+    assert r.status_code == 200 and r.headers["x-request-id"] == "req-log-42"  # the client's tracing id, echoed
+    rid = r.json()["id"]
+    assert rid != "req-log-42"  # the request's own id is the gateway's
     bad = httpx.post(stack.base_url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 10**6},
                      headers={"X-Request-Id": "req-log-43"}, timeout=10)
     assert bad.status_code == 400
 
-    def lines(p: Any, rid: str) -> list[dict[str, Any]]:
-        return [x for x in _json_lines(p.output()) if x.get("request_id") == rid]
+    def lines(p: Any, trace: str) -> list[dict[str, Any]]:
+        return [x for x in _json_lines(p.output()) if x.get("trace_id") == trace]
 
     wait_until(lambda: lines(gw, "req-log-42") and lines(w, "req-log-42"), 10, "request log lines")
     (g,) = lines(gw, "req-log-42")
-    assert (g["msg"], g["outcome"], g["code"], g["model"]) == ("request done", "success", 200, MODEL)
+    assert (g["msg"], g["outcome"], g["code"], g["model"], g["request_id"]) == (
+        "request done", "success", 200, MODEL, rid)
     (wl,) = lines(w, "req-log-42")
-    assert (wl["msg"], wl["outcome"], wl["worker"], wl["completion_tokens"]) == (
-        "request finished", "success", w.worker_id, 3)
+    assert (wl["msg"], wl["outcome"], wl["worker"], wl["completion_tokens"], wl["request_id"]) == (
+        "request finished", "success", w.worker_id, 3, rid)
     wait_until(lambda: lines(gw, "req-log-43"), 10, "the rejected request's line")
     assert lines(gw, "req-log-43")[0]["outcome"] == "client_error"
 

@@ -132,14 +132,14 @@ def test_strategy_resolution_from_the_control_hash() -> None:
 
 
 def _enqueue(r: redis.Redis, keys: list[str], payload: str, max_len: int = 100) -> list[object]:
-    return r.register_script(ENQUEUE)(keys=keys, args=[max_len, payload, "rid", 60, "0"])  # type: ignore[no-any-return]
+    return r.register_script(ENQUEUE)(keys=keys, args=[max_len, payload, "", 60, 1 << 30, 1 << 30])  # type: ignore[no-any-return]
 
 
 def test_enqueue_push_falls_back_to_shared_unless_target_ready(redis_server: RedisServer) -> None:
     r = redis.Redis.from_url(redis_server.url)
     k = Keys("t")
     own, shared = k.worker_stream("m", "w1"), k.stream("m")
-    keys = [own, k.idempotency("-"), k.worker("w1"), shared]
+    keys = [own, "", k.worker("w1"), shared, k.queue_bytes("m"), k.queue_bytes_total]
     rc = _enqueue(r, keys, "a")
     assert rc[0] == 1 and rc[2] == 1 and r.xlen(shared) == 1 and not r.exists(own)  # no registry hash
     r.hset(k.worker("w1"), "state", "draining")

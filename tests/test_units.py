@@ -125,7 +125,7 @@ async def test_sim_abort_is_recorded() -> None:
         gen = engine.generate(EngineRequest("z", prompt="p", params=SamplingParams(max_tokens=100)))
         await gen.__anext__()
         await gen.aclose()
-        assert engine.aborted == ["z"] and engine.load == 0
+        assert engine.aborts == 1 and engine.load == 0
     finally:
         await engine.shutdown()
 
@@ -227,21 +227,23 @@ def test_fencing_scripts(r: redis.Redis) -> None:
     assert r.xpending_range(s, GROUP, eid, eid, 1)[0]["times_delivered"] == 1
     # the zombie a can neither store a result nor acknowledge
     args = [GROUP, "a", eid, "req", '{"id":"req"}', 60, "1", "f"]
-    assert finish(keys=[s, k.result("req"), k.replies("gw")], args=args) == 0
+    counted = [k.queue_bytes("m"), k.queue_bytes_total]
+    assert finish(keys=[s, k.result("req"), k.replies("gw"), *counted], args=args) == 0
     assert r.get(k.result("req")) is None and r.xlen(s) == 1
     # the owner b can, once; a second result for the same request does not overwrite the first
     args[1] = "b"
-    assert finish(keys=[s, k.result("req"), k.replies("gw")], args=args) == 1
+    assert finish(keys=[s, k.result("req"), k.replies("gw"), *counted], args=args) == 1
     assert r.xlen(s) == 0 and r.xpending(s, GROUP)["pending"] == 0 and r.xlen(k.replies("gw")) == 1
     eid2 = r.xadd(s, {"p": "{}"}).decode()
     r.xreadgroup(GROUP, "c", {s: ">"}, count=1)
-    assert finish(keys=[s, k.result("req"), k.replies("gw")], args=[GROUP, "c", eid2, "req", "{}", 60, "1", "f"]) == 2
+    assert finish(keys=[s, k.result("req"), k.replies("gw"), *counted],
+                  args=[GROUP, "c", eid2, "req", "{}", 60, "1", "f"]) == 2
     assert r.get(k.result("req")) == b'{"id":"req"}'
     # dead-lettering keeps the payload and answers the client
     eid3 = r.xadd(s, {"p": '{"id":"poison"}'}).decode()
     r.xreadgroup(GROUP, "c", {s: ">"}, count=1)
-    dl_args = [GROUP, "c", eid3, "poison", '{"id":"poison"}', '{"id":"poison","error":{}}', 60, "1", "max", 4]
-    assert dead(keys=[s, k.dlq("m"), k.result("poison"), k.replies("gw")], args=dl_args) == 1
+    dl_args = [GROUP, "c", eid3, "poison", '{"id":"poison"}', '{"id":"poison","error":{}}', 60, "1", "max", 4, 100]
+    assert dead(keys=[s, k.dlq("m"), k.result("poison"), k.replies("gw"), *counted], args=dl_args) == 1
     entry = r.xrange(k.dlq("m"))[0][1]
     assert entry[b"p"] == b'{"id":"poison"}' and entry[b"deliveries"] == b"4"
     assert r.get(k.result("poison")) is not None and r.xlen(s) == 0
@@ -266,3 +268,22 @@ def test_gateway_prompt_counter(tmp_path: Any) -> None:
             t.join(10)
     assert c.count(spec, "a b a", None) == 3
     assert c.count(spec, None, [{"role": "user", "content": "a b"}, {"role": "user", "content": "b"}]) == 3
+
+
+# ----------------------------------------------------------------------------- log lines
+
+
+def test_plain_log_lines_cannot_be_forged() -> None:
+    import logging
+
+    from common.logs import PlainFormatter
+
+    fmt = PlainFormatter("%(levelname)s %(name)s: %(message)s")
+    rec = logging.LogRecord("x", logging.INFO, __file__, 1, "model %s", ("m\nFORGED line\x00",), None)
+    rec.request_id = "a b=c"
+    rec.model = "x" * 1000
+    rec.count = 3
+    line = fmt.format(rec)
+    assert "\n" not in line and "\x00" not in line
+    assert line.startswith("INFO x: model m\\nFORGED line\\x00  request_id=\"a b=c\" model=")
+    assert "count=3" in line and len(line) < 400  # long values are cut

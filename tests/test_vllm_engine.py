@@ -159,6 +159,7 @@ async def test_two_requests_run_concurrently(engine: Any) -> None:
 
 
 async def test_abort_mid_generation(engine: Any) -> None:
+    before = engine.aborts
     got = 0
     with pytest.raises(asyncio.CancelledError):
         async for _ in engine.generate(_req("abort-1", max_tokens=300)):
@@ -168,14 +169,17 @@ async def test_abort_mid_generation(engine: Any) -> None:
                 await engine.abort("abort-1")
     assert got < 10
     assert engine.load == 0
+    assert engine.aborts == before + 1  # counted once: abort() and the generator's own clean-up
 
 
 async def test_close_early_aborts(engine: Any) -> None:
+    before = engine.aborts
     gen = engine.generate(_req("close-1", max_tokens=300))
     assert isinstance((await gen.__anext__()), StepOutput)
     assert engine.load == 1
     await gen.aclose()
     assert engine.load == 0
+    assert engine.aborts == before + 1  # what the worker publishes as engine_aborts (was always 0 on vLLM)
 
     started = asyncio.Event()
 

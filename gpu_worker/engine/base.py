@@ -43,6 +43,7 @@ class Engine(Protocol):
     name: str
     slots: int
     max_model_len: int
+    aborts: int  # sequences aborted before they finished (a counter, for metrics)
 
     async def start(self) -> None: ...
 

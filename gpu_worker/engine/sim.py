@@ -108,8 +108,7 @@ class SimEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._hung = False
-        self.steps = 0
-        self.aborted: list[str] = []  # request ids aborted before they finished (observable)
+        self.aborts = 0  # sequences aborted before they finished
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -171,7 +170,7 @@ class SimEngine:
         finally:
             if not seq.done:
                 seq.done = True
-                self.aborted.append(req.request_id)
+                self.aborts += 1
                 self._running.pop(req.request_id, None)
                 try:
                     self._waiting.remove(seq)
@@ -188,7 +187,7 @@ class SimEngine:
                     break
         if seq is not None and not seq.done:
             seq.done = True
-            self.aborted.append(request_id)
+            self.aborts += 1
             seq.out.put_nowait(asyncio.CancelledError())
 
     # ------------------------------------------------------------------ scheduler
@@ -211,7 +210,6 @@ class SimEngine:
                 + self.prefill_ms_per_token * prefill
             )
             await asyncio.sleep(cost_ms / 1000.0)
-            self.steps += 1
             finished = []
             for rid, seq in self._running.items():
                 if seq.done:

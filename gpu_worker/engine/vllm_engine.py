@@ -57,6 +57,8 @@ class VllmEngine:
         self._engine: AsyncLLM | None = None
         self._tokenizer: Any = None
         self._closed = False
+        self.aborts = 0  # sequences aborted before they finished
+        self._aborting: set[str] = set()  # aborted, generator not closed yet (bounded by what runs)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -197,7 +199,7 @@ class VllmEngine:
                 token_ids = list(comp.token_ids)
                 generated += len(token_ids)
                 reason = comp.finish_reason
-                if reason == "abort":  # abort() was called: end like the simulator does
+                if reason == "abort":  # abort() was called (it counted it): end like the simulator does
                     finished = True
                     raise asyncio.CancelledError(f"request {req.request_id} aborted")
                 if reason == "error":
@@ -236,14 +238,17 @@ class VllmEngine:
                 # Closed early (GeneratorExit), cancelled, or failed: free the sequence in vLLM.
                 # vLLM's own generator aborts only when it is closed, which may be much later.
                 try:
-                    await engine.abort(req.request_id)
+                    await self.abort(req.request_id)
                 except Exception:  # the engine may be dead already
                     log.debug("abort of %s failed", req.request_id, exc_info=True)
+            self._aborting.discard(req.request_id)
             await stream.aclose()
 
     async def abort(self, request_id: str) -> None:
         engine = self._engine
-        if engine is not None:
+        if engine is not None and request_id not in self._aborting:
+            self._aborting.add(request_id)
+            self.aborts += 1
             await engine.abort(request_id)
 
 

@@ -1,0 +1,227 @@
+"""The gateway's OpenAPI document: the generation endpoints' request bodies (the request models of
+:mod:`common.schemas`, strict as the gateway checks them), every response with its schema (the
+OpenAI shapes that :mod:`gateway.protocol` builds, and the OpenAI error body), and ``/metrics`` as
+Prometheus text.  The generation routes read their body themselves (``gateway.serving``), so their
+schema is declared here rather than derived from a handler signature."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from common.schemas import ChatCompletionRequest, CompletionRequest, Usage
+
+# ----------------------------------------------------------------------------- response shapes
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error body.  ``id`` is set when a stored request ended in this error."""
+
+    error: ErrorDetail
+    id: str | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    redis: bool
+    live_workers: int
+
+
+class Health(BaseModel):
+    status: str
+
+
+_REQUESTS: list[type[BaseModel]] = [CompletionRequest, ChatCompletionRequest]
+_RESPONSES: list[type[BaseModel]] = [ErrorResponse, CompletionResponse, ChatCompletionResponse, ModelList, Readiness,
+                                     Health]
+
+_ERRORS = {
+    "400": "Invalid request: a field, its value, or a context-length violation (the error names the field)",
+    "404": "No such model, route or stored request",
+    "405": "Method not allowed (see the Allow header)",
+    "408": "The request's headers or body did not arrive in time",
+    "413": "The body is over the size limit",
+    "422": "An Idempotency-Key reused with another endpoint, stream flag or body",
+    "429": "The model's queue is full (entries or bytes); see Retry-After",
+    "499": "The client disconnected before the answer",
+    "500": "The engine failed on this request, or it was dead-lettered after repeated worker failures",
+    "502": "A stored result could not be read",
+    "503": "No live worker for the model, Redis unreachable or near its memory limit, or the gateway at its "
+           "connection limit; see Retry-After",
+    "504": "The request's deadline passed before a result",
+}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {c: {"description": _ERRORS[c], "content": {"application/json": {"schema": _ref(ErrorResponse)}}}
+            for c in codes}
+
+
+_GENERATION_ERRORS = ("400", "404", "408", "413", "422", "429", "499", "500", "502", "503", "504")
+
+
+def _generation(request: type[BaseModel], response: type[BaseModel], summary: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
+        "parameters": [
+            {"name": "Idempotency-Key", "in": "header", "required": False,
+             "schema": {"type": "string", "pattern": "^[\\x20-\\x7e]{1,255}$"},
+             "description": "a retry with the same key and body gets the original answer, not a second generation"},
+            {"name": "X-Request-Id", "in": "header", "required": False,
+             "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,128}$"},
+             "description": "a tracing id, echoed back and logged (1-128 printable ASCII characters, no spaces)"},
+        ],
+        "responses": {
+            "200": {"description": "The completion (JSON), or with stream=true its server-sent events",
+                    "content": {"application/json": {"schema": _ref(response)},
+                                "text/event-stream": {"schema": _SSE_EVENT}}},
+            **_errors(*_GENERATION_ERRORS),
+        },
+    }
+
+
+# one server-sent event: its data is a JSON chunk of the OpenAI shape, an error body, or [DONE]
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a chat.completion.chunk / text_completion chunk as JSON, an error "
+                                              "body, or [DONE] (the last event)"},
+    "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
+
+
+def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+def build_openapi(app: FastAPI, models: list[str]) -> dict[str, Any]:
+    """The document, with ``models`` (those served now) as the examples of the requests' ``model``."""
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                         description="An OpenAI-compatible endpoint for a fleet of vLLM engines behind Redis Streams")
+    _, defs = models_json_schema([(m, "validation") for m in _REQUESTS] + [(m, "serialization") for m in _RESPONSES],
+                                 ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(defs.get("$defs", {}))
+    if models:
+        for req in _REQUESTS:
+            components[req.__name__]["properties"]["model"]["examples"] = models
+    paths = schema["paths"]
+    paths["/v1/completions"]["post"].update(_generation(CompletionRequest, CompletionResponse, "Text completion"))
+    paths["/v1/chat/completions"]["post"].update(
+        _generation(ChatCompletionRequest, ChatCompletionResponse, "Chat completion"))
+    paths["/v1/models"]["get"]["responses"] = {"200": _json(ModelList, "The models live workers serve")}
+    lookup = paths["/v1/requests/{request_id}"]["get"]
+    lookup["summary"] = "A finished request's stored answer (for result_ttl_s)"
+    lookup["responses"] = {
+        "200": {"description": "The stored completion",
+                "content": {"application/json": {"schema": {"anyOf": [_ref(CompletionResponse),
+                                                                      _ref(ChatCompletionResponse)]}}}},
+        **_errors("400", "404", "499", "500", "502", "503", "504"),
+    }
+    paths["/health"]["get"]["responses"] = {"200": _json(Health, "The gateway process is up")}
+    paths["/ready"]["get"]["responses"] = {"200": _json(Readiness, "Redis reachable and at least one live worker"),
+                                           "503": _json(Readiness, "Not ready")}
+    paths["/workers"]["get"]["responses"] = {"200": {"description": "The worker registry as this gateway sees it",
+                                                     "content": {"application/json": {"schema": {"type": "object"}}}}}
+    paths["/metrics"]["get"]["responses"] = {"200": {"description": "Prometheus metrics",
+                                                     "content": {"text/plain": {"schema": {"type": "string"}}}}}
+    return schema
+
+
+def install_openapi(app: FastAPI, live_models: Callable[[], list[str]]) -> None:
+    """``app.openapi()`` builds the document once per set of served models."""
+    built: dict[tuple[str, ...], dict[str, Any]] = {}
+
+    def openapi() -> dict[str, Any]:
+        models = tuple(live_models())
+        if models not in built:
+            built.clear()
+            built[models] = build_openapi(app, list(models))
+        app.openapi_schema = built[models]
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,48 @@
+"""What the gateway's lifespan owns and hands to every request: settings, Redis, the reply router,
+the registry view, metrics, the ENQUEUE batcher, the balancer and the prompt counter."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import redis
+import redis.asyncio as aioredis
+
+from common.batching import ScriptBatcher
+from common.settings import Settings
+from gateway.metrics import GatewayMetrics
+from gateway.registry import RegistryView
+from gateway.replies import ReplyRouter
+from gateway.routing import Balancer
+from gateway.tokens import PromptCounter
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    redis: aioredis.Redis
+    router: ReplyRouter
+    registry: RegistryView
+    metrics: GatewayMetrics
+    enqueue: ScriptBatcher
+    balancer: Balancer
+    prompts: PromptCounter = field(default_factory=PromptCounter)
+    loop_tick: float = field(default_factory=time.monotonic)  # the event loop's last tick (liveness)
+
+    @property
+    def ready(self) -> bool:
+        return self.registry.redis_ok and self.router.healthy
+
+    @property
+    def loop_lag_s(self) -> float:
+        return max(0.0, time.monotonic() - self.loop_tick)
+
+    def model_label(self, model: str | None) -> str:
+        """A model as a metric label: only models the fleet serves or served (bounded), else ``unknown``."""
+        return model if model is not None and model in self.registry.models else "unknown"
+
+    async def cancel(self, request_id: str) -> None:
+        with contextlib.suppress(redis.RedisError, OSError):
+            await self.redis.xadd(self.settings.keys.cancels, {"r": request_id}, maxlen=10_000, approximate=True)
