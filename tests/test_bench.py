@@ -521,3 +521,15 @@ def test_open_loop_never_sends_early(loop: str) -> None:
     assert r.ok == 300
     lateness = [s.sent - s.sched for s in r.samples if s.sent is not None]
     assert len(lateness) == 300 and min(lateness) >= 0.0
+
+
+def test_clientcost_summary_pairs_the_clients_of_one_repetition() -> None:
+    from bench.clientcost import summary
+
+    rows = [{"repeat": k, "target": "dummy", "stream": False, "client": c, "us_per_req": us}
+            for k, c, us in [(1, "raw", 100.0), (1, "aiohttp", 250.0), (2, "aiohttp", 300.0), (2, "raw", 200.0),
+                             (3, "raw", 110.0), (3, "aiohttp", 260.0)]]
+    (cell,) = summary(rows)
+    assert cell["raw"] == {"median": 110.0, "min": 100.0, "max": 200.0}
+    assert cell["aiohttp"] == {"median": 260.0, "min": 250.0, "max": 300.0}
+    assert cell["aiohttp_over_raw"] == round(260 / 110, 2) and cell["aiohttp_over_raw_min"] == 1.5
