@@ -167,7 +167,8 @@ def split_url(url: str, endpoint: str) -> tuple[str, str, int, str, bool]:
 
 
 class AiohttpClient:
-    """The same job done by aiohttp (a cross-check of the raw client; several times more CPU)."""
+    """The same job done by aiohttp: the cross-check of :mod:`bench.rawhttp` (about twice its CPU per
+    request; docs/benchmarks.md, section 6)."""
 
     def __init__(self, url: str, endpoint: str, api_key: str | None = None) -> None:
         """Construct inside the running loop (the session binds to it)."""
