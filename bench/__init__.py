@@ -13,4 +13,5 @@ One job per module:
 * :mod:`bench.cli` (``python -m bench``), :mod:`bench.dummy` (``--serve-dummy``)
 * :mod:`bench.fleet`: the one launcher of local fleets (redis-server, workers, gateways; nginx over sim servers)
 * :mod:`bench.core`, :mod:`bench.chaos`, :mod:`bench.compare`: the benchmark programs
+* :mod:`bench.clientcost`: the raw client's CPU per request against aiohttp's (why :mod:`bench.rawhttp` exists)
 """
