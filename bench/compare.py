@@ -1,6 +1,6 @@
 """Side-by-side comparison of mgpu's balancing strategies and nginx round-robin, plus worker scaling.
 
-    python -m ops.compare --out docs            # ~15 minutes on a 2-core machine
+    python -m bench.compare --out docs            # ~15 minutes on a 2-core machine
 
 Part 1: one sim fleet (4 workers x 16 slots, decode 10 ms + 0.1 ms per running sequence, prefill
 0.02 ms per prompt token), requests 90 % max_tokens=32 / 10 % max_tokens=1024, streaming.  The
@@ -21,22 +21,19 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis
+from bench.fleet import Fleet, NginxFleet
+from bench.loadgen import run_load
+from bench.result import BenchResult, Sample
+from bench.stats import pct
+from bench.workload import BenchConfig
+from ops.procs import RedisServer
 
-from ops.bench import BenchConfig, BenchResult, Sample, percentile, run_load
-from ops.procs import RedisServer, free_port, mgpu_cmd, spawn, terminate, wait_until
-
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "sim"
 MIX = [(0.9, 32), (0.1, 1024)]
 SHORT_TOKENS = 32  # requests of at most this many tokens are "short" in the per-class p99
@@ -46,145 +43,19 @@ SCALE_SIM = {"slots": 8, "sim_decode_ms": 40.0, "sim_decode_ms_per_seq": 0.0, "s
 SCALE_TOKENS = 16
 
 
-def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return json.loads(r.read())
-
-
-def _flags(d: dict[str, Any]) -> list[str]:
-    return [x for k, v in d.items() for x in ("--" + k.replace("_", "-"), str(v))]
-
-
-@dataclass
-class Fleet:
-    """redis-server + mgpu gateway + N sim workers."""
-
-    tmp: Path
-    redis_url: str
-    n: int
-    sim: dict[str, Any]
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Fleet:
-        ns = f"cmp{os.getpid()}n{self.n}"
-        env = {"MGPU_REDIS_URL": self.redis_url, "MGPU_NAMESPACE": ns, "MGPU_LOG_LEVEL": "WARNING",
-               "PYTHONPATH": str(ROOT)}
-        self.ns = ns
-        for i in range(self.n):
-            self.procs.append(spawn(mgpu_cmd("worker", "--engine", "sim", "--model", MODEL, "--worker-id", f"w{i}",
-                                             *_flags(self.sim)), env=env, log_path=self.tmp / f"w{i}.log",
-                                    die_with_parent=True))
-        self.port = free_port()
-        self.procs.append(spawn(mgpu_cmd("gateway", "--port", str(self.port)), env=env,
-                                log_path=self.tmp / "gateway.log", die_with_parent=True))
-
-        def ready() -> bool:
-            try:
-                ws = _get(self.url + "/workers")["workers"]
-            except OSError:
-                return False
-            return sum(w["state"] == "ready" for w in ws) == self.n
-
-        wait_until(ready, 60, f"{self.n} workers ready", interval=0.2)
-        return self
-
-    def set_strategy(self, name: str) -> None:
-        r = redis.Redis.from_url(self.redis_url)
-        r.hset(f"{self.ns}:control", "strategy", name)
-        wait_until(lambda: _get(self.url + "/workers")["strategy"] == name, 10, f"strategy {name}")
-
-    def wait_idle(self) -> None:
-        def idle() -> bool:
-            ws = _get(self.url + "/workers")["workers"]
-            return all(int(w["in_flight"]) == 0 and int(w.get("queued", 0)) == 0 for w in ws)
-
-        wait_until(idle, 120, "fleet idle", interval=0.2)
-
-    def stop(self) -> None:
-        for p in self.procs:
-            terminate(p, timeout=10)
-        self.procs.clear()
-
-
-@dataclass
-class NginxFleet:
-    """nginx (generated config, ``upstream`` round-robin) over N ``mgpu sim-server`` processes."""
-
-    tmp: Path
-    n: int
-    sim: dict[str, Any]
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    port: int = 0
-    config: str = ""
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> NginxFleet:
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        ports = [free_port() for _ in range(self.n)]
-        for i, p in enumerate(ports):
-            self.procs.append(spawn(mgpu_cmd("sim-server", "--port", str(p), "--model", MODEL, *_flags(self.sim)),
-                                    env={"PYTHONPATH": str(ROOT), "MGPU_LOG_LEVEL": "WARNING"},
-                                    log_path=self.tmp / f"sim{i}.log", die_with_parent=True))
-        for p in ports:
-            wait_until(lambda p=p: _up(f"http://127.0.0.1:{p}/health"), 30, f"sim-server :{p}", interval=0.2)
-        self.port = free_port()
-        prefix = self.tmp / "nginx"
-        (prefix / "logs").mkdir(parents=True, exist_ok=True)
-        servers = "\n".join(f"        server 127.0.0.1:{p};" for p in ports)
-        self.config = f"""worker_processes 1;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/logs/error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    upstream sim {{
-        # round-robin (nginx's default)
-{servers}
-        keepalive 256;
-    }}
-    server {{
-        listen 127.0.0.1:{self.port};
-        location / {{
-            proxy_pass http://sim;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_read_timeout 600s;
-        }}
-    }}
-}}
-"""
-        conf = prefix / "nginx.conf"
-        conf.write_text(self.config)
-        self.procs.append(spawn([nginx, "-p", str(prefix), "-c", str(conf)], log_path=self.tmp / "nginx.out",
-                                die_with_parent=True))
-        wait_until(lambda: _up(self.url + "/health"), 20, "nginx", interval=0.2)
-        return self
-
-    def wait_idle(self) -> None:
-        pass  # each run drains its own requests (run_load waits for them)
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            terminate(p, timeout=10)
-        self.procs.clear()
-
-
-def _up(url: str) -> bool:
+def mgpu_fleet(tmp: Path, redis_server: RedisServer, n: int, sim: dict[str, Any]) -> Fleet:
+    """A gateway and ``n`` sim workers (``w0`` ...) on the shared redis-server, in a namespace of
+    their own, every one of them dying with this process; returned once the gateway routes to all."""
+    fleet = Fleet(tmp, redis_server, ns=f"cmp{os.getpid()}n{n}", die_with_parent=True)
     try:
-        _get(url)
-        return True
-    except OSError:
-        return False
+        for i in range(n):
+            fleet.start_worker(wait=False, worker_id=f"w{i}", model=MODEL, **sim)
+        fleet.start_gateway(wait_ready=False)
+        fleet.wait_routable(60)
+    except BaseException:
+        fleet.stop()
+        raise
+    return fleet
 
 
 def _cfg(url: str, **kw: Any) -> BenchConfig:
@@ -214,7 +85,8 @@ def _measured(res: BenchResult, cfg: BenchConfig) -> list[Sample]:
 
 
 def _p(values: list[float], q: float) -> float:
-    return round(percentile(sorted(values), q), 1) if values else float("nan")
+    """The ``q`` percentile to 0.1 ms (NaN when there are no values)."""
+    return round(pct(values, q), 1)
 
 
 def _class_stats(samples: list[Sample]) -> dict[str, float]:
@@ -268,7 +140,7 @@ def p99_floor(sim: dict[str, Any], mix: list[tuple[float, int]], prompt_words: i
                    f"worker each takes {tokens} decode steps of {step:.1f} ms"}
 
 
-def compare(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, Any]:
+def compare(args: argparse.Namespace, tmp: Path, redis_server: RedisServer) -> dict[str, Any]:
     """Both fleets stay up for the whole run, and every repetition runs every (load, system) point
     with the same arrival sequence (seed = repetition), rotating the order of the systems, so that
     drift on a shared machine falls on all systems alike."""
@@ -276,14 +148,13 @@ def compare(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, An
                            "repeats": args.repeats, "runs": [], "each": []}
     (tmp / "mgpu").mkdir()
     (tmp / "nginx").mkdir()
-    fleet = Fleet(tmp / "mgpu", redis_url, 4, SIM)
-    ng = NginxFleet(tmp / "nginx", 4, SIM)
+    fleet = mgpu_fleet(tmp / "mgpu", redis_server, 4, SIM)
+    ng = NginxFleet(tmp / "nginx", 4, SIM, model=MODEL)
     try:
-        fleet.start()
         ng.start()
         out["nginx_config"] = ng.config
         fleet.set_strategy("pull")
-        cap, _ = _run(_cfg(fleet.url, concurrency=4 * SIM["slots"] * 2, duration=args.cap_duration,
+        cap, _ = _run(_cfg(fleet.base_url, concurrency=4 * SIM["slots"] * 2, duration=args.cap_duration,
                            warmup=args.cap_warmup, label="capacity (pull, closed loop)"))
         capacity = args.capacity or cap["throughput_rps"]
         out["capacity"] = {**cap, "used_rps": capacity}
@@ -294,7 +165,7 @@ def compare(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, An
             for frac in args.loads:
                 k = rep % len(systems)
                 for system in systems[k:] + systems[:k]:
-                    url = ng.url if system.startswith("nginx") else fleet.url
+                    url = ng.base_url if system.startswith("nginx") else fleet.base_url
                     if not system.startswith("nginx"):
                         fleet.set_strategy(system.split()[1])
                     row, samples = _run(_cfg(url, rate=frac * capacity, duration=args.duration, warmup=args.warmup,
@@ -313,14 +184,15 @@ def compare(args: argparse.Namespace, tmp: Path, redis_url: str) -> dict[str, An
     return out
 
 
-def scaling(args: argparse.Namespace, tmp: Path, redis_url: str) -> list[dict[str, Any]]:
+def scaling(args: argparse.Namespace, tmp: Path, redis_server: RedisServer) -> list[dict[str, Any]]:
+    """Saturating closed-loop throughput of 1, 2, 4, 8 (``--scale``) workers, and its efficiency."""
     rows = []
     for n in args.scale:
         d = tmp / f"scale{n}"
         d.mkdir()
-        fleet = Fleet(d, redis_url, n, SCALE_SIM).start()
+        fleet = mgpu_fleet(d, redis_server, n, SCALE_SIM)
         try:
-            row, _ = _run(_cfg(fleet.url, stream=False, mix=None, max_tokens=SCALE_TOKENS, prompt_words=8,
+            row, _ = _run(_cfg(fleet.base_url, stream=False, mix=None, max_tokens=SCALE_TOKENS, prompt_words=8,
                             concurrency=2 * n * SCALE_SIM["slots"], duration=args.scale_duration, warmup=3.0,
                             label=f"scaling {n} workers"))
             rows.append({"workers": n, **row})
@@ -428,7 +300,7 @@ def tables(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ops.compare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs")
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds per point")
@@ -445,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": " ".join(["python -m ops.compare",
+    data: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": " ".join(["python -m bench.compare",
                                                                                           *(argv or sys.argv[1:])]),
                             "machine": f"{os.cpu_count()} CPU cores, no GPU, sim engine"}
     with tempfile.TemporaryDirectory(prefix="mgpu-compare-") as td:
@@ -453,9 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         srv = RedisServer(tmp / "redis", appendonly=False, die_with_parent=True).start()  # a killed run leaves nothing
         try:
             if not a.skip_compare:
-                data.update(compare(a, tmp, srv.url))
+                data.update(compare(a, tmp, srv))
             if a.scale:
-                data["scaling"] = scaling(a, tmp, srv.url)
+                data["scaling"] = scaling(a, tmp, srv)
         finally:
             srv.stop()
     (out / "balancing.json").write_text(json.dumps(data, indent=1))

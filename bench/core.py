@@ -1,7 +1,7 @@
 """Benchmarks of the serving path's own cost (issue: routing overhead and aggregate throughput).
 
 Starts a redis-server (AOF, appendfsync everysec: the production setting), one gateway and one
-sim worker at zero engine cost, then runs ``ops.bench``:
+sim worker at zero engine cost, then runs the load generator (:mod:`bench.loadgen`):
 
 1. overhead: open-loop Poisson at ``--rate`` (500 req/s) over HTTP, then the same schedule against
    the same sim engine called in-process; the difference is what the full path adds
@@ -9,7 +9,7 @@ sim worker at zero engine cost, then runs ``ops.bench``:
 2. throughput: open-loop at ``--high-rate`` (1,000 req/s) for ``--high-duration`` (60 s): errors,
    latency and achieved rate; then a closed loop (64 clients) for the ceiling.
 
-    python -m ops.bench_core --json bench-core.json
+    python -m bench.core --json bench-core.json
 
 Sim figures only: no GPU is involved, and none of these numbers is a GPU figure.
 """
@@ -21,35 +21,52 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ops.bench import BenchConfig, BenchResult, format_table, overhead_ms, run_load
-from ops.procs import RedisServer, free_port, mgpu_cmd, spawn, terminate, wait_until
+from bench.fleet import Fleet
+from bench.loadgen import run_load
+from bench.report import format_table
+from bench.result import BenchResult, overhead_ms
+from bench.stats import pct
+from bench.workload import BenchConfig
 
 MODEL = "sim-zero"
 ZERO = {"sim_decode_ms": 0.0, "sim_decode_ms_per_seq": 0.0, "sim_prefill_ms_per_token": 0.0}
 
 
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
-
-
 def _run(cfg: BenchConfig) -> BenchResult:
+    """One load-generator run, on a fresh event loop."""
     return asyncio.run(run_load(cfg))
 
 
+def _measure(args: argparse.Namespace, out: dict[str, Any], url: str) -> list[BenchResult]:
+    """The runs against the gateway at ``url``, recorded into ``out``; the results, for the table."""
+    base: dict[str, Any] = dict(url=url, model=MODEL, endpoint=args.endpoint, max_tokens=args.max_tokens,
+                                sim_slots=512, **ZERO)
+    _run(BenchConfig(rate=200, duration=3, **base))  # warm up connections and code paths
+    tables = []
+    for i in range(args.repeats):
+        http = _run(BenchConfig(rate=args.rate, duration=args.duration, warmup=2, seed=i, label=f"http#{i}", **base))
+        inproc = _run(BenchConfig(rate=args.rate, duration=args.duration, warmup=2, seed=i,
+                                  in_process=True, label=f"in-process#{i}", **base))
+        added = overhead_ms(http, inproc)
+        out["overhead"].append({"http": http.to_dict(), "in_process": inproc.to_dict(), "added_ms": added})
+        tables += [http, inproc]
+        print(f"run {i}: added p50 {added['latency_p50']:.2f} ms, p99 {added['latency_p99']:.2f} ms, "
+              f"errors {http.error_count}", flush=True)
+    high = _run(BenchConfig(rate=args.high_rate, duration=args.high_duration, warmup=2, label="high", **base))
+    closed = _run(BenchConfig(concurrency=64, duration=20, warmup=2, label="closed-64", **base))
+    out["high"], out["closed"] = high.to_dict(), closed.to_dict()
+    return [*tables, high, closed]
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ops.bench_core", description=__doc__,
+    """Start the fleet, run the benchmark, print the tables, write ``--json``."""
+    ap = argparse.ArgumentParser(prog="python -m bench.core", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--duration", type=float, default=15.0)
@@ -65,42 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     extra = dict(kv.split("=", 1) for kv in args.gateway_env)
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": os.cpu_count(),
                            "python": platform.python_version(), "settings": extra, "overhead": [], "high": None}
-    with tempfile.TemporaryDirectory(prefix="mgpu-bench-") as d:
-        tmp = Path(d)
-        srv = RedisServer(tmp / "redis").start()
-        env = {"MGPU_REDIS_URL": srv.url, "MGPU_LOG_LEVEL": "WARNING", **extra}
-        port = free_port()
-        worker = spawn(mgpu_cmd("worker"), env={**env, "MGPU_ENGINE": "sim", "MGPU_MODEL": MODEL, "MGPU_SLOTS": "512",
-                                                **{f"MGPU_{k.upper()}": str(v) for k, v in ZERO.items()}},
-                       log_path=tmp / "worker.log")
-        gateway = spawn(mgpu_cmd("gateway"), env={**env, "MGPU_PORT": str(port)}, log_path=tmp / "gateway.log")
-        try:
-            wait_until(lambda: _ready(port), 60, "gateway ready", interval=0.1)
-            base = dict(url=f"http://127.0.0.1:{port}", model=MODEL, endpoint=args.endpoint,
-                        max_tokens=args.max_tokens, sim_slots=512, **ZERO)
-            _run(BenchConfig(rate=200, duration=3, **base))  # warm up connections and code paths
-            tables = []
-            for i in range(args.repeats):
-                http = _run(BenchConfig(rate=args.rate, duration=args.duration, warmup=2, seed=i, label=f"http#{i}",
-                                        **base))
-                inproc = _run(BenchConfig(rate=args.rate, duration=args.duration, warmup=2, seed=i,
-                                          in_process=True, label=f"in-process#{i}", **base))
-                added = overhead_ms(http, inproc)
-                out["overhead"].append({"http": http.to_dict(), "in_process": inproc.to_dict(), "added_ms": added})
-                tables += [http, inproc]
-                print(f"run {i}: added p50 {added['latency_p50']:.2f} ms, p99 {added['latency_p99']:.2f} ms, "
-                      f"errors {http.error_count}", flush=True)
-            high = _run(BenchConfig(rate=args.high_rate, duration=args.high_duration, warmup=2, label="high",
-                                    **base))
-            closed = _run(BenchConfig(concurrency=64, duration=20, warmup=2, label="closed-64", **base))
-            out["high"], out["closed"] = high.to_dict(), closed.to_dict()
-            tables += [high, closed]
-        finally:
-            for p in (gateway, worker):
-                terminate(p)
-            srv.stop()
+    with tempfile.TemporaryDirectory(prefix="mgpu-bench-") as d, Fleet.launch(Path(d), settings=extra) as fleet:
+        fleet.start_worker(wait=False, model=MODEL, slots=512, **ZERO)
+        fleet.start_gateway(timeout=60)
+        tables = _measure(args, out, fleet.base_url)
     adds = [o["added_ms"] for o in out["overhead"]]
-    out["added_median_ms"] = {k: statistics.median(a[k] for a in adds) for k in adds[0]}
+    out["added_median_ms"] = {k: pct((a[k] for a in adds), 50) for k in adds[0]}
     print(format_table(tables, markdown=True))
     m = out["added_median_ms"]
     print(f"\nadded by the full path at {args.rate:.0f} req/s (median of {args.repeats}): "

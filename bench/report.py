@@ -1,0 +1,71 @@
+"""The load generator's tables: one row per :class:`bench.result.BenchResult` (plain text or
+Markdown, as ``mgpu bench`` and ``python -m bench.core`` print them), then error breakdowns and warnings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from bench.result import BenchResult
+
+
+def _f(v: float | None, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+_COLUMNS = (
+    "label", "target", "load", "offered", "ok", "err", "req/s", "tok/s",
+    "p50 ms", "p90 ms", "p99 ms", "max ms", "mean ms", "ttft50", "ttft90", "ttft99",
+    "late avg", "late max", "cpu%",
+)
+
+
+def _row(r: BenchResult) -> list[str]:
+    lat = r.latency_ms or {}
+    ttft = r.ttft_ms or {}
+    late = r.lateness_ms or {}
+    load = f"{r.rate:g}/s" if r.rate is not None else f"c={r.concurrency}"
+    return [
+        r.label or "-", r.target + ("/sse" if r.stream else ""), load, str(r.offered), str(r.ok),
+        str(r.error_count), _f(r.throughput_rps), _f(r.tokens_per_s, 0),
+        _f(lat.get("p50")), _f(lat.get("p90")), _f(lat.get("p99")), _f(lat.get("max")), _f(lat.get("mean")),
+        _f(ttft.get("p50")), _f(ttft.get("p90")), _f(ttft.get("p99")),
+        _f(late.get("mean"), 2), _f(late.get("max"), 1),
+        _f(100.0 * r.cpu_s / r.wall_s if r.wall_s > 0 else 0.0, 0),
+    ]
+
+
+def format_table(results: Sequence[BenchResult], markdown: bool = False) -> str:
+    """One row per result, then error breakdowns and warnings; ``markdown`` for docs tables."""
+    rows = [list(_COLUMNS)] + [_row(r) for r in results]
+    lines: list[str] = []
+    if markdown:
+        lines.append("| " + " | ".join(rows[0]) + " |")
+        lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(rows[0]))) + "|")
+        lines.extend("| " + " | ".join(r) + " |" for r in rows[1:])
+    else:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            cells = (c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            lines.append("  ".join(cells).rstrip())
+    notes: list[str] = []
+    for r in results:
+        name = r.label or r.target
+        if r.errors:
+            parts = ", ".join(f"{k}: {v}" for k, v in r.errors.items())
+            notes.append(f"{name}: errors {parts}")
+            for k, v in r.error_details.items():
+                if v:
+                    notes.append(f"  {k}: {v[:160]}")
+        if r.fell_behind and r.lateness_ms:
+            notes.append(
+                f"{name}: WARNING the generator fell behind its schedule (send lateness p99 "
+                f"{r.lateness_ms['p99']:.1f} ms, max {r.lateness_ms['max']:.1f} ms); latencies still count "
+                "from the schedule; consider --procs"
+            )
+        if r.no_usage:
+            notes.append(f"{name}: {r.no_usage} streamed replies had no usage chunk; tokens = content chunks")
+    return "\n".join(lines + (["", *notes] if notes else []))
