@@ -259,9 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-ms", type=float, default=10.0)
     ap.add_argument("--every", type=float, default=5.0, help="seconds between chaos events")
     ap.add_argument("--json", dest="json_path")
+    ap.add_argument("--logs", help="keep the fleet's logs (and Redis data) in this folder")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="mgpu-chaos-") as d:
-        report = run(args, Path(d))
+    if args.logs:
+        Path(args.logs).mkdir(parents=True, exist_ok=True)
+        report = run(args, Path(args.logs))
+    else:
+        with tempfile.TemporaryDirectory(prefix="mgpu-chaos-") as d:
+            report = run(args, Path(d))
     print(format_report(report))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(asdict(report), indent=2))
