@@ -27,7 +27,11 @@ them into HTTP responses.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import ClassVar
+
+import redis
 
 from common.schemas import ErrorInfo
 
@@ -150,3 +154,19 @@ def from_info(info: ErrorInfo) -> MgpuError:
         cls = InvalidRequest if 400 <= info.status < 500 else GenerationFailed
     err = cls(info.message, param=info.param)
     return err
+
+
+def unavailable(exc: BaseException, *, what: str = "the queue (Redis) is unreachable",
+                retry_after: float | None = None) -> ServiceUnavailable:
+    """The one translation of a Redis (or socket) error into what a client is told: 503."""
+    return ServiceUnavailable(f"{what}: {exc}", retry_after=retry_after)
+
+
+@contextmanager
+def redis_unavailable(what: str = "the queue (Redis) is unreachable",
+                      retry_after: float | None = None) -> Iterator[None]:
+    """``with redis_unavailable(...):`` a Redis or socket error inside becomes :class:`ServiceUnavailable`."""
+    try:
+        yield
+    except (redis.RedisError, OSError) as exc:
+        raise unavailable(exc, what=what, retry_after=retry_after) from None

@@ -1,262 +1,188 @@
-"""Lua scripts: every multi-key step that must be atomic.  Ownership of a stream entry is checked
-with XPENDING inside the script, because XACK takes no consumer argument: a zombie worker that
-lost an entry can neither write a chunk or a result for it nor acknowledge it."""
+"""The queue's Lua scripts (:mod:`common.lua`) behind typed calls: no caller packs KEYS or ARGV.
+
+    enqueue(...)           -> Queued | Duplicate | QueueFull        (gateway)
+    emit(entry, ...)       -> bool: written, or False when fenced    (worker, streaming chunks)
+    finish(entry, ...)     -> Finish.STORED | DUPLICATE | FENCED     (worker, the result)
+    dead_letter(entry,...) -> bool: moved, or False when fenced      (worker)
+    reclaim(...)           -> (cursor, [Claimed])                    (worker, entries past their lease)
+    release(...)           -> int: entries handed back               (worker, drain)
+    move_undelivered(...)  -> (moved, left) | None when the owner lives (worker, own streams)
+    renew(pipeline, ...)   queues a RENEW on a sync pipeline          (the worker's liveness thread)
+
+The calls made most (enqueue, emit, finish) go through a :class:`common.batching.ScriptBatcher`, so
+concurrent calls share pipelined round trips.  Every entry a worker writes for is named by an
+:class:`Entry` (stream, id, this consumer, model), and every write is fenced in the script: a worker
+that no longer owns the entry (its lease passed) can write nothing for it.
+"""
 
 from __future__ import annotations
 
-# KEYS: target stream, idempotency key ('' for none), target worker's registry hash ('' for none), shared
-#       stream, the model's byte counter, the total byte counter, further streams counted toward the backlog...
-# ARGV: max_len, payload, idempotency record (JSON), idem_ttl, max_bytes (model), max_bytes_total
-# -> {1, entry_id, fell_back} queued | {0, 'entries' | 'bytes' | 'total_bytes'} full
-#    | {2, the stored idempotency record} that key was used before
-# A push to a worker's own stream (KEYS[1]) goes to the shared stream (KEYS[4]) instead when that
-# worker is not 'ready' (draining, or its registry hash expired): nothing is pushed to a stream that
-# nobody reads, atomically with the orphan sweep (MOVE_UNDELIVERED) that deletes such streams.
-# The queue limit counts KEYS[1], KEYS[4] (when different) and KEYS[7..].  The entry carries its size
-# (field 'b'), which FINISH and DEAD_LETTER subtract from both byte counters when they delete it.
-ENQUEUE = """
-if KEYS[2] ~= '' then
-  local existing = redis.call('GET', KEYS[2])
-  if existing then return {2, existing} end
-end
-local target = KEYS[1]
-local fell = 0
-if KEYS[3] ~= '' and redis.call('HGET', KEYS[3], 'state') ~= 'ready' then
-  target = KEYS[4]
-  fell = 1
-end
-local backlog = redis.call('XLEN', KEYS[1])
-if KEYS[4] ~= KEYS[1] then backlog = backlog + redis.call('XLEN', KEYS[4]) end
-for i = 7, #KEYS do backlog = backlog + redis.call('XLEN', KEYS[i]) end
-if backlog >= tonumber(ARGV[1]) then return {0, 'entries'} end
-local size = #ARGV[2]
-if tonumber(redis.call('GET', KEYS[5]) or '0') + size > tonumber(ARGV[5]) then return {0, 'bytes'} end
-if tonumber(redis.call('GET', KEYS[6]) or '0') + size > tonumber(ARGV[6]) then return {0, 'total_bytes'} end
-local id = redis.call('XADD', target, '*', 'p', ARGV[2], 'b', size)
-redis.call('INCRBY', KEYS[5], size)
-redis.call('INCRBY', KEYS[6], size)
-if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4]) end
-return {1, id, fell}
-"""
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
 
-# Move the entries of a worker's own stream that nobody has read yet to the shared stream (payload
-# kept, new id at the back), then delete the own stream once it is empty (nothing pending either).
-# Runs for a draining worker (by itself, force='1') and for a dead one (by any live worker: only
-# when the registry hash is gone).  Entries already delivered stay pending for XAUTOCLAIM.
-# KEYS: own stream, its worker's registry hash, shared stream, set of own streams of the model
-# ARGV: group, mover consumer, max entries, worker id, force('1'/'0')
-# -> {moved, entries left in the own stream} | {-1, 0} the worker is alive
-MOVE_UNDELIVERED = """
-if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[2]) == 1 then return {-1, 0} end
-local moved = 0
-local ok, res = pcall(redis.call, 'XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
-                      'STREAMS', KEYS[1], '>')
-local entries = {}
-if ok then
-  if res and res[1] then entries = res[1][2] end
-else  -- no group yet: nothing was ever delivered
-  entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[3])
-end
-for _, e in ipairs(entries) do
-  if e[2] and #e[2] > 0 then redis.call('XADD', KEYS[3], '*', unpack(e[2])) end
-  if ok then redis.call('XACK', KEYS[1], ARGV[1], e[1]) end
-  redis.call('XDEL', KEYS[1], e[1])
-  moved = moved + 1
-end
-local left = redis.call('XLEN', KEYS[1])
-if left == 0 and ARGV[5] ~= '1' then
-  redis.call('DEL', KEYS[1])
-  redis.call('SREM', KEYS[4], ARGV[4])
-end
-return {moved, left}
-"""
+import redis
+import redis.asyncio as aioredis
 
-_OWNED = """
-local function owned(stream, group, id, consumer)
-  local p = redis.call('XPENDING', stream, group, id, id, 1)
-  return #p > 0 and p[1][2] == consumer
-end
-"""
+from common import lua
+from common.batching import ScriptBatcher
+from common.keys import GROUP, Keys
+from common.records import ReplyKind
+from common.schemas import Chunk, IdempotencyRecord, Result
 
-# Before an entry is deleted: take its size (field 'b', set by ENQUEUE) off the byte counters.
-_UNCOUNT = """
-local function uncount(stream, id, model_key, total_key)
-  local e = redis.call('XRANGE', stream, id, id)
-  if not e[1] then return end
-  local f = e[1][2]
-  for i = 1, #f, 2 do
-    if f[i] == 'b' then
-      for _, k in ipairs({model_key, total_key}) do
-        if redis.call('DECRBY', k, f[i + 1]) <= 0 then redis.call('DEL', k) end
-      end
-      return
-    end
-  end
-end
-"""
 
-# KEYS: stream, chunks, replies   ARGV: group, consumer, entry_id, request_id, chunk_json, ttl, reply('1'/'0')
-# -> 1 written | 0 fenced (this consumer no longer owns the entry)
-EMIT_CHUNK = _OWNED + """
-if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
-redis.call('XADD', KEYS[2], '*', 'c', ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[6])
-if ARGV[7] == '1' then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', '100000', '*', 'r', ARGV[4], 'k', 'c', 'p', ARGV[5])
-end
-return 1
-"""
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
-# KEYS: stream, result, replies, model byte counter, total byte counter
-# ARGV: group, consumer, entry_id, request_id, result_json, ttl, reply, kind
-# -> 1 stored and acknowledged | 2 acknowledged, an earlier result won | 0 fenced
-FINISH = _OWNED + _UNCOUNT + """
-if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
-local stored = redis.call('SET', KEYS[2], ARGV[5], 'NX', 'EX', ARGV[6])
-if stored and ARGV[7] == '1' then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', '100000', '*', 'r', ARGV[4], 'k', ARGV[8], 'p', ARGV[5])
-end
-uncount(KEYS[1], ARGV[3], KEYS[4], KEYS[5])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XDEL', KEYS[1], ARGV[3])
-if stored then return 1 end
-return 2
-"""
 
-# KEYS: stream   ARGV: group, consumer, id...   -> ids this consumer no longer owns
-RENEW = _OWNED + """
-local lost = {}
-for i = 3, #ARGV do
-  if owned(KEYS[1], ARGV[1], ARGV[i], ARGV[2]) then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-  else
-    table.insert(lost, ARGV[i])
-  end
-end
-return lost
-"""
+# ----------------------------------------------------------------------------- results
 
-# Take over entries whose lease passed (idle past min_idle_ms): XPENDING first, so that the previous
-# owner and delivery count are known, then XCLAIM (which counts a delivery, and drops from the pending
-# list an entry deleted meanwhile).  Follow the cursor until it is '0-0'.
-# KEYS: stream   ARGV: group, consumer, min_idle_ms, start ('-' or '(id'), count
-# -> {next_start | '0-0', {{entry_id, fields, previous_owner, deliveries}, ...}}
-RECLAIM = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[4], '+', ARGV[5])
-local out = {}
-for _, e in ipairs(p) do
-  local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], e[1])
-  if c[1] then table.insert(out, {e[1], c[1][2], e[2], e[4] + 1}) end
-end
-local nxt = '0-0'
-if #p >= tonumber(ARGV[5]) then nxt = '(' .. p[#p][1] end
-return {nxt, out}
-"""
 
-# Hand entries back for immediate reclaim without spending a delivery: the idle time is set far
-# past any lease and the delivery count lowered by one (the reclaim adds it back).
-# KEYS: stream   ARGV: group, consumer, idle_ms, id...   -> number released
-RELEASE = """
-local n = 0
-for i = 4, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if #p > 0 and p[1][2] == ARGV[2] then
-    local count = math.max(p[1][4] - 1, 0)
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'RETRYCOUNT', count, 'JUSTID')
-    n = n + 1
-  end
-end
-return n
-"""
+@dataclass(frozen=True)
+class Queued:
+    entry_id: str
+    fell_back: bool  # pushed to a worker that was not ready: it went to the shared stream instead
 
-# Stream ids compared as numbers ("ms-seq").
-_ID_LT = """
-local function id_lt(a, b)
-  local am, as = string.match(a, '(%d+)-(%d+)')
-  local bm, bs = string.match(b, '(%d+)-(%d+)')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am < bm or (am == bm and as < bs)
-end
-"""
 
-# Keep a dead-letter stream at most `max` long: trim the oldest first, but never an entry that a
-# consumer group of the dead-letter stream (an operator's tool) has not acknowledged or not read yet.
-_TRIM_DLQ = _ID_LT + """
-local function trim_dlq(dlq, max)
-  local len = redis.call('XLEN', dlq)
-  if len <= max then return end
-  local cut = redis.call('XRANGE', dlq, '-', '+', 'COUNT', len - max + 1)
-  local minid = cut[#cut][1]
-  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', dlq)
-  if ok then
-    for _, g in ipairs(groups) do
-      local info = {}
-      for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
-      if tonumber(info['pending']) > 0 then
-        local p = redis.call('XPENDING', dlq, info['name'])
-        if id_lt(p[2], minid) then minid = p[2] end
-      end
-      local unread = redis.call('XRANGE', dlq, '(' .. info['last-delivered-id'], '+', 'COUNT', 1)
-      if unread[1] and id_lt(unread[1][1], minid) then minid = unread[1][1] end
-    end
-  end
-  redis.call('XTRIM', dlq, 'MINID', minid)
-end
-"""
+@dataclass(frozen=True)
+class Duplicate:
+    first: IdempotencyRecord  # what the key was first used for
 
-# KEYS: stream, dlq, result, replies, model byte counter, total byte counter
-# ARGV: group, consumer, entry_id, request_id, raw_payload, result_json, ttl, reply, reason, deliveries,
-#       max dead letters
-# -> 1 moved | 0 fenced
-DEAD_LETTER = _OWNED + _UNCOUNT + _TRIM_DLQ + """
-if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
-redis.call('XADD', KEYS[2], '*', 'p', ARGV[5], 'entry', ARGV[3], 'request_id', ARGV[4],
-           'reason', ARGV[9], 'deliveries', ARGV[10], 'consumer', ARGV[2])
-trim_dlq(KEYS[2], tonumber(ARGV[11]))
-if ARGV[4] ~= '' then
-  local stored = redis.call('SET', KEYS[3], ARGV[6], 'NX', 'EX', ARGV[7])
-  if stored and ARGV[8] == '1' then
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100000', '*', 'r', ARGV[4], 'k', 'e', 'p', ARGV[6])
-  end
-end
-uncount(KEYS[1], ARGV[3], KEYS[5], KEYS[6])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XDEL', KEYS[1], ARGV[3])
-return 1
-"""
 
-# A rollout request (ops.rollout): at most one rollout is requested or runs per namespace.  The lock
-# holds the rollout's id with a TTL that the supervisor running it renews, so a rollout whose
-# supervisor died stops blocking new ones once the TTL passes.
-# KEYS: lock, state   ARGV: rollout id, state_json, lock_ttl_ms
-# -> {1, ''} requested | {0, state_json of the rollout that holds the lock}
-ROLLOUT_REQUEST = """
-if redis.call('GET', KEYS[1]) then return {0, redis.call('GET', KEYS[2]) or ''} end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[2])
-return {1, ''}
-"""
+@dataclass(frozen=True)
+class QueueFull:
+    limit: str  # "entries" | "bytes" | "total_bytes"
 
-# Write a rollout's state, if it is still that rollout's: the state key holds its id, and the lock is
-# its own (a final write may also land after the lock passed).  A final write releases the lock and
-# adds the state to the history; any other renews the lock.
-# KEYS: lock, state, history   ARGV: rollout id, state_json, lock_ttl_ms, final('1'/'0'),
-#       expected current phase ('' for any), history length
-# -> 1 written | 0 not this rollout's any more, or not in the expected phase
-ROLLOUT_WRITE = """
-local holder = redis.call('GET', KEYS[1])
-if (holder and holder ~= ARGV[1]) or (not holder and ARGV[4] ~= '1') then return 0 end
-local cur = redis.call('GET', KEYS[2])
-if not cur then return 0 end
-local st = cjson.decode(cur)
-if st.id ~= ARGV[1] or (ARGV[5] ~= '' and st.phase ~= ARGV[5]) then return 0 end
-redis.call('SET', KEYS[2], ARGV[2])
-if ARGV[4] == '1' then
-  if holder then redis.call('DEL', KEYS[1]) end
-  redis.call('LPUSH', KEYS[3], ARGV[2])
-  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[6]) - 1)
-else
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-end
-return 1
-"""
+
+class Finish(IntEnum):
+    FENCED = 0  # another worker owns the entry now: nothing written
+    STORED = 1  # the result is stored and the entry acknowledged
+    DUPLICATE = 2  # acknowledged; an earlier result for the request won
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A stream entry a worker holds: where it is, who holds it, and the model (its byte counters)."""
+
+    stream: str
+    entry_id: str
+    consumer: str
+    model: str
+
+
+@dataclass(frozen=True)
+class Claimed:
+    entry_id: str
+    fields: dict[Any, Any]
+    previous_owner: str
+    deliveries: int
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the gateway appends a request: a stream, the registry hash of the worker that owns it (''
+    for the shared stream), the model's shared stream, and the model's other streams (backlog)."""
+
+    stream: str
+    worker_key: str
+    shared: str
+    others: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_entries: int
+    max_bytes: int
+    max_bytes_total: int
+
+
+# ----------------------------------------------------------------------------- the calls
+
+
+class Scripts:
+    """The scripts of one namespace on one client (registered lazily; nothing is sent until used)."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+        self.r = client
+        self.keys = keys
+        self._enqueue = ScriptBatcher(client, lua.ENQUEUE)
+        self._emit = ScriptBatcher(client, lua.EMIT_CHUNK)
+        self._finish = ScriptBatcher(client, lua.FINISH)
+        self._dead_letter = client.register_script(lua.DEAD_LETTER)
+        self._reclaim = client.register_script(lua.RECLAIM)
+        self._release = client.register_script(lua.RELEASE)
+        self._move = client.register_script(lua.MOVE_UNDELIVERED)
+
+    async def enqueue(self, model: str, target: Target, payload: str, limits: Limits, *,
+                      idempotency_key: str | None = None, record: IdempotencyRecord | None = None,
+                      idem_ttl_s: int = 600) -> Queued | Duplicate | QueueFull:
+        k = self.keys
+        rc, val, *rest = await self._enqueue(
+            keys=[target.stream, idempotency_key or "", target.worker_key, target.shared, k.queue_bytes(model),
+                  k.queue_bytes_total, *target.others],
+            args=[limits.max_entries, payload, record.model_dump_json() if record is not None else "", idem_ttl_s,
+                  limits.max_bytes, limits.max_bytes_total])
+        if rc == 0:
+            return QueueFull(_text(val))
+        if rc == 2:  # an unreadable stored record raises pydantic's ValidationError (a ValueError)
+            return Duplicate(IdempotencyRecord.model_validate_json(val))
+        return Queued(_text(val), bool(rest and rest[0] == 1))
+
+    async def emit(self, entry: Entry, request_id: str, chunk: Chunk, reply_to: str | None, ttl_s: int) -> bool:
+        return bool(await self._emit(
+            keys=[entry.stream, self.keys.chunks(request_id), self.keys.replies(reply_to or "")],
+            args=[GROUP, entry.consumer, entry.entry_id, request_id, chunk.model_dump_json(exclude_defaults=True),
+                  ttl_s, "1" if reply_to else "0"]))
+
+    async def finish(self, entry: Entry, result: Result, kind: ReplyKind, reply_to: str | None,
+                     ttl_s: int) -> Finish:
+        k = self.keys
+        return Finish(int(await self._finish(
+            keys=[entry.stream, k.result(result.id), k.replies(reply_to or ""), k.queue_bytes(entry.model),
+                  k.queue_bytes_total],
+            args=[GROUP, entry.consumer, entry.entry_id, result.id, result.model_dump_json(exclude_defaults=True),
+                  ttl_s, "1" if reply_to else "0", kind.value])))
+
+    async def dead_letter(self, entry: Entry, raw_payload: str, result: Result, reply_to: str | None, *,
+                          reason: str, deliveries: int, ttl_s: int, max_dead_letters: int,
+                          request_id: str = "") -> bool:
+        """Move the entry to the model's dead-letter stream (bounded); answer the request if it has an id."""
+        k = self.keys
+        return bool(await self._dead_letter(
+            keys=[entry.stream, k.dlq(entry.model), k.result(request_id or "-"), k.replies(reply_to or ""),
+                  k.queue_bytes(entry.model), k.queue_bytes_total],
+            args=[GROUP, entry.consumer, entry.entry_id, request_id, raw_payload,
+                  result.model_dump_json(exclude_defaults=True), ttl_s, "1" if reply_to else "0", reason, deliveries,
+                  max_dead_letters]))
+
+    async def reclaim(self, stream: str, consumer: str, min_idle_ms: int, cursor: str,
+                      count: int) -> tuple[str, list[Claimed]]:
+        """Take up to ``count`` entries idle past ``min_idle_ms``; the next cursor ('0-0': done)."""
+        nxt, claimed = await self._reclaim(keys=[stream], args=[GROUP, consumer, min_idle_ms, cursor, count])
+        return _text(nxt), [Claimed(_text(eid), dict(zip(flat[::2], flat[1::2])), _text(prev), int(n))
+                            for eid, flat, prev, n in claimed]
+
+    async def release(self, stream: str, consumer: str, entry_ids: list[str], idle_ms: int = 10**12) -> int:
+        """Hand entries back for immediate reclaim elsewhere, without spending a delivery."""
+        if not entry_ids:
+            return 0
+        return int(await self._release(keys=[stream], args=[GROUP, consumer, idle_ms, *entry_ids]))
+
+    async def move_undelivered(self, model: str, owner: str, mover: str, *, force: bool,
+                               batch: int) -> tuple[int, int] | None:
+        """Move ``owner``'s unread own-stream entries to the shared stream: (moved, left), or None when
+        the owner is alive and ``force`` is off."""
+        k = self.keys
+        moved, left = await self._move(
+            keys=[k.worker_stream(model, owner), k.worker(owner), k.stream(model), k.worker_streams(model)],
+            args=[GROUP, mover, batch, owner, "1" if force else "0"])
+        return None if int(moved) < 0 else (int(moved), int(left))
+
+
+def renew(pipe: redis.client.Pipeline, script: Any, stream: str, consumer: str, entry_ids: list[str]) -> None:
+    """Queue a lease renewal of ``entry_ids`` on a sync pipeline; its reply lists the ids lost."""
+    script(keys=[stream], args=[GROUP, consumer, *entry_ids], client=pipe)
+
+
+def renew_script(client: redis.Redis) -> Any:
+    return client.register_script(lua.RENEW)

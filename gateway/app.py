@@ -25,18 +25,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common import errors
-from common.batching import ScriptBatcher
 from common.logs import set_request_id
 from common.outcomes import outcome_of
 from common.probe_http import ProbeServer
+from common.protocol import StreamFormatter, error_body, full_response
 from common.redis_conn import make_client
 from common.schemas import ANONYMOUS, Kind, Result
-from common.scripts import ENQUEUE
+from common.scripts import Duplicate, Scripts
 from common.settings import Settings
 from gateway import serving
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import install_openapi
-from gateway.protocol import StreamFormatter, error_body, full_response
 from gateway.registry import RegistryView
 from gateway.replies import Event, ReplyRouter, Waiter
 from gateway.routing import Balancer, affinity_key
@@ -109,7 +108,7 @@ async def _generate(request: Request, kind: Kind) -> Response:
             state.router.unregister(w)
             raise
         deadline = item.deadline or time.time()
-        if isinstance(queued, serving.Duplicate):  # a retry: answer with the original, do not generate again
+        if isinstance(queued, Duplicate):  # a retry: answer with the original, do not generate again
             state.router.unregister(w)
             serving.check_reuse(adm, queued.first)
             rid = a.request_id = queued.first.request_id
@@ -120,8 +119,9 @@ async def _generate(request: Request, kind: Kind) -> Response:
                 return _streaming(state, events, adm, rid, queued.first.created, a, headers, None, cancel=False)
             result = await serving.final_result(events, rid)
             return _orjson(serving.json_answer(result, item.model), headers=headers)
-        state.balancer.count(queued.target)
-        state.metrics.routed.labels(queued.target or "shared", route.strategy).inc()
+        target = None if queued.fell_back else route.target
+        state.balancer.count(target)
+        state.metrics.routed.labels(target or "shared", route.strategy).inc()
         w.future.add_done_callback(lambda _f: state.balancer.done(route))
         headers = {"X-Request-Id": trace or item.id}
         if item.stream:
@@ -283,7 +283,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await registry.refresh(client)
         metrics = GatewayMetrics(view=registry)
         state = GatewayState(settings=settings, redis=client, router=router, registry=registry,
-                             metrics=metrics, enqueue=ScriptBatcher(client, ENQUEUE),
+                             metrics=metrics, scripts=Scripts(client, settings.keys),
                              balancer=Balancer(settings.strategy, settings.gateway_id,
                                                settings.affinity_prefix_chars, settings.affinity_vnodes))
         app.state.gw = state
@@ -348,11 +348,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/requests/{request_id}", name="get_request")
     async def get_request(request: Request, request_id: str) -> Response:
         state = _state(request)
-        try:
+        with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
             raw = await state.redis.get(state.settings.keys.result(request_id))
-        except (redis.RedisError, OSError) as exc:
-            raise errors.ServiceUnavailable(f"Redis is unreachable: {exc}",
-                                            retry_after=state.settings.retry_after_s) from None
         result: Result | None = None if raw is None else serving.read_result(request_id, raw)
         if result is None or (result.scope or ANONYMOUS) != ANONYMOUS:  # another caller's: as if absent
             raise errors.NotFound(f"no finished request '{request_id}'")

@@ -62,7 +62,7 @@ class ClusterCollector(Collector):
             models = set(view.models) | {w.model for w in view.workers.values()}
             counts: dict[tuple[str, str], int] = {}
             for w in view.workers.values():
-                gpu = w.fields.get("gpu") or "none"
+                gpu = w.gpu or "none"
                 counts[(w.model, w.state)] = counts.get((w.model, w.state), 0) + 1
                 state.add_metric([w.model, w.id, gpu, w.state], 1)
                 hb.add_metric([w.model, w.id, gpu], max(0.0, now - w.heartbeat))

@@ -1,117 +1,29 @@
 """The gateway's OpenAPI document: the generation endpoints' request bodies (the request models of
 :mod:`common.schemas`, strict as the gateway checks them), every response with its schema (the
-OpenAI shapes that :mod:`gateway.protocol` builds, and the OpenAI error body), and ``/metrics`` as
+OpenAI shapes that :mod:`common.protocol` builds, and the OpenAI error body), and ``/metrics`` as
 Prometheus text.  The generation routes read their body themselves (``gateway.serving``), so their
 schema is declared here rather than derived from a handler signature."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from common.schemas import ChatCompletionRequest, CompletionRequest, Usage
-
-# ----------------------------------------------------------------------------- response shapes
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    """The OpenAI error body.  ``id`` is set when a stored request ended in this error."""
-
-    error: ErrorDetail
-    id: str | None = None
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: str | None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChoiceLogprobs(BaseModel):
-    content: list[TokenLogprob] | None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str | None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChoiceLogprobs | None
-    finish_reason: str | None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class Model(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[Model]
-
-
-class Readiness(BaseModel):
-    status: Literal["ready", "not ready"]
-    redis: bool
-    live_workers: int
-
-
-class Health(BaseModel):
-    status: str
-
+from common.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    Health,
+    ModelList,
+    Readiness,
+)
 
 _REQUESTS: list[type[BaseModel]] = [CompletionRequest, ChatCompletionRequest]
 _RESPONSES: list[type[BaseModel]] = [ErrorResponse, CompletionResponse, ChatCompletionResponse, ModelList, Readiness,

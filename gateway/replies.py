@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 import redis
 import redis.asyncio as aioredis
 
+from common.backoff import Backoff
 from common.keys import Keys
+from common.records import ReplyKind
 from common.schemas import Chunk
 
 log = logging.getLogger("mgpu.gateway.replies")
 
-Event = tuple[str, bytes]  # (kind: "c" chunk | "f" result | "e" error result, JSON payload)
+Event = tuple[ReplyKind, bytes]  # (a chunk, the result or an error result; its JSON)
 
 
 @dataclass(eq=False)
@@ -39,11 +41,11 @@ class Waiter:
     done: bool = field(default=False)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def deliver(self, kind: str, payload: bytes) -> None:
+    def deliver(self, kind: ReplyKind, payload: bytes) -> None:
         if self.done:
             return
         self.changed.set()
-        if kind != "c":
+        if kind != ReplyKind.CHUNK:
             self.done = True
             if not self.future.done():
                 self.future.set_result((kind, payload))
@@ -84,7 +86,7 @@ class ReplyRouter:
         return sum(len(ws) for ws in self.waiters.values())
 
     async def run(self) -> None:
-        backoff = 0.05
+        backoff = Backoff(0.05, 1.0)
         trimmed_at = 0.0
         loop = asyncio.get_running_loop()
         while not self.closed:
@@ -98,14 +100,13 @@ class ReplyRouter:
                     await self._resync()
                 self.healthy = True
                 resp = await self.r.xread({self.stream: self.last_id}, count=2000, block=self.block_ms)
-                backoff = 0.05
+                backoff.reset()
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 if self.healthy:
                     log.warning("reply stream read failed: %s", exc)
                 self.healthy = False
                 self._resync_needed = True
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
+                await backoff.wait()
                 continue
             for _stream, entries in resp or ():
                 for entry_id, f in entries:
@@ -114,7 +115,7 @@ class ReplyRouter:
                     if rid is None:
                         continue
                     for w in self.waiters.get(rid.decode(), ()):
-                        self._deliver(w, f[b"k"].decode(), f[b"p"])
+                        self._deliver(w, ReplyKind(f[b"k"].decode()), f[b"p"])
             now = loop.time()
             if now - trimmed_at > 5.0:
                 trimmed_at = now
@@ -124,8 +125,8 @@ class ReplyRouter:
                         p.expire(self.stream, 3600)
                         await p.execute()
 
-    def _deliver(self, w: Waiter, kind: str, payload: bytes) -> None:
-        if kind == "c" and w.queue is not None:
+    def _deliver(self, w: Waiter, kind: ReplyKind, payload: bytes) -> None:
+        if kind == ReplyKind.CHUNK and w.queue is not None:
             seq = Chunk.model_validate_json(payload).seq
             if seq <= w.last_seq:
                 return  # a duplicate (resync re-read it)
@@ -148,11 +149,11 @@ class ReplyRouter:
         for w in waiters:
             if w.streaming:
                 for _id, f in out[i]:
-                    self._deliver(w, "c", f[b"c"])
+                    self._deliver(w, ReplyKind.CHUNK, f[b"c"])
                 i += 1
             res = out[i]
             i += 1
             if res is not None:
-                self._deliver(w, "f", res)  # the handler reads Result.error either way
+                self._deliver(w, ReplyKind.FINAL, res)  # the handler reads Result.error either way
         self._resync_needed = False
         log.info("reply router resynced %d waiters", len(waiters))

@@ -23,9 +23,10 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, cast, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from common.keys import Keys
+from common.scripts import Target
 
 if TYPE_CHECKING:
     from gateway.registry import RegistryView
@@ -150,18 +151,13 @@ def affinity_key(user: str | None, session: str | None, prompt: str | None,
 
 @dataclass(frozen=True)
 class Route:
-    """Where one request goes, and the keys of the ENQUEUE script that puts it there."""
+    """Where one request goes: a worker's own stream or the shared one (``destination``, as ENQUEUE
+    takes it), under which strategy, and the registry refresh it was counted under."""
 
     strategy: str
     target: str | None  # a worker id (its own stream), or None (the shared stream)
-    stream: str
-    worker_key: str  # the target's registry hash ('' for the shared stream)
-    shared: str
-    others: tuple[str, ...]  # the other own streams of the model (counted toward the queue limit)
+    destination: Target
     epoch: int = 0  # the registry refresh it was counted under (see Balancer.done)
-
-    def enqueue_keys(self, idempotency_key: str) -> list[str]:
-        return [self.stream, idempotency_key, self.worker_key, self.shared, *self.others]
 
 
 @dataclass
@@ -245,21 +241,16 @@ class Balancer:
         strategy = self.strategy(view.control)
         self.on_refresh(view.refreshed_at)
         live = view.live_workers(model)
-        cands = [Candidate(w.id, w.slots, w.in_flight, w.queued, w.weight) for w in live]
+        cands = [Candidate(w.id, w.slots, w.in_flight, w.queued, w.weight) for w in live]  # weight <= 0: slots
         target = self.route(strategy, model, cands, key() if strategy == "prefix_affinity" else "")
         shared = keys.stream(model)
         others = tuple(keys.worker_stream(model, w.id) for w in live if w.id != target)
         if target is None:
-            return Route(strategy, None, shared, "", shared, others, self.epoch)
-        return Route(strategy, target, keys.worker_stream(model, target), keys.worker(target), shared, others,
+            return Route(strategy, None, Target(shared, "", shared, others), self.epoch)
+        return Route(strategy, target, Target(keys.worker_stream(model, target), keys.worker(target), shared, others),
                      self.epoch)
 
     def count(self, target: str | None) -> None:
         k = target or SHARED
         self.pushed[k] = self.pushed.get(k, 0) + 1
 
-
-def as_strategy(v: str) -> Strategy:
-    if v not in STRATEGIES:
-        raise ValueError(f"unknown strategy {v!r}; one of {', '.join(STRATEGIES)}")
-    return cast(Strategy, v)

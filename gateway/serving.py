@@ -31,24 +31,13 @@ from starlette.requests import ClientDisconnect, Request
 
 from common import errors
 from common.outcomes import outcome_of
-from common.schemas import (
-    ChatCompletionRequest,
-    Chunk,
-    CompletionRequest,
-    IdempotencyRecord,
-    Kind,
-    Result,
-    UnsupportedField,
-    WorkItem,
-    check_supported,
-    new_request_id,
-)
-from gateway.protocol import StreamFormatter, error_body, full_response
+from common.protocol import OpenAIRequest, StreamFormatter, error_body, full_response, parse_request
+from common.records import ReplyKind
+from common.schemas import Chunk, IdempotencyRecord, Kind, Result, WorkItem, new_request_id
+from common.scripts import Duplicate, Limits, Queued, QueueFull
 from gateway.replies import Event, Waiter
 from gateway.routing import Route
 from gateway.state import GatewayState
-
-OpenAIRequest = CompletionRequest | ChatCompletionRequest
 
 _TRACE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 _IDEM_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
@@ -82,26 +71,6 @@ async def read_json(request: Request, limit: int, timeout_s: float) -> dict[str,
     if not isinstance(obj, dict):
         raise errors.InvalidRequest("the request body must be a JSON object")
     return obj
-
-
-def validation_error(exc: ValidationError) -> errors.InvalidRequest:
-    """The first problem, naming the field (``messages.0.content``) and the reason."""
-    e = exc.errors()[0]
-    loc = [str(p) for p in e["loc"]]
-    param = ".".join(loc) or None
-    msg = str(e["msg"]).removeprefix("Value error, ")
-    return errors.InvalidRequest(f"{param}: {msg}" if param else msg, param=param)
-
-
-def parse(kind: Kind, body: dict[str, Any]) -> OpenAIRequest:
-    try:
-        req = ChatCompletionRequest.model_validate(body) if kind == "chat" else CompletionRequest.model_validate(body)
-        check_supported(kind, body)
-        return req
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-    except UnsupportedField as exc:
-        raise errors.InvalidRequest(str(exc), param=exc.field) from None
 
 
 def trace_id(request: Request) -> str | None:
@@ -150,14 +119,7 @@ def build_item(state: GatewayState, kind: Kind, req: OpenAIRequest, request_id: 
     if req.timeout is not None and req.timeout > s.max_request_timeout_s:
         raise errors.InvalidRequest(f"timeout: at most {s.max_request_timeout_s:g} seconds", param="timeout")
     max_len = info.max_model_len if info is not None else 0
-    if isinstance(req, ChatCompletionRequest):
-        messages: list[dict[str, str]] | None = [m.as_dict() for m in req.messages]
-        prompt = None
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    else:
-        messages = None
-        prompt = req.prompt_text()
-        logprobs = req.logprobs
+    prompt, messages = req.inputs()
     max_tokens = req.max_tokens if req.max_tokens is not None else (16 if kind == "completion" else None)
     if max_len and max_tokens is not None and max_tokens >= max_len:
         raise errors.InvalidRequest(
@@ -169,14 +131,14 @@ def build_item(state: GatewayState, kind: Kind, req: OpenAIRequest, request_id: 
             f"and {max_tokens or 1} completion tokens were asked for", param="messages" if messages else "prompt")
     timeout = req.timeout or s.request_timeout_s
     return WorkItem(id=request_id, kind=kind, model=req.model, prompt=prompt, messages=messages,
-                    params=req.sampling(max_tokens, logprobs), stream=req.stream, deadline=time.time() + timeout,
-                    reply_to=s.gateway_id, scope=scope, trace_id=trace)
+                    params=req.sampling(max_tokens, req.logprobs_n()), stream=req.stream,
+                    deadline=time.time() + timeout, reply_to=s.gateway_id, scope=scope, trace_id=trace)
 
 
 def admit(state: GatewayState, kind: Kind, body: dict[str, Any], trace: str | None, key: str | None,
           scope: str) -> Admission:
     """A request body as a WorkItem (with a new request id) and, with an ``Idempotency-Key``, its record."""
-    req = parse(kind, body)
+    req = parse_request(kind, body)
     item = build_item(state, kind, req, new_request_id(kind), scope, trace)
     record = None
     if key is not None:
@@ -209,38 +171,23 @@ _ENDPOINT = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 # ----------------------------------------------------------------------------- enqueue
 
 
-@dataclass
-class Queued:
-    target: str | None  # the worker whose own stream got it (None: the shared stream)
-
-
-@dataclass
-class Duplicate:
-    first: IdempotencyRecord
-
-
 async def enqueue(state: GatewayState, adm: Admission, route: Route) -> Queued | Duplicate:
-    s, k = state.settings, state.settings.keys
+    """Append the request to its stream; QueueFull (429) past a limit, ServiceUnavailable without Redis."""
+    s = state.settings
     model = adm.item.model
     try:
-        rc, val, *fell = await state.enqueue(
-            keys=[route.stream, adm.idem_key or "", route.worker_key, route.shared, k.queue_bytes(model),
-                  k.queue_bytes_total, *route.others],
-            args=[s.max_queue_len, adm.item.to_fields()["p"],
-                  adm.record.model_dump_json() if adm.record is not None else "", s.result_ttl_s,
-                  s.max_queue_bytes, s.max_queue_bytes_total])
-    except (redis.RedisError, OSError) as exc:
-        raise errors.ServiceUnavailable(f"could not enqueue: {exc}", retry_after=s.retry_after_s) from None
-    if rc == 0:
-        why = {b"entries": "its backlog is at its limit", b"bytes": "its backlog is at its byte limit",
-               b"total_bytes": "the gateway's backlog over all models is at its byte limit"}.get(val, "it is full")
+        with errors.redis_unavailable("could not enqueue", retry_after=s.retry_after_s):
+            out = await state.scripts.enqueue(
+                model, route.destination, adm.item.to_fields()["p"],
+                Limits(s.max_queue_len, s.max_queue_bytes, s.max_queue_bytes_total),
+                idempotency_key=adm.idem_key, record=adm.record, idem_ttl_s=s.result_ttl_s)
+    except ValidationError:
+        raise errors.BadResult("the stored idempotency record is unreadable") from None
+    if isinstance(out, QueueFull):
+        why = {"entries": "its backlog is at its limit", "bytes": "its backlog is at its byte limit",
+               "total_bytes": "the gateway's backlog over all models is at its byte limit"}.get(out.limit, "it is full")
         raise errors.QueueFull(f"the queue for '{model}' is full: {why}", retry_after=s.retry_after_s)
-    if rc == 2:
-        try:
-            return Duplicate(IdempotencyRecord.model_validate_json(val))
-        except ValidationError:
-            raise errors.BadResult("the stored idempotency record is unreadable") from None
-    return Queued(None if fell and fell[0] == 1 else route.target)
+    return out
 
 
 # ----------------------------------------------------------------------------- events
@@ -263,7 +210,7 @@ async def waiter_events(w: Waiter, deadline: float) -> AsyncIterator[Event]:
         except TimeoutError:
             raise errors.RequestTimeout("the request's deadline passed") from None
         yield kind, payload
-        if kind != "c":
+        if kind != ReplyKind.CHUNK:
             return
 
 
@@ -284,17 +231,16 @@ async def follow(state: GatewayState, request_id: str, streaming: bool, deadline
                     p.get(k.result(request_id))
                     out = await p.execute()
             except (redis.RedisError, OSError) as exc:
-                raise errors.ServiceUnavailable(f"Redis is unreachable: {exc}",
-                                                retry_after=state.settings.retry_after_s) from None
+                raise errors.unavailable(exc, retry_after=state.settings.retry_after_s) from None
             for entry_id, fields in out[0] if streaming else ():
                 after = "(" + entry_id.decode()
                 payload = fields[b"c"]
                 seq = Chunk.model_validate_json(payload).seq
                 if seq > last_seq:
                     last_seq = seq
-                    yield "c", payload
+                    yield ReplyKind.CHUNK, payload
             if out[-1] is not None:
-                yield "f", out[-1]
+                yield ReplyKind.FINAL, out[-1]
                 return
             if time.time() >= deadline:
                 raise errors.RequestTimeout("the original request has not finished within the deadline")
@@ -308,7 +254,7 @@ async def follow(state: GatewayState, request_id: str, streaming: bool, deadline
 
 async def final_result(events: AsyncIterator[Event], request_id: str) -> Result:
     async for kind, payload in events:
-        if kind != "c":
+        if kind != ReplyKind.CHUNK:
             return read_result(request_id, payload)
     raise errors.BadResult(f"request {request_id} ended without a result")
 
@@ -368,7 +314,7 @@ async def sse(events: AsyncIterator[Event], fmt: StreamFormatter, request_id: st
         yield _sse_line(obj)
     try:
         async for kind, payload in events:
-            if kind == "c":
+            if kind == ReplyKind.CHUNK:
                 if end.first_token_at is None:
                     end.first_token_at = time.perf_counter()
                 for obj in fmt.delta_chunks(Chunk.model_validate_json(payload).choices):

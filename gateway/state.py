@@ -1,5 +1,5 @@
 """What the gateway's lifespan owns and hands to every request: settings, Redis, the reply router,
-the registry view, metrics, the ENQUEUE batcher, the balancer and the prompt counter."""
+the registry view, metrics, the queue's scripts, the balancer and the prompt counter."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import redis
 import redis.asyncio as aioredis
 
-from common.batching import ScriptBatcher
+from common.scripts import Scripts
 from common.settings import Settings
 from gateway.metrics import GatewayMetrics
 from gateway.registry import RegistryView
@@ -26,7 +26,7 @@ class GatewayState:
     router: ReplyRouter
     registry: RegistryView
     metrics: GatewayMetrics
-    enqueue: ScriptBatcher
+    scripts: Scripts
     balancer: Balancer
     prompts: PromptCounter = field(default_factory=PromptCounter)
     loop_tick: float = field(default_factory=time.monotonic)  # the event loop's last tick (liveness)

@@ -18,7 +18,7 @@ import os
 import threading
 from typing import Any
 
-from gpu_worker.engine.sim import render_chat
+from common.prompts import sim_prompt_tokens
 
 log = logging.getLogger("mgpu.gateway.tokens")
 
@@ -31,7 +31,7 @@ class PromptCounter:
 
     def count(self, spec: str, prompt: str | None, messages: list[dict[str, str]] | None) -> int | None:
         if spec == "sim":
-            return len((render_chat(messages) if messages is not None else prompt or "").split())
+            return sim_prompt_tokens(prompt, messages)
         tok = self._tokenizers.get(spec)
         if tok is None:
             self._load_later(spec)

@@ -17,8 +17,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from common.keys import GROUP, Keys
-from common.scripts import MOVE_UNDELIVERED
+from common.keys import Keys
+from common.scripts import Scripts
 
 log = logging.getLogger("mgpu.worker.orphans")
 
@@ -30,28 +30,24 @@ def _s(v: Any) -> str:
 
 
 class OwnStreams:
-    def __init__(self, client: aioredis.Redis, keys: Keys, model: str, worker_id: str) -> None:
+    def __init__(self, client: aioredis.Redis, scripts: Scripts, keys: Keys, model: str, worker_id: str) -> None:
         self.r = client
+        self.scripts = scripts
         self.keys = keys
         self.model = model
         self.id = worker_id
         self.own = keys.worker_stream(model, worker_id)
-        self.moved = 0  # entries this worker moved to the shared stream (its own or a gone worker's)
-        self._move = client.register_script(MOVE_UNDELIVERED)
 
     async def _move_all(self, wid: str, force: bool) -> tuple[int, int]:
         total = 0
         while True:
-            moved, left = await self._move(
-                keys=[self.keys.worker_stream(self.model, wid), self.keys.worker(wid), self.keys.stream(self.model),
-                      self.keys.worker_streams(self.model)],
-                args=[GROUP, self.id, _BATCH, wid, "1" if force else "0"])
-            if moved < 0:
+            out = await self.scripts.move_undelivered(self.model, wid, self.id, force=force, batch=_BATCH)
+            if out is None:
                 return -1, 0
-            total += int(moved)
+            moved, left = out
+            total += moved
             if moved < _BATCH:
-                self.moved += total
-                return total, int(left)
+                return total, left
 
     async def move_own(self) -> int:
         """Draining: hand the unread entries of this worker's own stream to the shared stream."""

@@ -19,22 +19,11 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import ValidationError
 
 from common import errors
-from common.schemas import (
-    ChatCompletionRequest,
-    Choice,
-    ChoiceDelta,
-    CompletionRequest,
-    Kind,
-    Result,
-    SamplingParams,
-    Usage,
-    new_request_id,
-)
+from common.protocol import OpenAIRequest, StreamFormatter, error_body, full_response, parse_request
+from common.schemas import Choice, ChoiceDelta, Kind, Result, Usage, new_request_id
 from common.settings import Settings
-from gateway.protocol import StreamFormatter, error_body, full_response
 from gpu_worker.engine.base import EngineRequest, InvalidEngineRequest
 from gpu_worker.engine.sim import SimEngine
 
@@ -67,26 +56,22 @@ def create_sim_app(settings: Settings) -> FastAPI:
     async def _err(_request: Request, exc: errors.MgpuError) -> Response:
         return _json(error_body(exc), status=exc.status)
 
-    async def parse(request: Request, kind: Kind) -> tuple[EngineRequest, CompletionRequest | ChatCompletionRequest]:
+    async def parse(request: Request, kind: Kind) -> tuple[EngineRequest, OpenAIRequest]:
         try:
             body = orjson.loads(await request.body())
-            model = ChatCompletionRequest if kind == "chat" else CompletionRequest
-            req: CompletionRequest | ChatCompletionRequest = model.model_validate(body)
         except orjson.JSONDecodeError as exc:
             raise errors.InvalidRequest(f"could not parse the JSON body: {exc}") from None
-        except ValidationError as exc:
-            raise errors.InvalidRequest(str(exc.errors()[0]["msg"])) from None
+        if not isinstance(body, dict):
+            raise errors.InvalidRequest("the request body must be a JSON object")
+        req = parse_request(kind, body)
         if req.model != s.model:
             raise errors.ModelNotFound(f"the model '{req.model}' does not exist", param="model")
         if req.n != 1:
             raise errors.InvalidRequest("sim-server supports n=1 only", param="n")
-        messages = ([{"role": m.role, "content": m.text()} for m in req.messages]
-                    if isinstance(req, ChatCompletionRequest) else None)
-        prompt = req.prompt_text() if isinstance(req, CompletionRequest) else None
+        prompt, messages = req.inputs()
         n_prompt = engine.count_prompt_tokens(prompt, messages)
         max_tokens = req.max_tokens or (16 if kind == "completion" else s.max_model_len - n_prompt)
-        params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-                                stop=req.stop_list(), seed=req.seed)
+        params = req.sampling(max_tokens, req.logprobs_n())
         return EngineRequest(request_id=uuid.uuid4().hex, prompt=prompt, messages=messages, params=params), req
 
     async def generate(request: Request, kind: Kind) -> Response:

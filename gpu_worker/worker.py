@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -26,19 +27,21 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from common import errors
-from common.batching import ScriptBatcher
+from common.backoff import Backoff
 from common.keys import GROUP
 from common.logs import set_request_id
-from common.schemas import Choice, ChoiceDelta, Chunk, ErrorInfo, Result, Usage, WorkItem
-from common.scripts import DEAD_LETTER, EMIT_CHUNK, FINISH, RECLAIM, RELEASE, RENEW
+from common.records import ModelFacts, ReplyKind, WorkerRecord
+from common.schemas import Choice, ChoiceDelta, Chunk, ErrorInfo, Result, TokenLogprob, Usage, WorkItem
+from common.scripts import Entry, Finish, Scripts, renew, renew_script
 from common.settings import Settings
 from gpu_worker.engine.base import Engine, EngineRequest, InvalidEngineRequest
 from gpu_worker.gpu_health import GpuHealth
@@ -46,8 +49,7 @@ from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.orphans import OwnStreams
 
 log = logging.getLogger("mgpu.worker")
-
-_RELEASE_IDLE_MS = 10**12
+T = TypeVar("T")
 
 
 class _Fenced(Exception):
@@ -107,7 +109,8 @@ class Worker:
         self.revision = settings.effective_revision
         self.model = settings.model
         # read in priority order: what a push strategy sent to this worker, then the shared stream
-        self.own = OwnStreams(client, self.keys, self.model, self.id)
+        self.scripts = Scripts(client, self.keys)
+        self.own = OwnStreams(client, self.scripts, self.keys, self.model, self.id)
         self.streams = [self.own.own, self.keys.stream(self.model)]
         self._own_queued = 0  # unread entries in the own stream, as of the last heartbeat
         self.gpu = gpu_health or GpuHealth(settings.gpu)
@@ -126,11 +129,6 @@ class Worker:
         self._tick_task: asyncio.Task[None] | None = None
         self._admit_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._finish = ScriptBatcher(client, FINISH)
-        self._emit = ScriptBatcher(client, EMIT_CHUNK)
-        self._release = client.register_script(RELEASE)
-        self._reclaim_script = client.register_script(RECLAIM)
-        self._dead_letter = client.register_script(DEAD_LETTER)
         # counters
         self.served = 0
         self.failed = 0
@@ -231,8 +229,8 @@ class Worker:
         if self.state not in ("starting", "canary"):  # asked to drain meanwhile
             return
         self.state = "ready"
-        info = json.dumps({"max_model_len": self.engine.max_model_len, "engine": self.engine.name,
-                           "tokenizer": getattr(self.engine, "tokenizer_spec", self.engine.name)})
+        info = ModelFacts(max_model_len=self.engine.max_model_len, engine=self.engine.name,
+                          tokenizer=getattr(self.engine, "tokenizer_spec", self.engine.name)).model_dump_json()
         with contextlib.suppress(redis.RedisError, OSError):
             async with self.r.pipeline(transaction=True) as p:
                 p.hset(self.keys.models, self.model, info)
@@ -281,7 +279,7 @@ class Worker:
                 pending = await self.r.xpending_range(stream, GROUP, "-", "+", 10_000, consumername=self.id)
                 ids = [_s(p["message_id"]) for p in pending]
                 if ids:
-                    n = await self._release(keys=[stream], args=[GROUP, self.id, _RELEASE_IDLE_MS, *ids])
+                    n = await self.scripts.release(stream, self.id, ids)
                     log.info("released entries", extra={"worker": self.id, "count": n})
             except (redis.RedisError, OSError) as exc:
                 log.warning("could not release entries: %s", exc)
@@ -294,27 +292,24 @@ class Worker:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    def _registry_fields(self) -> dict[str, str]:
-        return {
-            "id": self.id, "host": socket.gethostname(), "pid": str(os.getpid()),
-            "gpu": "" if self.s.gpu is None else str(self.s.gpu), "gpu_name": self.gpu.name, "model": self.model,
-            "engine": self.engine.name, "version": self.version, "revision": self.revision,
-            "slots": str(self.engine.slots),
-            "in_flight": str(self.in_flight), "state": self.state, "heartbeat": f"{time.time():.3f}",
-            "max_model_len": str(self.engine.max_model_len), "served": str(self.served),
-            "metrics_port": str(self.metrics.port), "failed": str(self.failed),
-            "metrics_host": self.s.metrics_host if self.s.metrics_host not in ("", "0.0.0.0", "::")
+    def record(self) -> WorkerRecord:
+        """This worker's registry record, as of now."""
+        return WorkerRecord(
+            id=self.id, host=socket.gethostname(), pid=os.getpid(), gpu="" if self.s.gpu is None else str(self.s.gpu),
+            gpu_name=self.gpu.name, model=self.model, engine=self.engine.name, version=self.version,
+            revision=self.revision, slots=self.engine.slots, in_flight=self.in_flight, state=self.state,
+            heartbeat=round(time.time(), 3), max_model_len=self.engine.max_model_len, served=self.served,
+            metrics_port=self.metrics.port, failed=self.failed,
+            metrics_host=self.s.metrics_host if self.s.metrics_host not in ("", "0.0.0.0", "::")
             else socket.gethostname(),
-            "cancelled": str(self.cancelled), "skipped": str(self.skipped), "reclaimed": str(self.reclaimed),
-            "fenced": str(self.fenced), "dead_lettered": str(self.dead_lettered),
-            "engine_aborts": str(self.engine.aborts),
-            "weight": str(self.s.weight or self.engine.slots), "queued": str(self._own_queued),
-        }
+            cancelled=self.cancelled, skipped=self.skipped, reclaimed=self.reclaimed, fenced=self.fenced,
+            dead_lettered=self.dead_lettered, engine_aborts=self.engine.aborts,
+            weight=self.s.weight or self.engine.slots, queued=self._own_queued)
 
     async def _register(self) -> None:
         key = self.keys.worker(self.id)
         async with self.r.pipeline(transaction=True) as p:
-            p.hset(key, mapping=self._registry_fields())
+            p.hset(key, mapping=self.record().to_hash())
             p.pexpire(key, int(self.s.worker_ttl_s * 1000))
             p.sadd(self.keys.workers, self.id)
             p.sadd(self.keys.worker_streams(self.model), self.id)
@@ -332,7 +327,7 @@ class Worker:
     def _keeper(self) -> None:
         """Heartbeat + lease renewal, in a thread of its own with its own connection."""
         client = redis.Redis.from_url(self.s.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-        renew = client.register_script(RENEW)
+        renew_lua = renew_script(client)
         stall_s = self.s.loop_stall_s
         stalled = False
         gpu_problem: str | None = None
@@ -355,12 +350,12 @@ class Worker:
             try:
                 snapshot = self._lease_snapshot()
                 p = client.pipeline(transaction=False)
-                p.hset(key, mapping=self._registry_fields())
+                p.hset(key, mapping=self.record().to_hash())
                 p.pexpire(key, ttl_ms)
                 p.sadd(self.keys.workers, self.id)
                 p.exists(self.keys.drain(self.id))
                 for stream, ids in snapshot:
-                    renew(keys=[stream], args=[GROUP, self.id, *ids], client=p)
+                    renew(p, renew_lua, stream, self.id, ids)
                 p.sadd(self.keys.worker_streams(self.model), self.id)
                 p.xlen(self.own.own)
                 p.exists(self.keys.admit(self.id))
@@ -446,7 +441,7 @@ class Worker:
                     else:
                         excess.setdefault(stream, []).append(entry_id)
             for stream, ids in excess.items():  # several streams answered at once: hand back the rest
-                await self._release(keys=[stream], args=[GROUP, self.id, _RELEASE_IDLE_MS, *ids])
+                await self.scripts.release(stream, self.id, ids)
 
     async def _reclaim_loop(self) -> None:
         """Take over entries whose owner stopped renewing their lease (dead, hung or frozen)."""
@@ -471,19 +466,15 @@ class Worker:
             free = self.free_slots
             if free <= 0:
                 return
-            nxt, claimed = await self._reclaim_script(
-                keys=[stream], args=[GROUP, self.id, self.s.lease_ms, cursor, free])
-            for entry_id_b, flat, prev_b, deliveries in claimed:
-                entry_id = _s(entry_id_b)
-                fields = dict(zip(flat[::2], flat[1::2]))
+            cursor, claimed = await self.scripts.reclaim(stream, self.id, self.s.lease_ms, cursor, free)
+            for c in claimed:
                 self.reclaimed += 1
-                log.info("reclaimed entry", extra={"worker": self.id, "entry": entry_id,
-                                                   "deliveries": int(deliveries), "from": _s(prev_b)})
-                if int(deliveries) > self.s.max_deliveries:
-                    await self._to_dead_letter(stream, entry_id, fields, int(deliveries), reason="max_deliveries")
+                log.info("reclaimed entry", extra={"worker": self.id, "entry": c.entry_id,
+                                                   "deliveries": c.deliveries, "from": c.previous_owner})
+                if c.deliveries > self.s.max_deliveries:
+                    await self._to_dead_letter(stream, c.entry_id, c.fields, c.deliveries, reason="max_deliveries")
                 else:
-                    self._start(stream, entry_id, fields, deliveries=int(deliveries))
-            cursor = _s(nxt)
+                    self._start(stream, c.entry_id, c.fields, deliveries=c.deliveries)
             if cursor == "0-0":
                 return
 
@@ -595,7 +586,7 @@ class Worker:
             await self._finish_error(job, errors.InvalidRequest(str(exc), param="messages"
                                                                 if item.kind == "chat" else "prompt"))
             return
-        await asyncio.shield(self._store(job, result, "f"))
+        await asyncio.shield(self._store(job, result, ReplyKind.FINAL))
 
     async def _stopped(self, job: _Job) -> None:
         """What a job stopped early leaves behind: an answer, a handed-back entry, or nothing (lost)."""
@@ -610,7 +601,7 @@ class Worker:
 
     async def _release_entry(self, job: _Job) -> None:
         with contextlib.suppress(redis.RedisError, OSError):
-            await self._release(keys=[job.stream], args=[GROUP, self.id, _RELEASE_IDLE_MS, job.entry_id])
+            await self.scripts.release(job.stream, self.id, [job.entry_id])
 
     async def _resume_state(self, item: WorkItem) -> tuple[dict[int, ChoiceDelta], int]:
         """What earlier attempts already streamed: per choice text/tokens/finish, and the last seq."""
@@ -650,7 +641,7 @@ class Worker:
             prev = resumed.get(index, ChoiceDelta(index=index, token_ids=[]))
             text, tokens = prev.text, list(prev.token_ids or [])
             finish = prev.finish_reason
-            lps: list[dict[str, Any]] = []
+            lps: list[TokenLogprob] = []
             if finish is None:
                 timer = self.metrics.token_timer(item, index)
                 p = params.model_copy(update={"n": 1, "max_tokens": max_tokens - len(tokens),
@@ -700,39 +691,22 @@ class Worker:
             self.failed += 1
         result = Result(id=item.id, kind=item.kind, model=item.model, created=item.created,
                         error=err.to_info(), worker=self.id, attempts=job.deliveries, scope=item.scope)
-        await self._store(job, result, "e")
+        await self._store(job, result, ReplyKind.ERROR)
 
-    async def _store(self, job: _Job, result: Result, kind: str) -> None:
+    def entry(self, job: _Job) -> Entry:
+        return Entry(job.stream, job.entry_id, self.id, self.model)
+
+    async def _store(self, job: _Job, result: Result, kind: ReplyKind) -> None:
         item = job.item
         assert item is not None
         job.finishing = True
-        reply = item.reply_to or ""
-        rc = await self._retrying(
-            self._finish, [job.stream, self.keys.result(item.id), self.keys.replies(reply),
-                           self.keys.queue_bytes(self.model), self.keys.queue_bytes_total],
-            [GROUP, self.id, job.entry_id, item.id, result.model_dump_json(exclude_defaults=True),
-             self.s.result_ttl_s, "1" if reply else "0", kind])
-        if rc == 0:
+        rc = await retrying(lambda: self.scripts.finish(self.entry(job), result, kind, item.reply_to,
+                                                        self.s.result_ttl_s))
+        if rc == Finish.FENCED:
             raise _Fenced(job.entry_id)
-        if kind == "f":
+        if kind == ReplyKind.FINAL:
             self.served += 1
         self.metrics.finished(job, result)
-
-    async def _retrying(self, batcher: ScriptBatcher, keys: list[str], args: list[Any]) -> Any:
-        """Run a fenced script, riding out a Redis outage (restart, failover) for up to a minute.
-
-        The job stays registered meanwhile, so its lease is renewed as soon as Redis is back."""
-        delay, give_up = 0.05, time.monotonic() + 60.0
-        while True:
-            try:
-                return await batcher(keys, args)
-            except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError, OSError) as exc:
-                # out of memory: results expire and entries are deleted as work finishes, so it passes
-                if time.monotonic() > give_up:
-                    raise
-                log.warning("redis unavailable (%s); retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
 
     async def _to_dead_letter(self, stream: str, entry_id: str, fields: dict[Any, Any], deliveries: int,
                               *, reason: str) -> None:
@@ -757,16 +731,29 @@ class Worker:
             ).to_info()
         result = Result(id=rid or entry_id, kind="chat" if kind == "chat" else "completion", model=model,
                         error=err, worker=self.id, attempts=deliveries, scope=scope)
-        dlq = self.keys.dlq(self.model)
-        rc = await self._dead_letter(
-            keys=[stream, dlq, self.keys.result(rid or "-"), self.keys.replies(reply),
-                  self.keys.queue_bytes(self.model), self.keys.queue_bytes_total],
-            args=[GROUP, self.id, entry_id, rid, raw, result.model_dump_json(exclude_defaults=True),
-                  self.s.result_ttl_s, "1" if reply else "0", reason, deliveries, self.s.max_dead_letters])
+        rc = await self.scripts.dead_letter(
+            Entry(stream, entry_id, self.id, self.model), raw, result, reply or None, reason=reason,
+            deliveries=deliveries, ttl_s=self.s.result_ttl_s, max_dead_letters=self.s.max_dead_letters,
+            request_id=rid)
         if rc:
             self.dead_lettered += 1
             self.metrics.dead_lettered()
             log.warning("entry dead-lettered", extra={"entry": entry_id, "reason": reason, "request_id": rid})
+
+
+async def retrying(call: Callable[[], Awaitable[T]], give_up_s: float = 60.0) -> T:
+    """Run a fenced script, riding out a Redis outage (restart, failover, out of memory) for up to a
+    minute.  The job stays registered meanwhile, so its lease is renewed as soon as Redis is back;
+    out of memory passes as results expire and entries are deleted as work finishes."""
+    backoff = Backoff(0.05, 1.0, give_up_s=give_up_s)
+    while True:
+        try:
+            return await call()
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError, OSError) as exc:
+            if backoff.expired():
+                raise
+            log.warning("redis unavailable (%s); retrying in %.2fs", exc, backoff.next_delay)
+            await backoff.wait()
 
 
 class _Emitter:
@@ -799,16 +786,13 @@ class _Emitter:
 
     async def _flush(self) -> None:
         w = self.w
-        reply = self.item.reply_to or ""
         while self.pending:
             deltas, self.pending = self.pending, {}
             self.seq += 1
             chunk = Chunk(seq=self.seq, choices=sorted(deltas.values(), key=lambda d: d.index))
             try:
-                ok = await w._retrying(
-                    w._emit, [self.job.stream, w.keys.chunks(self.item.id), w.keys.replies(reply)],
-                    [GROUP, w.id, self.job.entry_id, self.item.id,
-                     chunk.model_dump_json(exclude_defaults=True), w.s.result_ttl_s, "1" if reply else "0"])
+                ok = await retrying(functools.partial(w.scripts.emit, w.entry(self.job), self.item.id, chunk,
+                                                      self.item.reply_to, w.s.result_ttl_s))
             except BaseException as exc:
                 self.error = exc
                 raise

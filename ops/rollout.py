@@ -39,7 +39,7 @@ import redis
 from pydantic import BaseModel, Field, ValidationError
 
 from common.keys import Keys
-from common.scripts import ROLLOUT_REQUEST, ROLLOUT_WRITE
+from common.lua import ROLLOUT_REQUEST, ROLLOUT_WRITE
 from common.settings import ROLLOUT_FIELDS, Settings
 
 Phase = Literal["requested", "running", "rolling_back", "done", "rolled_back", "failed", "rejected", "expired"]

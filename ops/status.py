@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from common.keys import Keys
 from common.queues import ModelQueues, read_queues
+from common.records import WorkerRecord
 from ops.rollout import RolloutState
 
 CLEAR = "\x1b[H\x1b[2J"
@@ -73,22 +74,13 @@ async def take_snapshot(r: aioredis.Redis, keys: Keys) -> Snapshot:
     with contextlib.suppress(ValidationError):
         snap.rollout = None if rollout_raw is None else RolloutState.model_validate_json(rollout_raw)
     for wid, raw in zip(ids, out[:-2]):
-        if not raw:
+        rec = WorkerRecord.from_hash(wid, raw)
+        if rec is None:
             continue
-        f = {_s(k): _s(v) for k, v in raw.items()}
-
-        def num(name: str, f: dict[str, str] = f) -> int:
-            try:
-                return int(float(f.get(name) or 0))
-            except ValueError:
-                return 0
-
         snap.workers.append(WorkerRow(
-            id=wid, state=f.get("state", "?"), gpu=f.get("gpu") or "-", model=f.get("model", ""),
-            version=f.get("version", ""), slots=num("slots"), busy=num("in_flight"),
-            heartbeat_age_s=max(0.0, now - float(f.get("heartbeat") or 0)), served=num("served"),
-            failed=num("failed"), reclaimed=num("reclaimed"), starts=starts.get(wid, 0),
-            revision=f.get("revision", "")))
+            id=wid, state=str(rec.state), gpu=rec.gpu or "-", model=rec.model, version=rec.version, slots=rec.slots,
+            busy=rec.in_flight, heartbeat_age_s=max(0.0, now - rec.heartbeat), served=rec.served, failed=rec.failed,
+            reclaimed=rec.reclaimed, starts=starts.get(wid, 0), revision=rec.revision))
     models = sorted({_s(m) for m in out[-2]} | {w.model for w in snap.workers})
     snap.queues = await read_queues(r, keys, models, now=now)
     return snap

@@ -32,6 +32,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
+from common.records import WorkerRecord, WorkerState
 from common.settings import ROLLOUT_FIELDS, Settings
 from ops import rollout
 from ops.procs import RedisServer, free_port, mgpu_cmd, port_free, spawn, terminate
@@ -252,10 +253,9 @@ class Supervisor:
         wid = c.worker_id
         try:
             key = self.keys.worker(wid)
-            self.registry.hset(key, mapping={
-                "id": wid, "state": "crashloop", "model": c.template.model, "slots": "0", "in_flight": "0",
-                "heartbeat": "0", "exits": str(len(c.crashes)), "log": str(c.log_path),
-                "revision": c.template.effective_revision})
+            rec = WorkerRecord(id=wid, state=WorkerState.CRASHLOOP, model=c.template.model, exits=len(c.crashes),
+                               log=str(c.log_path), revision=c.template.effective_revision)
+            self.registry.hset(key, mapping=rec.to_hash())
             self.registry.expire(key, 3600)
             self.registry.sadd(self.keys.workers, wid)
         except (redis.RedisError, OSError) as exc:

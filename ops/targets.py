@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from common.keys import Keys
+from common.records import WorkerRecord
 
 
 def _s(v: Any) -> str:
@@ -32,12 +33,12 @@ def read_worker_addresses(r: redis.Redis, keys: Keys) -> dict[str, str]:
         return {}
     p = r.pipeline(transaction=False)
     for wid in ids:
-        p.hmget(keys.worker(wid), "metrics_host", "host", "metrics_port")
+        p.hgetall(keys.worker(wid))
     out: dict[str, str] = {}
-    for wid, (mhost, host, port) in zip(ids, p.execute()):
-        if port is None or _s(port) in ("", "0"):
-            continue
-        out[wid] = f"{_s(mhost or host or '127.0.0.1')}:{_s(port)}"
+    for wid, raw in zip(ids, p.execute()):
+        rec = WorkerRecord.from_hash(wid, raw)
+        if rec is not None and rec.metrics_port:
+            out[wid] = f"{rec.metrics_host or rec.host or '127.0.0.1'}:{rec.metrics_port}"
     return out
 
 

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from gpu_worker.engine.sim import render_chat
+from common.prompts import render_chat
 from tests.conftest import Stack
 
 MODEL = "sim-model"

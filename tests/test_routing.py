@@ -7,8 +7,10 @@ from collections import Counter
 import redis
 
 from common.keys import GROUP, Keys
-from common.scripts import ENQUEUE, MOVE_UNDELIVERED
-from gateway.registry import RegistryView, WorkerInfo
+from common.records import WorkerRecord
+from common.redis_conn import make_client
+from common.scripts import Duplicate, Limits, Queued, QueueFull, Scripts, Target
+from gateway.registry import RegistryView
 from gateway.routing import (
     Balancer,
     Candidate,
@@ -75,7 +77,7 @@ def test_least_loaded_picks_the_idle_worker_and_spreads_bursts() -> None:
     b.on_refresh(2.0)  # a fresh registry view restarts the local counts
     assert b.local == {}
     view = RegistryView(Keys("t"), refreshed_at=3.0, control={"strategy": "least_loaded"})
-    view.workers = {w: WorkerInfo(w, "m", "ready", 4, 0, 0.0, {}) for w in ("x", "y")}
+    view.workers = {w: WorkerRecord(id=w, model="m", state="ready", slots=4) for w in ("x", "y")}
     routes = [b.plan(view, Keys("t"), "m", lambda: "") for _ in range(2)]
     assert sorted(r.target or "" for r in routes) == ["x", "y"] and b.local == {"x": 1, "y": 1}
     for r in routes:
@@ -83,8 +85,8 @@ def test_least_loaded_picks_the_idle_worker_and_spreads_bursts() -> None:
     assert b.local == {"x": 0, "y": 0}
     again = b.plan(view, Keys("t"), "m", lambda: "")
     other = "y" if again.target == "x" else "x"
-    assert again.enqueue_keys("idem") == [f"t:q:m:w:{again.target}", "idem", f"t:worker:{again.target}", "t:q:m",
-                                          f"t:q:m:w:{other}"]
+    assert again.destination == Target(f"t:q:m:w:{again.target}", f"t:worker:{again.target}", "t:q:m",
+                                       (f"t:q:m:w:{other}",))
 
 
 def test_affinity_is_sticky_bounded_and_consistent() -> None:
@@ -131,48 +133,58 @@ def test_strategy_resolution_from_the_control_hash() -> None:
 # ----------------------------------------------------------------------------- Lua, real redis-server
 
 
-def _enqueue(r: redis.Redis, keys: list[str], payload: str, max_len: int = 100) -> list[object]:
-    return r.register_script(ENQUEUE)(keys=keys, args=[max_len, payload, "", 60, 1 << 30, 1 << 30])  # type: ignore[no-any-return]
-
-
-def test_enqueue_push_falls_back_to_shared_unless_target_ready(redis_server: RedisServer) -> None:
+async def test_enqueue_push_falls_back_to_shared_unless_target_ready(redis_server: RedisServer) -> None:
     r = redis.Redis.from_url(redis_server.url)
     k = Keys("t")
+    scripts = Scripts(make_client(redis_server.url), k)
     own, shared = k.worker_stream("m", "w1"), k.stream("m")
-    keys = [own, "", k.worker("w1"), shared, k.queue_bytes("m"), k.queue_bytes_total]
-    rc = _enqueue(r, keys, "a")
-    assert rc[0] == 1 and rc[2] == 1 and r.xlen(shared) == 1 and not r.exists(own)  # no registry hash
+    target = Target(own, k.worker("w1"), shared)
+    limits = Limits(100, 1 << 30, 1 << 30)
+
+    async def enqueue(payload: str, t: Target = target, lim: Limits = limits) -> Queued | QueueFull:
+        out = await scripts.enqueue("m", t, payload, lim)
+        assert not isinstance(out, Duplicate)
+        return out
+
+    q = await enqueue("a")
+    assert isinstance(q, Queued) and q.fell_back and r.xlen(shared) == 1 and not r.exists(own)  # no registry hash
     r.hset(k.worker("w1"), "state", "draining")
-    assert _enqueue(r, keys, "b")[2] == 1 and r.xlen(shared) == 2
+    q = await enqueue("b")
+    assert isinstance(q, Queued) and q.fell_back and r.xlen(shared) == 2
     r.hset(k.worker("w1"), "state", "ready")
-    assert _enqueue(r, keys, "c")[2] == 0 and r.xlen(own) == 1
+    q = await enqueue("c")
+    assert isinstance(q, Queued) and not q.fell_back and r.xlen(own) == 1
     # the queue limit counts the model's whole backlog: shared + own + the other own streams
     other = k.worker_stream("m", "w2")
     r.xadd(other, {"p": "x"})
-    assert _enqueue(r, [*keys, other], "d", max_len=4)[0] == 0
-    assert _enqueue(r, [*keys, other], "d", max_len=5)[0] == 1
+    wide = Target(own, k.worker("w1"), shared, (other,))
+    assert await enqueue("d", wide, Limits(4, 1 << 30, 1 << 30)) == QueueFull("entries")
+    assert isinstance(await enqueue("d", wide, Limits(5, 1 << 30, 1 << 30)), Queued)
+    # and the bytes: every entry carries its size, counted per model and in all
+    assert int(r.get(k.queue_bytes("m")) or 0) == 4 == int(r.get(k.queue_bytes_total) or 0)
+    assert await enqueue("e" * 100, wide, Limits(100, 50, 1 << 30)) == QueueFull("bytes")
+    assert await enqueue("e" * 100, wide, Limits(100, 1 << 30, 50)) == QueueFull("total_bytes")
 
 
-def test_move_undelivered_keeps_payloads_and_leaves_pending(redis_server: RedisServer) -> None:
+async def test_move_undelivered_keeps_payloads_and_leaves_pending(redis_server: RedisServer) -> None:
     r = redis.Redis.from_url(redis_server.url)
     k = Keys("t")
+    scripts = Scripts(make_client(redis_server.url), k)
     own, shared, wset = k.worker_stream("m", "dead"), k.stream("m"), k.worker_streams("m")
     r.xgroup_create(own, GROUP, id="0", mkstream=True)
     r.sadd(wset, "dead")
     for i in range(5):
         r.xadd(own, {"p": f"payload-{i}", "extra": "kept"})
     r.xreadgroup(GROUP, "dead", {own: ">"}, count=2)  # two were delivered to the dead worker
-    move = r.register_script(MOVE_UNDELIVERED)
-    args = [own, k.worker("dead"), shared, wset]
     r.hset(k.worker("dead"), "state", "ready")
-    assert move(keys=args, args=[GROUP, "sweeper", 100, "dead", "0"]) == [-1, 0]  # alive: untouched
+    assert await scripts.move_undelivered("m", "dead", "sweeper", force=False, batch=100) is None  # alive
     r.delete(k.worker("dead"))
-    assert move(keys=args, args=[GROUP, "sweeper", 100, "dead", "0"]) == [3, 2]
+    assert await scripts.move_undelivered("m", "dead", "sweeper", force=False, batch=100) == (3, 2)
     got = [(f[b"p"], f[b"extra"]) for _, f in r.xrange(shared)]
     assert got == [(f"payload-{i}".encode(), b"kept") for i in (2, 3, 4)]
-    assert r.xpending(own, GROUP)["pending"] == 2  # delivered ones wait for XAUTOCLAIM
+    assert r.xpending(own, GROUP)["pending"] == 2  # delivered ones wait for the reclaim
     for eid, _ in r.xrange(own):
         r.xack(own, GROUP, eid)
         r.xdel(own, eid)
-    assert move(keys=args, args=[GROUP, "sweeper", 100, "dead", "0"]) == [0, 0]
+    assert await scripts.move_undelivered("m", "dead", "sweeper", force=False, batch=100) == (0, 0)
     assert not r.exists(own) and not r.sismember(wset, "dead")

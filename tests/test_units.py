@@ -14,10 +14,12 @@ import redis
 
 from common import errors
 from common.keys import GROUP, Keys
-from common.schemas import ChatCompletionRequest, ChoiceDelta, CompletionRequest, SamplingParams, Usage, WorkItem
-from common.scripts import DEAD_LETTER, FINISH, RELEASE, RENEW
+from common.protocol import ChatCompletionRequest, CompletionRequest, StreamFormatter
+from common.records import ReplyKind
+from common.redis_conn import make_client
+from common.schemas import ChoiceDelta, Result, SamplingParams, Usage, WorkItem
+from common.scripts import Entry, Finish, Scripts, renew, renew_script
 from common.settings import Settings, SettingsError
-from gateway.protocol import StreamFormatter
 from gpu_worker.engine.base import EngineRequest, InvalidEngineRequest
 from gpu_worker.engine.sim import SimEngine, expected_text
 from gpu_worker.gpu_health import GpuHealth
@@ -211,42 +213,49 @@ def r(redis_server: RedisServer) -> redis.Redis:
     return redis.Redis.from_url(redis_server.url)
 
 
-def test_fencing_scripts(r: redis.Redis) -> None:
+async def test_fencing_scripts(r: redis.Redis, redis_server: RedisServer) -> None:
     k = Keys("u")
     s = k.stream("m")
+    client = make_client(redis_server.url)
+    scripts = Scripts(client, k)
     r.xgroup_create(s, GROUP, id="0", mkstream=True)
     eid = r.xadd(s, {"p": "{}"}).decode()
     r.xreadgroup(GROUP, "a", {s: ">"}, count=1)
-    finish, renew, release, dead = (r.register_script(x) for x in (FINISH, RENEW, RELEASE, DEAD_LETTER))
-    assert renew(keys=[s], args=[GROUP, "a", eid]) == []  # a owns it
-    assert renew(keys=[s], args=[GROUP, "b", eid]) == [eid.encode()]  # b does not
+    lua_renew = renew_script(r)
+
+    def renewed(consumer: str) -> list[bytes]:
+        p = r.pipeline(transaction=False)
+        renew(p, lua_renew, s, consumer, [eid])
+        return p.execute()[0]  # type: ignore[no-any-return]
+
+    assert renewed("a") == []  # a owns it
+    assert renewed("b") == [eid.encode()]  # b does not
     # a releases it: immediately claimable, without spending a delivery
-    assert release(keys=[s], args=[GROUP, "a", 10**12, eid]) == 1
-    _next, claimed, _ = r.xautoclaim(s, GROUP, "b", min_idle_time=3000, count=10)
-    assert [c[0].decode() for c in claimed] == [eid]
-    assert r.xpending_range(s, GROUP, eid, eid, 1)[0]["times_delivered"] == 1
+    assert await scripts.release(s, "a", [eid]) == 1
+    cursor, claimed = await scripts.reclaim(s, "b", 3000, "-", 10)
+    assert [(c.entry_id, c.previous_owner) for c in claimed] == [(eid, "a")] and cursor == "0-0"
+    assert claimed[0].deliveries == 1  # the hand-back spent no delivery
     # the zombie a can neither store a result nor acknowledge
-    args = [GROUP, "a", eid, "req", '{"id":"req"}', 60, "1", "f"]
-    counted = [k.queue_bytes("m"), k.queue_bytes_total]
-    assert finish(keys=[s, k.result("req"), k.replies("gw"), *counted], args=args) == 0
+    res = Result(id="req")
+    assert await scripts.finish(Entry(s, eid, "a", "m"), res, ReplyKind.FINAL, "gw", 60) == Finish.FENCED
     assert r.get(k.result("req")) is None and r.xlen(s) == 1
     # the owner b can, once; a second result for the same request does not overwrite the first
-    args[1] = "b"
-    assert finish(keys=[s, k.result("req"), k.replies("gw"), *counted], args=args) == 1
+    assert await scripts.finish(Entry(s, eid, "b", "m"), res, ReplyKind.FINAL, "gw", 60) == Finish.STORED
     assert r.xlen(s) == 0 and r.xpending(s, GROUP)["pending"] == 0 and r.xlen(k.replies("gw")) == 1
     eid2 = r.xadd(s, {"p": "{}"}).decode()
     r.xreadgroup(GROUP, "c", {s: ">"}, count=1)
-    assert finish(keys=[s, k.result("req"), k.replies("gw"), *counted],
-                  args=[GROUP, "c", eid2, "req", "{}", 60, "1", "f"]) == 2
-    assert r.get(k.result("req")) == b'{"id":"req"}'
+    other = Result(id="req", model="other")
+    assert await scripts.finish(Entry(s, eid2, "c", "m"), other, ReplyKind.FINAL, "gw", 60) == Finish.DUPLICATE
+    assert Result.model_validate_json(r.get(k.result("req")) or b"").model == ""
     # dead-lettering keeps the payload and answers the client
     eid3 = r.xadd(s, {"p": '{"id":"poison"}'}).decode()
     r.xreadgroup(GROUP, "c", {s: ">"}, count=1)
-    dl_args = [GROUP, "c", eid3, "poison", '{"id":"poison"}', '{"id":"poison","error":{}}', 60, "1", "max", 4, 100]
-    assert dead(keys=[s, k.dlq("m"), k.result("poison"), k.replies("gw"), *counted], args=dl_args) == 1
+    assert await scripts.dead_letter(Entry(s, eid3, "c", "m"), '{"id":"poison"}', Result(id="poison"), "gw",
+                                     reason="max", deliveries=4, ttl_s=60, max_dead_letters=100, request_id="poison")
     entry = r.xrange(k.dlq("m"))[0][1]
     assert entry[b"p"] == b'{"id":"poison"}' and entry[b"deliveries"] == b"4"
     assert r.get(k.result("poison")) is not None and r.xlen(s) == 0
+    await client.aclose()
 
 
 def test_gateway_prompt_counter(tmp_path: Any) -> None:

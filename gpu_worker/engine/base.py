@@ -6,7 +6,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from common.schemas import SamplingParams
+from common.schemas import SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -35,7 +35,7 @@ class StepOutput:
     prompt_tokens: int
     completion_tokens: int  # cumulative, this attempt only
     finish_reason: str | None = None
-    logprobs: list[dict[str, object]] | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @runtime_checkable

@@ -22,6 +22,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from common.errors import EngineDead
+from common.prompts import sim_prompt_tokens, sim_text
+from common.schemas import TokenLogprob
 from gpu_worker.engine.base import EngineRequest, InvalidEngineRequest, StepOutput
 
 _WORDS = (
@@ -52,10 +54,6 @@ def tokenize(text: str) -> list[int]:
     return [_word_id(w) for w in text.split()]
 
 
-def render_chat(messages: list[dict[str, str]]) -> str:
-    return "".join(f"{m.get('role', 'user')}: {m.get('content', '')}\n" for m in messages) + "assistant:"
-
-
 def next_token(prev2: int, prev1: int, seed: int) -> int:
     return (prev1 * 1_103_515_245 + prev2 * 12_345 + seed * 2_654_435_761 + 7) % VOCAB
 
@@ -63,7 +61,7 @@ def next_token(prev2: int, prev1: int, seed: int) -> int:
 def expected_text(prompt: str | None = None, messages: list[dict[str, str]] | None = None, *,
                   max_tokens: int, seed: int = 0) -> str:
     """What the simulator generates for a request (no stop strings): a reference for checks."""
-    ctx = tokenize(render_chat(messages) if messages is not None else (prompt or "")) or [0]
+    ctx = tokenize(sim_text(prompt, messages)) or [0]
     out = []
     for _ in range(max_tokens):
         tok = next_token(ctx[-2] if len(ctx) > 1 else 0, ctx[-1], seed)
@@ -140,11 +138,10 @@ class SimEngine:
 
     # ------------------------------------------------------------------ requests
     def count_prompt_tokens(self, prompt: str | None, messages: list[dict[str, str]] | None) -> int:
-        text = render_chat(messages) if messages is not None else (prompt or "")
-        return len(text.split())
+        return sim_prompt_tokens(prompt, messages)
 
     async def generate(self, req: EngineRequest) -> AsyncGenerator[StepOutput, None]:
-        text = render_chat(req.messages) if req.messages is not None else (req.prompt or "")
+        text = sim_text(req.prompt, req.messages)
         context = tokenize(text) + list(req.resume_token_ids)
         prompt_tokens = len(context) - len(req.resume_token_ids)
         if len(context) + (req.params.max_tokens or 0) > self.max_model_len:
@@ -242,8 +239,8 @@ class SimEngine:
             finish = "length"
         logprobs = None
         if p.logprobs is not None:
-            logprobs = [{"token": " " + _WORDS[tok], "logprob": -0.1,
-                         "top_logprobs": {" " + _WORDS[(tok + i) % VOCAB]: -0.1 - i for i in range(p.logprobs)}}]
+            top = {" " + _WORDS[(tok + i) % VOCAB]: -0.1 - i for i in range(p.logprobs)}
+            logprobs = [TokenLogprob(token=" " + _WORDS[tok], logprob=-0.1, top_logprobs=top)]
         seq.out.put_nowait(
             StepOutput(text=piece, token_ids=[tok], prompt_tokens=seq.prompt_tokens,
                        completion_tokens=seq.generated, finish_reason=finish, logprobs=logprobs)

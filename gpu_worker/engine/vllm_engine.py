@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
 from common.errors import EngineDead, GenerationFailed
+from common.schemas import TokenLogprob
 from gpu_worker.engine.base import EngineRequest, InvalidEngineRequest, StepOutput
 
 if TYPE_CHECKING:
@@ -252,9 +253,9 @@ class VllmEngine:
             await engine.abort(request_id)
 
 
-def _logprobs(token_ids: list[int], positions: Any, top_n: int) -> list[dict[str, object]]:
-    """vLLM's per-position ``{token_id: Logprob}`` (sampled token + top-n) as OpenAI-style entries."""
-    result: list[dict[str, object]] = []
+def _logprobs(token_ids: list[int], positions: Any, top_n: int) -> list[TokenLogprob]:
+    """vLLM's per-position ``{token_id: Logprob}`` (sampled token + top-n) as mgpu's TokenLogprob."""
+    result: list[TokenLogprob] = []
     for tok_id, pos in zip(token_ids, positions, strict=False):
         pos = pos or {}
         chosen = pos.get(tok_id)
@@ -264,10 +265,8 @@ def _logprobs(token_ids: list[int], positions: Any, top_n: int) -> list[dict[str
             if len(top) >= top_n:
                 break
             top.setdefault(lp.decoded_token or "", float(lp.logprob))
-        result.append({
-            "token": (chosen.decoded_token or "") if chosen is not None else "",
-            "logprob": float(chosen.logprob) if chosen is not None else float("-inf"),
-            "top_logprobs": top,
-        })
+        result.append(TokenLogprob(token=(chosen.decoded_token or "") if chosen is not None else "",
+                                   logprob=float(chosen.logprob) if chosen is not None else float("-inf"),
+                                   top_logprobs=top))
     return result
 
