@@ -79,6 +79,7 @@ class Proc:
     log: Path
     worker_id: str | None = None
     port: int | None = None
+    probe_port: int | None = None  # a gateway's /health, /ready, /metrics listener
 
     @property
     def alive(self) -> bool:
@@ -191,7 +192,8 @@ class Fleet:
         """An ``mgpu gateway`` on a free port (or ``port=``); until it answers /ready with 200
         (/health when not ``wait_ready``: it may have no worker yet)."""
         port = int(settings.setdefault("port", free_port()))
-        p = self._spawn("gateway", f"gateway-{port}", settings, port=port)
+        probe = int(settings.setdefault("health_port", free_port()))
+        p = self._spawn("gateway", f"gateway-{port}", settings, port=port, probe_port=probe)
         if self.gateway_port is None:
             self.gateway_port = port
         wait_http_ok(p, f"http://127.0.0.1:{port}/" + ("ready" if wait_ready else "health"), timeout)

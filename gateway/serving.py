@@ -1,24 +1,20 @@
-"""Serving one generation request: admit it, enqueue it, then answer it.
+"""Serving one generation request once it is admitted (:mod:`gateway.admission`): enqueue it, then
+answer it.
 
-    admit()     read the body (size and time limits), validate it strictly, build the WorkItem, and the
-                idempotency record when the client sent an ``Idempotency-Key``
     enqueue()   one ENQUEUE call: queued | queue full (entries or bytes) | that key was used before
-    answer      JSON after the final event, or SSE as chunks arrive (``respond``); a retry of a request
-                accepted earlier, here or on another gateway, follows the original (``follow``) instead
-                of generating again: its chunks and result are read from their durable keys
+    answer      JSON after the final event, or SSE as chunks arrive (:func:`generate`); a retry of a
+                request accepted earlier, here or on another gateway, follows the original (:func:`follow`)
+                instead of generating again: its chunks and result are read from their durable keys
 
-The request id is always generated here (unguessable); a client's ``X-Request-Id`` is a tracing id,
-echoed back and logged, never an identity.  An ``Idempotency-Key`` is scoped to the caller (the API key
-once there are keys, :data:`common.schemas.ANONYMOUS` until then) and bound to what it first asked for:
-the same key with another endpoint, stream flag or body is refused with 422.
+Every request ends with one access-log line and its metrics (:class:`Access`), after the response
+is on its way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import re
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -27,146 +23,26 @@ from typing import Any
 import orjson
 import redis
 from pydantic import ValidationError
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
 
 from common import errors
+from common.logs import set_request_id
 from common.outcomes import outcome_of
-from common.protocol import OpenAIRequest, StreamFormatter, error_body, full_response, parse_request
+from common.protocol import StreamFormatter, error_body, full_response
 from common.records import ReplyKind
-from common.schemas import Chunk, IdempotencyRecord, Kind, Result, WorkItem, new_request_id
+from common.schemas import ANONYMOUS, Chunk, IdempotencyRecord, Kind, Result, WorkItem
 from common.scripts import Duplicate, Limits, Queued, QueueFull
+from gateway import admission
+from gateway.admission import Admission
+from gateway.http import json_response
 from gateway.replies import Event, Waiter
-from gateway.routing import Route
+from gateway.routing import Route, affinity_key
 from gateway.state import GatewayState
 
-_TRACE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
-_IDEM_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+log = logging.getLogger("mgpu.gateway")
 
-
-# ----------------------------------------------------------------------------- admission
-
-
-async def read_json(request: Request, limit: int, timeout_s: float) -> dict[str, Any]:
-    """The JSON object body: 413 past ``limit`` bytes, 408 when it does not arrive within ``timeout_s``,
-    499 (counted as cancelled, not as a server error) when the client goes away meanwhile."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise errors.PayloadTooLarge(f"the request body is over the {limit}-byte limit")
-    body = bytearray()
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for part in request.stream():
-                body += part
-                if len(body) > limit:
-                    raise errors.PayloadTooLarge(f"the request body is over the {limit}-byte limit")
-    except TimeoutError:
-        raise errors.ReadTimeout(f"the request body did not arrive within {timeout_s:g}s",
-                                 headers={"Connection": "close"}) from None
-    except ClientDisconnect:
-        raise errors.RequestCancelled("the client disconnected while sending the request") from None
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise errors.InvalidRequest(f"could not parse the JSON body: {exc}") from None
-    if not isinstance(obj, dict):
-        raise errors.InvalidRequest("the request body must be a JSON object")
-    return obj
-
-
-def trace_id(request: Request) -> str | None:
-    """The client's ``X-Request-Id`` (tracing only), checked so that it cannot forge log lines."""
-    v = request.headers.get("x-request-id")
-    if v is not None and not _TRACE_ID.match(v):
-        raise errors.InvalidRequest("the X-Request-Id header must be 1-128 printable ASCII characters "
-                                    "without spaces", param="X-Request-Id")
-    return v
-
-
-def idempotency_key(request: Request) -> str | None:
-    v = request.headers.get("idempotency-key")
-    if v is not None and not _IDEM_KEY.match(v):
-        raise errors.InvalidRequest("the Idempotency-Key header must be 1-255 printable ASCII characters",
-                                    param="Idempotency-Key")
-    return v
-
-
-@dataclass
-class Admission:
-    kind: Kind
-    req: OpenAIRequest
-    item: WorkItem
-    trace: str | None  # the client's X-Request-Id
-    idem_key: str | None  # the Redis key of the caller's Idempotency-Key
-    record: IdempotencyRecord | None
-
-
-def build_item(state: GatewayState, kind: Kind, req: OpenAIRequest, request_id: str, scope: str,
-               trace: str | None = None) -> WorkItem:
-    """Check what needs the fleet's state (live workers, context length, memory) and build the WorkItem."""
-    s = state.settings
-    reg = state.registry
-    if not reg.redis_ok:
-        raise errors.ServiceUnavailable("the queue (Redis) is unreachable", retry_after=s.retry_after_s)
-    if reg.memory_pressure is not None:
-        raise errors.ServiceUnavailable(reg.memory_pressure, retry_after=s.retry_after_s)
-    live = reg.live_workers(req.model)
-    info = reg.models.get(req.model)
-    if not live:
-        if info is None:
-            raise errors.ModelNotFound(f"the model '{req.model}' does not exist", param="model")
-        raise errors.ServiceUnavailable(f"no live worker serves '{req.model}' right now",
-                                        retry_after=s.retry_after_s)
-    if req.timeout is not None and req.timeout > s.max_request_timeout_s:
-        raise errors.InvalidRequest(f"timeout: at most {s.max_request_timeout_s:g} seconds", param="timeout")
-    max_len = info.max_model_len if info is not None else 0
-    prompt, messages = req.inputs()
-    max_tokens = req.max_tokens if req.max_tokens is not None else (16 if kind == "completion" else None)
-    if max_len and max_tokens is not None and max_tokens >= max_len:
-        raise errors.InvalidRequest(
-            f"max_tokens ({max_tokens}) must be below the model's context length ({max_len})", param="max_tokens")
-    n_prompt = state.prompts.count(info.tokenizer, prompt, messages) if max_len and info is not None else None
-    if n_prompt is not None and n_prompt + (max_tokens or 1) > max_len:
-        raise errors.InvalidRequest(
-            f"this model's maximum context length is {max_len} tokens; the prompt has {n_prompt} tokens "
-            f"and {max_tokens or 1} completion tokens were asked for", param="messages" if messages else "prompt")
-    timeout = req.timeout or s.request_timeout_s
-    return WorkItem(id=request_id, kind=kind, model=req.model, prompt=prompt, messages=messages,
-                    params=req.sampling(max_tokens, req.logprobs_n()), stream=req.stream,
-                    deadline=time.time() + timeout, reply_to=s.gateway_id, scope=scope, trace_id=trace)
-
-
-def admit(state: GatewayState, kind: Kind, body: dict[str, Any], trace: str | None, key: str | None,
-          scope: str) -> Admission:
-    """A request body as a WorkItem (with a new request id) and, with an ``Idempotency-Key``, its record."""
-    req = parse_request(kind, body)
-    item = build_item(state, kind, req, new_request_id(kind), scope, trace)
-    record = None
-    if key is not None:
-        digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
-        record = IdempotencyRecord(request_id=item.id, endpoint=kind, stream=item.stream, body_sha256=digest,
-                                   created=item.created)
-    return Admission(kind, req, item, trace, None if key is None else state.settings.keys.idempotency(scope, key),
-                     record)
-
-
-def check_reuse(adm: Admission, first: IdempotencyRecord) -> None:
-    """A retry must ask for what the key first asked for."""
-    rec = adm.record
-    assert rec is not None
-    what = None
-    if first.endpoint != rec.endpoint:
-        what = f"it was first used on the {_ENDPOINT[first.endpoint]} endpoint"
-    elif first.stream != rec.stream:
-        what = f"it was first used with stream={str(first.stream).lower()}"
-    elif first.body_sha256 != rec.body_sha256:
-        what = "it was first used with a different request body"
-    if what is not None:
-        raise errors.IdempotencyMismatch(f"this Idempotency-Key belongs to another request: {what}",
-                                         param="Idempotency-Key")
-
-
-_ENDPOINT = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
-
+_ENDPOINTS: dict[Kind, str] = {"chat": "chat", "completion": "completions"}  # the metric label
 
 # ----------------------------------------------------------------------------- enqueue
 
@@ -340,3 +216,141 @@ async def sse(events: AsyncIterator[Event], fmt: StreamFormatter, request_id: st
 
 def _outcome(x: Result | errors.MgpuError) -> str:
     return outcome_of(x.error if isinstance(x, Result) else x)
+
+# ----------------------------------------------------------------------------- accounting
+
+
+@dataclass
+class Access:
+    """One request's access-log line and metrics."""
+
+    endpoint: str
+    started: float
+    model: str = "-"  # a bounded label: a served model, or "unknown"
+    request_id: str = "-"
+    trace: str | None = None
+    outcome: str = "success"
+    status: int = 200
+
+
+def _account(state: GatewayState, a: Access, ended: float | None = None) -> None:
+    duration = (ended or time.perf_counter()) - a.started
+    state.metrics.observe(a.model, a.endpoint, a.outcome, a.status, duration)
+    if state.settings.log_requests:
+        extra: dict[str, Any] = {"request_id": a.request_id, "model": a.model, "endpoint": a.endpoint,
+                                 "outcome": a.outcome, "code": a.status, "duration_ms": round(duration * 1000, 1)}
+        if a.trace is not None:
+            extra["trace_id"] = a.trace
+        log.info("request done", extra=extra)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+async def generate(request: Request, kind: Kind) -> Response:
+    """One generation request, end to end (the routes' and the fast path's handler)."""
+    state: GatewayState = request.app.state.gw
+    a = Access(endpoint=_ENDPOINTS[kind], started=time.perf_counter())
+    streamed = False
+    try:
+        adm = await _admit(state, request, kind, a)
+        item = adm.item
+        s = state.settings
+        route = state.balancer.plan(state.registry, s.keys, item.model, lambda: affinity_key(
+            adm.req.user, request.headers.get("x-session-id"), item.prompt, item.messages, s.affinity_prefix_chars))
+        w = state.router.register(item.id, item.stream)
+        try:
+            queued = await enqueue(state, adm, route)
+        except BaseException:
+            state.router.unregister(w)
+            raise
+        streamed = item.stream  # a stream accounts for itself when it ends
+        if isinstance(queued, Duplicate):  # a retry: answer with the original, do not generate again
+            state.router.unregister(w)
+            return await _answer_retry(state, adm, queued.first, a)
+        return await _answer(state, request, adm, route, queued, w, a)
+    except errors.MgpuError as exc:
+        a.status, a.outcome = exc.status, outcome_of(exc)
+        raise
+    except Exception:
+        a.status, a.outcome = 500, "failed"
+        raise
+    finally:
+        if not streamed:  # accounted for after the response is on its way, off the latency path
+            asyncio.get_running_loop().call_soon(_account, state, a, time.perf_counter())
+
+
+async def _admit(state: GatewayState, request: Request, kind: Kind, a: Access) -> Admission:
+    s = state.settings
+    trace = a.trace = admission.trace_id(request)
+    key = admission.idempotency_key(request)
+    body = await admission.read_json(request, s.max_body_bytes, s.http_read_timeout_s)
+    model = body.get("model")
+    a.model = state.model_label(model if isinstance(model, str) else None)
+    adm = admission.admit(state, kind, body, trace, key, ANONYMOUS)
+    a.request_id = adm.item.id
+    set_request_id(adm.item.id)
+    return adm
+
+
+async def _answer(state: GatewayState, request: Request, adm: Admission, route: Route, queued: Queued, w: Waiter,
+                  a: Access) -> Response:
+    """A request this gateway enqueued: streamed as its chunks come, or JSON once its result is in."""
+    item = adm.item
+    target = None if queued.fell_back else route.target
+    state.balancer.count(target)
+    state.metrics.routed.labels(target or "shared", route.strategy).inc()
+    w.future.add_done_callback(lambda _f: state.balancer.done(route))
+    headers = {"X-Request-Id": adm.trace or item.id}
+    if item.stream:
+        return _streaming(state, waiter_events(w, item.deadline or time.time()), adm, item.id, item.created, a,
+                          headers, w, cancel=adm.idem_key is None)
+    state.metrics.in_flight.inc()
+    try:
+        result = await until_result_or_disconnect(state, request, w, item, keep_on_disconnect=adm.idem_key is not None)
+    finally:
+        state.metrics.in_flight.dec()
+        state.router.unregister(w)
+    return json_response(json_answer(result, item.model), headers=headers)
+
+
+async def _answer_retry(state: GatewayState, adm: Admission, first: IdempotencyRecord, a: Access) -> Response:
+    """A retry of the request ``first`` (an Idempotency-Key used before): its answer, in the retry's shape."""
+    admission.check_reuse(adm, first)
+    rid = a.request_id = first.request_id
+    headers = {"X-Request-Id": adm.trace or rid}
+    events = follow(state, rid, adm.item.stream, adm.item.deadline or time.time())
+    if adm.item.stream:
+        return _streaming(state, events, adm, rid, first.created, a, headers, None, cancel=False)
+    result = await final_result(events, rid)
+    return json_response(json_answer(result, adm.item.model), headers=headers)
+
+
+def _streaming(state: GatewayState, events: AsyncIterator[Event], adm: Admission, request_id: str,
+               created: int, a: Access, headers: dict[str, str], w: Waiter | None, *, cancel: bool) -> Response:
+    """The SSE response of a stream; when it ends without its result (the client went away, the deadline
+    passed) the request is cancelled, unless ``cancel`` is off (an idempotent request's client comes back)."""
+    item = adm.item
+    include_usage = bool(adm.req.stream_options and adm.req.stream_options.include_usage)
+    fmt = StreamFormatter(request_id, item.kind, created, item.model, item.params.n, include_usage)
+    end = StreamEnd()
+
+    async def body() -> AsyncIterator[bytes]:
+        state.metrics.in_flight.inc()
+        try:
+            async for part in sse(events, fmt, request_id, end):
+                yield part
+        finally:
+            state.metrics.in_flight.dec()
+            if w is not None:
+                state.router.unregister(w)
+            if end.first_token_at is not None:
+                state.metrics.ttft.labels(a.model).observe(end.first_token_at - a.started)
+            a.outcome, a.status = end.outcome, end.status
+            _account(state, a)
+            if not end.got_result and cancel:
+                await asyncio.shield(state.cancel(request_id))
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
+
+

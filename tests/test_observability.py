@@ -400,7 +400,7 @@ def test_status_once_shows_workers_and_queues(stack: Stack) -> None:
         wait_until(lambda: int(stack.r.hget(stack.keys.worker(w.worker_id or ""), "served") or 0) >= 6, 20,
                    "some requests served")
         out = subprocess.run([*mgpu_cmd("status", "--once", "--no-color", "--interval", "1")], cwd=ROOT, timeout=30,
-                             capture_output=True, text=True, env={**stack._env({}), "PATH": "/usr/bin:/bin"})
+                             capture_output=True, text=True, env={**stack.env({}), "PATH": "/usr/bin:/bin"})
     finally:
         stop.set()
         t.join()

@@ -124,7 +124,7 @@ def fleet_revision(stack: Stack) -> str:
 
 def mgpu(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(mgpu_cmd(*args), cwd=ROOT, timeout=120, capture_output=True, text=True,
-                          env={**stack._env({}), "PATH": "/usr/bin:/bin"})
+                          env={**stack.env({}), "PATH": "/usr/bin:/bin"})
 
 
 def mgpu_rollout(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
