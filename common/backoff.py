@@ -31,8 +31,12 @@ class Backoff:
             self._started = time.monotonic()
         return self.give_up_s is not None and time.monotonic() - self._started > self.give_up_s
 
-    async def wait(self) -> None:
+    def step(self) -> float:
+        """The delay to wait now; the next one is twice as long (up to ``cap``)."""
         if self._started is None:
             self._started = time.monotonic()
-        await asyncio.sleep(self.delay)
-        self.delay = min(self.delay * 2, self.cap)
+        delay, self.delay = self.delay, min(self.delay * 2, self.cap)
+        return delay
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.step())

@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from common import errors
+from common.backoff import Backoff
 from common.logs import set_request_id
 from common.outcomes import outcome_of
 from common.protocol import StreamFormatter, error_body, full_response
@@ -96,7 +97,7 @@ async def follow(state: GatewayState, request_id: str, streaming: bool, deadline
     process gets the events; otherwise it polls, from 20 ms up to 250 ms apart."""
     k = state.settings.keys
     w = state.router.register(request_id, streaming=False)
-    after, last_seq, delay = "-", 0, 0.02
+    after, last_seq, poll = "-", 0, Backoff(0.02, 0.25)
     try:
         while True:
             w.changed.clear()
@@ -121,9 +122,8 @@ async def follow(state: GatewayState, request_id: str, streaming: bool, deadline
             if time.time() >= deadline:
                 raise errors.RequestTimeout("the original request has not finished within the deadline")
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(delay, max(0.0, deadline - time.time()))):
+                async with asyncio.timeout(min(poll.step(), max(0.0, deadline - time.time()))):
                     await w.changed.wait()
-            delay = min(delay * 2, 0.25)
     finally:
         state.router.unregister(w)
 
