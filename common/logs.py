@@ -24,10 +24,6 @@ def set_request_id(request_id: str | None) -> None:
     _request_id.set(request_id)
 
 
-def current_request_id() -> str | None:
-    return _request_id.get()
-
-
 class RequestIdFilter(logging.Filter):
     """Adds ``request_id`` from the context to records that do not name one already."""
 

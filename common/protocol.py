@@ -12,6 +12,7 @@ models describe the same shapes for the OpenAPI document, and a test checks that
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -427,18 +428,20 @@ def full_response(r: Result, model: str) -> dict[str, Any]:
             "usage": usage_dict(r.usage)}
 
 
+@dataclass
 class StreamFormatter:
     """Builds the SSE chunk objects of one streaming request, exactly as OpenAI sends them."""
 
-    def __init__(self, request_id: str, kind: str, created: int, model: str, n: int, include_usage: bool):
-        self.id = request_id
-        self.kind = kind
-        self.created = created
-        self.model = model
-        self.n = n
-        self.include_usage = include_usage
-        self.object = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        self._offsets = [0] * n
+    id: str  # the request's
+    kind: str
+    created: int
+    model: str
+    n: int
+    include_usage: bool
+
+    def __post_init__(self) -> None:
+        self.object = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        self._offsets = [0] * self.n
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         env: dict[str, Any] = {"id": self.id, "object": self.object, "created": self.created,
