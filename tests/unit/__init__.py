@@ -1,0 +1,1 @@
+"""Pure tests of single modules: no processes, no Redis."""
