@@ -1,1 +1,0 @@
-"""Pure tests of single modules: no processes, no Redis."""
