@@ -1,12 +1,14 @@
 """A worker's Prometheus metrics and its small HTTP server (``/metrics``, ``/health``).
 
-Owned by the :class:`gpu_worker.worker.Worker` (one registry per worker, no module-level state).
-The server runs in a thread of its own, so a scrape answers even while the event loop is busy,
-and ``/health`` can say the loop has stalled.
+Owned by the worker (one registry per worker, no module-level state).  The server runs in a
+thread of its own, so a scrape answers even while the event loop is busy, and ``/health`` can say
+the loop has stalled.
 
-Request metrics are observed at hooks the worker calls (start, token steps, finish); state
-(slots, in flight, reclaims, fenced writes, ...) is read from the worker's own counters at scrape
-time; GPU gauges come from NVML at scrape time (:mod:`gpu_worker.gpu_metrics`).
+Request metrics are observed at hooks the worker and its jobs call (start, token steps, finish);
+state (slots, in flight, reclaims, fenced writes, ...) is read from the worker's
+:class:`gpu_worker.stats.WorkerStats` at scrape time; GPU gauges come from the worker's
+:class:`gpu_worker.nvml.Gpu` at scrape time.  This module knows the worker only through those two
+records, the engine and :class:`JobFacts`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -24,16 +26,24 @@ from prometheus_client.registry import Collector
 from common.outcomes import OUTCOMES, outcome_of
 from common.probe_http import ProbeServer
 from common.schemas import Result, WorkItem
-from gpu_worker.gpu_metrics import GpuSampler
-
-if TYPE_CHECKING:
-    from gpu_worker.worker import Worker, _Job
+from common.settings import Settings
+from gpu_worker.engine.base import Engine
+from gpu_worker.nvml import Gpu
+from gpu_worker.stats import WorkerStats
 
 log = logging.getLogger("mgpu.worker")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
 STATES = ("starting", "canary", "ready", "draining", "gone")
+
+
+class JobFacts(Protocol):
+    """What the request hooks read of a job (:class:`gpu_worker.job.Job`)."""
+
+    item: WorkItem | None
+    deliveries: int
+    started: float  # monotonic
 
 
 class TokenTimer:
@@ -69,7 +79,7 @@ class _StateCollector(Collector):
         self.m = m
 
     def collect(self) -> Iterator[Metric]:
-        w, lv = self.m.worker, self.m.label_values
+        m, st, engine, lv = self.m, self.m.stats, self.m.engine, self.m.label_values
         names = ["model", "worker", "gpu"]
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -82,36 +92,36 @@ class _StateCollector(Collector):
             c.add_metric(lv, value)
             return c
 
-        yield gauge("mgpu_worker_in_flight_requests", "Requests running on this worker", len(w.jobs))
-        yield gauge("mgpu_worker_busy_slots", "Batch slots in use (a request with n choices takes n)", w.in_flight)
-        yield gauge("mgpu_worker_slots", "Batch slots of this worker's engine", w.engine.slots)
-        yield gauge("mgpu_worker_healthy", "1 while the engine passes its health checks", 1 if w.healthy else 0)
+        yield gauge("mgpu_worker_in_flight_requests", "Requests running on this worker", st.requests)
+        yield gauge("mgpu_worker_busy_slots", "Batch slots in use (a request with n choices takes n)", st.busy_slots)
+        yield gauge("mgpu_worker_slots", "Batch slots of this worker's engine", engine.slots)
+        yield gauge("mgpu_worker_healthy", "1 while the engine passes its health checks", 1 if st.healthy else 0)
         yield gauge("mgpu_worker_event_loop_lag_seconds", "Seconds since the worker's event loop last ticked",
-                    w.loop_lag_s)
-        yield gauge("mgpu_worker_start_time_seconds", "Unix time this worker process started", self.m.started_at)
-        st = GaugeMetricFamily("mgpu_worker_state", "1 for the worker's current state", labels=[*names, "state"])
+                    st.loop_lag_s)
+        yield gauge("mgpu_worker_start_time_seconds", "Unix time this worker process started", m.started_at)
+        state = GaugeMetricFamily("mgpu_worker_state", "1 for the worker's current state", labels=[*names, "state"])
         for s in STATES:
-            st.add_metric([*lv, s], 1 if w.state == s else 0)
-        yield st
+            state.add_metric([*lv, s], 1 if st.state == s else 0)
+        yield state
         info = GaugeMetricFamily("mgpu_worker_info", "Worker facts",
                                  labels=[*names, "engine", "version", "revision"])
-        info.add_metric([*lv, w.engine.name, w.version, w.revision], 1)
+        info.add_metric([*lv, engine.name, m.version, m.revision], 1)
         yield info
         yield counter("mgpu_worker_reclaims_total", "Entries taken over from a worker whose lease lapsed",
-                      w.reclaimed)
+                      st.reclaimed)
         yield counter("mgpu_worker_fenced_writes_total",
-                      "Writes refused because another worker owns the entry now (zombie writes)", w.fenced)
-        yield counter("mgpu_worker_drains_total", "Drain requests this worker received", w.drains)
-        yield counter("mgpu_worker_engine_aborts_total", "Sequences aborted in the engine", w.engine.aborts)
+                      "Writes refused because another worker owns the entry now (zombie writes)", st.fenced)
+        yield counter("mgpu_worker_drains_total", "Drain requests this worker received", st.drains)
+        yield counter("mgpu_worker_engine_aborts_total", "Sequences aborted in the engine", engine.aborts)
 
 
 class _GpuCollector(Collector):
-    def __init__(self, m: WorkerMetrics, sampler: GpuSampler) -> None:
+    def __init__(self, m: WorkerMetrics, gpu: Gpu) -> None:
         self.m = m
-        self.sampler = sampler
+        self.gpu = gpu
 
     def collect(self) -> Iterator[Metric]:
-        r = self.sampler.read()
+        r = self.gpu.read()
         if r is None:
             return
         names = ["model", "worker", "gpu"]
@@ -149,12 +159,17 @@ class _GpuCollector(Collector):
 
 
 class WorkerMetrics:
-    def __init__(self, worker: Worker, *, gpu_sampler: GpuSampler | None = None) -> None:
-        self.worker = worker
+    def __init__(self, settings: Settings, stats: WorkerStats, engine: Engine, gpu: Gpu, *, worker_id: str,
+                 version: str) -> None:
+        self.s = settings
+        self.stats = stats
+        self.engine = engine
+        self.worker_id = worker_id
+        self.version = version
+        self.revision = settings.effective_revision
         self.registry = r = CollectorRegistry()
         self.started_at = time.time()
-        gpu = worker.s.gpu
-        self.label_values = [worker.model, worker.id, "none" if gpu is None else str(gpu)]
+        self.label_values = [settings.model, worker_id, "none" if settings.gpu is None else str(settings.gpu)]
         lv = self.label_values
         names = ["model", "worker", "gpu"]
         requests = Counter("mgpu_worker_requests", "Requests finished by this worker, by outcome",
@@ -179,17 +194,12 @@ class WorkerMetrics:
         self.retries = Counter("mgpu_worker_retries", "Requests started again after an earlier delivery",
                                names, registry=r).labels(*lv)
         r.register(_StateCollector(self))
-        self.gpu: GpuSampler | None = None
-        if gpu is not None:
-            self.gpu = gpu_sampler or GpuSampler(gpu)
-            r.register(_GpuCollector(self, self.gpu))
-        elif gpu_sampler is None:
-            log.info("no GPU metrics: this worker has no GPU index (--gpu)")
+        r.register(_GpuCollector(self, gpu))  # reads nothing without a GPU
         self.server: ProbeServer | None = None
         self.port = 0
 
     # ------------------------------------------------------------------ hooks
-    def started(self, job: _Job) -> None:
+    def started(self, job: JobFacts) -> None:
         if job.item is not None:
             self.queue_wait.observe(max(0.0, time.time() - job.item.enqueued_at))
         if job.deliveries > 1:
@@ -198,16 +208,16 @@ class WorkerMetrics:
     def token_timer(self, item: WorkItem, index: int) -> TokenTimer:
         return TokenTimer(self, item, ttft=index == 0)
 
-    def finished(self, job: _Job, result: Result) -> None:
+    def finished(self, job: JobFacts, result: Result) -> None:
         item = job.item
         outcome = outcome_of(result.error)
         self.requests[outcome].inc()
         now = time.time()
         if outcome == "success" and item is not None:
             self.latency.observe(max(0.0, now - item.enqueued_at))
-        if self.worker.s.log_requests:
+        if self.s.log_requests:
             extra: dict[str, Any] = {
-                "request_id": result.id, "worker": self.worker.id, "model": result.model, "outcome": outcome,
+                "request_id": result.id, "worker": self.worker_id, "model": result.model, "outcome": outcome,
                 "attempts": job.deliveries, "completion_tokens": result.usage.completion_tokens,
                 "run_ms": round((time.monotonic() - job.started) * 1000, 1),
                 "total_ms": round((now - item.enqueued_at) * 1000, 1) if item is not None else None}
@@ -220,13 +230,13 @@ class WorkerMetrics:
 
     # ------------------------------------------------------------------ HTTP
     def health(self) -> tuple[int, dict[str, Any]]:
-        w = self.worker
-        lag = w.loop_lag_s
-        ok = w.healthy and w.state in ("starting", "canary", "ready", "draining") and lag < w.s.loop_stall_s
+        st, s = self.stats, self.s
+        lag = st.loop_lag_s
+        ok = st.healthy and st.state in ("starting", "canary", "ready", "draining") and lag < s.loop_stall_s
         return (200 if ok else 503), {
-            "status": "ok" if ok else "unhealthy", "state": w.state, "healthy": w.healthy, "worker": w.id,
-            "model": w.model, "gpu": w.s.gpu, "in_flight": len(w.jobs), "busy_slots": w.in_flight,
-            "slots": w.engine.slots, "loop_lag_s": round(lag, 3), "served": w.served}
+            "status": "ok" if ok else "unhealthy", "state": st.state, "healthy": st.healthy, "worker": self.worker_id,
+            "model": s.model, "gpu": s.gpu, "in_flight": st.requests, "busy_slots": st.busy_slots,
+            "slots": self.engine.slots, "loop_lag_s": round(lag, 3), "served": st.served}
 
     def serve(self, host: str, port: int) -> int:
         """Start ``/metrics`` and ``/health`` on ``host:port`` (0: a free port); returns the port."""
@@ -238,12 +248,10 @@ class WorkerMetrics:
         self.server = ProbeServer({"/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(self.registry)),
                                    "/health": health})
         self.port = self.server.start(host, port)
-        log.info("metrics on http://%s:%d/metrics", host, self.port, extra={"worker": self.worker.id})
+        log.info("metrics on http://%s:%d/metrics", host, self.port, extra={"worker": self.worker_id})
         return self.port
 
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
             self.server = None
-        if self.gpu is not None:
-            self.gpu.close()

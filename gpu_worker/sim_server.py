@@ -36,27 +36,15 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-def create_sim_app(settings: Settings) -> FastAPI:
-    s = settings
-    engine = SimEngine(slots=s.slots, max_model_len=s.max_model_len, prefill_ms_per_token=s.sim_prefill_ms_per_token,
-                       decode_ms=s.sim_decode_ms, decode_ms_per_seq=s.sim_decode_ms_per_seq)
+class _SimApi:
+    """The server's endpoints over one engine: parse a request, then answer it whole or as a stream."""
 
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await engine.start()
-        try:
-            yield
-        finally:
-            await engine.shutdown()
+    def __init__(self, settings: Settings, engine: SimEngine) -> None:
+        self.s = settings
+        self.engine = engine
 
-    app = FastAPI(title="mgpu sim-server", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.engine = engine
-
-    @app.exception_handler(errors.MgpuError)
-    async def _err(_request: Request, exc: errors.MgpuError) -> Response:
-        return _json(error_body(exc), status=exc.status)
-
-    async def parse(request: Request, kind: Kind) -> tuple[EngineRequest, OpenAIRequest]:
+    async def parse(self, request: Request, kind: Kind) -> tuple[EngineRequest, OpenAIRequest]:
+        s, engine = self.s, self.engine
         try:
             body = orjson.loads(await request.body())
         except orjson.JSONDecodeError as exc:
@@ -74,55 +62,80 @@ def create_sim_app(settings: Settings) -> FastAPI:
         params = req.sampling(max_tokens, req.logprobs_n())
         return EngineRequest(request_id=uuid.uuid4().hex, prompt=prompt, messages=messages, params=params), req
 
-    async def generate(request: Request, kind: Kind) -> Response:
-        ereq, req = await parse(request, kind)
+    async def generate(self, request: Request, kind: Kind) -> Response:
+        ereq, req = await self.parse(request, kind)
         rid, created = new_request_id(kind), int(time.time())
         if not req.stream:
-            text, finish, usage = "", "stop", Usage()
-            try:
-                async with contextlib.aclosing(engine.generate(ereq)) as outs:
-                    async for out in outs:
-                        text += out.text
-                        finish = out.finish_reason or finish
-                        usage = Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                                      total_tokens=out.prompt_tokens + out.completion_tokens)
-            except InvalidEngineRequest as exc:
-                raise errors.InvalidRequest(str(exc)) from None
-            result = Result(id=rid, kind=kind, model=s.model, created=created,
-                            choices=[Choice(index=0, text=text, finish_reason=finish)], usage=usage)
-            return _json(full_response(result, s.model))
+            return await self._whole(ereq, rid, kind, created)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        fmt = StreamFormatter(rid, kind, created, s.model, 1, include_usage)
+        fmt = StreamFormatter(rid, kind, created, self.s.model, 1, include_usage)
+        return StreamingResponse(self._events(ereq, fmt), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
-        async def events() -> AsyncIterator[bytes]:
-            for obj in fmt.role_chunks():
-                yield _sse(obj)
-            usage = Usage()
-            try:
-                async with contextlib.aclosing(engine.generate(ereq)) as outs:
-                    async for out in outs:
-                        for obj in fmt.delta_chunks([ChoiceDelta(index=0, text=out.text,
-                                                                 finish_reason=out.finish_reason)]):
-                            yield _sse(obj)
-                        usage = Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                                      total_tokens=out.prompt_tokens + out.completion_tokens)
-            except InvalidEngineRequest as exc:
-                yield _sse(error_body(errors.InvalidRequest(str(exc))))
-            else:
-                u = fmt.usage_chunk(usage)
-                if u is not None:
-                    yield _sse(u)
-            yield b"data: [DONE]\n\n"
+    async def _whole(self, ereq: EngineRequest, rid: str, kind: Kind, created: int) -> Response:
+        text, finish, usage = "", "stop", Usage()
+        try:
+            async with contextlib.aclosing(self.engine.generate(ereq)) as outs:
+                async for out in outs:
+                    text += out.text
+                    finish = out.finish_reason or finish
+                    usage = Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                                  total_tokens=out.prompt_tokens + out.completion_tokens)
+        except InvalidEngineRequest as exc:
+            raise errors.InvalidRequest(str(exc)) from None
+        result = Result(id=rid, kind=kind, model=self.s.model, created=created,
+                        choices=[Choice(index=0, text=text, finish_reason=finish)], usage=usage)
+        return _json(full_response(result, self.s.model))
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    async def _events(self, ereq: EngineRequest, fmt: StreamFormatter) -> AsyncIterator[bytes]:
+        for obj in fmt.role_chunks():
+            yield _sse(obj)
+        usage = Usage()
+        try:
+            async with contextlib.aclosing(self.engine.generate(ereq)) as outs:
+                async for out in outs:
+                    for obj in fmt.delta_chunks([ChoiceDelta(index=0, text=out.text,
+                                                             finish_reason=out.finish_reason)]):
+                        yield _sse(obj)
+                    usage = Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                                  total_tokens=out.prompt_tokens + out.completion_tokens)
+        except InvalidEngineRequest as exc:
+            yield _sse(error_body(errors.InvalidRequest(str(exc))))
+        else:
+            u = fmt.usage_chunk(usage)
+            if u is not None:
+                yield _sse(u)
+        yield b"data: [DONE]\n\n"
+
+
+def create_sim_app(settings: Settings) -> FastAPI:
+    s = settings
+    engine = SimEngine(slots=s.slots, max_model_len=s.max_model_len, prefill_ms_per_token=s.sim_prefill_ms_per_token,
+                       decode_ms=s.sim_decode_ms, decode_ms_per_seq=s.sim_decode_ms_per_seq)
+    api = _SimApi(s, engine)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="mgpu sim-server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine
+
+    @app.exception_handler(errors.MgpuError)
+    async def _err(_request: Request, exc: errors.MgpuError) -> Response:
+        return _json(error_body(exc), status=exc.status)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await generate(request, "completion")
+        return await api.generate(request, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        return await generate(request, "chat")
+        return await api.generate(request, "chat")
 
     @app.get("/v1/models")
     async def models() -> Response:

@@ -61,7 +61,8 @@ async def test_cancel_before_first_step_answers_and_frees_the_slot(redis_server:
         await _until(lambda: worker.in_flight == 1, 5, "the cancelled and the lost job to end")
         res = Result.model_validate_json(await client.get(keys.result("r0")))
         assert res.error is not None and res.error.code == "cancelled"
-        assert worker.cancelled == 1 and worker.fenced == 1 and engine.aborts == 0  # neither reached the engine
+        assert worker.stats.cancelled == 1 and worker.stats.fenced == 1
+        assert engine.aborts == 0  # neither reached the engine
         await _until(lambda: worker.jobs and all(j.running for j in worker.jobs.values()), 5, "r2 running")
         worker.on_cancel("r2", time.monotonic())  # and once it runs, the cancel reaches the engine
         await _until(lambda: worker.in_flight == 0, 5, "r2 to end")

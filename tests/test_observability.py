@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common.keys import GROUP, Keys
 from common.queues import read_queues
-from gpu_worker.gpu_metrics import GpuSampler, read_gpu
+from gpu_worker.nvml import Gpu
 from ops import dashboard
 from ops.procs import RedisServer, free_port, mgpu_cmd, spawn, terminate, wait_until
 from ops.targets import TargetsWriter
@@ -81,6 +81,10 @@ def fake_nvml(*, ecc: bool = True, xids: list[int] | None = None, init_fails: bo
     )
 
 
+def read_gpu(nvml: Any, index: int) -> Any:
+    return Gpu(index, nvml).read()
+
+
 def test_read_gpu_with_fake_nvml() -> None:
     r = read_gpu(fake_nvml(), 1)
     assert (r.index, r.name, r.uuid) == (1, "NVIDIA H100 80GB HBM3", "GPU-1")
@@ -94,22 +98,22 @@ def test_read_gpu_with_fake_nvml() -> None:
 
 
 def test_gpu_sampler_counts_xid_events_and_is_absent_without_nvml(caplog: pytest.LogCaptureFixture) -> None:
-    s = GpuSampler(0, fake_nvml(xids=[79, 48]))
+    s = Gpu(0, fake_nvml(xids=[79, 48]))
     try:
-        wait_until(lambda: s.xid_errors == 2, 5, "two XID events counted")
+        wait_until(lambda: s.read() is not None and s.xid_errors_total == 2, 5, "two XID events counted")
         r = s.read()
         assert r is not None and (r.xid_errors_total, r.last_xid) == (2, 48)
     finally:
         s.close()
     caplog.clear()
     with caplog.at_level("INFO", logger="mgpu.gpu"):
-        none = GpuSampler(0, fake_nvml(init_fails=True))
+        none = Gpu(0, fake_nvml(init_fails=True))
     assert not none.available and none.read() is None
     assert len([r for r in caplog.records if r.name == "mgpu.gpu"]) == 1  # one log line, nothing else
 
 
 def test_gpu_probe_cli_prints_json() -> None:
-    out = subprocess.run([sys.executable, "-m", "gpu_worker.gpu_metrics"], capture_output=True, text=True, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "gpu_worker.nvml"], capture_output=True, text=True, cwd=ROOT,
                          timeout=60)
     obj = json.loads(out.stdout)
     assert "gpus" in obj and (obj["gpus"] or obj["error"])  # no GPU here: an explanation instead
@@ -120,9 +124,9 @@ def _gpu_metric_names() -> set[str]:
     from gpu_worker.metrics import _GpuCollector
 
     m = SimpleNamespace(label_values=["m", "w", "0"])
-    sampler = GpuSampler(0, fake_nvml(xids=[13]))
+    sampler = Gpu(0, fake_nvml(xids=[13]))
     try:
-        wait_until(lambda: sampler.xid_errors == 1, 5, "xid")
+        wait_until(lambda: sampler.read() is not None and sampler.xid_errors_total == 1, 5, "xid")
         reg = CollectorRegistry()
         reg.register(_GpuCollector(m, sampler))  # type: ignore[arg-type]
         return {s.name for fam in reg.collect() for s in fam.samples}

@@ -22,7 +22,7 @@ from common.scripts import Entry, Finish, Scripts, renew, renew_script
 from common.settings import Settings, SettingsError
 from gpu_worker.engine.base import EngineRequest, InvalidEngineRequest
 from gpu_worker.engine.sim import SimEngine, expected_text
-from gpu_worker.gpu_health import GpuHealth
+from gpu_worker.nvml import Gpu
 from ops.procs import RedisServer
 
 # ----------------------------------------------------------------------------- settings
@@ -175,7 +175,7 @@ class FakeNvml(SimpleNamespace):
     def nvmlDeviceGetPowerUsage(self, h: str) -> int: return 350_000
     def nvmlDeviceGetUUID(self, h: str) -> str: return "GPU-1"
 
-    def nvmlEventSetWait(self, s: str, ms: int) -> Any:
+    def nvmlEventSetWait_v2(self, s: str, ms: int) -> Any:
         if not self.xids:
             raise TimeoutError
         return SimpleNamespace(eventData=self.xids.pop(0))
@@ -188,10 +188,10 @@ class FakeNvml(SimpleNamespace):
 
 def test_gpu_health_flags_each_failure() -> None:
     nv = FakeNvml()
-    h = GpuHealth(0, nv)
+    h = Gpu(0, nv)
     assert h.available and h.name.startswith("NVIDIA H100") and h.check() is None
     r = h.read()
-    assert (r.utilization_pct, r.temperature_c, r.power_w) == (93, 61, 350.0)
+    assert r is not None and (r.utilization_ratio, r.temperature_celsius, r.power_watts) == (0.93, 61, 350.0)
     nv.xids = [13]  # an application fault: not the GPU's
     assert h.check() is None
     nv.xids = [79]  # fallen off the bus
@@ -202,7 +202,7 @@ def test_gpu_health_flags_each_failure() -> None:
     assert "exhausted" in (h.check() or "")
     nv.lost = True
     assert "lost" in (h.check() or "")
-    assert GpuHealth(None).check() is None and not GpuHealth(None).available
+    assert Gpu(None).check() is None and not Gpu(None).available
 
 
 # ----------------------------------------------------------------------------- fencing primitives

@@ -160,17 +160,14 @@ class VllmEngine:
             output_kind=RequestOutputKind.DELTA,
         )
 
-    async def generate(self, req: EngineRequest) -> AsyncGenerator[StepOutput, None]:
-        engine = self._engine
-        if engine is None:
-            raise EngineDead("the vLLM engine is not running")
+    def _engine_input(self, engine: Any, req: EngineRequest) -> tuple[Any, Any, int]:
+        """The rendered prompt (prompt + what earlier attempts generated), the sampling parameters
+        and the prompt's token count; raises :class:`InvalidEngineRequest` for what cannot run."""
         from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.renderers.inputs.preprocess import parse_model_prompt
-        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         prompt_ids = self._prompt_ids(req.prompt, req.messages)
-        prompt_tokens = len(prompt_ids)
         context = prompt_ids + list(req.resume_token_ids)
         max_tokens = req.params.max_tokens
         if len(context) + (max_tokens if max_tokens is not None else 1) > self.max_model_len:
@@ -181,7 +178,6 @@ class VllmEngine:
         if max_tokens is None:  # up to the context length
             max_tokens = self.max_model_len - len(context)
         sampling = self._sampling_params(req, max_tokens)
-        top_n = req.params.logprobs
         try:
             # Rendered input, as vLLM's docs advise (passing raw prompts to generate() is deprecated).
             (engine_input,) = engine.renderer.render_cmpl(
@@ -189,6 +185,20 @@ class VllmEngine:
             )
         except VLLMClientError as exc:  # e.g. a resumed token id outside the vocabulary
             raise InvalidEngineRequest(str(exc)) from exc
+        return engine_input, sampling, len(prompt_ids)
+
+    async def generate(self, req: EngineRequest) -> AsyncGenerator[StepOutput, None]:
+        """vLLM's output stream as :class:`StepOutput`; however it ends early (closed, cancelled,
+        failed), the sequence is aborted in vLLM.  One function of about 60 lines on purpose: the
+        loop and the ``finally`` that aborts share the ``finished`` flag that says whether to."""
+        engine = self._engine
+        if engine is None:
+            raise EngineDead("the vLLM engine is not running")
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        engine_input, sampling, prompt_tokens = self._engine_input(engine, req)
+        top_n = req.params.logprobs
         stream = engine.generate(engine_input, sampling, req.request_id)
         generated = 0
         finished = False

@@ -1,0 +1,404 @@
+"""One job: a stream entry this worker holds, run on the engine from its first step to its result.
+
+* :class:`Job`: the record of one entry in flight (where it is, its request, its task, why it
+  was stopped early), and :meth:`Job.end_early`, the one way to stop it.
+* :class:`JobContext`: all a job may use of its worker (scripts, settings, engine, stats,
+  metrics, the cancel memory and one callback); a job never touches the worker itself.
+* :class:`JobRunner`: the body of a job's task: skip what was cancelled or expired in the queue,
+  run the engine stream (``n > 1`` choices concurrently, a migrated stream resumed after what
+  earlier attempts sent), stream chunks (:class:`_Emitter`), store the result or an error
+  result, dead-letter what cannot run.
+
+Every write goes through a script fenced by ownership (:mod:`common.scripts`): a job whose entry
+another worker took writes nothing (:class:`Fenced`).  Stopped early, a job answers ``cancelled``
+(the client cancelled), hands its entry back (``release``: a drain), or lets it go (``lost``: its
+lease passed); ``timeout`` ends it with a timeout error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Container
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio as aioredis
+
+from common import errors
+from common.backoff import Backoff
+from common.logs import set_request_id
+from common.records import ReplyKind
+from common.schemas import Choice, ChoiceDelta, Chunk, ErrorInfo, Result, TokenLogprob, Usage, WorkItem
+from common.scripts import Entry, Finish, Scripts
+from common.settings import Settings
+from gpu_worker.engine.base import Engine, EngineRequest, InvalidEngineRequest
+from gpu_worker.metrics import WorkerMetrics
+from gpu_worker.stats import WorkerStats
+
+log = logging.getLogger("mgpu.worker")
+T = TypeVar("T")
+
+
+class Fenced(Exception):
+    """This worker no longer owns the entry (its lease passed and another worker took it)."""
+
+
+@dataclass(slots=True)
+class Job:
+    stream: str
+    entry_id: str
+    fields: dict[Any, Any]
+    deliveries: int
+    slots: int = 1
+    item: WorkItem | None = None
+    task: asyncio.Task[None] | None = None
+    stop_reason: str | None = None  # "cancelled" | "timeout" | "lost" | "release"
+    finishing: bool = False  # the result is being stored (and the entry acknowledged)
+    running: bool = False  # its task has taken its first step (before that, cancel() would skip its body)
+    started: float = field(default_factory=time.monotonic)
+
+    def end_early(self, reason: str) -> None:
+        """End the job early for ``reason``.  A job whose task has not taken its first step is not
+        cancelled (a task cancelled before its first step never runs its body, so nothing would
+        answer the request or free the slot): its first step sees ``stop_reason`` and ends there."""
+        if self.stop_reason is not None or self.finishing:
+            return
+        self.stop_reason = reason
+        if self.running and self.task is not None:
+            self.task.cancel()
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What jobs may use of their worker."""
+
+    worker_id: str
+    settings: Settings
+    client: aioredis.Redis  # reads what earlier attempts streamed
+    scripts: Scripts
+    engine: Engine
+    stats: WorkerStats
+    metrics: WorkerMetrics
+    cancelled: Container[str]  # request ids cancelled lately
+    engine_dead: Callable[[str], None]  # the engine failed: the worker leaves rotation
+
+
+async def retrying(call: Callable[[], Awaitable[T]], give_up_s: float = 60.0) -> T:
+    """Run a fenced script, riding out a Redis outage (restart, failover, out of memory) for up to a
+    minute.  The job stays registered meanwhile, so its lease is renewed as soon as Redis is back;
+    out of memory passes as results expire and entries are deleted as work finishes."""
+    backoff = Backoff(0.05, 1.0, give_up_s=give_up_s)
+    while True:
+        try:
+            return await call()
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError, OSError) as exc:
+            if backoff.expired():
+                raise
+            log.warning("redis unavailable (%s); retrying in %.2fs", exc, backoff.next_delay)
+            await backoff.wait()
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class JobRunner:
+    """Runs the jobs of one worker (one runner per worker; nothing per job but the job's own objects)."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.model = ctx.settings.model
+        self.ttl_s = ctx.settings.result_ttl_s
+
+    def entry(self, job: Job) -> Entry:
+        return Entry(job.stream, job.entry_id, self.ctx.worker_id, self.model)
+
+    async def run(self, job: Job) -> None:
+        """The job's task: however it ends, it has answered, handed back or let go of its entry."""
+        job.running = True
+        set_request_id(job.item.id if job.item is not None else None)
+        stats = self.ctx.stats
+        try:
+            try:
+                if job.stop_reason is not None:  # stopped before this first step
+                    await self._stopped(job)
+                elif job.item is None:
+                    await self.dead_letter(job.stream, job.entry_id, job.fields, job.deliveries, reason="malformed",
+                                           job=job)
+                else:
+                    await self._execute(job, job.item)
+            except asyncio.CancelledError:
+                if job.stop_reason is None:
+                    raise
+                await asyncio.shield(self._stopped(job))
+        except Fenced:
+            stats.fenced += 1
+            log.warning("fenced: entry owned by another worker now", extra={"entry": job.entry_id})
+        except errors.EngineDead as exc:
+            self.ctx.engine_dead(str(exc))
+        except (redis.RedisError, OSError) as exc:
+            # Redis is away: the entry stays pending; our lease lapses and it is retried.
+            log.warning("redis error in job %s: %s", job.entry_id, exc)
+        except Exception as exc:  # the engine failed on this request: tell the client
+            log.exception("generation failed", extra={"entry": job.entry_id})
+            stats.failed += 1
+            with contextlib.suppress(Fenced, redis.RedisError, OSError):
+                await self._finish_error(job, errors.GenerationFailed(f"generation failed: {type(exc).__name__}"))
+
+    async def _execute(self, job: Job, item: WorkItem) -> None:
+        if item.id in self.ctx.cancelled:
+            self.ctx.stats.skipped += 1
+            await self._finish_error(job, errors.RequestCancelled("the client cancelled the request"))
+            return
+        if item.deadline is not None and time.time() >= item.deadline:
+            self.ctx.stats.skipped += 1
+            await self._finish_error(job, errors.RequestTimeout("the request's deadline passed in the queue"))
+            return
+        try:
+            timeout = None if item.deadline is None else max(0.0, item.deadline - time.time())
+            async with asyncio.timeout(timeout):
+                result = await self._generate(job, item)
+        except TimeoutError:
+            job.stop_reason = "timeout"
+            await self._finish_error(job, errors.RequestTimeout("the request's deadline passed"))
+            return
+        except InvalidEngineRequest as exc:
+            await self._finish_error(job, errors.InvalidRequest(str(exc), param="messages"
+                                                                if item.kind == "chat" else "prompt"))
+            return
+        await asyncio.shield(self._store(job, result, ReplyKind.FINAL))
+
+    async def _stopped(self, job: Job) -> None:
+        """What a job stopped early leaves behind: an answer, a handed-back entry, or nothing (lost)."""
+        reason = job.stop_reason
+        if reason == "cancelled" and job.item is not None:
+            self.ctx.stats.cancelled += 1
+            await self._finish_error(job, errors.RequestCancelled("the client cancelled the request"))
+        elif reason == "release":
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self.ctx.scripts.release(job.stream, self.ctx.worker_id, [job.entry_id])
+        elif reason == "lost":
+            self.ctx.stats.fenced += 1
+
+    # ------------------------------------------------------------------ generation
+    async def _generate(self, job: Job, item: WorkItem) -> Result:
+        engine = self.ctx.engine
+        prompt_tokens = engine.count_prompt_tokens(item.prompt, item.messages)
+        max_tokens = item.params.max_tokens
+        if max_tokens is None:
+            max_tokens = engine.max_model_len - prompt_tokens
+        if prompt_tokens + max_tokens > engine.max_model_len:
+            raise InvalidEngineRequest(
+                f"this model's maximum context length is {engine.max_model_len} tokens; the request "
+                f"has {prompt_tokens} prompt tokens and asks for {max_tokens} completion tokens")
+        resumed: dict[int, ChoiceDelta] = {}
+        seq = 0
+        if item.stream and job.deliveries > 1:
+            resumed, seq = await self._resume_state(item)
+        emitter = _Emitter(self.ctx.scripts, self.entry(job), item, seq, self.ttl_s) if item.stream else None
+        gen = _Generation(self.ctx, job, item, max_tokens, prompt_tokens, resumed, emitter)
+        try:
+            await gen.run()
+        finally:
+            if emitter is not None:
+                await emitter.close()
+        gen.choices.sort(key=lambda c: c.index)
+        return Result(id=item.id, kind=item.kind, model=item.model, created=item.created, choices=gen.choices,
+                      usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                                  total_tokens=gen.prompt_tokens + gen.completion_tokens),
+                      worker=self.ctx.worker_id, attempts=job.deliveries, scope=item.scope)
+
+    async def _resume_state(self, item: WorkItem) -> tuple[dict[int, ChoiceDelta], int]:
+        """What earlier attempts already streamed: per choice text/tokens/finish, and the last seq."""
+        entries = await self.ctx.client.xrange(self.ctx.settings.keys.chunks(item.id))
+        done: dict[int, ChoiceDelta] = {}
+        seq = 0
+        for _id, fields in entries:
+            chunk = Chunk.model_validate_json(fields[b"c"])
+            if chunk.seq <= seq:
+                continue
+            seq = chunk.seq
+            for d in chunk.choices:
+                acc = done.setdefault(d.index, ChoiceDelta(index=d.index, token_ids=[]))
+                acc.text += d.text
+                acc.token_ids = (acc.token_ids or []) + (d.token_ids or [])
+                acc.finish_reason = d.finish_reason or acc.finish_reason
+        return done, seq
+
+    # ------------------------------------------------------------------ results
+    async def _finish_error(self, job: Job, err: errors.MgpuError) -> None:
+        item = job.item
+        assert item is not None
+        if not isinstance(err, errors.RequestCancelled | errors.RequestTimeout):
+            self.ctx.stats.failed += 1
+        result = Result(id=item.id, kind=item.kind, model=item.model, created=item.created,
+                        error=err.to_info(), worker=self.ctx.worker_id, attempts=job.deliveries, scope=item.scope)
+        await self._store(job, result, ReplyKind.ERROR)
+
+    async def _store(self, job: Job, result: Result, kind: ReplyKind) -> None:
+        item = job.item
+        assert item is not None
+        job.finishing = True
+        entry = self.entry(job)
+        rc = await retrying(functools.partial(self.ctx.scripts.finish, entry, result, kind, item.reply_to,
+                                              self.ttl_s))
+        if rc == Finish.FENCED:
+            raise Fenced(job.entry_id)
+        if kind == ReplyKind.FINAL:
+            self.ctx.stats.served += 1
+        self.ctx.metrics.finished(job, result)
+
+    async def dead_letter(self, stream: str, entry_id: str, fields: dict[Any, Any], deliveries: int, *,
+                          reason: str, job: Job | None) -> None:
+        """Move an entry that cannot run (``malformed``, or past ``max_deliveries``) to the dead-letter
+        stream, and answer its request when the payload names one."""
+        if job is not None:
+            job.finishing = True
+        raw = _s(fields.get(b"p", fields.get("p", b"")) or b"")
+        rid, reply, kind, model, scope = "", "", "completion", "", None
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            obj = json.loads(raw)
+            rid = str(obj.get("id") or "")
+            reply = str(obj.get("reply_to") or "")
+            kind = obj.get("kind") if obj.get("kind") in ("chat", "completion") else "completion"
+            model = str(obj.get("model") or "")
+            scope = str(obj["scope"]) if obj.get("scope") else None
+        if reason == "malformed":
+            err = ErrorInfo(message="malformed request entry on the stream", type="invalid_request_error",
+                            code="malformed_entry", status=400)
+        else:
+            err = errors.DeadLettered(
+                f"the request failed on {deliveries - 1} workers and was moved to the dead-letter stream"
+            ).to_info()
+        result = Result(id=rid or entry_id, kind="chat" if kind == "chat" else "completion", model=model,
+                        error=err, worker=self.ctx.worker_id, attempts=deliveries, scope=scope)
+        s = self.ctx.settings
+        rc = await self.ctx.scripts.dead_letter(
+            Entry(stream, entry_id, self.ctx.worker_id, self.model), raw, result, reply or None, reason=reason,
+            deliveries=deliveries, ttl_s=s.result_ttl_s, max_dead_letters=s.max_dead_letters, request_id=rid)
+        if rc:
+            self.ctx.stats.dead_lettered += 1
+            self.ctx.metrics.dead_lettered()
+            log.warning("entry dead-lettered", extra={"entry": entry_id, "reason": reason, "request_id": rid})
+
+
+@dataclass(slots=True)
+class _Generation:
+    """One request's run on the engine: its choices (concurrent tasks when ``n > 1``), each
+    continuing after what earlier attempts streamed of it, and the usage they add up to."""
+
+    ctx: JobContext
+    job: Job
+    item: WorkItem
+    max_tokens: int
+    prompt_tokens: int  # counted before the run; the engine's count once it reports one
+    resumed: dict[int, ChoiceDelta]  # per choice, what earlier attempts streamed
+    emitter: _Emitter | None
+    choices: list[Choice] = field(default_factory=list)
+    completion_tokens: int = 0
+
+    async def run(self) -> None:
+        n = self.item.params.n
+        if n == 1:
+            await self.choice(0)
+        else:
+            async with asyncio.TaskGroup() as tg:
+                for i in range(n):
+                    tg.create_task(self.choice(i))
+
+    async def choice(self, index: int) -> None:
+        prev = self.resumed.get(index)
+        text, tokens = (prev.text, list(prev.token_ids or [])) if prev is not None else ("", [])
+        finish = prev.finish_reason if prev is not None else None
+        lps: list[TokenLogprob] = []
+        if finish is None:
+            if self.max_tokens - len(tokens) <= 0:
+                finish = "length"
+            else:
+                finish, text = await self._stream(index, tokens, text, lps)
+        self.completion_tokens += len(tokens)
+        self.choices.append(Choice(index=index, text=text, finish_reason=finish or "stop",
+                                   logprobs=lps if self.item.params.logprobs is not None else None))
+
+    async def _stream(self, index: int, tokens: list[int], text: str,
+                      lps: list[TokenLogprob]) -> tuple[str | None, str]:
+        """Run choice ``index`` on the engine after ``tokens``/``text``; extends ``tokens`` and
+        ``lps``, and returns the finish reason and the whole text."""
+        item, job, params = self.item, self.job, self.item.params
+        timer = self.ctx.metrics.token_timer(item, index)
+        p = params.model_copy(update={"n": 1, "max_tokens": self.max_tokens - len(tokens),
+                                      "seed": None if params.seed is None else params.seed + index})
+        req = EngineRequest(request_id=f"{item.id}/{index}/{job.entry_id}/{job.deliveries}", prompt=item.prompt,
+                            messages=item.messages, params=p, resume_token_ids=tokens, resume_text=text)
+        finish: str | None = None
+        emitter = self.emitter
+        async with contextlib.aclosing(self.ctx.engine.generate(req)) as outs:
+            async for out in outs:
+                timer.step(len(out.token_ids), out.prompt_tokens)
+                text += out.text
+                tokens.extend(out.token_ids)
+                self.prompt_tokens = out.prompt_tokens
+                if out.logprobs:
+                    lps.extend(out.logprobs)
+                finish = out.finish_reason
+                if emitter is not None:
+                    emitter.push(ChoiceDelta(index=index, text=out.text, token_ids=out.token_ids,
+                                             finish_reason=out.finish_reason, logprobs=out.logprobs))
+        return finish, text
+
+
+class _Emitter:
+    """Writes a streaming request's chunks in order; deltas that arrive while a write is in
+    flight are merged into the next chunk, so a busy worker sends fewer, larger chunks."""
+
+    def __init__(self, scripts: Scripts, entry: Entry, item: WorkItem, seq: int, ttl_s: int) -> None:
+        self.scripts = scripts
+        self.entry = entry
+        self.item = item
+        self.seq = seq
+        self.ttl_s = ttl_s
+        self.pending: dict[int, ChoiceDelta] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+
+    def push(self, d: ChoiceDelta) -> None:
+        if self.error is not None:
+            raise self.error
+        acc = self.pending.get(d.index)
+        if acc is None:
+            self.pending[d.index] = d.model_copy()
+        else:
+            acc.text += d.text
+            acc.token_ids = (acc.token_ids or []) + (d.token_ids or [])
+            acc.finish_reason = d.finish_reason or acc.finish_reason
+            if d.logprobs:
+                acc.logprobs = (acc.logprobs or []) + d.logprobs
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self.pending:
+            deltas, self.pending = self.pending, {}
+            self.seq += 1
+            chunk = Chunk(seq=self.seq, choices=sorted(deltas.values(), key=lambda d: d.index))
+            try:
+                ok = await retrying(functools.partial(self.scripts.emit, self.entry, self.item.id, chunk,
+                                                      self.item.reply_to, self.ttl_s))
+            except BaseException as exc:
+                self.error = exc
+                raise
+            if not ok:
+                self.error = Fenced(self.entry.entry_id)
+                raise self.error
+
+    async def close(self) -> None:
+        if self.task is not None:
+            await asyncio.shield(self.task)
+        if self.error is not None:
+            raise self.error

@@ -1,0 +1,92 @@
+"""This worker in the fleet's registry: its record (:class:`common.records.WorkerRecord`, the hash
+``Keys.worker``), the sets that list it, and the model facts it publishes once ready.
+
+The record is built from the worker's fixed facts and its :class:`gpu_worker.stats.WorkerStats`;
+the heartbeat (:mod:`gpu_worker.liveness`) rewrites it with its TTL twice a second, the lifecycle
+(:mod:`gpu_worker.worker`) registers, publishes and deregisters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from common.records import ModelFacts, WorkerRecord, WorkerState
+from common.settings import Settings
+from gpu_worker.engine.base import Engine
+from gpu_worker.stats import WorkerStats
+
+
+class Registry:
+    def __init__(self, client: aioredis.Redis, settings: Settings, *, worker_id: str, engine: Engine,
+                 stats: WorkerStats, gpu_name: str, version: str) -> None:
+        self.r = client
+        self.s = settings
+        self.keys = settings.keys
+        self.id = worker_id
+        self.model = settings.model
+        self.engine = engine
+        self.stats = stats
+        self.gpu_name = gpu_name
+        self.version = version
+        self.revision = settings.effective_revision
+        self.metrics_port = 0  # set once the metrics server listens
+        self.key = self.keys.worker(worker_id)
+        self._host = socket.gethostname()
+        self._pid = os.getpid()
+        self._metrics_host = settings.metrics_host if settings.metrics_host not in ("", "0.0.0.0", "::") \
+            else self._host
+
+    def record(self) -> WorkerRecord:
+        """This worker's registry record, as of now."""
+        st, engine = self.stats, self.engine
+        return WorkerRecord(
+            id=self.id, host=self._host, pid=self._pid, gpu="" if self.s.gpu is None else str(self.s.gpu),
+            gpu_name=self.gpu_name, model=self.model, engine=engine.name, version=self.version,
+            revision=self.revision, slots=engine.slots, in_flight=st.busy_slots, state=st.state,
+            heartbeat=round(time.time(), 3), max_model_len=engine.max_model_len, served=st.served,
+            metrics_port=self.metrics_port, failed=st.failed, metrics_host=self._metrics_host,
+            cancelled=st.cancelled, skipped=st.skipped, reclaimed=st.reclaimed, fenced=st.fenced,
+            dead_lettered=st.dead_lettered, engine_aborts=engine.aborts,
+            weight=self.s.weight or engine.slots, queued=st.own_queued)
+
+    def queue_presence(self, p: Any) -> None:
+        """Queue on pipeline ``p`` (sync or asyncio) the writes that keep this worker listed: the
+        record with its TTL, and its place in the worker set and in the model's own-stream set."""
+        p.hset(self.key, mapping=self.record().to_hash())
+        p.pexpire(self.key, int(self.s.worker_ttl_s * 1000))
+        p.sadd(self.keys.workers, self.id)
+        p.sadd(self.keys.worker_streams(self.model), self.id)
+
+    async def register(self) -> None:
+        async with self.r.pipeline(transaction=True) as p:
+            self.queue_presence(p)
+            p.hincrby(self.keys.worker_starts, self.id, 1)
+            await p.execute()
+
+    async def publish_ready(self) -> None:
+        """Publish the model's facts (the gateway checks prompt lengths with them) and state ``ready``."""
+        engine = self.engine
+        facts = ModelFacts(max_model_len=engine.max_model_len, engine=engine.name,
+                           tokenizer=getattr(engine, "tokenizer_spec", engine.name)).model_dump_json()
+        with contextlib.suppress(redis.RedisError, OSError):
+            async with self.r.pipeline(transaction=True) as p:
+                p.hset(self.keys.models, self.model, facts)
+                p.hset(self.key, "state", WorkerState.READY.value)
+                await p.execute()
+
+    async def publish_state(self, state: WorkerState) -> None:
+        await self.r.hset(self.key, "state", state.value)
+
+    async def deregister(self) -> None:
+        with contextlib.suppress(redis.RedisError, OSError):
+            async with self.r.pipeline(transaction=True) as p:
+                p.delete(self.key)
+                p.srem(self.keys.workers, self.id)
+                await p.execute()

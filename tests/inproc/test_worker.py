@@ -1,0 +1,319 @@
+"""A :class:`gpu_worker.worker.Worker` on the sim engine, driven in the test's event loop against a
+real redis-server: the intake loops, jobs, drain, reclaim and the keeper's heartbeat, observed
+from Redis and from the worker's stats."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import redis
+
+from common.keys import GROUP, Keys
+from common.records import WorkerState
+from common.redis_conn import make_client
+from common.schemas import Chunk, Result, SamplingParams, WorkItem
+from common.scripts import renew_script
+from common.settings import Settings
+from gpu_worker.engine.base import EngineRequest
+from gpu_worker.engine.sim import SimEngine, expected_text
+from gpu_worker.liveness import Beat, Keeper, LoopHooks
+from gpu_worker.worker import Worker
+from ops.procs import RedisServer
+
+MODEL = "m"
+
+
+async def until(pred: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class Rig:
+    worker: Worker
+    engine: SimEngine
+    client: Any  # redis.asyncio.Redis
+    keys: Keys
+
+    @property
+    def stream(self) -> str:
+        return self.keys.stream(MODEL)
+
+    async def add(self, item: WorkItem, stream: str | None = None) -> str:
+        return (await self.client.xadd(stream or self.stream, item.to_fields())).decode()
+
+    async def result(self, rid: str, timeout: float = 10) -> Result:
+        raw: list[bytes | None] = [None]
+
+        async def poll() -> None:
+            deadline = time.monotonic() + timeout
+            while raw[0] is None:
+                assert time.monotonic() < deadline, f"no result for {rid}"
+                raw[0] = await self.client.get(self.keys.result(rid))
+                await asyncio.sleep(0.01)
+
+        await poll()
+        assert raw[0] is not None
+        return Result.model_validate_json(raw[0])
+
+
+def item(rid: str, *, max_tokens: int = 8, stream: bool = False, prompt: str = "one two three") -> WorkItem:
+    return WorkItem(id=rid, kind="completion", model=MODEL, prompt=prompt, stream=stream,
+                    params=SamplingParams(max_tokens=max_tokens))
+
+
+def settings(url: str, ns: str, **kw: Any) -> Settings:
+    base = {"redis_url": url, "namespace": ns, "engine": "sim", "model": MODEL, "slots": 4, "worker_id": "w-in",
+            "heartbeat_interval_s": 0.1, "reclaim_interval_s": 0.1, "log_requests": False}
+    return Settings.load({**base, **kw}, env={})
+
+
+@contextlib.asynccontextmanager
+async def rig(redis_server: RedisServer, *, run: bool = True, decode_ms: float = 1.0,
+              **kw: Any) -> AsyncIterator[Rig]:
+    """A worker with its own namespace; with ``run`` it serves (``Worker.run`` as a task) until
+    the block ends, then it is drained and must have stopped."""
+    ns = "t" + uuid.uuid4().hex[:8]
+    s = settings(redis_server.url, ns, **kw)
+    client = make_client(s.redis_url)
+    engine = SimEngine(slots=s.slots, decode_ms=decode_ms, decode_ms_per_seq=0)
+    worker = Worker(s, engine, client)
+    await engine.start()
+    task: asyncio.Task[int] | None = None
+    try:
+        if run:
+            task = asyncio.create_task(worker.run())
+            await until(lambda: worker.stats.state in (WorkerState.READY, WorkerState.CANARY), 10, "ready")
+        else:
+            await worker._ensure_groups()
+        yield Rig(worker, engine, client, s.keys)
+    finally:
+        if task is not None:
+            worker.request_drain()
+            assert await asyncio.wait_for(task, 30) in (0, 3)
+        await worker.close()
+        await engine.shutdown()
+        await client.aclose()
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+async def test_pull_to_result(redis_server: RedisServer) -> None:
+    async with rig(redis_server) as r:
+        await r.add(item("r1", max_tokens=12))
+        res = await r.result("r1")
+        assert res.error is None and res.worker == "w-in" and res.attempts == 1
+        assert res.choices[0].text == expected_text("one two three", max_tokens=12)
+        assert res.usage.completion_tokens == 12 and res.usage.prompt_tokens == 3
+        await until(lambda: r.worker.in_flight == 0, 5, "slot freed")
+        assert r.worker.stats.served == 1 and r.worker.stats.requests == 0
+        assert (await r.client.xpending(r.stream, GROUP))["pending"] == 0  # acknowledged
+        assert await r.client.xlen(r.stream) == 0  # and deleted
+
+
+async def test_n_choices_run_together_and_take_n_slots(redis_server: RedisServer) -> None:
+    async with rig(redis_server, decode_ms=5) as r:
+        it = item("rn", max_tokens=20)
+        it.params = SamplingParams(max_tokens=20, n=3, seed=4)
+        await r.add(it)
+        await until(lambda: r.worker.in_flight == 3, 5, "three slots busy")
+        res = await r.result("rn")
+        assert [c.index for c in res.choices] == [0, 1, 2]
+        assert [c.text for c in res.choices] == [expected_text("one two three", max_tokens=20, seed=4 + i)
+                                                 for i in range(3)]
+        assert res.usage.completion_tokens == 60
+
+
+async def test_streaming_chunks_arrive_in_order(redis_server: RedisServer) -> None:
+    async with rig(redis_server, decode_ms=2) as r:
+        await r.add(item("rs", max_tokens=30, stream=True))
+        res = await r.result("rs")
+        chunks = [Chunk.model_validate_json(f[b"c"]) for _id, f in await r.client.xrange(r.keys.chunks("rs"))]
+        assert [c.seq for c in chunks] == list(range(1, len(chunks) + 1))
+        text = "".join(d.text for c in chunks for d in c.choices)
+        assert text == res.choices[0].text == expected_text("one two three", max_tokens=30)
+        assert chunks[-1].choices[-1].finish_reason == "length"
+
+
+async def test_a_migrated_stream_resumes_after_what_was_sent(redis_server: RedisServer) -> None:
+    """An entry's second delivery, after a first attempt streamed 5 tokens: the new attempt goes on
+    from there, and the client's one stream reads as an uninterrupted run."""
+    async with rig(redis_server, run=False) as r:
+        probe = EngineRequest(request_id="probe", prompt="one two three", params=SamplingParams(max_tokens=5))
+        outs = [o async for o in r.engine.generate(probe)]
+        sent = Chunk.model_validate({"seq": 1, "choices": [{"index": 0, "text": "".join(o.text for o in outs),
+                                                            "token_ids": [t for o in outs for t in o.token_ids]}]})
+        await r.client.xadd(r.keys.chunks("rm"), {"c": sent.model_dump_json()})
+        entry_id = await r.add(item("rm", max_tokens=12, stream=True))
+        resp = await r.client.xreadgroup(GROUP, r.worker.id, {r.stream: ">"}, count=1)
+        r.worker._start(r.stream, entry_id, resp[0][1][0][1], deliveries=2)
+        res = await r.result("rm")
+        full = expected_text("one two three", max_tokens=12)
+        assert res.attempts == 2 and res.usage.completion_tokens == 12 and res.choices[0].text == full
+        chunks = [Chunk.model_validate_json(f[b"c"]) for _id, f in await r.client.xrange(r.keys.chunks("rm"))]
+        assert [c.seq for c in chunks] == list(range(1, len(chunks) + 1))  # numbering goes on after the first's
+        assert "".join(d.text for c in chunks for d in c.choices) == full
+
+
+# ----------------------------------------------------------------------------- cancels
+
+
+async def test_cancel_before_the_first_step_answers_without_the_engine(redis_server: RedisServer) -> None:
+    async with rig(redis_server, run=False) as r:
+        entry_id = await r.add(item("rc0", max_tokens=50))
+        resp = await r.client.xreadgroup(GROUP, r.worker.id, {r.stream: ">"}, count=1)
+        r.worker._start(r.stream, entry_id, resp[0][1][0][1], deliveries=1)
+        job = r.worker.jobs[entry_id]
+        r.worker.on_cancel("rc0", time.monotonic())  # same loop turn: the task has not run yet
+        assert job.stop_reason == "cancelled" and not job.running and job.task is not None
+        assert not job.task.cancelled()  # a task cancelled before its first step would skip its body
+        res = await r.result("rc0")
+        assert res.error is not None and res.error.code == "cancelled"
+        await until(lambda: r.worker.in_flight == 0, 5, "slot freed")
+        assert r.worker.stats.cancelled == 1 and r.engine.aborts == 0
+        assert (await r.client.xpending(r.stream, GROUP))["pending"] == 0
+
+
+async def test_cancel_while_running_aborts_in_the_engine(redis_server: RedisServer) -> None:
+    async with rig(redis_server, decode_ms=20) as r:
+        await r.add(item("rc1", max_tokens=500, stream=True))
+        await until(lambda: r.worker.jobs and all(j.running for j in r.worker.jobs.values()), 5, "running")
+        await asyncio.sleep(0.1)  # a few steps
+        await r.client.xadd(r.keys.cancels, {"r": "rc1"})
+        res = await r.result("rc1")
+        assert res.error is not None and res.error.code == "cancelled"
+        await until(lambda: r.worker.in_flight == 0, 5, "slot freed")
+        assert r.worker.stats.cancelled == 1 and r.engine.aborts == 1
+        await r.add(item("rc1"))  # arriving again after its cancel: skipped, never run
+        res = await r.result("rc1", timeout=5)
+        assert res.error is not None and res.error.code == "cancelled"
+        await until(lambda: r.worker.stats.skipped == 1, 5, "skipped")
+        assert r.engine.aborts == 1
+
+
+# ----------------------------------------------------------------------------- drain and reclaim
+
+
+async def test_drain_hands_back_what_is_left(redis_server: RedisServer) -> None:
+    async with rig(redis_server, run=False, decode_ms=20, drain_grace_s=0.3) as r:
+        task = asyncio.create_task(r.worker.run())
+        await until(lambda: r.worker.stats.state == WorkerState.READY, 10, "ready")
+        ids = [await r.add(item(f"rd{i}", max_tokens=1000)) for i in range(2)]
+        await until(lambda: r.worker.in_flight == 2, 5, "both running")
+        t0 = time.monotonic()
+        r.worker.request_drain()
+        assert await asyncio.wait_for(task, 10) == 0
+        assert time.monotonic() - t0 < 3  # the grace, then the hand-back: no waiting for the jobs
+        assert r.worker.stats.state == WorkerState.GONE and r.worker.stats.drains == 1
+        assert not await r.client.exists(r.keys.worker(r.worker.id))  # deregistered
+        assert await r.client.get(r.keys.result("rd0")) is None  # not answered: handed back
+        pending = await r.client.xpending_range(r.stream, GROUP, "-", "+", 10)
+        assert sorted(p["message_id"].decode() for p in pending) == sorted(ids)
+        assert all(p["time_since_delivered"] > 10**9 for p in pending)  # idle past any lease
+        _cursor, claimed = await r.worker.scripts.reclaim(r.stream, "heir", r.worker.s.lease_ms, "-", 10)
+        assert sorted(c.entry_id for c in claimed) == sorted(ids)  # reclaimable at once
+        assert all(c.deliveries == 1 and c.previous_owner == "w-in" for c in claimed)  # no delivery spent
+        assert r.engine.aborts == 2
+
+
+async def test_reclaim_takes_over_a_lapsed_lease_and_names_its_owner(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    async with rig(redis_server, run=False, lease_ms=300) as r:
+        entry_id = await r.add(item("rr", max_tokens=6))
+        await r.client.xreadgroup(GROUP, "dead-worker", {r.stream: ">"}, count=1)  # taken, never renewed
+        with caplog.at_level(logging.INFO, logger="mgpu.worker"):
+            task = asyncio.create_task(r.worker.run())
+            res = await r.result("rr")
+            r.worker.request_drain()
+            assert await asyncio.wait_for(task, 10) == 0
+        assert res.error is None and res.attempts == 2 and res.worker == "w-in"
+        assert r.worker.stats.reclaimed == 1
+        (rec,) = [x for x in caplog.records if x.getMessage() == "reclaimed entry"]
+        assert (rec.__dict__["entry"], rec.__dict__["deliveries"], rec.__dict__["from"]) == (entry_id, 2,
+                                                                                             "dead-worker")
+
+
+async def test_past_max_deliveries_is_dead_lettered(redis_server: RedisServer) -> None:
+    async with rig(redis_server, run=False, lease_ms=100, max_deliveries=1) as r:
+        await r.add(item("rx"))
+        await r.client.xreadgroup(GROUP, "dead-worker", {r.stream: ">"}, count=1)
+        task = asyncio.create_task(r.worker.run())
+        res = await r.result("rx")
+        r.worker.request_drain()
+        await asyncio.wait_for(task, 10)
+        assert res.error is not None and res.error.code == "dead_lettered" and res.attempts == 2
+        assert r.worker.stats.dead_lettered == 1 and await r.client.xlen(r.keys.dlq(MODEL)) == 1
+
+
+# ----------------------------------------------------------------------------- the keeper
+
+
+def _quiet_keeper(w: Worker, loop: asyncio.AbstractEventLoop, seen: list[tuple[str, Any]]) -> Keeper:
+    """A keeper of ``w`` that is never started: the test calls its heartbeat itself."""
+    return Keeper(w.s, w.registry, w.stats, w.gpu, leases=w._leases, own_stream=w.own.own, loop=loop,
+                  hooks=LoopHooks(drain=lambda: seen.append(("drain", None)), admit=lambda: seen.append(("admit", 0)),
+                                  lost=lambda lost: seen.append(("lost", lost)),
+                                  unhealthy=lambda why: seen.append(("unhealthy", why))))
+
+
+async def test_keeper_beat_reads_drain_admit_length_and_lost_leases(redis_server: RedisServer) -> None:
+    async with rig(redis_server, run=False, decode_ms=50) as r:
+        w = r.worker
+        seen: list[tuple[str, Any]] = []
+        keeper = _quiet_keeper(w, asyncio.get_running_loop(), seen)
+        sync = redis.Redis.from_url(redis_server.url)
+        lua = renew_script(sync)
+        try:
+            beat = await asyncio.to_thread(keeper.beat, sync, lua, w._leases())
+            assert beat == Beat(drain=False, admit=False, own_length=0, lost=[])
+            assert await r.client.hget(r.keys.worker(w.id), "state") == b"starting"  # the record was written
+            ids = [await r.add(item(f"rk{i}", max_tokens=1000)) for i in range(2)]
+            await r.add(item("queued"), stream=w.own.own)
+            resp = await r.client.xreadgroup(GROUP, w.id, {r.stream: ">"}, count=2)
+            for entry_id, fields in resp[0][1]:
+                w._start(r.stream, entry_id.decode(), fields, deliveries=1)
+            await until(lambda: all(j.running for j in w.jobs.values()), 5, "running")
+            await r.client.xclaim(r.stream, GROUP, "thief", 0, [ids[1]])  # another worker took one
+            await r.client.set(r.keys.drain(w.id), 1)
+            await r.client.set(r.keys.admit(w.id), 1)
+            leases = w._leases()
+            beat = await asyncio.to_thread(keeper.beat, sync, lua, leases)
+            assert beat == Beat(drain=True, admit=True, own_length=1, lost=[(r.stream, ids[1])])
+            await asyncio.to_thread(keeper._act, sync, beat, leases)
+            await asyncio.sleep(0)
+            assert seen == [("drain", None), ("admit", 0), ("lost", [(r.stream, ids[1])])]
+            assert w.stats.own_queued == 1
+            assert not await r.client.exists(r.keys.drain(w.id), r.keys.admit(w.id))  # each flag taken once
+            w._on_lost(beat.lost)  # what the hook does: the job lets its entry go, writing nothing
+            await until(lambda: w.in_flight == 1, 5, "the lost job ended")
+            assert w.stats.fenced == 1 and await r.client.get(r.keys.result("rk1")) is None
+        finally:
+            sync.close()
+
+
+async def test_keeper_flags_drive_the_running_worker(redis_server: RedisServer) -> None:
+    """The real keeper thread: a canary is admitted by its admit key, then drained by its drain key."""
+    async with rig(redis_server, run=False, canary_gate=True) as r:
+        w = r.worker
+        task = asyncio.create_task(w.run())
+        await until(lambda: w.stats.state == WorkerState.CANARY, 10, "canary")
+        await r.add(item("shared"))  # the shared stream is not read by a canary
+        await asyncio.sleep(0.3)
+        assert w.stats.served == 0
+        await r.client.set(r.keys.admit(w.id), 1)
+        await until(lambda: w.stats.state == WorkerState.READY, 5, "admitted")
+        assert (await r.result("shared")).error is None
+        await r.client.set(r.keys.drain(w.id), 1)
+        assert await asyncio.wait_for(task, 10) == 0
+        assert w.stats.drains == 1 and w.stats.state == WorkerState.GONE
