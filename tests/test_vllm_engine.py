@@ -132,11 +132,10 @@ async def test_logprobs(engine: Any) -> None:
     entries = [e for o in outs for e in (o.logprobs or [])]
     assert len(entries) == len(_ids(outs)) == 6
     for e in entries:
-        top = e["top_logprobs"]
-        assert isinstance(top, dict) and len(top) == 2
-        assert isinstance(e["logprob"], float) and e["logprob"] <= 0.0
+        assert isinstance(e.top_logprobs, dict) and len(e.top_logprobs) == 2
+        assert isinstance(e.logprob, float) and e.logprob <= 0.0
     # greedy: the chosen token is the most likely one
-    assert all(e["token"] in e["top_logprobs"] for e in entries)  # type: ignore[operator]
+    assert all(e.token in e.top_logprobs for e in entries)
 
 
 async def test_two_requests_run_concurrently(engine: Any) -> None:
