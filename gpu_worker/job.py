@@ -398,7 +398,17 @@ class _Emitter:
                 raise self.error
 
     async def close(self) -> None:
-        if self.task is not None:
-            await asyncio.shield(self.task)
+        """Wait for the chunks in flight.  Cancelled meanwhile (the job is stopped early), it still waits
+        for the write in flight, and writes nothing more: the job's answer comes after its last chunk."""
+        task = self.task
+        if task is not None:
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                self.pending.clear()
+                await asyncio.wait([task])
+                if not task.cancelled():
+                    task.exception()  # retrieved: a fenced write of a stopped job is no error of its own
+                raise
         if self.error is not None:
             raise self.error

@@ -392,14 +392,14 @@ def test_status_once_shows_workers_and_queues(stack: Stack) -> None:
     stack.start_gateway()
     stop = threading.Event()
 
-    def load() -> None:
-        with ThreadPoolExecutor(6) as pool:
-            while not stop.is_set():
-                list(pool.map(lambda i: httpx.post(stack.base_url + "/v1/completions", timeout=30, json={
-                    "model": MODEL, "prompt": f"x {i}", "max_tokens": 10}), range(6)))
+    def client(i: int) -> None:  # each keeps one request in flight: 6 clients, 2 slots, never idle
+        while not stop.is_set():
+            httpx.post(stack.base_url + "/v1/completions", timeout=30,
+                       json={"model": MODEL, "prompt": f"x {i}", "max_tokens": 10})
 
-    t = threading.Thread(target=load)
-    t.start()
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for c in clients:
+        c.start()
     try:
         wait_until(lambda: int(stack.r.hget(stack.keys.worker(w.worker_id or ""), "served") or 0) >= 6, 20,
                    "some requests served")
@@ -407,7 +407,8 @@ def test_status_once_shows_workers_and_queues(stack: Stack) -> None:
                              capture_output=True, text=True, env={**stack.env({}), "PATH": "/usr/bin:/bin"})
     finally:
         stop.set()
-        t.join()
+        for c in clients:
+            c.join()
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "\x1b[" not in text
