@@ -21,11 +21,11 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,14 @@ from pydantic import ValidationError
 from common.records import WorkerRecord, WorkerState
 from common.settings import ROLLOUT_FIELDS, Settings
 from ops import rollout
-from ops.procs import RedisServer, free_port, mgpu_cmd, port_free, spawn, terminate
+from ops.fleet import CRASH_LOOP_WINDOW_S, Child
+from ops.procs import RedisServer, free_port, mgpu_cmd, port_free, terminate
 from ops.rolling import RollingUpdate, Steps
 from ops.rollout import RolloutError, RolloutState
 from ops.targets import TargetsWriter, static_targets, write_json_atomic
 
 log = logging.getLogger("mgpu.up")
 
-CRASH_LOOP_N = 5
-CRASH_LOOP_WINDOW_S = 60.0
 TICK_S = 0.25
 ROLLOUT_POLL_S = 0.5
 STATE_WRITE_S = 2.0  # a running rollout's state is written when it changes, and at least this often (lock)
@@ -60,51 +59,6 @@ def visible_gpus() -> list[int]:
             pynvml.nvmlShutdown()
     except Exception:  # no NVML library or no driver: a CPU host
         return []
-
-
-@dataclass
-class Child:
-    name: str
-    args: list[str]
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    crashes: list[float] = field(default_factory=list)
-    restart_at: float = 0.0
-    down: bool = False
-    held: bool = False  # a rollout drives this process: no automatic restart
-    template: Settings | None = None  # a worker's settings (None: the gateway)
-
-    def start(self, **extra_env: str) -> None:
-        """Start the process; ``extra_env`` applies to this start only, not to restarts."""
-        self.proc = spawn(self.args, env={**self.env, **extra_env}, log_path=self.log_path, die_with_parent=True)
-
-    @property
-    def worker_id(self) -> str:
-        return self.env.get("MGPU_WORKER_ID", self.name)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def poll(self) -> int | None:
-        return -1 if self.proc is None else self.proc.poll()
-
-    def pid(self) -> int | None:
-        return None if self.proc is None else self.proc.pid
-
-    def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def on_exit(self, now: float) -> float | None:
-        """Record an exit: the delay before the restart (exponential backoff, 0.5 s doubling up to
-        30 s), or None when it crash-loops (``CRASH_LOOP_N`` exits within ``CRASH_LOOP_WINDOW_S``)."""
-        self.crashes = [t for t in self.crashes if now - t < CRASH_LOOP_WINDOW_S] + [now]
-        if len(self.crashes) >= CRASH_LOOP_N:
-            self.down = True
-            return None
-        return min(30.0, 0.5 * 2 ** (len(self.crashes) - 1))
 
 
 @dataclass(frozen=True)
@@ -125,7 +79,8 @@ def _settings_env(s: Settings, **extra: str) -> dict[str, str]:
 
 
 class Supervisor:
-    """The processes of ``mgpu up`` and the loop that keeps them running (and rolls them)."""
+    """The processes of ``mgpu up`` and the loop that keeps them running (and rolls them); to its
+    rolling updates, an :class:`ops.fleet.Fleet`."""
 
     def __init__(self, s: Settings, data: Path, gpus: list[int]) -> None:
         self.s = s
@@ -144,7 +99,6 @@ class Supervisor:
                           for i in range(s.workers)]
         self._surges = [0] * len(self.specs)
         self.workers: list[Child] = []
-        self.transient: list[Child] = []
         self.port = s.port or free_port()
         # the gateway's probe listener: as set, else the port after the API port, else any free port
         probe = s.health_port if s.health_port is not None else \
@@ -158,7 +112,13 @@ class Supervisor:
         self._unwritten: RolloutState | None = None  # a final rollout state Redis did not take yet
         self._next = {"targets": 0.0, "presence": 0.0, "poll": 0.0, "write": 0.0, "abort": 0.0}
 
-    # ------------------------------------------------------------------ workers (used by ops.rolling)
+    # ------------------------------------------------------------------ the fleet (ops.fleet.Fleet)
+    def slots(self) -> Sequence[Child]:
+        return self.workers
+
+    def assign(self, slot: int, child: Child) -> None:
+        self.workers[slot] = child
+
     def worker_env(self, slot: int, template: Settings, worker_id: str) -> dict[str, str]:
         spec = self.specs[slot]
         extra = {"MGPU_WORKER_ID": worker_id, "MGPU_REVISION": template.effective_revision,
@@ -182,7 +142,7 @@ class Supervisor:
         return f"{self.specs[slot].worker_id}-s{self._surges[slot]}"
 
     def children(self) -> list[Child]:
-        return [*self.workers, *self.transient, self.gateway]
+        return [*self.workers, *(self.rollout.transient if self.rollout is not None else []), self.gateway]
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop: threading.Event) -> int:
@@ -340,7 +300,7 @@ class Supervisor:
             log.warning("rollout %s rejected: %s", st.id, exc)
             return
         st.phase, st.started_at = "running", time.time()
-        ru = RollingUpdate(self, st, target)
+        ru = RollingUpdate(self, st, self.template, target)
         if not rollout.write(self.registry, self.keys, st, expect="requested"):
             return  # it expired meanwhile
         ru.dirty = False
@@ -418,9 +378,8 @@ class Supervisor:
             self.template = ru.target
         for c in self.workers:  # after a failed rollback, plain supervision restarts what is down
             c.held = False
-        for c in self.transient:
+        for c in ru.transient:
             c.signal(signal.SIGTERM)
-        self.transient.clear()
         self.rollout, self._steps = None, None
         self._unwritten = st  # written by _control, again on the next tick if Redis does not answer
         level = logging.INFO if st.phase == "done" else logging.WARNING
