@@ -32,7 +32,7 @@ from common.protocol import StreamFormatter, error_body, full_response
 from common.redis_conn import make_client
 from common.schemas import ANONYMOUS, Kind, Result
 from common.scripts import Duplicate, Scripts
-from common.settings import Settings
+from common.settings import GatewaySettings, Settings
 from gateway import serving
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import install_openapi
@@ -232,7 +232,7 @@ class GenerationFastPath:
         await response(scope, receive, send)
 
 
-def create_asgi(settings: Settings | None = None) -> GenerationFastPath:
+def create_asgi(settings: GatewaySettings | None = None) -> GenerationFastPath:
     """What uvicorn serves: the FastAPI app behind the generation fast path."""
     return GenerationFastPath(create_app(settings))
 
@@ -268,7 +268,7 @@ async def _tick(state: GatewayState, closed: list[bool]) -> None:
         await asyncio.sleep(0.1)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or Settings.load()
 
     @asynccontextmanager

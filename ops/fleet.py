@@ -17,7 +17,7 @@ from typing import Protocol
 import redis
 
 from common.keys import Keys
-from common.settings import Settings
+from common.settings import WorkerSettings
 from ops.procs import spawn
 
 CRASH_LOOP_N = 5
@@ -35,7 +35,7 @@ class Child:
     restart_at: float = 0.0
     down: bool = False
     held: bool = False  # a rollout drives this process: no automatic restart
-    template: Settings | None = None  # a worker's settings (None: the gateway)
+    template: WorkerSettings | None = None  # a worker's settings (None: the gateway)
 
     def start(self, **extra_env: str) -> None:
         """Start the process; ``extra_env`` applies to this start only, not to restarts."""
@@ -86,7 +86,7 @@ class Fleet(Protocol):
         """Make ``child`` the worker process of ``slot``."""
         ...
 
-    def spawn_worker(self, slot: int, template: Settings, *, worker_id: str, gated: bool) -> Child:
+    def spawn_worker(self, slot: int, template: WorkerSettings, *, worker_id: str, gated: bool) -> Child:
         """Start a worker for ``slot`` on ``template``, held (not restarted until the caller clears
         ``held``); ``gated``: in state 'canary' until admitted."""
         ...

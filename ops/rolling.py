@@ -40,7 +40,7 @@ import redis
 from pydantic import ValidationError
 
 from common.schemas import Result, SamplingParams, WorkItem
-from common.settings import Settings
+from common.settings import WorkerSettings
 from ops.fleet import Child, Fleet
 from ops.rollout import RolloutState, SlotProgress
 
@@ -92,7 +92,7 @@ def check_canary(item: WorkItem, res: Result, worker_id: str, engine: str) -> st
 class RollingUpdate:
     """One rollout (or rollback) of a fleet from ``source`` to ``target``; :meth:`steps` is the procedure."""
 
-    def __init__(self, fleet: Fleet, state: RolloutState, source: Settings, target: Settings) -> None:
+    def __init__(self, fleet: Fleet, state: RolloutState, source: WorkerSettings, target: WorkerSettings) -> None:
         self.fleet = fleet
         self.state = state
         self.source = source
@@ -207,7 +207,7 @@ class RollingUpdate:
                 yield
         return failures
 
-    def _replace(self, i: int, template: Settings, *, canary: int, restoring: bool = False) -> Outcome:
+    def _replace(self, i: int, template: WorkerSettings, *, canary: int, restoring: bool = False) -> Outcome:
         f = self.fleet
         old = f.slots()[i]
         surge = self.opt.surge and old.running
@@ -264,7 +264,7 @@ class RollingUpdate:
         self.state.slots[i].to_revision = self.state.from_revision
         return (yield from self._replace(i, self.source, canary=0, restoring=True))
 
-    def _gate(self, i: int, w: Child, template: Settings, canary: int, *, soak_s: float) -> Outcome:
+    def _gate(self, i: int, w: Child, template: WorkerSettings, canary: int, *, soak_s: float) -> Outcome:
         opt, keys, r = self.opt, self.fleet.keys, self.fleet.registry
         wid = w.worker_id
         t0 = time.monotonic()
@@ -298,7 +298,7 @@ class RollingUpdate:
         self._progress(i, "soak", detail + f", {soak:g}s soak ok")
         return None
 
-    def _canary(self, w: Child, template: Settings, canary: int, deadline: float) -> Outcome:
+    def _canary(self, w: Child, template: WorkerSettings, canary: int, deadline: float) -> Outcome:
         """Send ``canary`` requests to ``w``'s own stream; None when it answered every one rightly."""
         opt, keys, r = self.opt, self.fleet.keys, self.fleet.registry
         wid = w.worker_id

@@ -33,7 +33,7 @@ import redis
 from pydantic import ValidationError
 
 from common.records import WorkerRecord, WorkerState
-from common.settings import ROLLOUT_FIELDS, Settings
+from common.settings import ROLLOUT_FIELDS, GatewaySettings, UpSettings, WorkerSettings, to_env
 from ops import rollout
 from ops.fleet import CRASH_LOOP_WINDOW_S, Child
 from ops.procs import RedisServer, free_port, mgpu_cmd, port_free, terminate
@@ -71,22 +71,15 @@ class SlotSpec:
     log_path: Path
 
 
-def _settings_env(s: Settings, **extra: str) -> dict[str, str]:
-    env = {"MGPU_" + k.upper(): str(v) for k, v in s.model_dump().items()
-           if v is not None and k not in ("gateway_id", "worker_id", "gpu")}
-    env.update(extra)
-    return env
-
-
 class Supervisor:
     """The processes of ``mgpu up`` and the loop that keeps them running (and rolls them); to its
     rolling updates, an :class:`ops.fleet.Fleet`."""
 
-    def __init__(self, s: Settings, data: Path, gpus: list[int]) -> None:
+    def __init__(self, s: UpSettings, data: Path, gpus: list[int]) -> None:
         self.s = s
         self.keys = s.keys
-        self.template = s  # the settings every worker runs (a rollout replaces it)
-        self.history: list[Settings] = []  # templates before each completed rollout (--rollback pops)
+        self.template = WorkerSettings.of(s)  # the settings every worker runs (a rollout replaces it)
+        self.history: list[WorkerSettings] = []  # templates before each completed rollout (--rollback pops)
         self.id = socket.gethostname()
         self.data = data
         self.registry_refresh_s = s.registry_refresh_s
@@ -104,8 +97,8 @@ class Supervisor:
         probe = s.health_port if s.health_port is not None else \
             self.port + 1 if port_free(self.port + 1, s.host) else free_port()
         self.gateway = Child("gateway", mgpu_cmd("gateway"),
-                             _settings_env(s, MGPU_PORT=str(self.port), MGPU_HEALTH_PORT=str(probe)),
-                             logs / "gateway.log")
+                             {**to_env(GatewaySettings.of(s)), "MGPU_PORT": str(self.port),
+                              "MGPU_HEALTH_PORT": str(probe)}, logs / "gateway.log")
         self.registry = redis.Redis.from_url(s.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.rollout: RollingUpdate | None = None
         self._steps: Steps | None = None
@@ -119,7 +112,7 @@ class Supervisor:
     def assign(self, slot: int, child: Child) -> None:
         self.workers[slot] = child
 
-    def worker_env(self, slot: int, template: Settings, worker_id: str) -> dict[str, str]:
+    def worker_env(self, slot: int, template: WorkerSettings, worker_id: str) -> dict[str, str]:
         spec = self.specs[slot]
         extra = {"MGPU_WORKER_ID": worker_id, "MGPU_REVISION": template.effective_revision,
                  "MGPU_CANARY_GATE": "false"}
@@ -127,9 +120,9 @@ class Supervisor:
             extra.update(MGPU_GPU=str(spec.gpu), CUDA_VISIBLE_DEVICES=str(spec.gpu))
         elif template.engine == "vllm":
             extra["MGPU_VLLM_ENFORCE_EAGER"] = "true"
-        return _settings_env(template, **extra)
+        return {**to_env(template), **extra}
 
-    def spawn_worker(self, slot: int, template: Settings, *, worker_id: str, gated: bool) -> Child:
+    def spawn_worker(self, slot: int, template: WorkerSettings, *, worker_id: str, gated: bool) -> Child:
         """Start a worker on ``slot`` (held: the caller decides when supervision takes it over)."""
         spec = self.specs[slot]
         c = Child(spec.name, mgpu_cmd("worker"), self.worker_env(slot, template, worker_id), spec.log_path,
@@ -307,7 +300,7 @@ class Supervisor:
         self.rollout, self._steps = ru, ru.steps()
         self._next["write"] = time.monotonic() + STATE_WRITE_S
 
-    def _plan(self, st: RolloutState) -> Settings:
+    def _plan(self, st: RolloutState) -> WorkerSettings:
         """The settings to roll to; raises RolloutError when the request cannot be carried out."""
         n, opt = len(self.workers), st.options
         if n == 0:
@@ -322,7 +315,7 @@ class Supervisor:
             if unknown:
                 raise RolloutError(f"not settings a rollout can change: {', '.join(unknown)}")
             try:
-                target = Settings.model_validate({**self.template.model_dump(), "revision": None, **st.changes})
+                target = WorkerSettings.model_validate({**self.template.model_dump(), "revision": None, **st.changes})
             except ValidationError as exc:
                 raise RolloutError("invalid settings: " + "; ".join(
                     f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
@@ -387,12 +380,12 @@ class Supervisor:
                 st.finished_at - (st.started_at or st.finished_at), f" ({st.reason})" if st.reason else "")
 
 
-def run_up(s: Settings, *, explicit_redis: bool = False) -> int:
+def run_up(s: UpSettings) -> int:
     data = Path(s.data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
     (data / "logs").mkdir(exist_ok=True)
     redis_server: RedisServer | None = None
-    if not explicit_redis and not os.environ.get("MGPU_REDIS_URL"):
+    if "redis_url" not in s.model_fields_set:  # neither MGPU_REDIS_URL nor --redis-url: a redis-server of its own
         redis_server = RedisServer(data / "redis", die_with_parent=True, maxmemory=s.redis_maxmemory).start()
         s = s.model_copy(update={"redis_url": redis_server.url})
         log.info("redis-server (AOF) on %s, data in %s", redis_server.url, data / "redis")

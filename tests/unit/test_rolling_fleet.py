@@ -13,7 +13,7 @@ from pathlib import Path
 import fakeredis
 
 from common.keys import Keys
-from common.settings import Settings
+from common.settings import WorkerSettings
 from ops.fleet import Child
 from ops.rolling import RollingUpdate
 from ops.rollout import RolloutOptions, RolloutState
@@ -32,7 +32,7 @@ class StandInFleet:
     """Workers that are ``sleep`` processes, 'ready' in the registry at once; one whose settings have
     ``slots`` 13 exits instead, before it registers."""
 
-    def __init__(self, tmp: Path, n: int, template: Settings) -> None:
+    def __init__(self, tmp: Path, n: int, template: WorkerSettings) -> None:
         self.keys = Keys("t")
         self.registry = fakeredis.FakeRedis()
         self.registry_refresh_s = 0.01
@@ -45,7 +45,7 @@ class StandInFleet:
     def assign(self, slot: int, child: Child) -> None:
         self.workers[slot] = child
 
-    def spawn_worker(self, slot: int, template: Settings, *, worker_id: str, gated: bool) -> Child:
+    def spawn_worker(self, slot: int, template: WorkerSettings, *, worker_id: str, gated: bool) -> Child:
         fails = template.slots == 13
         code = "raise SystemExit(3)" if fails else "import time; time.sleep(30)"
         c = Child(f"slot{slot}", [sys.executable, "-c", code], {"MGPU_WORKER_ID": worker_id},
@@ -59,7 +59,7 @@ class StandInFleet:
         return f"w{slot}-s"
 
 
-def _run(fleet: StandInFleet, source: Settings, target: Settings, **opts: object) -> RolloutState:
+def _run(fleet: StandInFleet, source: WorkerSettings, target: WorkerSettings, **opts: object) -> RolloutState:
     st = RolloutState(id="ro-t", phase="running", options=RolloutOptions(canary=0, soak_s=0, **opts))
     ru = RollingUpdate(fleet, st, source, target)
     deadline = time.monotonic() + 20
@@ -71,7 +71,7 @@ def _run(fleet: StandInFleet, source: Settings, target: Settings, **opts: object
 
 
 def test_roll_forward_then_back(tmp_path: Path) -> None:
-    base = Settings(engine="sim", model="m", slots=4, drain_grace_s=5)
+    base = WorkerSettings(engine="sim", model="m", slots=4, drain_grace_s=5)
     fleet = StandInFleet(tmp_path, 2, base)
     old = list(fleet.workers)
     try:
