@@ -37,9 +37,22 @@ from common.schemas import ErrorInfo
 
 
 class MgpuError(Exception):
+    """An mgpu error: its HTTP status, OpenAI ``type`` and ``code`` are class facts, given as class
+    keywords (``class NotFound(RequestError, status=404, code="not_found")``) and inherited otherwise."""
+
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, *, status: int | None = None, type: str | None = None,
+                          code: str | None = None, **kw: object) -> None:
+        super().__init_subclass__(**kw)
+        if status is not None:
+            cls.status = status
+        if type is not None:
+            cls.type = type
+        if code is not None:
+            cls.code = code
 
     def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None,
                  headers: dict[str, str] | None = None):
@@ -55,88 +68,68 @@ class MgpuError(Exception):
         )
 
 
-class RequestError(MgpuError):
-    status = 400
-    type = "invalid_request_error"
+class RequestError(MgpuError, status=400, type="invalid_request_error"):
+    pass
 
 
-class InvalidRequest(RequestError):
-    status = 400
+class InvalidRequest(RequestError, status=400):
+    pass
 
 
-class NotFound(RequestError):
-    status = 404
-    code = "not_found"
+class NotFound(RequestError, status=404, code="not_found"):
+    pass
 
 
-class ModelNotFound(NotFound):
-    code = "model_not_found"
+class ModelNotFound(NotFound, code="model_not_found"):
+    pass
 
 
-class MethodNotAllowed(RequestError):
-    status = 405
-    code = "method_not_allowed"
+class MethodNotAllowed(RequestError, status=405, code="method_not_allowed"):
+    pass
 
 
-class ReadTimeout(RequestError):
-    status = 408
-    code = "read_timeout"
+class ReadTimeout(RequestError, status=408, code="read_timeout"):
+    pass
 
 
-class IdempotencyMismatch(RequestError):
-    status = 422
-    code = "idempotency_key_reused"
+class IdempotencyMismatch(RequestError, status=422, code="idempotency_key_reused"):
+    pass
 
 
-class PayloadTooLarge(RequestError):
-    status = 413
-    code = "payload_too_large"
+class PayloadTooLarge(RequestError, status=413, code="payload_too_large"):
+    pass
 
 
-class QueueFull(RequestError):
-    status = 429
-    type = "rate_limit_error"
-    code = "queue_full"
+class QueueFull(RequestError, status=429, type="rate_limit_error", code="queue_full"):
+    pass
 
 
-class ServiceUnavailable(MgpuError):
-    status = 503
-    type = "service_unavailable"
-    code = "service_unavailable"
+class ServiceUnavailable(MgpuError, status=503, type="service_unavailable", code="service_unavailable"):
+    pass
 
 
-class RequestTimeout(MgpuError):
-    status = 504
-    type = "timeout"
-    code = "deadline_exceeded"
+class RequestTimeout(MgpuError, status=504, type="timeout", code="deadline_exceeded"):
+    pass
 
 
-class RequestCancelled(MgpuError):
-    status = 499
-    type = "cancelled"
-    code = "cancelled"
+class RequestCancelled(MgpuError, status=499, type="cancelled", code="cancelled"):
+    pass
 
 
-class BadResult(MgpuError):
-    status = 502
-    type = "server_error"
-    code = "bad_result"
+class BadResult(MgpuError, status=502, type="server_error", code="bad_result"):
+    pass
 
 
-class GenerationFailed(MgpuError):
-    status = 500
-    type = "server_error"
-    code = "generation_failed"
+class GenerationFailed(MgpuError, status=500, type="server_error", code="generation_failed"):
+    pass
 
 
-class DeadLettered(GenerationFailed):
-    code = "dead_lettered"
+class DeadLettered(GenerationFailed, code="dead_lettered"):
+    pass
 
 
-class EngineDead(MgpuError):
+class EngineDead(MgpuError, code="engine_dead"):
     """The engine is gone: the worker stops pulling and exits; the supervisor restarts it."""
-
-    code = "engine_dead"
 
 
 _BY_CODE: dict[str | None, type[MgpuError]] = {

@@ -1,5 +1,21 @@
-"""The one settings object.  Values come from defaults, then ``MGPU_*`` environment variables,
-then explicit overrides (command-line flags); they are validated once, at start-up."""
+"""The settings of every mgpu process: one pydantic-settings class per role, each field declared once.
+
+    LogSettings                                  log_level, log_json
+    ControlSettings(Log)                         + redis_url, namespace: mgpu drain, status, strategy, rollout
+    CommonSettings(Control)                      + what the gateway and the workers share
+    HttpSettings                                 host, port: where an OpenAI-compatible API listens
+    SimEngineSettings                            the served model's name and shape, the sim engine's costs
+    GatewaySettings(Http, Common)                mgpu gateway
+    WorkerSettings(SimEngine, Common)            mgpu worker
+    SimServerSettings(Http, SimEngine, Log)      mgpu sim-server
+    UpSettings(Gateway, Worker)                  mgpu up; ``Settings`` is its other name (the superset)
+
+Values come from defaults, then ``MGPU_<NAME>`` environment variables, then explicit overrides (the
+command-line flags, which ``ops/flags.py`` makes from the fields): :meth:`MgpuSettings.load`, once, at
+start-up; a bad value raises :class:`SettingsError` naming ``MGPU_<NAME> / --<name>``.  :func:`to_env`
+turns settings back into ``MGPU_*`` variables for the processes that a process starts.  Every enumerated
+setting's values are listed once, here (``Strategy``, ``Engine``, ``LogLevel``, ``VllmDtype``).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +25,21 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
+from pydantic.json_schema import JsonDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from common.keys import Keys
 
 ENV_PREFIX = "MGPU_"
 
+Strategy = Literal["pull", "round_robin", "least_loaded", "weighted", "prefix_affinity"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+Engine = Literal["vllm", "sim"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+VllmDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]  # vLLM's ModelDType
 
 # The worker settings that ``mgpu rollout`` may change (``--set NAME=VALUE``).  Not among them: where a
 # worker is (redis_url, namespace, worker_id, gpu, metrics port and host, data folders) and the name of
@@ -28,93 +51,117 @@ ROLLOUT_FIELDS: tuple[str, ...] = (
     "vllm_gpu_memory_utilization", "vllm_enforce_eager", "vllm_kv_cache_gb", "vllm_dtype", "revision",
 )
 
+# json_schema_extra of a setting that belongs to one process (its id, its GPU, its canary gate): it is
+# never handed on to another process (to_env), and mgpu up, which gives each process its own, has no flag
+# for it
+_PER_PROCESS: JsonDict = {"per_process": True}
+
 
 class SettingsError(ValueError):
     """A setting is missing or invalid; the message names it."""
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
 
-    # shared
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    namespace: str = Field(default="mgpu", pattern=r"^[A-Za-z0-9_.-]+$")
-    log_level: str = "INFO"
-    log_json: bool = False
-    result_ttl_s: int = Field(default=600, ge=1)
-    log_requests: bool = True  # one INFO line per finished request (request_id, outcome, timings)
 
-    # gateway
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    gateway_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
-    request_timeout_s: float = Field(default=600.0, gt=0)
-    max_request_timeout_s: float = Field(default=3600.0, gt=0)  # the most a request's `timeout` may ask for
-    max_body_bytes: int = Field(default=1 << 20, ge=1024)
-    max_queue_len: int = Field(default=50_000, ge=1)
-    # bytes of request payloads waiting or running, per model and over all models (429 past them)
-    max_queue_bytes: int = Field(default=256 << 20, ge=1 << 20)
-    max_queue_bytes_total: int = Field(default=1 << 30, ge=1 << 20)
-    # Redis used_memory / maxmemory past which new work is refused (503) before Redis refuses writes
-    redis_memory_high_water: float = Field(default=0.9, gt=0, le=1)
-    http_read_timeout_s: float = Field(default=10.0, gt=0)  # to receive a request's headers, and its body
-    max_connections: int = Field(default=10_000, ge=16)  # open HTTP connections; past it new requests get 503
-    # /health, /ready and /metrics on a listener of their own (answers under a connection flood on `port`):
-    # unset: port + 1 (a free port when port is 0); 0: a free port
-    health_port: int | None = Field(default=None, ge=0, le=65535)
-    redis_pool_size: int = Field(default=32, ge=2)
-    registry_refresh_s: float = Field(default=0.5, gt=0)
-    retry_after_s: int = Field(default=1, ge=1)
-    gateway_procs: int = Field(default=1, ge=1, le=64)  # uvicorn worker processes (Prometheus multiprocess mode)
-    queue_metrics_interval_s: float = Field(default=2.0, gt=0)  # how often queue gauges are read from Redis
-    # load balancing (gateway/routing.py); the `strategy` field of the control hash overrides it at run time
-    strategy: Literal["pull", "round_robin", "least_loaded", "weighted", "prefix_affinity"] = "pull"
-    affinity_prefix_chars: int = Field(default=256, ge=1)  # prompt prefix that keys prefix_affinity
-    affinity_vnodes: int = Field(default=64, ge=1, le=4096)  # virtual nodes per worker on the hash ring
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
-    # worker
-    engine: Literal["vllm", "sim"] = "vllm"
-    model: str = "SmolLM2-135M-Instruct"
-    model_path: str | None = None
-    worker_id: str | None = None
-    gpu: int | None = None
-    slots: int = Field(default=32, ge=1, le=65536)
-    weight: float | None = Field(default=None, gt=0)  # share for the `weighted` strategy; default: slots
-    max_model_len: int = Field(default=2048, ge=16)
-    heartbeat_interval_s: float = Field(default=0.5, gt=0)
-    worker_ttl_s: float = Field(default=2.0, gt=0)
-    lease_ms: int = Field(default=3000, ge=100)
-    loop_stall_s: float = Field(default=3.0, gt=0)  # event loop silent this long: stop renewing
-    reclaim_interval_s: float = Field(default=0.5, gt=0)
-    max_deliveries: int = Field(default=3, ge=1)
-    max_dead_letters: int = Field(default=10_000, ge=1)  # per model; oldest trimmed first, never unacknowledged ones
-    drain_grace_s: float = Field(default=60.0, ge=0)
-    read_block_ms: int = Field(default=1000, ge=1)
-    metrics_port: int = Field(default=0, ge=0, le=65535)  # worker /metrics + /health; 0: a free port
-    metrics_host: str = "127.0.0.1"  # 0.0.0.0 to be scraped from other hosts (the hostname is published)
-    # what the worker runs, as a label: published in the registry, /workers, mgpu status and /metrics.
-    # Unset: derived from the settings a rollout can change (Settings.effective_revision)
-    revision: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:+-]{1,64}$")
-    # start in state 'canary': take work only from the own stream until admitted (Keys.admit); mgpu rollout
-    # starts new workers so, to run its canary requests before any client request reaches them
-    canary_gate: bool = False
 
-    # sim engine (ms); zero cost makes it an overhead probe
-    sim_prefill_ms_per_token: float = Field(default=0.02, ge=0)
-    sim_decode_ms: float = Field(default=10.0, ge=0)
-    sim_decode_ms_per_seq: float = Field(default=0.1, ge=0)
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping: ``MGPU_<NAME>`` in capitals only;
+    an empty value counts as unset."""
 
-    # vLLM engine
-    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    vllm_enforce_eager: bool = False
-    vllm_kv_cache_gb: int = Field(default=2, ge=1)
-    vllm_dtype: str = "auto"
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
 
-    # mgpu up
-    data_dir: str = ".data"
-    redis_maxmemory: str = Field(default="2gb", pattern=r"^[0-9]+(b|kb|mb|gb)?$")  # of the redis-server mgpu up starts
-    model_cache_dir: str = Field(default_factory=lambda: os.path.expanduser("~/.cache/mgpu/models"))
-    workers: int = Field(default=1, ge=0, le=64)
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._environ.items() if k.startswith(ENV_PREFIX) and k.isupper() and v}
+
+
+class MgpuSettings(BaseSettings):
+    """What every settings class shares: how it is loaded, and how its errors read.
+
+    An instance holds what it is given: construction (also ``model_validate``, as the supervisor checks a
+    rollout's target) reads no environment.  :meth:`load` layers the environment under the overrides."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_assignment=True)
+    flag_group: ClassVar[str] = ""  # the --help heading of the flags of the fields that a class declares
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only the values given: no environment, no .env or secrets files (load reads the environment)."""
+        return (init_settings,)
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Self:
+        """Defaults < ``MGPU_*`` environment (``env``, default ``os.environ``) < overrides (None values
+        are skipped).  ``model_fields_set`` names the settings that the environment or an override gave."""
+        values: dict[str, Any] = _Environment(cls, os.environ if env is None else env)()
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            lines = []
+            for e in exc.errors():
+                field = ".".join(str(p) for p in e["loc"])
+                lines.append(f"  {env_name(field)} / {flag_name(field)}: {e['msg']}")
+            raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None
+
+    @classmethod
+    def of(cls, s: MgpuSettings) -> Self:
+        """This class's fields taken from ``s``, the settings of a larger role (e.g. mgpu up's)."""
+        return cls.model_validate(s.model_dump(include=set(cls.model_fields)))
+
+    @classmethod
+    def flag_names(cls) -> tuple[str, ...]:
+        """The fields that are command-line flags of this class's command: all of them."""
+        return tuple(cls.model_fields)
+
+
+def per_process(cls: type[MgpuSettings]) -> frozenset[str]:
+    """The fields of ``cls`` that belong to one process (see ``_PER_PROCESS``)."""
+    return frozenset(n for n, f in cls.model_fields.items() if f.json_schema_extra == _PER_PROCESS)
+
+
+def to_env(s: MgpuSettings) -> dict[str, str]:
+    """``s`` as the ``MGPU_*`` variables that give another process the same settings (``load`` reads them
+    back to equal values), but for the per-process ones and the unset ones."""
+    skip = per_process(type(s))
+    return {env_name(k): str(v) for k, v in s.model_dump().items() if v is not None and k not in skip}
+
+
+class LogSettings(MgpuSettings):
+    flag_group = "logging settings"
+
+    log_level: LogLevel = Field(default="INFO", description="any case; WARN and FATAL are WARNING and CRITICAL")
+    log_json: bool = Field(default=False, description="log JSON lines instead of plain ones")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.upper()
+            return {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(v, v)
+        return v
+
+
+class ControlSettings(LogSettings):
+    """Where a fleet is: what the control commands (drain, status, strategy, rollout) need."""
+
+    flag_group = "Redis settings"
+
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="redis://, rediss:// or unix://")
+    namespace: str = Field(default="mgpu", pattern=r"^[A-Za-z0-9_.-]+$", description="prefix of every Redis key")
 
     @field_validator("redis_url")
     @classmethod
@@ -127,12 +174,128 @@ class Settings(BaseModel):
     def keys(self) -> Keys:
         return Keys(self.namespace)
 
+
+class CommonSettings(ControlSettings):
+    """What the gateway and the workers share."""
+
+    flag_group = "settings of the gateway and the workers"
+
+    result_ttl_s: int = Field(default=600, ge=1, description="how long a finished request's result is kept")
+    log_requests: bool = Field(default=True, description="one INFO line per finished request (outcome, timings)")
+    loop_stall_s: float = Field(default=3.0, gt=0, description="event loop silent this long: /health fails "
+                                "(a worker also stops renewing its leases)")
+    data_dir: str = Field(default=".data", description="mgpu up's redis and logs; the gateway's Prometheus "
+                          "multiprocess files")
+
+
+class HttpSettings(MgpuSettings):
+    """Where an OpenAI-compatible API listens (the gateway's, the sim server's)."""
+
+    flag_group = "HTTP listener settings"
+
+    host: str = Field(default="127.0.0.1", description="the API's address (0.0.0.0: every interface)")
+    port: int = Field(default=8000, ge=0, le=65535, description="the API's port; 0: a free port")
+
+
+class SimEngineSettings(MgpuSettings):
+    """The served model's name and shape, and the sim engine's costs (ms; zero cost makes it an
+    overhead probe): what a sim engine is made of."""
+
+    flag_group = "served model and sim engine settings"
+
+    model: str = Field(default="SmolLM2-135M-Instruct", description="the served model name (mgpu worker, "
+                       "up: a model folder is model_path, and its name the served name)")
+    slots: int = Field(default=32, ge=1, le=65536, description="requests an engine runs at once")
+    max_model_len: int = Field(default=2048, ge=16, description="context length, prompt and completion")
+    sim_prefill_ms_per_token: float = Field(default=0.02, ge=0, description="prefill, per prompt token")
+    sim_decode_ms: float = Field(default=10.0, ge=0, description="one decode step")
+    sim_decode_ms_per_seq: float = Field(default=0.1, ge=0, description="added to a decode step per running "
+                                         "sequence")
+
+
+class GatewaySettings(HttpSettings, CommonSettings):
+    flag_group = "gateway settings"
+
+    gateway_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
+                            json_schema_extra=_PER_PROCESS, description="names this gateway's reply stream")
+    request_timeout_s: float = Field(default=600.0, gt=0, description="the deadline of a request that sets no "
+                                     "`timeout`")
+    max_request_timeout_s: float = Field(default=3600.0, gt=0, description="the most a request's `timeout` may "
+                                         "ask for")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="a larger request body gets 413")
+    max_queue_len: int = Field(default=50_000, ge=1, description="entries waiting per model (429 past it)")
+    max_queue_bytes: int = Field(default=256 << 20, ge=1 << 20, description="bytes of request payloads waiting "
+                                 "or running, per model (429 past it)")
+    max_queue_bytes_total: int = Field(default=1 << 30, ge=1 << 20, description="the same over all models")
+    redis_memory_high_water: float = Field(default=0.9, gt=0, le=1, description="Redis used_memory / maxmemory "
+                                           "past which new work is refused (503) before Redis refuses writes")
+    http_read_timeout_s: float = Field(default=10.0, gt=0, description="to receive a request's headers, and "
+                                       "its body")
+    max_connections: int = Field(default=10_000, ge=16, description="open HTTP connections; past it new "
+                                 "requests get 503")
+    health_port: int | None = Field(default=None, ge=0, le=65535, description="/health, /ready and /metrics "
+                                    "on a listener of their own; unset: port + 1 (a free port when port is 0); "
+                                    "0: a free port")
+    redis_pool_size: int = Field(default=32, ge=2, description="Redis connections per gateway process")
+    registry_refresh_s: float = Field(default=0.5, gt=0, description="how often the worker registry is read")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After of a 429 or 503")
+    gateway_procs: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes (Prometheus "
+                               "multiprocess mode)")
+    queue_metrics_interval_s: float = Field(default=2.0, gt=0, description="how often queue gauges are read "
+                                            "from Redis")
+    strategy: Strategy = Field(default="pull", description="load balancing (gateway/routing.py); `mgpu strategy` "
+                               "overrides it at run time")
+    affinity_prefix_chars: int = Field(default=256, ge=1, description="prompt prefix that keys prefix_affinity")
+    affinity_vnodes: int = Field(default=64, ge=1, le=4096, description="virtual nodes per worker on the hash "
+                                 "ring")
+
     @property
     def probe_port(self) -> int:
         """Where the gateway's probe listener binds: ``health_port``, else port + 1 (a free port when port is 0)."""
         if self.health_port is not None:
             return self.health_port
         return self.port + 1 if self.port else 0
+
+
+class WorkerSettings(SimEngineSettings, CommonSettings):
+    flag_group = "worker settings"
+
+    engine: Engine = Field(default="vllm", description="vLLM (its CPU build on CPU hosts), or the simulator")
+    model_path: str | None = Field(default=None, description="the model folder (vllm); unset: the embedded "
+                                   "model, converted once into model_cache_dir")
+    model_cache_dir: str = Field(default_factory=lambda: os.path.expanduser("~/.cache/mgpu/models"),
+                                 description="where the embedded model is converted to (~/.cache/mgpu/models)")
+    worker_id: str | None = Field(default=None, json_schema_extra=_PER_PROCESS, description="unset: host-pid")
+    gpu: int | None = Field(default=None, json_schema_extra=_PER_PROCESS, description="the GPU index "
+                            "(NVML health, CUDA_VISIBLE_DEVICES)")
+    weight: float | None = Field(default=None, gt=0, description="share for the `weighted` strategy; unset: "
+                                 "slots")
+    heartbeat_interval_s: float = Field(default=0.5, gt=0, description="how often the registry entry and the "
+                                        "leases are renewed")
+    worker_ttl_s: float = Field(default=2.0, gt=0, description="the registry entry lives this long past a "
+                                "heartbeat")
+    lease_ms: int = Field(default=3000, ge=100, description="a request unrenewed this long is reclaimed by "
+                          "another worker")
+    reclaim_interval_s: float = Field(default=0.5, gt=0, description="how often dead workers' requests are "
+                                      "looked for")
+    max_deliveries: int = Field(default=3, ge=1, description="deliveries before a request is dead-lettered")
+    max_dead_letters: int = Field(default=10_000, ge=1, description="per model; oldest trimmed first, never "
+                                  "unacknowledged ones")
+    drain_grace_s: float = Field(default=60.0, ge=0, description="on SIGTERM or mgpu drain, in-flight requests "
+                                 "get this long")
+    read_block_ms: int = Field(default=1000, ge=1, description="the longest wait of one stream read")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="/metrics and /health; 0: a free port")
+    metrics_host: str = Field(default="127.0.0.1", description="0.0.0.0 to be scraped from other hosts")
+    revision: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:+-]{1,64}$", description="what the worker "
+                                 "runs, as a label in the registry, /workers, mgpu status and /metrics; unset: "
+                                 "derived from the settings a rollout can change")
+    canary_gate: bool = Field(default=False, json_schema_extra=_PER_PROCESS, description="start in state "
+                              "'canary': take work only from the own stream until admitted (mgpu rollout)")
+    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="share of the GPU's "
+                                               "memory the engine may take")
+    vllm_enforce_eager: bool = Field(default=False, description="no CUDA graphs (mgpu up sets it on CPU workers)")
+    vllm_kv_cache_gb: int = Field(default=2, ge=1, description="GiB of RAM for the KV cache (CPU build)")
+    vllm_dtype: VllmDtype = Field(default="auto", description="the weights' and activations' dtype")
 
     @property
     def effective_revision(self) -> str:
@@ -144,23 +307,24 @@ class Settings(BaseModel):
         digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
         return "r-" + digest[:8]
 
+
+class SimServerSettings(HttpSettings, SimEngineSettings, LogSettings):
+    """mgpu sim-server: the sim engine behind an OpenAI-compatible API of its own (no Redis)."""
+
+
+class UpSettings(GatewaySettings, WorkerSettings):
+    flag_group = "mgpu up settings"
+
+    workers: int = Field(default=1, ge=0, le=64, description="CPU workers when no GPU is visible")
+    redis_maxmemory: str = Field(default="2gb", pattern=r"^[0-9]+(b|kb|mb|gb)?$", description="of the "
+                                 "redis-server mgpu up starts")
+
     @classmethod
-    def load(cls, overrides: dict[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
-        """Defaults < ``MGPU_*`` environment < overrides (None values are skipped)."""
-        source: Mapping[str, str] = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for name in cls.model_fields:
-            raw = source.get(ENV_PREFIX + name.upper())
-            if raw is not None and raw != "":
-                values[name] = raw
-        for k, v in (overrides or {}).items():
-            if v is not None:
-                values[k] = v
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            lines = []
-            for e in exc.errors():
-                field = ".".join(str(p) for p in e["loc"])
-                lines.append(f"  {ENV_PREFIX}{field.upper()} / --{field.replace('_', '-')}: {e['msg']}")
-            raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None
+    def flag_names(cls) -> tuple[str, ...]:
+        """Not the per-process settings: mgpu up gives each process it starts its own."""
+        skip = per_process(cls)
+        return tuple(n for n in cls.model_fields if n not in skip)
+
+
+# every role's settings in one object, for code that has not moved to its role's class yet
+Settings = UpSettings

@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import orjson
@@ -29,7 +29,7 @@ from common import errors
 from common.probe_http import ProbeServer
 from common.redis_conn import make_client
 from common.scripts import Scripts
-from common.settings import Settings
+from common.settings import GatewaySettings
 from gateway.http import error_response, http_exception_error, unexpected_error_response
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import install_openapi
@@ -43,7 +43,7 @@ from gateway.state import GatewayState
 log = logging.getLogger("mgpu.gateway")
 
 
-def create_asgi(settings: Settings | None = None) -> GenerationFastPath:
+def create_asgi(settings: GatewaySettings | None = None) -> GenerationFastPath:
     """What uvicorn serves: the FastAPI app behind the generation fast path."""
     return GenerationFastPath(create_app(settings))
 
@@ -72,8 +72,9 @@ async def _tick(state: GatewayState, closed: list[bool]) -> None:
         await asyncio.sleep(0.1)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings.load()
+def _lifespan(settings: GatewaySettings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The app's lifespan: it builds the state every request reads, starts the background tasks and
+    the probe listener, and stops them all, bounded, at shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -120,7 +121,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.close()
             log.info("gateway %s stopped", settings.gateway_id)
 
-    app = FastAPI(title="mgpu", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+    return lifespan
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings.load()
+    app = FastAPI(title="mgpu", version="0.1.0", lifespan=_lifespan(settings), docs_url=None, redoc_url=None,
                   redirect_slashes=False)  # a redirect would build its Location from the client's Host header
 
     @app.exception_handler(errors.MgpuError)

@@ -23,18 +23,17 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING
 
 from common.keys import Keys
 from common.scripts import Target
+from common.settings import STRATEGIES
 
 if TYPE_CHECKING:
     from gateway.registry import RegistryView
 
 log = logging.getLogger("mgpu.gateway.routing")
 
-Strategy = Literal["pull", "round_robin", "least_loaded", "weighted", "prefix_affinity"]
-STRATEGIES: tuple[str, ...] = get_args(Strategy)
 SHARED = "shared"  # label of the shared stream in counters
 
 

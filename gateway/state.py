@@ -11,7 +11,7 @@ import redis
 import redis.asyncio as aioredis
 
 from common.scripts import Scripts
-from common.settings import Settings
+from common.settings import GatewaySettings
 from gateway.metrics import GatewayMetrics
 from gateway.registry import RegistryView
 from gateway.replies import ReplyRouter
@@ -21,7 +21,7 @@ from gateway.tokens import PromptCounter
 
 @dataclass
 class GatewayState:
-    settings: Settings
+    settings: GatewaySettings
     redis: aioredis.Redis
     router: ReplyRouter
     registry: RegistryView

@@ -36,7 +36,7 @@ from common.logs import set_request_id
 from common.records import ReplyKind
 from common.schemas import Choice, ChoiceDelta, Chunk, ErrorInfo, Result, TokenLogprob, Usage, WorkItem
 from common.scripts import Entry, Finish, Scripts
-from common.settings import Settings
+from common.settings import WorkerSettings
 from gpu_worker.engine.base import Engine, EngineRequest, InvalidEngineRequest
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.stats import WorkerStats
@@ -79,7 +79,7 @@ class JobContext:
     """What jobs may use of their worker."""
 
     worker_id: str
-    settings: Settings
+    settings: WorkerSettings
     client: aioredis.Redis  # reads what earlier attempts streamed
     scripts: Scripts
     engine: Engine

@@ -29,7 +29,7 @@ from typing import Any
 import redis
 
 from common.scripts import renew, renew_script
-from common.settings import Settings
+from common.settings import WorkerSettings
 from gpu_worker.nvml import Gpu
 from gpu_worker.registry import Registry
 from gpu_worker.stats import WorkerStats
@@ -93,7 +93,7 @@ class LoopHooks:
 
 
 class Keeper:
-    def __init__(self, settings: Settings, registry: Registry, stats: WorkerStats, gpu: Gpu, *,
+    def __init__(self, settings: WorkerSettings, registry: Registry, stats: WorkerStats, gpu: Gpu, *,
                  leases: Callable[[], Leases], own_stream: str, hooks: LoopHooks,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.s = settings

@@ -11,14 +11,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from common.redis_conn import make_client
-from common.settings import Settings, SettingsError
+from common.settings import SettingsError, WorkerSettings
 from gpu_worker.engine.base import Engine
 from gpu_worker.worker import Worker
 
 log = logging.getLogger("mgpu.worker")
 
 
-def build_engine(s: Settings) -> Engine:
+def build_engine(s: WorkerSettings) -> Engine:
     if s.engine == "sim":
         from gpu_worker.engine.sim import SimEngine
 
@@ -48,7 +48,7 @@ async def engine_running(engine: Engine) -> AsyncIterator[Engine]:
         await engine.shutdown()
 
 
-async def run_worker(s: Settings, version: str = "dev") -> int:
+async def run_worker(s: WorkerSettings, version: str = "dev") -> int:
     if s.gpu is not None:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(s.gpu))
     client = make_client(s.redis_url, max_connections=24, block_ms=max(s.read_block_ms, 1000),

@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 from common.outcomes import OUTCOMES, outcome_of
 from common.probe_http import ProbeServer
 from common.schemas import Result, WorkItem
-from common.settings import Settings
+from common.settings import WorkerSettings
 from gpu_worker.engine.base import Engine
 from gpu_worker.nvml import Gpu
 from gpu_worker.stats import WorkerStats
@@ -159,7 +159,7 @@ class _GpuCollector(Collector):
 
 
 class WorkerMetrics:
-    def __init__(self, settings: Settings, stats: WorkerStats, engine: Engine, gpu: Gpu, *, worker_id: str,
+    def __init__(self, settings: WorkerSettings, stats: WorkerStats, engine: Engine, gpu: Gpu, *, worker_id: str,
                  version: str) -> None:
         self.s = settings
         self.stats = stats

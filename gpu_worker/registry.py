@@ -18,13 +18,13 @@ import redis
 import redis.asyncio as aioredis
 
 from common.records import ModelFacts, WorkerRecord, WorkerState
-from common.settings import Settings
+from common.settings import WorkerSettings
 from gpu_worker.engine.base import Engine
 from gpu_worker.stats import WorkerStats
 
 
 class Registry:
-    def __init__(self, client: aioredis.Redis, settings: Settings, *, worker_id: str, engine: Engine,
+    def __init__(self, client: aioredis.Redis, settings: WorkerSettings, *, worker_id: str, engine: Engine,
                  stats: WorkerStats, gpu_name: str, version: str) -> None:
         self.r = client
         self.s = settings

@@ -23,7 +23,7 @@ from fastapi.responses import Response, StreamingResponse
 from common import errors
 from common.protocol import OpenAIRequest, StreamFormatter, error_body, full_response, parse_request
 from common.schemas import Choice, ChoiceDelta, Kind, Result, Usage, new_request_id
-from common.settings import Settings
+from common.settings import SimServerSettings
 from gpu_worker.engine.base import EngineRequest, InvalidEngineRequest
 from gpu_worker.engine.sim import SimEngine
 
@@ -39,7 +39,7 @@ def _sse(obj: Any) -> bytes:
 class _SimApi:
     """The server's endpoints over one engine: parse a request, then answer it whole or as a stream."""
 
-    def __init__(self, settings: Settings, engine: SimEngine) -> None:
+    def __init__(self, settings: SimServerSettings, engine: SimEngine) -> None:
         self.s = settings
         self.engine = engine
 
@@ -108,7 +108,7 @@ class _SimApi:
         yield b"data: [DONE]\n\n"
 
 
-def create_sim_app(settings: Settings) -> FastAPI:
+def create_sim_app(settings: SimServerSettings) -> FastAPI:
     s = settings
     engine = SimEngine(slots=s.slots, max_model_len=s.max_model_len, prefill_ms_per_token=s.sim_prefill_ms_per_token,
                        decode_ms=s.sim_decode_ms, decode_ms_per_seq=s.sim_decode_ms_per_seq)
@@ -149,7 +149,7 @@ def create_sim_app(settings: Settings) -> FastAPI:
     return app
 
 
-def run_sim_server(s: Settings) -> int:
+def run_sim_server(s: SimServerSettings) -> int:
     import uvicorn
 
     uvicorn.run(create_sim_app(s), host=s.host, port=s.port, log_level="warning", access_log=False,

@@ -43,7 +43,7 @@ from common.keys import GROUP
 from common.records import WorkerState
 from common.schemas import WorkItem
 from common.scripts import Scripts
-from common.settings import Settings
+from common.settings import WorkerSettings
 from gpu_worker.engine.base import Engine
 from gpu_worker.job import Job, JobContext, JobRunner
 from gpu_worker.liveness import Keeper, Leases, LoopHooks, Lost
@@ -83,7 +83,7 @@ class RecentIds:
 
 
 class Worker:
-    def __init__(self, settings: Settings, engine: Engine, client: aioredis.Redis, *, version: str = "dev",
+    def __init__(self, settings: WorkerSettings, engine: Engine, client: aioredis.Redis, *, version: str = "dev",
                  gpu: Gpu | None = None) -> None:
         self.s = settings
         self.engine = engine

@@ -11,7 +11,8 @@
     mgpu bench     the load generator
     mgpu chaos     the chaos benchmark (kills workers and Redis under load)
 
-Every setting is a flag (``--slots 64``) and an environment variable (``MGPU_SLOTS=64``).
+Each command's settings flags are the fields of its settings class (``COMMANDS``), and every one is
+also an environment variable (``--slots 64`` is ``MGPU_SLOTS=64``).
 """
 
 from __future__ import annotations
@@ -23,70 +24,63 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from common.logs import setup_logging
-from common.settings import Settings, SettingsError
+from common.settings import (
+    STRATEGIES,
+    ControlSettings,
+    GatewaySettings,
+    LogSettings,
+    SettingsError,
+    SimServerSettings,
+    UpSettings,
+    WorkerSettings,
+    to_env,
+)
+from ops.flags import ENV_NOTE, add_settings_flags, given
 from ops.rollout import add_arguments as rollout_arguments
+from ops.rollout import run_command as run_rollout
 
 log = logging.getLogger("mgpu.cli")
 
-_SCOPES: dict[str, set[str]] = {
-    "gateway": {"redis_url", "namespace", "log_level", "log_json", "result_ttl_s", "host", "port", "gateway_id",
-                "request_timeout_s", "max_body_bytes", "max_queue_len", "redis_pool_size",
-                "registry_refresh_s", "retry_after_s", "log_requests", "gateway_procs", "queue_metrics_interval_s",
-                "strategy", "affinity_prefix_chars", "affinity_vnodes", "max_request_timeout_s", "max_queue_bytes",
-                "max_queue_bytes_total", "redis_memory_high_water", "http_read_timeout_s", "max_connections",
-                "health_port"},
-    "worker": {"redis_url", "namespace", "log_level", "log_json", "result_ttl_s", "engine", "model", "weight",
-               "model_path", "worker_id", "gpu", "slots", "max_model_len", "heartbeat_interval_s", "worker_ttl_s",
-               "lease_ms", "loop_stall_s", "reclaim_interval_s", "max_deliveries", "drain_grace_s", "read_block_ms",
-               "max_dead_letters",
-               "metrics_port", "metrics_host", "log_requests", "sim_prefill_ms_per_token", "sim_decode_ms",
-               "sim_decode_ms_per_seq", "vllm_gpu_memory_utilization", "vllm_enforce_eager", "vllm_kv_cache_gb",
-               "vllm_dtype", "data_dir", "model_cache_dir", "revision", "canary_gate"},
-}
-# canary_gate: set per start by rollouts
-_SCOPES["up"] = (_SCOPES["gateway"] | _SCOPES["worker"] | {"workers", "redis_maxmemory"}) - {"canary_gate"}
-_SCOPES["drain"] = {"redis_url", "namespace"}
-_SCOPES["status"] = {"redis_url", "namespace", "log_level"}
-_SCOPES["strategy"] = {"redis_url", "namespace"}
-_SCOPES["rollout"] = {"redis_url", "namespace", "log_level"}
-_SCOPES["sim-server"] = {"log_level", "log_json", "host", "port", "model", "slots", "max_model_len",
-                         "sim_prefill_ms_per_token", "sim_decode_ms", "sim_decode_ms_per_seq"}
+S = TypeVar("S", bound=LogSettings)
 
 
-def _add_settings(p: argparse.ArgumentParser, scope: str) -> None:
-    g = p.add_argument_group("settings (also MGPU_<NAME> environment variables)")
-    for name, f in Settings.model_fields.items():
-        if name not in _SCOPES[scope]:
-            continue
-        default = f.default if f.default_factory is None else "(generated)"
-        g.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar="V",
-                       help=f"default: {default}")
+@dataclass(frozen=True)
+class Command(Generic[S]):
+    """An ``mgpu`` subcommand: its settings class (whose fields are its settings flags), what runs it,
+    and its other arguments."""
+
+    settings: type[S]
+    run: Callable[[S, argparse.Namespace], int]
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    description: str | None = None
 
 
-def _settings(ns: argparse.Namespace, scope: str, env: Mapping[str, str] | None = None, **extra: Any) -> Settings:
-    overrides = {k: getattr(ns, k) for k in _SCOPES[scope] if getattr(ns, k, None) is not None}
+def _settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> LogSettings:
+    cls = COMMANDS[ns.cmd].settings
+    overrides = given(ns, cls)
     model = overrides.get("model")
-    if model and os.path.isdir(model) and "model_path" not in overrides:  # --model PATH
-        overrides["model_path"] = os.path.abspath(model)
+    if model and "model_path" in cls.model_fields and "model_path" not in overrides and os.path.isdir(model):
+        overrides["model_path"] = os.path.abspath(model)  # --model PATH: that folder, under its name
         overrides["model"] = os.path.basename(os.path.normpath(model))
-    overrides.update({k: v for k, v in extra.items() if v is not None})
-    return Settings.load(overrides, env=env)
+    return cls.load(overrides, env=env)
 
 
-def parse_command(argv: list[str], env: Mapping[str, str] | None = None) -> tuple[argparse.Namespace, Settings]:
+def parse_command(argv: list[str], env: Mapping[str, str] | None = None) -> tuple[argparse.Namespace, LogSettings]:
     """An ``mgpu`` command line (not ``bench``/``chaos``) and its settings, loaded as ``main`` loads them
-    (``env``: the ``MGPU_*`` variables; default ``os.environ``).  SystemExit on bad arguments,
-    SettingsError on bad settings.  The container health check and tests/test_compose.py use it."""
+    (``env``: the ``MGPU_*`` variables; default ``os.environ``), of the command's class.  SystemExit on bad
+    arguments, SettingsError on bad settings.  The container health check and tests/test_compose.py use it."""
     ns = build_parser().parse_args(argv)
-    return ns, _settings(ns, ns.cmd, env)
+    return ns, _settings(ns, env)
 
 
-def _multiproc_dir(s: Settings) -> Path:
+def _multiproc_dir(s: GatewaySettings) -> Path:
     """prometheus-client's multiprocess directory, emptied: stale files would add old counts."""
     default = Path(s.data_dir) / "prometheus-multiproc" / f"gateway-{s.port}"
     d = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or default)
@@ -96,7 +90,7 @@ def _multiproc_dir(s: Settings) -> Path:
     return d.resolve()
 
 
-def _run_gateway(s: Settings) -> int:
+def _run_gateway(s: GatewaySettings, ns: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.server import GuardedHttpToolsProtocol, configure
@@ -110,8 +104,7 @@ def _run_gateway(s: Settings) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_multiproc_dir(s))
     if s.gateway_procs > 1:
         # every process loads the same settings from the environment, with a gateway_id of its own
-        os.environ.update({"MGPU_" + k.upper(): str(v) for k, v in s.model_dump().items()
-                           if v is not None and k != "gateway_id"})
+        os.environ.update(to_env(s))
         uvicorn.run("gateway.factory:app_from_env", factory=True, workers=s.gateway_procs, **opts)
         return 0
     from gateway.app import create_asgi
@@ -166,28 +159,110 @@ def _exit_hung(limit: float) -> None:
     os._exit(1)
 
 
+def _run_up(s: UpSettings, ns: argparse.Namespace) -> int:
+    from ops.supervisor import run_up
 
-def _strategy(s: Settings, name: str | None, gateway: str | None) -> int:
+    return run_up(s)
+
+
+def _worker_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", dest="deploy_version", default="dev", metavar="LABEL",
+                   help="deployment version label (default: %(default)s)")
+
+
+def _run_worker(s: WorkerSettings, ns: argparse.Namespace) -> int:
+    from gpu_worker.main import run_worker
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        return asyncio.run(run_worker(s, version=ns.deploy_version))
+    except SettingsError as exc:
+        log.error("mgpu worker: %s", exc)
+        return 2
+
+
+def _drain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("worker", help="the worker id (mgpu status, GET /workers)")
+
+
+def _drain(s: ControlSettings, ns: argparse.Namespace) -> int:
     import redis
 
-    from gateway.routing import STRATEGIES
+    r = redis.Redis.from_url(s.redis_url)
+    r.set(s.keys.drain(ns.worker), "1", ex=600)
+    print(f"asked worker {ns.worker} to drain")
+    return 0
+
+
+def _status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.add_argument("--interval", type=float, default=1.0, help="refresh (and requests/s window), seconds")
+    p.add_argument("--color", dest="color", action="store_true", default=None, help="colours even when piped")
+    p.add_argument("--no-color", dest="color", action="store_false", help="no colours")
+
+
+def _status(s: ControlSettings, ns: argparse.Namespace) -> int:
+    from ops.status import run_status
+
+    try:
+        return asyncio.run(run_status(s.redis_url, s.keys, once=ns.once, interval=ns.interval, colour=ns.color))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _strategy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help=f"{', '.join(STRATEGIES)}; 'default': back to each gateway's own "
+                                          "setting; none: show what is set")
+    p.add_argument("--gateway", dest="target_gateway", default=None, metavar="ID", help="only this gateway id")
+
+
+def _strategy(s: ControlSettings, ns: argparse.Namespace) -> int:
+    import redis
 
     r = redis.Redis.from_url(s.redis_url, decode_responses=True)
-    field = f"strategy:{gateway}" if gateway else "strategy"
-    if name is None:
+    field = f"strategy:{ns.target_gateway}" if ns.target_gateway else "strategy"
+    if ns.name is None:
         control = r.hgetall(s.keys.control)
         shown = {k: v for k, v in control.items() if k == "strategy" or k.startswith("strategy:")}
         print(shown or "no run-time strategy set: each gateway uses its --strategy")
         return 0
-    if name == "default":
+    if ns.name == "default":
         r.hdel(s.keys.control, field)
-    elif name in STRATEGIES:
-        r.hset(s.keys.control, field, name)
+    elif ns.name in STRATEGIES:
+        r.hset(s.keys.control, field, ns.name)
     else:
-        print(f"mgpu strategy: unknown strategy {name!r}; one of {', '.join(STRATEGIES)}", file=sys.stderr)
+        print(f"mgpu strategy: unknown strategy {ns.name!r}; one of {', '.join(STRATEGIES)}", file=sys.stderr)
         return 2
-    print(f"{field} = {name} (gateways pick it up within their registry refresh interval)")
+    print(f"{field} = {ns.name} (gateways pick it up within their registry refresh interval)")
     return 0
+
+
+def _run_sim_server(s: SimServerSettings, ns: argparse.Namespace) -> int:
+    from gpu_worker.sim_server import run_sim_server
+
+    return run_sim_server(s)
+
+
+COMMANDS: dict[str, Command[Any]] = {
+    "up": Command(UpSettings, _run_up, "run the whole service on this machine"),
+    "gateway": Command(GatewaySettings, _run_gateway, "run the HTTP gateway"),
+    "worker": Command(WorkerSettings, _run_worker, "run one GPU worker", _worker_arguments),
+    "drain": Command(ControlSettings, _drain, "ask a worker to drain and exit", _drain_arguments),
+    "status": Command(ControlSettings, _status, "live view of workers and queues, from Redis", _status_arguments),
+    "strategy": Command(ControlSettings, _strategy, "show or set the load-balancing strategy at run time",
+                        _strategy_arguments),
+    "rollout": Command(ControlSettings, run_rollout,
+                       "zero-downtime rolling update of the workers of a running `mgpu up`", rollout_arguments,
+                       "Roll the workers of a running `mgpu up` to new settings, one at a time, each gated by a "
+                       "canary; a failed gate rolls every worker back. See docs/rollouts.md."),
+    "sim-server": Command(SimServerSettings, _run_sim_server,
+                          "the sim engine as a standalone OpenAI-compatible server"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,35 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p_up = sub.add_parser("up", help="run the whole service on this machine")
-    _add_settings(p_up, "up")
-    p_gw = sub.add_parser("gateway", help="run the HTTP gateway")
-    _add_settings(p_gw, "gateway")
-    p_w = sub.add_parser("worker", help="run one GPU worker")
-    _add_settings(p_w, "worker")
-    p_w.add_argument("--version", dest="deploy_version", default="dev", help="deployment version label")
-    p_d = sub.add_parser("drain", help="ask a worker to drain and exit")
-    p_d.add_argument("worker")
-    _add_settings(p_d, "drain")
-    p_st = sub.add_parser("status", help="live view of workers and queues, from Redis")
-    p_st.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    p_st.add_argument("--interval", type=float, default=1.0, help="refresh (and requests/s window), seconds")
-    p_st.add_argument("--color", dest="color", action="store_true", default=None, help="colours even when piped")
-    p_st.add_argument("--no-color", dest="color", action="store_false", help="no colours")
-    _add_settings(p_st, "status")
-    p_sg = sub.add_parser("strategy", help="show or set the load-balancing strategy at run time")
-    p_sg.add_argument("name", nargs="?", help="pull, round_robin, least_loaded, weighted, prefix_affinity; "
-                                             "'default': back to each gateway's own setting")
-    p_sg.add_argument("--gateway", dest="target_gateway", default=None, help="only this gateway id")
-    _add_settings(p_sg, "strategy")
-    p_ro = sub.add_parser("rollout", help="zero-downtime rolling update of the workers of a running `mgpu up`",
-                          description="Roll the workers of a running `mgpu up` to new settings, one at a time, "
-                                      "each gated by a canary; a failed gate rolls every worker back. "
-                                      "See docs/rollouts.md.")
-    rollout_arguments(p_ro)
-    _add_settings(p_ro, "rollout")
-    p_ss = sub.add_parser("sim-server", help="the sim engine as a standalone OpenAI-compatible server")
-    _add_settings(p_ss, "sim-server")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help, epilog=ENV_NOTE)
+        if cmd.arguments is not None:
+            cmd.arguments(p)
+        p.usage = p.format_usage().removeprefix("usage: ").rstrip() + " [--SETTING VALUE ...]"  # not all 60
+        add_settings_flags(p, cmd.settings)
     sub.add_parser("bench", help="load generator (see: mgpu bench --help)")
     sub.add_parser("chaos", help="chaos benchmark (see: mgpu chaos --help)")
     return parser
@@ -242,59 +294,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mgpu {argv[0]}: the benchmarks (package bench) are not installed in this image", file=sys.stderr)
             return 2
         return int(tool.main(argv[1:]))
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = build_parser().parse_args(argv)
     try:
-        s = _settings(ns, ns.cmd)
+        s = _settings(ns)
     except SettingsError as exc:
         print(f"mgpu {ns.cmd}: {exc}", file=sys.stderr)
         return 2
     setup_logging(s.log_level, s.log_json, name=f"[{ns.cmd}] ")
-    if ns.cmd == "gateway":
-        return _run_gateway(s)
-    if ns.cmd == "worker":
-        from gpu_worker.main import run_worker
-
-        try:
-            import uvloop
-
-            uvloop.install()
-        except ImportError:
-            pass
-        try:
-            return asyncio.run(run_worker(s, version=ns.deploy_version))
-        except SettingsError as exc:
-            log.error("mgpu worker: %s", exc)
-            return 2
-    if ns.cmd == "drain":
-        import redis
-
-        r = redis.Redis.from_url(s.redis_url)
-        r.set(s.keys.drain(ns.worker), "1", ex=600)
-        print(f"asked worker {ns.worker} to drain")
-        return 0
-    if ns.cmd == "status":
-        from ops.status import run_status
-
-        try:
-            return asyncio.run(run_status(s.redis_url, s.keys, once=ns.once, interval=ns.interval, colour=ns.color))
-        except KeyboardInterrupt:
-            return 0
-    if ns.cmd == "strategy":
-        return _strategy(s, ns.name, ns.target_gateway)
-    if ns.cmd == "rollout":
-        from ops.rollout import run_command
-
-        return run_command(s, ns)
-    if ns.cmd == "sim-server":
-        from gpu_worker.sim_server import run_sim_server
-
-        return run_sim_server(s)
-    if ns.cmd == "up":
-        from ops.supervisor import run_up
-
-        return run_up(s, explicit_redis="redis_url" in {k for k in vars(ns) if getattr(ns, k) is not None})
-    return 2
+    return COMMANDS[ns.cmd].run(s, ns)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ def _quantiles(metric: str, qs: tuple[float, ...]) -> list[tuple[str, str]]:
 
 
 def build() -> dict[str, Any]:
+    """The dashboard: its rows and panels, one call each, in the order they are shown (hence one long
+    function: it reads as the dashboard does)."""
     L = _Layout()
     L.row("Overview")
     L.add(stat("Requests/s", f"sum(rate(mgpu_gateway_requests_total{{{M}}}[{RI}]))", "reqps"), 4, 4)

@@ -41,14 +41,17 @@ def health_url(argv: list[str], env: Mapping[str, str] | None = None) -> str | N
     """The ``/health`` URL of the process started with ``mgpu <argv>``; None when it has none."""
     if argv[:1] not in (["gateway"], ["up"], ["worker"]):
         return None
+    from common.settings import GatewaySettings, WorkerSettings
     from ops.cli import parse_command
 
     ns, s = parse_command(argv, env)
     if ns.cmd == "worker":
+        assert isinstance(s, WorkerSettings)
         host, port = s.metrics_host, s.metrics_port
         if port == 0:
             raise ValueError("the worker's metrics port is 0 (a free port): set MGPU_METRICS_PORT to check it")
     else:
+        assert isinstance(s, GatewaySettings)  # mgpu gateway, mgpu up
         host, port = s.host, s.probe_port
     host = "127.0.0.1" if host in _WILDCARD else host
     return f"http://{host}:{port}/health"

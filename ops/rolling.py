@@ -23,7 +23,8 @@ with the same procedure (ungated, no canary); the rollout ends ``rolled_back`` w
 ``failed`` when the old settings do not come back either.
 
 The procedure is a generator that the supervisor's main loop advances once per tick, so it runs in
-the supervisor's one thread, next to the crash restarts (which leave ``held`` children alone).
+the supervisor's one thread, next to the crash restarts (which leave ``held`` children alone).  It sees
+the supervisor only through :class:`ops.fleet.Fleet`.
 """
 
 from __future__ import annotations
@@ -34,17 +35,14 @@ import signal
 import time
 from collections.abc import Generator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import redis
 from pydantic import ValidationError
 
 from common.schemas import Result, SamplingParams, WorkItem
-from common.settings import Settings
+from common.settings import WorkerSettings
+from ops.fleet import Child, Fleet
 from ops.rollout import RolloutState, SlotProgress
-
-if TYPE_CHECKING:
-    from ops.supervisor import Child, Supervisor
 
 log = logging.getLogger("mgpu.rollout")
 
@@ -92,22 +90,24 @@ def check_canary(item: WorkItem, res: Result, worker_id: str, engine: str) -> st
 
 
 class RollingUpdate:
-    """One rollout (or rollback) of a fleet to ``target``; :meth:`steps` is the procedure."""
+    """One rollout (or rollback) of a fleet from ``source`` to ``target``; :meth:`steps` is the procedure."""
 
-    def __init__(self, fleet: Supervisor, state: RolloutState, target: Settings) -> None:
+    def __init__(self, fleet: Fleet, state: RolloutState, source: WorkerSettings, target: WorkerSettings) -> None:
         self.fleet = fleet
         self.state = state
-        self.source = fleet.template
+        self.source = source
         self.target = target
         self.opt = state.options
-        self.before = list(fleet.workers)  # the processes of each slot when the rollout began
-        self.was_running = [w.running for w in fleet.workers]
+        self.before = list(fleet.slots())  # the processes of each slot when the rollout began
+        self.was_running = [w.running for w in self.before]
+        # started besides the slots' processes: a surge worker in its gate, an old one draining after a surge
+        self.transient: list[Child] = []
         self.dirty = True  # the state changed since it was last written to Redis
         self.aborted: str | None = None  # set by abort(): the gate in progress fails with this reason
         state.from_revision = self.source.effective_revision
         state.to_revision = target.effective_revision
         state.slots = [SlotProgress(slot=w.name, worker=w.worker_id, from_revision=state.from_revision,
-                                    to_revision=state.to_revision, pid=w.pid()) for w in fleet.workers]
+                                    to_revision=state.to_revision, pid=w.pid()) for w in self.before]
 
     def abort(self, by: str) -> None:
         if self.aborted is None and self.state.phase == "running":
@@ -152,7 +152,7 @@ class RollingUpdate:
     def steps(self) -> Steps:
         st = self.state
         k = self.opt.max_unavailable
-        order = list(range(len(self.fleet.workers)))
+        order = list(range(len(self.before)))
         self._event(f"{st.kind} {st.from_revision} -> {st.to_revision} on {len(order)} worker(s), "
                     f"{'surge' if self.opt.surge else 'drain-first'}, {k} at a time")
         touched: list[int] = []
@@ -207,9 +207,9 @@ class RollingUpdate:
                 yield
         return failures
 
-    def _replace(self, i: int, template: Settings, *, canary: int, restoring: bool = False) -> Outcome:
+    def _replace(self, i: int, template: WorkerSettings, *, canary: int, restoring: bool = False) -> Outcome:
         f = self.fleet
-        old = f.workers[i]
+        old = f.slots()[i]
         surge = self.opt.surge and old.running
         verb = "restoring" if restoring else "updating"
         if old.running and not surge:
@@ -219,9 +219,9 @@ class RollingUpdate:
         wid = f.surge_worker_id(i) if surge else old.worker_id
         new = f.spawn_worker(i, template, worker_id=wid, gated=canary > 0)
         if surge:
-            f.transient.append(new)
+            self.transient.append(new)
         else:
-            f.workers[i] = new
+            f.assign(i, new)
         p = self.state.slots[i]
         p.worker, p.pid = wid, new.pid()
         self._progress(i, "restoring" if restoring else "starting", "")
@@ -232,17 +232,17 @@ class RollingUpdate:
             self._event(f"{new.name}: {why}", level=logging.WARNING)
             yield from self._retire(new)
             if surge:
-                f.transient.remove(new)
+                self.transient.remove(new)
                 p.worker, p.pid = old.worker_id, old.pid()
             return why
         if surge:
-            f.transient.remove(new)
-            f.workers[i] = new
+            self.transient.remove(new)
+            f.assign(i, new)
             self._progress(i, "draining")
             self._event(f"{new.name}: draining the old worker {old.worker_id}")
-            f.transient.append(old)
+            self.transient.append(old)
             yield from self._retire(old)
-            f.transient.remove(old)
+            self.transient.remove(old)
         new.held = False
         self._progress(i, "restored" if restoring else "updated")
         self._event(f"{new.name}: {wid} serves on {template.effective_revision}")
@@ -250,11 +250,11 @@ class RollingUpdate:
 
     def _restore(self, i: int) -> Outcome:
         """Put the slot back as it was before the rollout (settings; running or down)."""
-        cur = self.fleet.workers[i]
+        cur = self.fleet.slots()[i]
         if not self.was_running[i]:  # it was down (crash loop) before: leave it down, as it was
             if cur is not self.before[i]:
                 yield from self._retire(cur)
-                self.fleet.workers[i] = self.before[i]
+                self.fleet.assign(i, self.before[i])
             self._progress(i, "down", "was down before the rollout")
             return None
         if cur is self.before[i] and cur.running:  # a surge whose new worker failed: the old one still serves
@@ -264,7 +264,7 @@ class RollingUpdate:
         self.state.slots[i].to_revision = self.state.from_revision
         return (yield from self._replace(i, self.source, canary=0, restoring=True))
 
-    def _gate(self, i: int, w: Child, template: Settings, canary: int, *, soak_s: float) -> Outcome:
+    def _gate(self, i: int, w: Child, template: WorkerSettings, canary: int, *, soak_s: float) -> Outcome:
         opt, keys, r = self.opt, self.fleet.keys, self.fleet.registry
         wid = w.worker_id
         t0 = time.monotonic()
@@ -275,37 +275,8 @@ class RollingUpdate:
         detail = f"up in {time.monotonic() - t0:.1f}s"
         self._progress(i, want, detail)
         if canary:
-            items = canary_items(self.state.id, wid, template.model, canary, time.time() + opt.ready_timeout_s)
-            try:
-                with r.pipeline(transaction=False) as p:
-                    for item in items:
-                        p.xadd(keys.worker_stream(template.model, wid), item.to_fields())
-                    p.execute()
-            except (redis.RedisError, OSError) as exc:
-                return f"could not send the canary requests: {exc}"
-            self._event(f"{w.name}: {canary} canary request(s) sent to {wid}")
-            while True:
-                if why := self._stopped(w):
-                    return why
-                try:
-                    raws = r.mget([keys.result(item.id) for item in items])
-                except (redis.RedisError, OSError):
-                    raws = [None] * len(items)
-                if all(raw is not None for raw in raws):
-                    break
-                if time.monotonic() > deadline:
-                    done = sum(raw is not None for raw in raws)
-                    return f"{wid} answered {done} of {canary} canary request(s) within {opt.ready_timeout_s:g}s"
-                yield
-            with contextlib.suppress(redis.RedisError, OSError):
-                r.delete(*[keys.result(item.id) for item in items])
-            for item, raw in zip(items, raws):
-                try:
-                    bad = check_canary(item, Result.model_validate_json(raw), wid, template.engine)
-                except ValidationError as exc:
-                    bad = f"unreadable result: {exc}"
-                if bad:
-                    return f"canary {item.id} failed: {bad}"
+            if why := (yield from self._canary(w, template, canary, deadline)):
+                return why
             detail += f", canary {canary}/{canary} ok"
             self._progress(i, "admitting", detail)
             try:
@@ -325,6 +296,43 @@ class RollingUpdate:
                 return f"{wid} left 'ready' during its soak (state: {state})"
             yield
         self._progress(i, "soak", detail + f", {soak:g}s soak ok")
+        return None
+
+    def _canary(self, w: Child, template: WorkerSettings, canary: int, deadline: float) -> Outcome:
+        """Send ``canary`` requests to ``w``'s own stream; None when it answered every one rightly."""
+        opt, keys, r = self.opt, self.fleet.keys, self.fleet.registry
+        wid = w.worker_id
+        items = canary_items(self.state.id, wid, template.model, canary, time.time() + opt.ready_timeout_s)
+        try:
+            with r.pipeline(transaction=False) as p:
+                for item in items:
+                    p.xadd(keys.worker_stream(template.model, wid), item.to_fields())
+                p.execute()
+        except (redis.RedisError, OSError) as exc:
+            return f"could not send the canary requests: {exc}"
+        self._event(f"{w.name}: {canary} canary request(s) sent to {wid}")
+        while True:
+            if why := self._stopped(w):
+                return why
+            try:
+                raws = r.mget([keys.result(item.id) for item in items])
+            except (redis.RedisError, OSError):
+                raws = [None] * len(items)
+            if all(raw is not None for raw in raws):
+                break
+            if time.monotonic() > deadline:
+                done = sum(raw is not None for raw in raws)
+                return f"{wid} answered {done} of {canary} canary request(s) within {opt.ready_timeout_s:g}s"
+            yield
+        with contextlib.suppress(redis.RedisError, OSError):
+            r.delete(*[keys.result(item.id) for item in items])
+        for item, raw in zip(items, raws):
+            try:
+                bad = check_canary(item, Result.model_validate_json(raw), wid, template.engine)
+            except ValidationError as exc:
+                bad = f"unreadable result: {exc}"
+            if bad:
+                return f"canary {item.id} failed: {bad}"
         return None
 
     def _until_state(self, w: Child, want: str, deadline: float, failed: str) -> Outcome:

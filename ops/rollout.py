@@ -40,7 +40,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from common.keys import Keys
 from common.lua import ROLLOUT_REQUEST, ROLLOUT_WRITE
-from common.settings import ROLLOUT_FIELDS, Settings
+from common.settings import ROLLOUT_FIELDS, ControlSettings, WorkerSettings
 
 Phase = Literal["requested", "running", "rolling_back", "done", "rolled_back", "failed", "rejected", "expired"]
 ACTIVE_PHASES = ("requested", "running", "rolling_back")
@@ -170,7 +170,7 @@ def parse_changes(pairs: list[str], model_path: str | None) -> dict[str, str]:
         local = os.path.abspath(os.path.expanduser(model_path))
         changes["model_path"] = local if os.path.exists(local) else model_path
     try:  # types and ranges, as the workers will check them
-        Settings.load(dict(changes), env={})
+        WorkerSettings.load(changes, env={})
     except ValueError as exc:
         raise RolloutError(str(exc)) from None
     return changes
@@ -318,7 +318,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="allow a drain-first rollout to take all workers down at once")
 
 
-def run_command(s: Settings, ns: argparse.Namespace) -> int:
+def run_command(s: ControlSettings, ns: argparse.Namespace) -> int:
     r = redis.Redis.from_url(s.redis_url, socket_timeout=5, socket_connect_timeout=2)
     keys = s.keys
     try:

@@ -21,11 +21,11 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +33,16 @@ import redis
 from pydantic import ValidationError
 
 from common.records import WorkerRecord, WorkerState
-from common.settings import ROLLOUT_FIELDS, Settings
+from common.settings import ROLLOUT_FIELDS, GatewaySettings, UpSettings, WorkerSettings, to_env
 from ops import rollout
-from ops.procs import RedisServer, free_port, mgpu_cmd, port_free, spawn, terminate
+from ops.fleet import CRASH_LOOP_WINDOW_S, Child
+from ops.procs import RedisServer, free_port, mgpu_cmd, port_free, terminate
 from ops.rolling import RollingUpdate, Steps
 from ops.rollout import RolloutError, RolloutState
 from ops.targets import TargetsWriter, static_targets, write_json_atomic
 
 log = logging.getLogger("mgpu.up")
 
-CRASH_LOOP_N = 5
-CRASH_LOOP_WINDOW_S = 60.0
 TICK_S = 0.25
 ROLLOUT_POLL_S = 0.5
 STATE_WRITE_S = 2.0  # a running rollout's state is written when it changes, and at least this often (lock)
@@ -62,51 +61,6 @@ def visible_gpus() -> list[int]:
         return []
 
 
-@dataclass
-class Child:
-    name: str
-    args: list[str]
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    crashes: list[float] = field(default_factory=list)
-    restart_at: float = 0.0
-    down: bool = False
-    held: bool = False  # a rollout drives this process: no automatic restart
-    template: Settings | None = None  # a worker's settings (None: the gateway)
-
-    def start(self, **extra_env: str) -> None:
-        """Start the process; ``extra_env`` applies to this start only, not to restarts."""
-        self.proc = spawn(self.args, env={**self.env, **extra_env}, log_path=self.log_path, die_with_parent=True)
-
-    @property
-    def worker_id(self) -> str:
-        return self.env.get("MGPU_WORKER_ID", self.name)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def poll(self) -> int | None:
-        return -1 if self.proc is None else self.proc.poll()
-
-    def pid(self) -> int | None:
-        return None if self.proc is None else self.proc.pid
-
-    def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def on_exit(self, now: float) -> float | None:
-        """Record an exit: the delay before the restart (exponential backoff, 0.5 s doubling up to
-        30 s), or None when it crash-loops (``CRASH_LOOP_N`` exits within ``CRASH_LOOP_WINDOW_S``)."""
-        self.crashes = [t for t in self.crashes if now - t < CRASH_LOOP_WINDOW_S] + [now]
-        if len(self.crashes) >= CRASH_LOOP_N:
-            self.down = True
-            return None
-        return min(30.0, 0.5 * 2 ** (len(self.crashes) - 1))
-
-
 @dataclass(frozen=True)
 class SlotSpec:
     """Where one worker runs: a GPU (or a CPU slot), its log, its base worker id."""
@@ -117,21 +71,15 @@ class SlotSpec:
     log_path: Path
 
 
-def _settings_env(s: Settings, **extra: str) -> dict[str, str]:
-    env = {"MGPU_" + k.upper(): str(v) for k, v in s.model_dump().items()
-           if v is not None and k not in ("gateway_id", "worker_id", "gpu")}
-    env.update(extra)
-    return env
-
-
 class Supervisor:
-    """The processes of ``mgpu up`` and the loop that keeps them running (and rolls them)."""
+    """The processes of ``mgpu up`` and the loop that keeps them running (and rolls them); to its
+    rolling updates, an :class:`ops.fleet.Fleet`."""
 
-    def __init__(self, s: Settings, data: Path, gpus: list[int]) -> None:
+    def __init__(self, s: UpSettings, data: Path, gpus: list[int]) -> None:
         self.s = s
         self.keys = s.keys
-        self.template = s  # the settings every worker runs (a rollout replaces it)
-        self.history: list[Settings] = []  # templates before each completed rollout (--rollback pops)
+        self.template = WorkerSettings.of(s)  # the settings every worker runs (a rollout replaces it)
+        self.history: list[WorkerSettings] = []  # templates before each completed rollout (--rollback pops)
         self.id = socket.gethostname()
         self.data = data
         self.registry_refresh_s = s.registry_refresh_s
@@ -144,22 +92,27 @@ class Supervisor:
                           for i in range(s.workers)]
         self._surges = [0] * len(self.specs)
         self.workers: list[Child] = []
-        self.transient: list[Child] = []
         self.port = s.port or free_port()
         # the gateway's probe listener: as set, else the port after the API port, else any free port
         probe = s.health_port if s.health_port is not None else \
             self.port + 1 if port_free(self.port + 1, s.host) else free_port()
         self.gateway = Child("gateway", mgpu_cmd("gateway"),
-                             _settings_env(s, MGPU_PORT=str(self.port), MGPU_HEALTH_PORT=str(probe)),
-                             logs / "gateway.log")
+                             {**to_env(GatewaySettings.of(s)), "MGPU_PORT": str(self.port),
+                              "MGPU_HEALTH_PORT": str(probe)}, logs / "gateway.log")
         self.registry = redis.Redis.from_url(s.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.rollout: RollingUpdate | None = None
         self._steps: Steps | None = None
         self._unwritten: RolloutState | None = None  # a final rollout state Redis did not take yet
         self._next = {"targets": 0.0, "presence": 0.0, "poll": 0.0, "write": 0.0, "abort": 0.0}
 
-    # ------------------------------------------------------------------ workers (used by ops.rolling)
-    def worker_env(self, slot: int, template: Settings, worker_id: str) -> dict[str, str]:
+    # ------------------------------------------------------------------ the fleet (ops.fleet.Fleet)
+    def slots(self) -> Sequence[Child]:
+        return self.workers
+
+    def assign(self, slot: int, child: Child) -> None:
+        self.workers[slot] = child
+
+    def worker_env(self, slot: int, template: WorkerSettings, worker_id: str) -> dict[str, str]:
         spec = self.specs[slot]
         extra = {"MGPU_WORKER_ID": worker_id, "MGPU_REVISION": template.effective_revision,
                  "MGPU_CANARY_GATE": "false"}
@@ -167,9 +120,9 @@ class Supervisor:
             extra.update(MGPU_GPU=str(spec.gpu), CUDA_VISIBLE_DEVICES=str(spec.gpu))
         elif template.engine == "vllm":
             extra["MGPU_VLLM_ENFORCE_EAGER"] = "true"
-        return _settings_env(template, **extra)
+        return {**to_env(template), **extra}
 
-    def spawn_worker(self, slot: int, template: Settings, *, worker_id: str, gated: bool) -> Child:
+    def spawn_worker(self, slot: int, template: WorkerSettings, *, worker_id: str, gated: bool) -> Child:
         """Start a worker on ``slot`` (held: the caller decides when supervision takes it over)."""
         spec = self.specs[slot]
         c = Child(spec.name, mgpu_cmd("worker"), self.worker_env(slot, template, worker_id), spec.log_path,
@@ -182,7 +135,7 @@ class Supervisor:
         return f"{self.specs[slot].worker_id}-s{self._surges[slot]}"
 
     def children(self) -> list[Child]:
-        return [*self.workers, *self.transient, self.gateway]
+        return [*self.workers, *(self.rollout.transient if self.rollout is not None else []), self.gateway]
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop: threading.Event) -> int:
@@ -340,14 +293,14 @@ class Supervisor:
             log.warning("rollout %s rejected: %s", st.id, exc)
             return
         st.phase, st.started_at = "running", time.time()
-        ru = RollingUpdate(self, st, target)
+        ru = RollingUpdate(self, st, self.template, target)
         if not rollout.write(self.registry, self.keys, st, expect="requested"):
             return  # it expired meanwhile
         ru.dirty = False
         self.rollout, self._steps = ru, ru.steps()
         self._next["write"] = time.monotonic() + STATE_WRITE_S
 
-    def _plan(self, st: RolloutState) -> Settings:
+    def _plan(self, st: RolloutState) -> WorkerSettings:
         """The settings to roll to; raises RolloutError when the request cannot be carried out."""
         n, opt = len(self.workers), st.options
         if n == 0:
@@ -362,7 +315,7 @@ class Supervisor:
             if unknown:
                 raise RolloutError(f"not settings a rollout can change: {', '.join(unknown)}")
             try:
-                target = Settings.model_validate({**self.template.model_dump(), "revision": None, **st.changes})
+                target = WorkerSettings.model_validate({**self.template.model_dump(), "revision": None, **st.changes})
             except ValidationError as exc:
                 raise RolloutError("invalid settings: " + "; ".join(
                     f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
@@ -418,9 +371,8 @@ class Supervisor:
             self.template = ru.target
         for c in self.workers:  # after a failed rollback, plain supervision restarts what is down
             c.held = False
-        for c in self.transient:
+        for c in ru.transient:
             c.signal(signal.SIGTERM)
-        self.transient.clear()
         self.rollout, self._steps = None, None
         self._unwritten = st  # written by _control, again on the next tick if Redis does not answer
         level = logging.INFO if st.phase == "done" else logging.WARNING
@@ -428,12 +380,12 @@ class Supervisor:
                 st.finished_at - (st.started_at or st.finished_at), f" ({st.reason})" if st.reason else "")
 
 
-def run_up(s: Settings, *, explicit_redis: bool = False) -> int:
+def run_up(s: UpSettings) -> int:
     data = Path(s.data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
     (data / "logs").mkdir(exist_ok=True)
     redis_server: RedisServer | None = None
-    if not explicit_redis and not os.environ.get("MGPU_REDIS_URL"):
+    if "redis_url" not in s.model_fields_set:  # neither MGPU_REDIS_URL nor --redis-url: a redis-server of its own
         redis_server = RedisServer(data / "redis", die_with_parent=True, maxmemory=s.redis_maxmemory).start()
         s = s.model_copy(update={"redis_url": redis_server.url})
         log.info("redis-server (AOF) on %s, data in %s", redis_server.url, data / "redis")

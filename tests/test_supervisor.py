@@ -12,8 +12,8 @@ import httpx
 import redis
 
 from common.keys import Keys
+from ops.fleet import CRASH_LOOP_N, Child
 from ops.procs import free_port, wait_until
-from ops.supervisor import CRASH_LOOP_N, Child
 from tests.conftest import ROOT, wait_ready
 
 

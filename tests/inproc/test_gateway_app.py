@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from common.redis_conn import make_client
-from common.settings import Settings
+from common.settings import GatewaySettings, WorkerSettings
 from gateway.app import create_asgi
 from gpu_worker.engine.sim import SimEngine, expected_text
 from gpu_worker.worker import Worker
@@ -34,9 +34,9 @@ class InProc:
 async def inproc(redis_server: RedisServer) -> AsyncIterator[InProc]:
     ns = "t" + uuid.uuid4().hex[:8]
     base = {"redis_url": redis_server.url, "namespace": ns, "log_requests": False}
-    ws = Settings.load({**base, "engine": "sim", "model": MODEL, "slots": 8, "worker_id": "inproc-w",
+    ws = WorkerSettings.load({**base, "engine": "sim", "model": MODEL, "slots": 8, "worker_id": "inproc-w",
                         "sim_decode_ms": 5, "sim_decode_ms_per_seq": 0, "sim_prefill_ms_per_token": 0}, env={})
-    gs = Settings.load({**base, "health_port": 0, "registry_refresh_s": 0.1}, env={})
+    gs = GatewaySettings.load({**base, "health_port": 0, "registry_refresh_s": 0.1}, env={})
     redis = make_client(ws.redis_url)
     engine = SimEngine(slots=8, decode_ms=5, decode_ms_per_seq=0, prefill_ms_per_token=0)
     worker = Worker(ws, engine, redis)
