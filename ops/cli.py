@@ -75,7 +75,7 @@ def _settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> L
 def parse_command(argv: list[str], env: Mapping[str, str] | None = None) -> tuple[argparse.Namespace, LogSettings]:
     """An ``mgpu`` command line (not ``bench``/``chaos``) and its settings, loaded as ``main`` loads them
     (``env``: the ``MGPU_*`` variables; default ``os.environ``), of the command's class.  SystemExit on bad
-    arguments, SettingsError on bad settings.  The container health check and tests/test_compose.py use it."""
+    arguments, SettingsError on bad settings.  The container health check and tests/unit/test_compose.py use it."""
     ns = build_parser().parse_args(argv)
     return ns, _settings(ns, env)
 

@@ -13,7 +13,7 @@ override mounts its target list into Prometheus in place of ``ops/prometheus/com
 GPU K through the NVIDIA Container Toolkit; inside its container that GPU is index 0 (``MGPU_GPU=0``,
 for CUDA and NVML alike), so the worker id ``worker-K`` is what tells the GPUs apart.
 
-``WORKER_ENV`` repeats docker-compose.yml's ``worker-0`` environment; tests/test_compose.py checks that
+``WORKER_ENV`` repeats docker-compose.yml's ``worker-0`` environment; tests/unit/test_compose.py checks that
 every worker of every fleet runs with the same settings but its id, and that these files are current.
 """
 

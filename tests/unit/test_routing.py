@@ -1,15 +1,12 @@
-"""The pure pickers of gateway/routing.py, and the Lua scripts they rely on against a real redis-server."""
+"""The pure pickers of gateway/routing.py (the Lua scripts they rely on: tests/inproc/test_scripts.py)."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-import redis
-
-from common.keys import GROUP, Keys
+from common.keys import Keys
 from common.records import WorkerRecord
-from common.redis_conn import make_client
-from common.scripts import Duplicate, Limits, Queued, QueueFull, Scripts, Target
+from common.scripts import Target
 from gateway.registry import RegistryView
 from gateway.routing import (
     Balancer,
@@ -21,7 +18,6 @@ from gateway.routing import (
     pick_round_robin,
     pick_weighted,
 )
-from ops.procs import RedisServer
 
 
 def _c(wid: str, slots: int = 4, in_flight: int = 0, queued: int = 0, weight: float = 0.0) -> Candidate:
@@ -130,61 +126,5 @@ def test_strategy_resolution_from_the_control_hash() -> None:
     assert b.strategy({"strategy": "nonsense"}) == "pull"
 
 
-# ----------------------------------------------------------------------------- Lua, real redis-server
 
 
-async def test_enqueue_push_falls_back_to_shared_unless_target_ready(redis_server: RedisServer) -> None:
-    r = redis.Redis.from_url(redis_server.url)
-    k = Keys("t")
-    scripts = Scripts(make_client(redis_server.url), k)
-    own, shared = k.worker_stream("m", "w1"), k.stream("m")
-    target = Target(own, k.worker("w1"), shared)
-    limits = Limits(100, 1 << 30, 1 << 30)
-
-    async def enqueue(payload: str, t: Target = target, lim: Limits = limits) -> Queued | QueueFull:
-        out = await scripts.enqueue("m", t, payload, lim)
-        assert not isinstance(out, Duplicate)
-        return out
-
-    q = await enqueue("a")
-    assert isinstance(q, Queued) and q.fell_back and r.xlen(shared) == 1 and not r.exists(own)  # no registry hash
-    r.hset(k.worker("w1"), "state", "draining")
-    q = await enqueue("b")
-    assert isinstance(q, Queued) and q.fell_back and r.xlen(shared) == 2
-    r.hset(k.worker("w1"), "state", "ready")
-    q = await enqueue("c")
-    assert isinstance(q, Queued) and not q.fell_back and r.xlen(own) == 1
-    # the queue limit counts the model's whole backlog: shared + own + the other own streams
-    other = k.worker_stream("m", "w2")
-    r.xadd(other, {"p": "x"})
-    wide = Target(own, k.worker("w1"), shared, (other,))
-    assert await enqueue("d", wide, Limits(4, 1 << 30, 1 << 30)) == QueueFull("entries")
-    assert isinstance(await enqueue("d", wide, Limits(5, 1 << 30, 1 << 30)), Queued)
-    # and the bytes: every entry carries its size, counted per model and in all
-    assert int(r.get(k.queue_bytes("m")) or 0) == 4 == int(r.get(k.queue_bytes_total) or 0)
-    assert await enqueue("e" * 100, wide, Limits(100, 50, 1 << 30)) == QueueFull("bytes")
-    assert await enqueue("e" * 100, wide, Limits(100, 1 << 30, 50)) == QueueFull("total_bytes")
-
-
-async def test_move_undelivered_keeps_payloads_and_leaves_pending(redis_server: RedisServer) -> None:
-    r = redis.Redis.from_url(redis_server.url)
-    k = Keys("t")
-    scripts = Scripts(make_client(redis_server.url), k)
-    own, shared, wset = k.worker_stream("m", "dead"), k.stream("m"), k.worker_streams("m")
-    r.xgroup_create(own, GROUP, id="0", mkstream=True)
-    r.sadd(wset, "dead")
-    for i in range(5):
-        r.xadd(own, {"p": f"payload-{i}", "extra": "kept"})
-    r.xreadgroup(GROUP, "dead", {own: ">"}, count=2)  # two were delivered to the dead worker
-    r.hset(k.worker("dead"), "state", "ready")
-    assert await scripts.move_undelivered("m", "dead", "sweeper", force=False, batch=100) is None  # alive
-    r.delete(k.worker("dead"))
-    assert await scripts.move_undelivered("m", "dead", "sweeper", force=False, batch=100) == (3, 2)
-    got = [(f[b"p"], f[b"extra"]) for _, f in r.xrange(shared)]
-    assert got == [(f"payload-{i}".encode(), b"kept") for i in (2, 3, 4)]
-    assert r.xpending(own, GROUP)["pending"] == 2  # delivered ones wait for the reclaim
-    for eid, _ in r.xrange(own):
-        r.xack(own, GROUP, eid)
-        r.xdel(own, eid)
-    assert await scripts.move_undelivered("m", "dead", "sweeper", force=False, batch=100) == (0, 0)
-    assert not r.exists(own) and not r.sismember(wset, "dead")

@@ -1,6 +1,6 @@
 """The defects found by probing the gateway and the workers (defects issue, items 2 to 10), each
 shown against a real redis-server and real gateway and worker processes.  Item 1 (cancel races)
-is tests/test_cancel_races.py."""
+is tests/e2e/test_cancel_races.py and tests/inproc/test_cancel.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Pure logic: settings, schemas, the simulator, response shapes, NVML health (with a fake NVML),
-and the Lua fencing primitives against a real redis-server."""
+"""Pure logic: settings, schemas, the simulator, response shapes, NVML health (with a fake NVML), the
+gateway's prompt counter and log lines.  The Lua scripts against a real redis-server are
+tests/inproc/test_scripts.py."""
 
 from __future__ import annotations
 
@@ -10,20 +11,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import redis
 
 from common import errors
-from common.keys import GROUP, Keys
 from common.protocol import ChatCompletionRequest, CompletionRequest, StreamFormatter
-from common.records import ReplyKind
-from common.redis_conn import make_client
-from common.schemas import ChoiceDelta, Result, SamplingParams, Usage, WorkItem
-from common.scripts import Entry, Finish, Scripts, renew, renew_script
+from common.schemas import ChoiceDelta, SamplingParams, Usage, WorkItem
 from common.settings import Settings, SettingsError
 from gpu_worker.engine.base import EngineRequest, InvalidEngineRequest
 from gpu_worker.engine.sim import SimEngine, expected_text
 from gpu_worker.nvml import Gpu
-from ops.procs import RedisServer
 
 # ----------------------------------------------------------------------------- settings
 
@@ -205,57 +200,8 @@ def test_gpu_health_flags_each_failure() -> None:
     assert Gpu(None).check() is None and not Gpu(None).available
 
 
-# ----------------------------------------------------------------------------- fencing primitives
 
 
-@pytest.fixture
-def r(redis_server: RedisServer) -> redis.Redis:
-    return redis.Redis.from_url(redis_server.url)
-
-
-async def test_fencing_scripts(r: redis.Redis, redis_server: RedisServer) -> None:
-    k = Keys("u")
-    s = k.stream("m")
-    client = make_client(redis_server.url)
-    scripts = Scripts(client, k)
-    r.xgroup_create(s, GROUP, id="0", mkstream=True)
-    eid = r.xadd(s, {"p": "{}"}).decode()
-    r.xreadgroup(GROUP, "a", {s: ">"}, count=1)
-    lua_renew = renew_script(r)
-
-    def renewed(consumer: str) -> list[bytes]:
-        p = r.pipeline(transaction=False)
-        renew(p, lua_renew, s, consumer, [eid])
-        return p.execute()[0]  # type: ignore[no-any-return]
-
-    assert renewed("a") == []  # a owns it
-    assert renewed("b") == [eid.encode()]  # b does not
-    # a releases it: immediately claimable, without spending a delivery
-    assert await scripts.release(s, "a", [eid]) == 1
-    cursor, claimed = await scripts.reclaim(s, "b", 3000, "-", 10)
-    assert [(c.entry_id, c.previous_owner) for c in claimed] == [(eid, "a")] and cursor == "0-0"
-    assert claimed[0].deliveries == 1  # the hand-back spent no delivery
-    # the zombie a can neither store a result nor acknowledge
-    res = Result(id="req")
-    assert await scripts.finish(Entry(s, eid, "a", "m"), res, ReplyKind.FINAL, "gw", 60) == Finish.FENCED
-    assert r.get(k.result("req")) is None and r.xlen(s) == 1
-    # the owner b can, once; a second result for the same request does not overwrite the first
-    assert await scripts.finish(Entry(s, eid, "b", "m"), res, ReplyKind.FINAL, "gw", 60) == Finish.STORED
-    assert r.xlen(s) == 0 and r.xpending(s, GROUP)["pending"] == 0 and r.xlen(k.replies("gw")) == 1
-    eid2 = r.xadd(s, {"p": "{}"}).decode()
-    r.xreadgroup(GROUP, "c", {s: ">"}, count=1)
-    other = Result(id="req", model="other")
-    assert await scripts.finish(Entry(s, eid2, "c", "m"), other, ReplyKind.FINAL, "gw", 60) == Finish.DUPLICATE
-    assert Result.model_validate_json(r.get(k.result("req")) or b"").model == ""
-    # dead-lettering keeps the payload and answers the client
-    eid3 = r.xadd(s, {"p": '{"id":"poison"}'}).decode()
-    r.xreadgroup(GROUP, "c", {s: ">"}, count=1)
-    assert await scripts.dead_letter(Entry(s, eid3, "c", "m"), '{"id":"poison"}', Result(id="poison"), "gw",
-                                     reason="max", deliveries=4, ttl_s=60, max_dead_letters=100, request_id="poison")
-    entry = r.xrange(k.dlq("m"))[0][1]
-    assert entry[b"p"] == b'{"id":"poison"}' and entry[b"deliveries"] == b"4"
-    assert r.get(k.result("poison")) is not None and r.xlen(s) == 0
-    await client.aclose()
 
 
 def test_gateway_prompt_counter(tmp_path: Any) -> None:

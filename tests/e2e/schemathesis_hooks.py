@@ -1,4 +1,4 @@
-"""Schemathesis hooks for tests/test_schemathesis.py (loaded through SCHEMATHESIS_HOOKS): most generated
+"""Schemathesis hooks for tests/e2e/test_schemathesis.py (loaded through SCHEMATHESIS_HOOKS): most generated
 bodies name the model the test's worker serves, so that fuzzing reaches generation instead of a 404."""
 
 from __future__ import annotations

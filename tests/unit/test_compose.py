@@ -25,7 +25,7 @@ from common.settings import ENV_PREFIX, Settings
 from ops import compose_workers, healthcheck
 from ops.cli import parse_command
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "docker-compose.yml"
 OVERRIDES = sorted(ROOT.glob("docker-compose.*.yml"))
 CONFIGS = {"base": [BASE], **{p.name: [BASE, p] for p in OVERRIDES}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 import uuid
 from collections import Counter
@@ -113,7 +114,7 @@ def test_least_loaded_sends_to_the_idle_worker(stack: Stack) -> None:
     stack.start_worker(**{**SLOW, "slots": 2}, worker_id="busy")
     stack.start_gateway(strategy="least_loaded")
     # fill the only worker with two long requests, then add an idle one
-    busy = spawn([str(ROOT / ".venv/bin/python"), "-c", (
+    busy = spawn([sys.executable, "-c", (
         "import httpx, concurrent.futures as f\n"
         f"u='{stack.base_url}/v1/completions'\n"
         "with f.ThreadPoolExecutor(2) as ex:\n"

@@ -32,7 +32,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(stack: Stack
     cmd = [str(st), "run", f"{stack.base_url}/openapi.json", "--checks", CHECKS, "--max-examples", str(MAX_EXAMPLES),
            "--seed", "20261201", "--request-timeout", "20", "--workers", "1", "--generation-database", "none",
            "--phases", "examples,coverage,fuzzing", "--report", "ndjson", "--report-dir", str(report), "--no-color"]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.e2e.schemathesis_hooks", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)  # bounded: no hang
     out = proc.stdout + proc.stderr
     statuses = _statuses(report)

@@ -1,0 +1,66 @@
+"""A cancel that lands before a job's first step (defects issue, item 1), deterministically: the job is
+started and cancelled in the same event-loop turn, in a Worker driven by the test against a real
+redis-server.  The process-level races are tests/e2e/test_cancel_races.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from common.keys import GROUP, Keys
+from common.redis_conn import make_client
+from common.schemas import Result, SamplingParams, WorkItem
+from common.settings import WorkerSettings
+from gpu_worker.engine.sim import SimEngine
+from gpu_worker.worker import Worker
+from ops.procs import RedisServer
+
+
+async def _until(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_cancel_before_first_step_answers_and_frees_the_slot(redis_server: RedisServer) -> None:
+    """Deterministic: the job is started and cancelled in the same event-loop turn, before its
+    task takes its first step (where ``task.cancel()`` would skip the body and its clean-up)."""
+    ns = "t" + uuid.uuid4().hex[:8]
+    keys = Keys(ns)
+    s = WorkerSettings.load({"redis_url": redis_server.url, "namespace": ns, "engine": "sim", "model": "m",
+                       "slots": 4, "worker_id": "wz"}, env={})
+    client = make_client(s.redis_url)
+    engine = SimEngine(slots=4, decode_ms=1)
+    worker = Worker(s, engine, client)
+    await worker._ensure_groups()
+    await engine.start()
+    try:
+        items = [WorkItem(id=f"r{i}", kind="completion", model="m", prompt="a b c",
+                          params=SamplingParams(max_tokens=50)) for i in range(3)]
+        for item in items:
+            await client.xadd(keys.stream("m"), item.to_fields())
+        resp = await client.xreadgroup(GROUP, worker.id, {keys.stream("m"): ">"}, count=3)
+        (stream_b, entries), = resp
+        for entry_id, fields in entries:
+            worker._start(stream_b.decode(), entry_id.decode(), fields, deliveries=1)
+        assert worker.in_flight == 3
+        # no await since _start: the tasks have not run yet.  A cancel, and a lease loss, land now.
+        worker.on_cancel("r0", time.monotonic())
+        worker._on_lost([(keys.stream("m"), entries[1][0].decode())])
+        await _until(lambda: worker.in_flight == 1, 5, "the cancelled and the lost job to end")
+        res = Result.model_validate_json(await client.get(keys.result("r0")))
+        assert res.error is not None and res.error.code == "cancelled"
+        assert worker.stats.cancelled == 1 and worker.stats.fenced == 1
+        assert engine.aborts == 0  # neither reached the engine
+        await _until(lambda: worker.jobs and all(j.running for j in worker.jobs.values()), 5, "r2 running")
+        worker.on_cancel("r2", time.monotonic())  # and once it runs, the cancel reaches the engine
+        await _until(lambda: worker.in_flight == 0, 5, "r2 to end")
+        assert engine.aborts == 1
+        pending = await client.xpending(keys.stream("m"), GROUP)
+        assert pending["pending"] == 1  # r1's entry: its lease was lost, a live worker reclaims it
+    finally:
+        await engine.shutdown()
+        await client.aclose()
