@@ -125,6 +125,7 @@ class Fleet:
     procs: list[Proc] = field(default_factory=list)
     gateway_port: int | None = None  # the first gateway's
     owns_redis: bool = False  # stop() stops the redis-server too
+    code: Path = ROOT  # the checkout whose mgpu the processes run (another commit's, to compare)
 
     @classmethod
     def launch(cls, tmp: Path, *, appendonly: bool = True, **kw: Any) -> Fleet:
@@ -164,14 +165,14 @@ class Fleet:
     def env(self, overrides: Mapping[str, Any]) -> dict[str, str]:
         """The environment of a process started with ``overrides``."""
         env = {"MGPU_REDIS_URL": self.redis_server.url, "MGPU_NAMESPACE": self.ns, "MGPU_LOG_LEVEL": "WARNING",
-               "MGPU_DATA_DIR": str(self.tmp / "data"), "PYTHONPATH": str(ROOT)}
+               "MGPU_DATA_DIR": str(self.tmp / "data"), "PYTHONPATH": str(self.code)}
         env.update(settings_env(self.settings))
         env.update(settings_env(overrides))
         return env
 
     def _spawn(self, cmd: str, name: str, settings: Mapping[str, Any], **proc_kw: Any) -> Proc:
         log = self.tmp / f"{name}.log"
-        child = spawn(mgpu_cmd(cmd), env=self.env(settings), log_path=log, cwd=str(ROOT),
+        child = spawn(mgpu_cmd(cmd), env=self.env(settings), log_path=log, cwd=str(self.code),
                       die_with_parent=self.die_with_parent)
         p = Proc(name, child, log, **proc_kw)
         self.procs.append(p)
