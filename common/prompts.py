@@ -1,8 +1,19 @@
-"""How the simulator turns a request into prompt text and counts its tokens, shared by the sim engine
-(``gpu_worker.engine.sim``) and the gateway, which checks a sim model's prompt length before queueing.
-A real model's chat template and tokenizer are vLLM's (``gpu_worker.engine.vllm_engine``)."""
+"""Prompts: the one context-length rule (checked by the gateway before queueing, by the worker before
+the engine, and by each engine on what it really feeds the model, resumed tokens included), and how
+the simulator turns a request into prompt text and counts its tokens (shared by the sim engine,
+``gpu_worker.engine.sim``, and the gateway).  A real model's chat template and tokenizer are vLLM's
+(``gpu_worker.engine.vllm_engine``)."""
 
 from __future__ import annotations
+
+
+def context_overflow(max_model_len: int, prompt_tokens: int, max_tokens: int | None) -> str | None:
+    """Why ``prompt_tokens`` plus ``max_tokens`` (None: at least one) do not fit the context, or None."""
+    wanted = max_tokens if max_tokens is not None else 1
+    if prompt_tokens + wanted <= max_model_len:
+        return None
+    return (f"this model's maximum context length is {max_model_len} tokens; the request has {prompt_tokens} "
+            f"prompt tokens and asks for {wanted if max_tokens is not None else 'at least 1'} completion tokens")
 
 
 def render_chat(messages: list[dict[str, str]]) -> str:

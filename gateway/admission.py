@@ -21,6 +21,7 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 
 from common import errors
+from common.prompts import context_overflow
 from common.protocol import OpenAIRequest, parse_request
 from common.schemas import IdempotencyRecord, Kind, WorkItem, new_request_id
 from gateway.state import GatewayState
@@ -108,10 +109,8 @@ def build_item(state: GatewayState, kind: Kind, req: OpenAIRequest, request_id: 
         raise errors.InvalidRequest(
             f"max_tokens ({max_tokens}) must be below the model's context length ({max_len})", param="max_tokens")
     n_prompt = state.prompts.count(info.tokenizer, prompt, messages) if max_len and info is not None else None
-    if n_prompt is not None and n_prompt + (max_tokens or 1) > max_len:
-        raise errors.InvalidRequest(
-            f"this model's maximum context length is {max_len} tokens; the prompt has {n_prompt} tokens "
-            f"and {max_tokens or 1} completion tokens were asked for", param="messages" if messages else "prompt")
+    if n_prompt is not None and (why := context_overflow(max_len, n_prompt, max_tokens)):
+        raise errors.InvalidRequest(why, param="messages" if messages else "prompt")
     timeout = req.timeout or s.request_timeout_s
     return WorkItem(id=request_id, kind=kind, model=req.model, prompt=prompt, messages=messages,
                     params=req.sampling(max_tokens, req.logprobs_n()), stream=req.stream,

@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 from common import errors
 from common.backoff import Backoff
 from common.logs import set_request_id
+from common.prompts import context_overflow
 from common.records import ReplyKind
 from common.schemas import Choice, ChoiceDelta, Chunk, ErrorInfo, Result, TokenLogprob, Usage, WorkItem
 from common.scripts import Entry, Finish, Scripts
@@ -193,10 +194,8 @@ class JobRunner:
         max_tokens = item.params.max_tokens
         if max_tokens is None:
             max_tokens = engine.max_model_len - prompt_tokens
-        if prompt_tokens + max_tokens > engine.max_model_len:
-            raise InvalidEngineRequest(
-                f"this model's maximum context length is {engine.max_model_len} tokens; the request "
-                f"has {prompt_tokens} prompt tokens and asks for {max_tokens} completion tokens")
+        if why := context_overflow(engine.max_model_len, prompt_tokens, max_tokens):
+            raise InvalidEngineRequest(why)
         resumed: dict[int, ChoiceDelta] = {}
         seq = 0
         if item.stream and job.deliveries > 1:

@@ -22,7 +22,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from common.errors import EngineDead
-from common.prompts import sim_prompt_tokens, sim_text
+from common.prompts import context_overflow, sim_prompt_tokens, sim_text
 from common.schemas import TokenLogprob
 from gpu_worker.engine.base import EngineRequest, InvalidEngineRequest, StepOutput
 
@@ -144,11 +144,8 @@ class SimEngine:
         text = sim_text(req.prompt, req.messages)
         context = tokenize(text) + list(req.resume_token_ids)
         prompt_tokens = len(context) - len(req.resume_token_ids)
-        if len(context) + (req.params.max_tokens or 0) > self.max_model_len:
-            raise InvalidEngineRequest(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request "
-                f"needs {len(context)} prompt and {req.params.max_tokens} completion tokens"
-            )
+        if why := context_overflow(self.max_model_len, len(context), req.params.max_tokens or 0):
+            raise InvalidEngineRequest(why)
         if self.faults and CRASH_MARKER in text:
             os._exit(17)  # a poison request: the process dies as a CUDA fault would kill it
         if self.faults and HANG_MARKER in text:

@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
 from common.errors import EngineDead, GenerationFailed
+from common.prompts import context_overflow
 from common.schemas import TokenLogprob
 from gpu_worker.engine.base import EngineRequest, InvalidEngineRequest, StepOutput
 
@@ -170,11 +171,8 @@ class VllmEngine:
         prompt_ids = self._prompt_ids(req.prompt, req.messages)
         context = prompt_ids + list(req.resume_token_ids)
         max_tokens = req.params.max_tokens
-        if len(context) + (max_tokens if max_tokens is not None else 1) > self.max_model_len:
-            raise InvalidEngineRequest(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request "
-                f"needs {len(context)} prompt and {max_tokens or 'at least 1'} completion tokens"
-            )
+        if why := context_overflow(self.max_model_len, len(context), max_tokens):
+            raise InvalidEngineRequest(why)
         if max_tokens is None:  # up to the context length
             max_tokens = self.max_model_len - len(context)
         sampling = self._sampling_params(req, max_tokens)
