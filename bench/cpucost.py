@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from bench.fleet import ROOT, Fleet
 from bench.stats import pct
 
 MODEL = "sim-zero"
+Rows = list[dict[str, Any]]
 
 
 def cpu_s(pid: int) -> float:
@@ -99,8 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", dest="json_path")
     a = p.parse_args(argv)
+    return run_and_report("cpucost", a, measure, table)
+
+
+def run_and_report(name: str, a: argparse.Namespace, measure: Callable[[argparse.Namespace, Path], Rows],
+                   table: Callable[[Rows, float], str]) -> int:
+    """Measure in a temporary folder, print the table, write ``--json`` (the runs, with when and how)."""
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    with tempfile.TemporaryDirectory(prefix="mgpu-cpucost-") as d:
+    with tempfile.TemporaryDirectory(prefix=f"mgpu-{name}-") as d:
         rows = measure(a, Path(d))
     print("\n" + table(rows, a.rate))
     if a.json_path:

@@ -21,11 +21,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from bench.cpucost import cpu_s, run_and_report
 from bench.fleet import ROOT, Fleet, Proc, wait_http_ok
 from bench.stats import pct
 from ops.procs import free_port, spawn
@@ -69,11 +68,6 @@ def serve(mode: str) -> None:
                 http=GuardedHttpToolsProtocol)
 
 
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _load(url: str, args: argparse.Namespace, out: Path, closed: bool) -> dict[str, Any]:
     load = ["--concurrency", "64", "--duration", str(args.closed_duration)] if closed else \
         ["--rate", str(args.rate), "--requests", str(args.requests), "--duration", "600"]
@@ -105,9 +99,9 @@ def measure(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
             for closed in (False, True):
                 for m in order:
                     gw = gws[m]
-                    c0 = _cpu_s(gw.proc.pid)
+                    c0 = cpu_s(gw.proc.pid)
                     res = _load(f"http://127.0.0.1:{gw.port}", args, tmp / "run.json", closed)
-                    cpu = _cpu_s(gw.proc.pid) - c0
+                    cpu = cpu_s(gw.proc.pid) - c0
                     row = {"repeat": rep + 1, "mode": m, "closed": closed, "ok": res["ok"],
                            "errors": sum(res["errors"].values()), "rps": res["throughput_rps"],
                            "p50_ms": res["latency_ms"]["p50"], "p99_ms": res["latency_ms"]["p99"],
@@ -147,14 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.serve:
         serve(a.serve)
         return 0
-    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    with tempfile.TemporaryDirectory(prefix="mgpu-routecost-") as d:
-        rows = measure(a, Path(d))
-    print("\n" + table(rows, a.rate))
-    if a.json_path:
-        Path(a.json_path).write_text(json.dumps({"started": started, "cores": os.cpu_count(), "args": vars(a),
-                                                 "runs": rows}, indent=1))
-    return 0
+    return run_and_report("routecost", a, measure, table)
 
 
 if __name__ == "__main__":
