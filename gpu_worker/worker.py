@@ -180,6 +180,8 @@ class Worker:
             asyncio.create_task(self._cancel_loop(), name="cancels"),
             asyncio.create_task(self._health_loop(), name="health"),
         ]
+        for t in tasks:
+            t.add_done_callback(self._loop_ended)
         try:
             await self._stop.wait()
             await self._drain()
@@ -285,6 +287,15 @@ class Worker:
                 self._engine_dead(f"engine health check failed: {exc!r}")
                 return
 
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """An intake loop that dies of an error must not leave a worker that heartbeats as ready and
+        takes nothing: it leaves rotation, hands its entries back and exits non-zero (to be restarted)."""
+        if self._closing or task.cancelled() or task.exception() is None:
+            return
+        log.error("the %s loop died: %r", task.get_name(), task.exception(), exc_info=task.exception(),
+                  extra={"worker": self.id})
+        self._engine_dead(f"the {task.get_name()} loop died: {task.exception()!r}")
+
     def _engine_dead(self, why: str) -> None:
         if self.stats.healthy:
             log.error("engine dead, stopping: %s", why, extra={"worker": self.id})
@@ -334,7 +345,10 @@ class Worker:
                 else:
                     excess.setdefault(stream, []).append(entry_id)
         for stream, ids in excess.items():
-            await self.scripts.release(stream, self.id, ids)
+            try:
+                await self.scripts.release(stream, self.id, ids)
+            except (redis.RedisError, OSError) as exc:  # they stay pending here; past the lease, others take them
+                log.warning("could not hand back %d entries: %s", len(ids), exc, extra={"worker": self.id})
 
     async def _reclaim_loop(self) -> None:
         """Take over entries whose owner stopped renewing their lease (dead, hung or frozen)."""

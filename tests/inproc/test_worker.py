@@ -317,3 +317,36 @@ async def test_keeper_flags_drive_the_running_worker(redis_server: RedisServer) 
         await r.client.set(r.keys.drain(w.id), 1)
         assert await asyncio.wait_for(task, 10) == 0
         assert w.stats.drains == 1 and w.stats.state == WorkerState.GONE
+
+
+# ----------------------------------------------------------------------------- an intake loop that dies
+
+
+async def test_a_dead_intake_loop_takes_the_worker_out_and_exits_non_zero(redis_server: RedisServer) -> None:
+    async with rig(redis_server, run=False) as r:
+        w = r.worker
+
+        async def broken(resp: Any, free: int) -> None:
+            raise RuntimeError("a bug in intake")
+
+        w._take = broken  # type: ignore[method-assign]
+        task = asyncio.create_task(w.run())
+        await r.add(item("dies-1"))
+        assert await asyncio.wait_for(task, 20) == 3  # not a worker that heartbeats as ready and pulls nothing
+        assert not w.stats.healthy
+        assert await r.client.exists(r.keys.worker(w.id)) == 0  # it left the registry
+
+
+async def test_a_failed_hand_back_does_not_end_the_pull_loop(redis_server: RedisServer,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    async with rig(redis_server, run=False) as r:
+        w = r.worker
+
+        async def unreachable(*_a: Any, **_k: Any) -> int:
+            raise redis.ConnectionError("gone")
+
+        w.scripts.release = unreachable  # type: ignore[method-assign]
+        with caplog.at_level(logging.WARNING):
+            # more than its free slots came back: the rest cannot be handed back now
+            await w._take([(r.stream.encode(), [(b"1-1", {b"p": item("x").to_fields()["p"].encode()})])], 0)
+        assert "could not hand back 1 entries" in caplog.text  # logged; they stay pending for the reclaim
