@@ -148,8 +148,7 @@ class JobRunner:
             log.warning("redis error in job %s: %s", job.entry_id, exc)
         except Exception as exc:  # the engine failed on this request: tell the client
             log.exception("generation failed", extra={"entry": job.entry_id})
-            stats.failed += 1
-            with contextlib.suppress(Fenced, redis.RedisError, OSError):
+            with contextlib.suppress(Fenced, redis.RedisError, OSError):  # the error result counts it
                 await self._finish_error(job, errors.GenerationFailed(f"generation failed: {type(exc).__name__}"))
 
     async def _execute(self, job: Job, item: WorkItem) -> None:

@@ -24,7 +24,7 @@ class WorkerStats:
     loop_tick: float = field(default_factory=time.monotonic)  # the event loop's last tick (monotonic)
     # counters, from the start of the process
     served: int = 0  # results stored
-    failed: int = 0  # error results other than cancelled or timed out (a generation that raised counts twice)
+    failed: int = 0  # error results other than cancelled or timed out
     reclaimed: int = 0  # entries taken over from a worker whose lease lapsed
     fenced: int = 0  # jobs that found another worker owning their entry (a write refused, or the lease lost)
     dead_lettered: int = 0  # entries moved to the dead-letter stream (malformed, or past max_deliveries)

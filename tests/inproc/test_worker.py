@@ -350,3 +350,16 @@ async def test_a_failed_hand_back_does_not_end_the_pull_loop(redis_server: Redis
             # more than its free slots came back: the rest cannot be handed back now
             await w._take([(r.stream.encode(), [(b"1-1", {b"p": item("x").to_fields()["p"].encode()})])], 0)
         assert "could not hand back 1 entries" in caplog.text  # logged; they stay pending for the reclaim
+
+
+async def test_a_generation_that_raises_is_one_failure_and_an_explicit_error(redis_server: RedisServer) -> None:
+    async with rig(redis_server) as r:
+        async def broken(req: EngineRequest) -> Any:
+            raise RuntimeError("CUDA error: an illegal memory access")
+            yield  # an async generator, as the engine's
+
+        r.engine.generate = broken  # type: ignore[method-assign]
+        await r.add(item("boom-1"))
+        res = await r.result("boom-1")
+        assert res.error is not None and res.error.code == "generation_failed" and res.error.status == 500
+        assert r.worker.stats.failed == 1  # counted once (it was counted twice)
