@@ -172,6 +172,9 @@ class JobRunner:
             await self._finish_error(job, errors.InvalidRequest(str(exc), param="messages"
                                                                 if item.kind == "chat" else "prompt"))
             return
+        # finishing before the shield's task starts: a cancel that lands while the result is stored
+        # is ignored (end_early), instead of cancelling this task into a second, fenced, error result
+        job.finishing = True
         await asyncio.shield(self._store(job, result, ReplyKind.FINAL))
 
     async def _stopped(self, job: Job) -> None:

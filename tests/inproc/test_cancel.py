@@ -64,3 +64,46 @@ async def test_cancel_before_first_step_answers_and_frees_the_slot(redis_server:
     finally:
         await engine.shutdown()
         await client.aclose()
+
+
+class _CancelAtTheEnd(SimEngine):
+    """A sim engine whose last output schedules a cancel of the request: it lands in the event-loop turn
+    in which the job starts storing its result (before the shielded store has taken its first step)."""
+
+    def __init__(self, worker_cancel: Any, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.worker_cancel = worker_cancel
+
+    async def generate(self, req: Any) -> Any:  # type: ignore[override]
+        async for out in super().generate(req):
+            yield out
+        asyncio.get_running_loop().call_soon(self.worker_cancel, req.request_id.split("/")[0], time.monotonic())
+
+
+async def test_cancel_while_the_result_is_stored_is_ignored(redis_server: RedisServer) -> None:
+    """Found by the disconnect stress test: a cancel that landed as the result was being stored cancelled
+    the job into a second, error, result that was fenced (counted as a zombie write on a live worker)."""
+    ns = "t" + uuid.uuid4().hex[:8]
+    keys = Keys(ns)
+    s = WorkerSettings.load({"redis_url": redis_server.url, "namespace": ns, "engine": "sim", "model": "m",
+                       "slots": 4, "worker_id": "wz"}, env={})
+    client = make_client(s.redis_url)
+    holder: list[Worker] = []
+    engine = _CancelAtTheEnd(lambda rid, now: holder[0].on_cancel(rid, now), slots=4, decode_ms=1)
+    worker = Worker(s, engine, client)
+    holder.append(worker)
+    await worker._ensure_groups()
+    await engine.start()
+    try:
+        item = WorkItem(id="r0", kind="completion", model="m", prompt="a b c", params=SamplingParams(max_tokens=3))
+        await client.xadd(keys.stream("m"), item.to_fields())
+        resp = await client.xreadgroup(GROUP, worker.id, {keys.stream("m"): ">"}, count=1)
+        (stream_b, entries), = resp
+        worker._start(stream_b.decode(), entries[0][0].decode(), entries[0][1], deliveries=1)
+        await _until(lambda: worker.in_flight == 0, 5, "the job to end")
+        res = Result.model_validate_json(await client.get(keys.result("r0")))
+        assert res.error is None and res.choices[0].finish_reason == "length"
+        assert (worker.stats.served, worker.stats.cancelled, worker.stats.fenced) == (1, 0, 0)
+    finally:
+        await engine.shutdown()
+        await client.aclose()
