@@ -55,7 +55,7 @@ def serve(mode: str) -> None:
     def endpoint(kind: Any) -> Any:
         async def handle(request: Request) -> Response:
             try:
-                return await serving.generate(request, kind)
+                return await serving.handle(request, kind)
             except errors.MgpuError as exc:
                 return error_response(exc)
         return handle

@@ -16,6 +16,7 @@
     ├── RequestTimeout            504 the deadline passed before a result
     ├── RequestCancelled          499 the client went away
     ├── BadResult                 502 a stored result cannot be read
+    ├── StreamInterrupted         502 a stream's worker died after part of it was sent, and it cannot be continued
     ├── GenerationFailed          500 the engine failed on this request
     │   └── DeadLettered          500 retries exhausted, moved to the dead-letter stream
     └── EngineDead                    the engine of a worker is gone (ends the worker process)
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import ClassVar
 
 import redis
 
@@ -40,9 +40,9 @@ class MgpuError(Exception):
     """An mgpu error: its HTTP status, OpenAI ``type`` and ``code`` are class facts, given as class
     keywords (``class NotFound(RequestError, status=404, code="not_found")``) and inherited otherwise."""
 
-    status: ClassVar[int] = 500
-    type: ClassVar[str] = "server_error"
-    code: ClassVar[str | None] = None
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
 
     def __init_subclass__(cls, *, status: int | None = None, type: str | None = None,
                           code: str | None = None, **kw: object) -> None:
@@ -72,11 +72,12 @@ class RequestError(MgpuError, status=400, type="invalid_request_error"):
     pass
 
 
-class InvalidRequest(RequestError, status=400):
-    pass
+class InvalidRequest(RequestError, status=400, type="BadRequestError"):
+    """400.  Its ``type`` is vLLM's (``vllm serve`` answers a bad request with ``BadRequestError``), so that
+    a client sees the same error whether the gateway or a worker's vLLM refused the request."""
 
 
-class NotFound(RequestError, status=404, code="not_found"):
+class NotFound(RequestError, status=404, type="NotFoundError", code="not_found"):
     pass
 
 
@@ -120,6 +121,10 @@ class BadResult(MgpuError, status=502, type="server_error", code="bad_result"):
     pass
 
 
+class StreamInterrupted(MgpuError, status=502, type="server_error", code="stream_interrupted"):
+    pass
+
+
 class GenerationFailed(MgpuError, status=500, type="server_error", code="generation_failed"):
     pass
 
@@ -141,11 +146,13 @@ _BY_CODE: dict[str | None, type[MgpuError]] = {
 
 
 def from_info(info: ErrorInfo) -> MgpuError:
-    """Rebuild the exception a worker reported, keeping its message and status."""
+    """Rebuild the exception a worker reported, keeping its message, status, type and code (a vLLM
+    worker's errors are vLLM's own: ``{"type": "Bad Request"}``, ``BadRequestError``, ...)."""
     cls = _BY_CODE.get(info.code)
     if cls is None:
         cls = InvalidRequest if 400 <= info.status < 500 else GenerationFailed
     err = cls(info.message, param=info.param)
+    err.status, err.type, err.code = info.status, info.type, info.code
     return err
 
 

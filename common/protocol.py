@@ -1,54 +1,53 @@
-"""The OpenAI protocol as mgpu speaks it: what clients send (the request models), what they get
-back (the response models, and the builders that make those shapes from a worker's Result and
-Chunks), shared by the gateway and ``mgpu sim-server``.
+"""The OpenAI protocol's requests as mgpu's own OpenAI layer reads them (the simulator's:
+``gpu_worker.serving.sim`` and ``mgpu sim-server``); what it answers is :mod:`common.responses`.  A vLLM
+worker speaks vLLM's own protocol instead (``gpu_worker.serving.vllm``); the gateway reads only a few
+fields of a body (``gateway.admission``).
 
 Requests are strict where OpenAI is strict: ``"5"``, ``true`` and ``3.0`` are not integers, ``"yes"``
 and ``1`` are not booleans (an integer is a valid number, as in JSON).  Unknown fields are ignored, as
-vLLM does; fields of the OpenAI and vLLM APIs that mgpu does not honour yet are refused with a 400
+vLLM does; fields of the OpenAI and vLLM APIs that the simulator does not honour are refused with a 400
 that names them when they ask for anything but their neutral value (``UNSUPPORTED``), never silently
-dropped.  The builders return plain dicts (serialized with orjson on the hot path); the response
-models describe the same shapes for the OpenAPI document, and a test checks that they agree.
+dropped.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from common.errors import InvalidRequest, MgpuError
-from common.schemas import ChoiceDelta, Kind, Result, SamplingParams, TokenLogprob, Usage
+from common.errors import InvalidRequest
+from common.schemas import Kind, SamplingParams
 
 # ----------------------------------------------------------------------------- requests
 
 # field -> the values that mean "off" (accepted; anything else is a 400 naming the field)
 _OFF: dict[str, tuple[Any, ...]] = {
-    "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "best_of": (None, 1),
+    "logit_bias": (None, {}), "best_of": (None, 1),
     "use_beam_search": (None, False), "top_k": (None, 0, -1), "min_p": (None, 0, 0.0),
     "repetition_penalty": (None, 1, 1.0), "length_penalty": (None, 1, 1.0), "stop_token_ids": (None, []),
-    "include_stop_str_in_output": (None, False), "ignore_eos": (None, False), "min_tokens": (None, 0),
+    "include_stop_str_in_output": (None, False),
     "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
     "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,), "allowed_token_ids": (None,),
     "bad_words": (None, []), "structured_outputs": (None,), "guided_json": (None,), "guided_regex": (None,),
     "guided_choice": (None,), "guided_grammar": (None,), "guided_decoding_backend": (None,),
     "logits_processors": (None,), "return_tokens_as_token_ids": (None, False), "return_token_ids": (None, False),
     "vllm_xargs": (None,), "kv_transfer_params": (None,), "priority": (None, 0), "cache_salt": (None,),
-    "echo": (None, False), "prompt_embeds": (None,),
+    "prompt_embeds": (None,),
 }
 _OFF_CHAT: dict[str, tuple[Any, ...]] = {
-    **_OFF, "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-    "function_call": (None, "none"), "reasoning_effort": (None,), "chat_template": (None,),
-    "chat_template_kwargs": (None, {}), "add_generation_prompt": (None, True), "continue_final_message": (None, False),
-    "documents": (None,), "mm_processor_kwargs": (None,), "audio": (None,), "modalities": (None, ["text"]),
-    "prediction": (None,),
+    **_OFF, "functions": (None, []), "function_call": (None, "none"), "reasoning_effort": (None,),
+    "chat_template": (None,), "chat_template_kwargs": (None, {}), "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False), "documents": (None,), "mm_processor_kwargs": (None,), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,), "echo": (None, False),
 }
-_OFF_COMPLETION: dict[str, tuple[Any, ...]] = {**_OFF, "suffix": (None, "")}
+_OFF_COMPLETION: dict[str, tuple[Any, ...]] = {**_OFF, "suffix": (None, ""),
+                                               "response_format": (None, {"type": "text"})}
 UNSUPPORTED: dict[str, dict[str, tuple[Any, ...]]] = {"chat": _OFF_CHAT, "completion": _OFF_COMPLETION}
 
 
 class UnsupportedField(ValueError):
-    """A field the client set that mgpu cannot honour yet (a 400 naming it, never a silent drop)."""
+    """A field the client set that the simulator cannot honour (a 400 naming it, never a silent drop)."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
@@ -56,11 +55,12 @@ class UnsupportedField(ValueError):
 
 
 def check_supported(kind: Kind, body: dict[str, Any]) -> None:
-    """Raise :class:`UnsupportedField` for the first field asking for something mgpu does not do."""
-    for name, off in UNSUPPORTED[kind].items():
+    """Raise :class:`UnsupportedField` for the first field asking for something the simulator does not do."""
+    for name, off in UNSUPPORTED.get(kind, {}).items():
         if name in body and not any(_same(body[name], v) for v in off):
-            raise UnsupportedField(name, f"{name}: not supported by this server yet (it was set to "
-                                         f"{_short(body[name])}); leave it out or send its default")
+            raise UnsupportedField(name, f"{name}: not supported by the simulator engine (it was set to "
+                                         f"{_short(body[name])}); leave it out, send its default, or use a vLLM "
+                                         "worker")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -91,7 +91,7 @@ class StreamOptions(_Request):
     @classmethod
     def _no_continuous(cls, v: bool) -> bool:
         if v:
-            raise ValueError("continuous_usage_stats is not supported by this server yet")
+            raise ValueError("continuous_usage_stats is not supported by the simulator engine")
         return v
 
 
@@ -99,21 +99,20 @@ _SEED = 2**63
 
 
 class _SamplingRequest(_Request):
-    model: str = Field(min_length=1, max_length=256)
+    model: str | None = Field(default=None, min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     seed: int | None = Field(default=None, ge=-_SEED, lt=_SEED)
-    n: int = Field(default=1, ge=1, le=16)
+    n: int = Field(default=1, ge=1, le=128)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=512)
-    # mgpu extension: a per-request deadline in seconds (the gateway's default applies otherwise; the
-    # gateway caps it at its max_request_timeout_s)
-    timeout: float | None = Field(default=None, ge=0.1)
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -145,7 +144,11 @@ class _SamplingRequest(_Request):
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, stop=self.stop_list(), seed=self.seed, n=self.n,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-            logprobs=logprobs)
+            logprobs=logprobs, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class CompletionRequest(_SamplingRequest):
@@ -158,9 +161,9 @@ class CompletionRequest(_SamplingRequest):
     def _one_prompt(cls, v: Any) -> Any:
         if isinstance(v, list):
             if v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-                raise ValueError("a prompt of token ids is not supported by this server yet; send text")
+                raise ValueError("a prompt of token ids is not supported by the simulator engine; send text")
             if len(v) != 1:
-                raise ValueError("exactly one prompt is supported per request")
+                raise ValueError("exactly one prompt per request is supported by the simulator engine")
             if not isinstance(v[0], str):
                 raise ValueError("must be a string (a list of one string is accepted too)")
         elif not isinstance(v, str):
@@ -169,10 +172,6 @@ class CompletionRequest(_SamplingRequest):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-
-    def inputs(self) -> tuple[str | None, list[dict[str, str]] | None]:
-        """(prompt, messages) as the work item carries them."""
-        return self.prompt_text(), None
 
     def logprobs_n(self) -> int | None:
         """How many top logprobs per token (None: no logprobs)."""
@@ -184,10 +183,23 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]  # "tool" needs tool calling (not yet)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(default=None, max_length=256)
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
 
     @field_validator("content", mode="before")
     @classmethod
@@ -198,23 +210,22 @@ class ChatMessage(_Request):
             raise ValueError("must be a string or a list of content parts")
         for i, part in enumerate(v):
             kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("image_url", "input_image", "input_audio", "audio_url", "video_url", "file"):
+                raise ValueError(f"part {i}: a {kind} part needs a multimodal model; this model takes text only")
             if kind != "text":
                 what = f"type {kind!r}" if isinstance(kind, str) else "a part without a 'type'"
-                raise ValueError(f"part {i}: {what} is not supported: this server takes text parts "
-                                 "({'type': 'text', 'text': ...}) only")
+                raise ValueError(f"part {i}: {what} is not a content part this model takes (text only)")
             if not isinstance(part.get("text"), str):
                 raise ValueError(f"part {i}: 'text' must be a string")
         return v
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_tool_calls(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            if v.get("tool_calls") or v.get("function_call"):
-                raise ValueError("assistant tool calls are not supported by this server yet")
-            if v.get("role") == "tool":
-                raise ValueError("tool messages are not supported by this server yet (no tool calling)")
-        return v
+    @model_validator(mode="after")
+    def _roles(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -224,10 +235,52 @@ class ChatMessage(_Request):
         return "".join(p.text for p in self.content)
 
     def as_dict(self) -> dict[str, str]:
-        d = {"role": self.role, "content": self.text()}
+        """The message as the simulator's template reads it (tool calls as their JSON text)."""
+        text = self.text()
+        if self.tool_calls:
+            text += "".join(f" {c.function.name}({c.function.arguments})" for c in self.tool_calls)
+        d = {"role": self.role, "content": text}
         if self.name is not None:
             d["name"] = self.name
         return d
+
+
+class FunctionDef(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Request):
+    name: str = Field(default="response", max_length=64)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema")
+        return self
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -235,6 +288,10 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -244,18 +301,36 @@ class ChatCompletionRequest(_SamplingRequest):
         return v
 
     @model_validator(mode="after")
-    def _max_tokens(self) -> ChatCompletionRequest:
+    def _after(self) -> ChatCompletionRequest:
         if self.max_completion_tokens is not None and self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice: when using tool_choice, tools must be set")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name
+                                                                                 for t in self.tools or ()}:
+            raise ValueError(f"tool_choice: the named function {choice.function.name!r} is not in tools")
         return self
 
-    def inputs(self) -> tuple[str | None, list[dict[str, str]] | None]:
-        """(prompt, messages) as the work item carries them."""
-        return None, [m.as_dict() for m in self.messages]
+    def messages_dicts(self) -> list[dict[str, str]]:
+        """The conversation as the simulator's template reads it (the tools offered, as a system line)."""
+        msgs = [m.as_dict() for m in self.messages]
+        if self.tools and self.tool_choice != "none":
+            msgs.insert(0, {"role": "system", "content": "tools: " + " ".join(t.function.name for t in self.tools)})
+        return msgs
 
     def logprobs_n(self) -> int | None:
         """How many top logprobs per token (None: no logprobs)."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def forced_tool(self) -> Tool | None:
+        """The tool the answer must call (``tool_choice`` required: the first; named: that one), or None."""
+        choice, tools = self.tool_choice, self.tools or []
+        if choice == "required" and tools:
+            return tools[0]
+        if isinstance(choice, NamedToolChoice):
+            return next(t for t in tools if t.function.name == choice.function.name)
+        return None
 
 
 OpenAIRequest = CompletionRequest | ChatCompletionRequest
@@ -271,10 +346,14 @@ def validation_error(exc: ValidationError) -> InvalidRequest:
 
 def parse_request(kind: Kind, body: dict[str, Any]) -> OpenAIRequest:
     """A request body as its model; :class:`InvalidRequest` (400, naming the field) when it is not one,
-    or when it asks for something this server does not do yet."""
+    or when it asks for something the simulator does not do."""
     try:
-        req: OpenAIRequest = (ChatCompletionRequest.model_validate(body) if kind == "chat"
-                              else CompletionRequest.model_validate(body))
+        if kind == "chat":
+            req: OpenAIRequest = ChatCompletionRequest.model_validate(body)
+        elif kind == "completion":
+            req = CompletionRequest.model_validate(body)
+        else:
+            raise InvalidRequest(f"the simulator engine does not serve {kind} requests")
         check_supported(kind, body)
     except ValidationError as exc:
         raise validation_error(exc) from None
@@ -283,200 +362,31 @@ def parse_request(kind: Kind, body: dict[str, Any]) -> OpenAIRequest:
     return req
 
 
-# ----------------------------------------------------------------------------- response shapes
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    """The OpenAI error body.  ``id`` is set when a stored request ended in this error."""
-
-    error: ErrorDetail
-    id: str | None = None
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: str | None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class ChatLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChoiceLogprobs(BaseModel):
-    content: list[ChatLogprob] | None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str | None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChoiceLogprobs | None
-    finish_reason: str | None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class Model(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[Model]
-
-
-class Readiness(BaseModel):
-    status: Literal["ready", "not ready"]
-    redis: bool
-    live_workers: int
-
-
-class Health(BaseModel):
-    status: str
-
-
-# ----------------------------------------------------------------------------- building responses
-
-
-def error_body(err: MgpuError) -> dict[str, Any]:
-    return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
-
-
-def _completion_logprobs(lps: list[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
-    if lps is None:
+def schema_instance(schema: Any, words: list[str], depth: int = 0) -> Any:
+    """A small deterministic instance of a JSON schema (the simulator's structured output): required
+    properties only, strings from ``words``, the first enum value, numbers 0, arrays empty."""
+    if not isinstance(schema, dict) or depth > 8:
         return None
-    tokens, token_lps, tops, offsets = [], [], [], []
-    pos = offset
-    for lp in lps:
-        tokens.append(lp.token)
-        token_lps.append(lp.logprob)
-        tops.append(lp.top_logprobs)
-        offsets.append(pos)
-        pos += len(lp.token)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _chat_logprobs(lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
-    if lps is None:
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return schema_instance(schema[key][0], words, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and "properties" in schema):
+        props: dict[str, Any] = schema["properties"] if isinstance(schema.get("properties"), dict) else {}
+        required = [k for k in schema.get("required") or [] if isinstance(k, str)]
+        return {k: schema_instance(props.get(k, {}), words, depth + 1) for k in required}
+    if kind == "array":
+        return []
+    if kind in ("integer", "number"):
+        return 0
+    if kind == "boolean":
+        return False
+    if kind == "null":
         return None
-    return {"content": [
-        {"token": lp.token, "logprob": lp.logprob, "bytes": None,
-         "top_logprobs": [{"token": t, "logprob": v, "bytes": None} for t, v in lp.top_logprobs.items()]}
-        for lp in lps]}
-
-
-def usage_dict(u: Usage) -> dict[str, int]:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens}
-
-
-def full_response(r: Result, model: str) -> dict[str, Any]:
-    if r.kind == "chat":
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": _chat_logprobs(c.logprobs), "finish_reason": c.finish_reason} for c in r.choices]
-        obj = "chat.completion"
-    else:
-        choices = [{"index": c.index, "text": c.text, "logprobs": _completion_logprobs(c.logprobs),
-                    "finish_reason": c.finish_reason} for c in r.choices]
-        obj = "text_completion"
-    return {"id": r.id, "object": obj, "created": r.created, "model": model, "choices": choices,
-            "usage": usage_dict(r.usage)}
-
-
-@dataclass
-class StreamFormatter:
-    """Builds the SSE chunk objects of one streaming request, exactly as OpenAI sends them."""
-
-    id: str  # the request's
-    kind: str
-    created: int
-    model: str
-    n: int
-    include_usage: bool
-
-    def __post_init__(self) -> None:
-        self.object = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        self._offsets = [0] * self.n
-
-    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        env: dict[str, Any] = {"id": self.id, "object": self.object, "created": self.created,
-                               "model": self.model, "choices": choices}
-        if self.include_usage:
-            env["usage"] = None
-        return env
-
-    def role_chunks(self) -> list[dict[str, Any]]:
-        if self.kind != "chat":
-            return []
-        return [self._envelope([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                 "finish_reason": None}]) for i in range(self.n)]
-
-    def delta_chunks(self, deltas: list[ChoiceDelta]) -> list[dict[str, Any]]:
-        out = []
-        for d in deltas:
-            if self.kind == "chat":
-                if d.text or d.finish_reason is None:
-                    out.append(self._envelope([{"index": d.index, "delta": {"content": d.text},
-                                                "logprobs": _chat_logprobs(d.logprobs), "finish_reason": None}]))
-                if d.finish_reason is not None:
-                    out.append(self._envelope([{"index": d.index, "delta": {}, "logprobs": None,
-                                                "finish_reason": d.finish_reason}]))
-            else:
-                off = self._offsets[d.index] if d.index < self.n else 0
-                out.append(self._envelope([{"index": d.index, "text": d.text,
-                                            "logprobs": _completion_logprobs(d.logprobs, off),
-                                            "finish_reason": d.finish_reason}]))
-                if d.index < self.n:
-                    self._offsets[d.index] += len(d.text)
-        return out
-
-    def usage_chunk(self, u: Usage) -> dict[str, Any] | None:
-        if not self.include_usage:
-            return None
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [], "usage": usage_dict(u)}
+    return " ".join(words[:3]) if kind == "string" else None

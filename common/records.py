@@ -46,6 +46,7 @@ class WorkerRecord(BaseModel):
     id: str
     state: WorkerState | str = WorkerState.STARTING  # a state this code does not know is kept as text
     model: str = ""
+    models: str = ""  # every name it answers to, comma-separated: its model and its LoRA adapters (once ready)
     host: str = ""
     pid: int = 0
     gpu: str = ""  # the GPU index, "" for none
@@ -71,6 +72,11 @@ class WorkerRecord(BaseModel):
     engine_aborts: int = 0
     exits: int = 0  # crash-loop records: exits within the window
     log: str = ""  # crash-loop records: the worker's log file
+
+    @property
+    def names(self) -> list[str]:
+        """The names this worker answers to (its model, and its adapters once it is ready)."""
+        return self.models.split(",") if self.models else [self.model]
 
     @property
     def share(self) -> float:
@@ -112,7 +118,8 @@ class WorkerRecord(BaseModel):
 
 
 class ModelFacts(BaseModel):
-    """What workers publish about a model they serve (``Keys.models``, one JSON field per model)."""
+    """What workers publish about a model (or a LoRA adapter) they serve (``Keys.models``, one JSON field
+    per name): what the gateway checks before it queues a request, and lists in ``/v1/models``."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -120,6 +127,11 @@ class ModelFacts(BaseModel):
     engine: str = ""
     # how the gateway counts prompt tokens: "sim" (words), a model folder (its tokenizer.json), or ""
     tokenizer: str = ""
+    root: str = ""  # the model folder
+    parent: str | None = None  # an adapter's base model
+    kinds: list[str] = ["chat", "completion", "tokenize", "detokenize"]  # the endpoints it is served on
+    owned_by: str = "mgpu"
+    created: int = 0
 
     @classmethod
     def parse(cls, raw: Any) -> ModelFacts:

@@ -15,12 +15,15 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
 # ----------------------------------------------------------------------------- internal
 
 
 class SamplingParams(BaseModel):
+    """What the simulator's OpenAI layer (``gpu_worker.serving.sim``) reads of a request: the sampling
+    parameters of one choice.  A vLLM worker reads the request body with vLLM's own protocol models."""
+
     max_tokens: int | None = None  # None: up to the context length
     temperature: float = 1.0
     top_p: float = 1.0
@@ -30,6 +33,8 @@ class SamplingParams(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
 
 class ErrorInfo(BaseModel):
@@ -40,23 +45,40 @@ class ErrorInfo(BaseModel):
     status: int = 500
 
 
-Kind = Literal["completion", "chat"]
+# What a request asks for: the endpoint it came on.  The HTTP paths, and the prefix of a response's id
+# (the one vLLM gives it: the worker passes the rest of mgpu's id to vLLM as X-Request-Id).
+Kind = Literal["chat", "completion", "embedding", "tokenize", "detokenize", "responses"]
+PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions",
+                          "embedding": "/v1/embeddings", "tokenize": "/tokenize", "detokenize": "/detokenize",
+                          "responses": "/v1/responses"}
+_ID_PREFIX: dict[Kind, str] = {"chat": "chatcmpl-", "completion": "cmpl-", "embedding": "embd-",
+                               "tokenize": "tokenize-", "detokenize": "tokenize-", "responses": "resp_"}
+GENERATIVE: frozenset[Kind] = frozenset({"chat", "completion", "responses"})  # may stream, take slots per choice
 
 
 def new_request_id(kind: Kind) -> str:
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+    return _ID_PREFIX[kind] + uuid.uuid4().hex
+
+
+def base_request_id(kind: Kind, request_id: str) -> str:
+    """The part of mgpu's request id after its prefix: the X-Request-Id a vLLM worker passes to vLLM,
+    which gives the response the same id."""
+    return request_id.removeprefix(_ID_PREFIX[kind])
 
 
 class WorkItem(BaseModel):
-    """One request on a model's stream."""
+    """One request on a model's stream: the request body as the client sent it, and how to answer it.
+
+    ``body`` is the OpenAI / vLLM request body, unchanged but for the mgpu-only fields the gateway takes
+    out (``timeout``).  A vLLM worker hands it to vLLM's own OpenAI layer; the simulator reads it with
+    :mod:`common.protocol`.  ``n`` is how many engine slots it takes (choices)."""
 
     id: str
     kind: Kind
     model: str
-    prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
-    params: SamplingParams = Field(default_factory=SamplingParams)
+    body: dict[str, Any]
     stream: bool = False
+    n: int = Field(default=1, ge=1)
     created: int = Field(default_factory=lambda: int(time.time()))
     enqueued_at: float = Field(default_factory=time.time)
     deadline: float | None = None  # unix seconds; None: no deadline
@@ -66,13 +88,9 @@ class WorkItem(BaseModel):
     scope: str | None = None
     trace_id: str | None = None  # the client's X-Request-Id, for the worker's log lines
 
-    @model_validator(mode="after")
-    def _has_input(self) -> WorkItem:
-        if self.kind == "completion" and self.prompt is None:
-            raise ValueError("a completion needs a prompt")
-        if self.kind == "chat" and not self.messages:
-            raise ValueError("a chat completion needs messages")
-        return self
+    @property
+    def path(self) -> str:
+        return PATHS[self.kind]
 
     def to_fields(self) -> dict[str, str]:
         return {"p": self.model_dump_json(exclude_defaults=True)}
@@ -100,37 +118,41 @@ class TokenLogprob(BaseModel):
 
 
 class ChoiceDelta(BaseModel):
+    """What one engine step added to one choice (the simulator's OpenAI layer builds chunks of these)."""
+
     index: int = 0
     text: str = ""
     token_ids: list[int] | None = None
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # streamed tool-call deltas (OpenAI's shape)
 
 
 class Chunk(BaseModel):
-    """A streaming delta; ``seq`` counts from 1 for each request, across retries and migrations."""
+    """A piece of a streamed response, as the client gets it: ``sse`` is one or more server-sent events,
+    each ending in a blank line (``data: {...}\n\n``), the terminating ``data: [DONE]`` included.
+    ``seq`` counts from 1 for each request, across retries and migrations.  ``tokens`` (per choice
+    index) are the token ids that these events carry, so that another worker can continue the stream
+    after them if this one dies; absent where a stream cannot be continued."""
 
     seq: int
-    choices: list[ChoiceDelta]
-
-
-class Choice(BaseModel):
-    index: int = 0
-    text: str = ""
-    finish_reason: str | None = None
-    logprobs: list[TokenLogprob] | None = None
+    sse: str
+    tokens: dict[int, list[int]] | None = None
 
 
 class Result(BaseModel):
-    """The final answer for a request: choices and usage, or an error."""
+    """The end of a request.  For a JSON response: its ``status`` and ``body``, or its ``error``.  For a
+    stream (whose events were Chunks): ``error`` when the stream was cut short by mgpu (a deadline, a
+    dead letter), which the gateway sends as a last error event.  ``usage`` is for accounting."""
 
     id: str
     kind: Kind = "completion"
     model: str = ""
     created: int = 0
-    choices: list[Choice] = Field(default_factory=list)
-    usage: Usage = Field(default_factory=Usage)
+    status: int = 200
+    body: dict[str, Any] | None = None
     error: ErrorInfo | None = None
+    usage: Usage = Field(default_factory=Usage)
     worker: str | None = None
     attempts: int = 1
     finished_at: float = Field(default_factory=time.time)

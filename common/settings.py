@@ -22,14 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import socket
 import uuid
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal, Self, get_args
+from typing import Annotated, Any, ClassVar, Literal, Self, get_args
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic.json_schema import JsonDict
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from common.keys import Keys
 
@@ -48,7 +49,7 @@ ROLLOUT_FIELDS: tuple[str, ...] = (
     "engine", "model_path", "slots", "weight", "max_model_len", "heartbeat_interval_s", "worker_ttl_s", "lease_ms",
     "loop_stall_s", "reclaim_interval_s", "max_deliveries", "drain_grace_s", "read_block_ms", "log_level",
     "log_json", "log_requests", "result_ttl_s", "sim_prefill_ms_per_token", "sim_decode_ms", "sim_decode_ms_per_seq",
-    "vllm_gpu_memory_utilization", "vllm_enforce_eager", "vllm_kv_cache_gb", "vllm_dtype", "revision",
+    "vllm_gpu_memory_utilization", "vllm_enforce_eager", "vllm_kv_cache_gb", "vllm_dtype", "engine_args", "revision",
 )
 
 # json_schema_extra of a setting that belongs to one process (its id, its GPU, its canary gate): it is
@@ -137,7 +138,8 @@ def to_env(s: MgpuSettings) -> dict[str, str]:
     """``s`` as the ``MGPU_*`` variables that give another process the same settings (``load`` reads them
     back to equal values), but for the per-process ones and the unset ones."""
     skip = per_process(type(s))
-    return {env_name(k): str(v) for k, v in s.model_dump().items() if v is not None and k not in skip}
+    return {env_name(k): shlex.join(v) if isinstance(v, list) else str(v) for k, v in s.model_dump().items()
+            if v is not None and k not in skip}
 
 
 class LogSettings(MgpuSettings):
@@ -239,6 +241,10 @@ class GatewaySettings(HttpSettings, CommonSettings):
     redis_pool_size: int = Field(default=32, ge=2, description="Redis connections per gateway process")
     registry_refresh_s: float = Field(default=0.5, gt=0, description="how often the worker registry is read")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After of a 429 or 503")
+    stream_keepalive_s: float = Field(default=0.0, ge=0, description="a stream whose first event has not come "
+                                      "this long starts, with SSE comments (': keep-alive') every as long while it "
+                                      "waits; 0: off, as vllm serve's --sse-keep-alive-interval (a worker's refusal "
+                                      "is then a 4xx JSON answer, not an error event)")
     gateway_procs: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes (Prometheus "
                                "multiprocess mode)")
     queue_metrics_interval_s: float = Field(default=2.0, gt=0, description="how often queue gauges are read "
@@ -296,6 +302,15 @@ class WorkerSettings(SimEngineSettings, CommonSettings):
     vllm_enforce_eager: bool = Field(default=False, description="no CUDA graphs (mgpu up sets it on CPU workers)")
     vllm_kv_cache_gb: int = Field(default=2, ge=1, description="GiB of RAM for the KV cache (CPU build)")
     vllm_dtype: VllmDtype = Field(default="auto", description="the weights' and activations' dtype")
+    engine_args: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="vLLM engine flags as `vllm serve` takes them, given after `--` (mgpu "
+        "worker ... -- --tensor-parallel-size 2); they win over mgpu's own; in MGPU_ENGINE_ARGS as one shell-quoted "
+        "string")
+
+    @field_validator("engine_args", mode="before")
+    @classmethod
+    def _engine_args(cls, v: Any) -> Any:
+        return shlex.split(v) if isinstance(v, str) else v
 
     @property
     def effective_revision(self) -> str:

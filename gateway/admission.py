@@ -1,6 +1,12 @@
-"""Admitting one generation request: its body read within limits, validated strictly, checked against
-the fleet (a live worker, the context length, Redis memory), and turned into a WorkItem; with an
-``Idempotency-Key``, the record of what the key stands for.
+"""Admitting one request: its body read within limits, the few fields the gateway needs checked, the
+request checked against the fleet (a live worker for its model, the endpoint served, the context length,
+Redis memory), and turned into a WorkItem; with an ``Idempotency-Key``, the record of what the key
+stands for.
+
+The gateway stays thin: it reads only what it needs to place the request (``model``, ``stream``, ``n``,
+``max_tokens``, the prompt's length, mgpu's ``timeout``) and the fields whose types OpenAI is strict
+about; everything else goes to the worker untouched, where vLLM's own protocol models validate it (or
+the simulator's, :mod:`common.protocol`).  A request a worker refuses comes back as an explicit 4xx.
 
 The request id is always generated here (unguessable); a client's ``X-Request-Id`` is a tracing id,
 echoed back and logged, never an identity.  An ``Idempotency-Key`` is scoped to the caller (the API key
@@ -18,16 +24,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
 from common import errors
 from common.prompts import context_overflow
-from common.protocol import OpenAIRequest, parse_request
-from common.schemas import IdempotencyRecord, Kind, WorkItem, new_request_id
+from common.schemas import GENERATIVE, PATHS, IdempotencyRecord, Kind, WorkItem, new_request_id
 from gateway.state import GatewayState
 
 _TRACE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 _IDEM_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+MGPU_FIELDS = ("timeout",)  # mgpu's own request fields: read here, not passed on to the engine
 
 
 async def read_json(request: Request, limit: int, timeout_s: float) -> dict[str, Any]:
@@ -74,60 +81,158 @@ def idempotency_key(request: Request) -> str | None:
     return v
 
 
+# ----------------------------------------------------------------------------- what the gateway reads
+
+
+class _Fields(BaseModel):
+    """The fields of a body that the gateway reads, strict where OpenAI is strict (``"5"``, ``true`` and
+    ``3.0`` are not integers; ``"yes"`` and ``1`` are not booleans).  Everything else passes untouched."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+    stream: bool = False
+    n: int = Field(default=1, ge=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    timeout: float | None = Field(default=None, ge=0.1)  # mgpu: this request's deadline, in seconds
+    user: str | None = None
+
+
+class _ChatFields(_Fields):
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class _CompletionFields(_Fields):
+    logprobs: int | None = None
+    echo: bool | None = None
+
+
+_FIELDS: dict[Kind, type[_Fields]] = {"chat": _ChatFields, "completion": _CompletionFields}
+
+
+def read_fields(kind: Kind, body: dict[str, Any]) -> _Fields:
+    try:
+        return _FIELDS.get(kind, _Fields).model_validate(body)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        param = ".".join(str(p) for p in e["loc"]) or None
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        raise errors.InvalidRequest(f"{param}: {msg}" if param else msg, param=param) from None
+
+
+def prompt_texts(kind: Kind, body: dict[str, Any]) -> tuple[list[str], list[int]]:
+    """The prompt's texts (every text part of every message; each prompt of a completion) and the lengths
+    of prompts given as token ids: what the gateway can count cheaply (a lower bound of the prompt)."""
+    if kind == "chat":
+        texts: list[str] = []
+        for m in body.get("messages") or () if isinstance(body.get("messages"), list) else ():
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                texts.append(content)
+            elif isinstance(content, list):
+                texts += [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        return texts, []
+    prompt = body.get("prompt") if kind == "completion" else body.get("input")
+    if isinstance(prompt, str):
+        return [prompt], []
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return [], [len(prompt)]
+    if isinstance(prompt, list):
+        return [p for p in prompt if isinstance(p, str)], [len(p) for p in prompt if isinstance(p, list)]
+    return [], []
+
+
 @dataclass
 class Admission:
     kind: Kind
-    req: OpenAIRequest
+    fields: _Fields
     item: WorkItem
     trace: str | None  # the client's X-Request-Id
     idem_key: str | None  # the Redis key of the caller's Idempotency-Key
     record: IdempotencyRecord | None
 
+    @property
+    def include_usage(self) -> bool:
+        opts = self.item.body.get("stream_options")
+        return isinstance(opts, dict) and opts.get("include_usage") is True
 
-def build_item(state: GatewayState, kind: Kind, req: OpenAIRequest, request_id: str, scope: str,
+    def affinity_text(self) -> str:
+        """What prefix_affinity hashes when the request names no user or session: the prompt's start."""
+        texts, _ = prompt_texts(self.kind, self.item.body)
+        return "\n".join(texts)
+
+
+def _model(state: GatewayState, f: _Fields) -> str:
+    """The model asked for; without one, the fleet's only model (as ``vllm serve`` takes its own)."""
+    if f.model is not None:
+        return f.model
+    names = state.registry.live_models()
+    if len(names) == 1:
+        return names[0]
+    raise errors.InvalidRequest("model: required (this service serves " + (", ".join(names) or "no model") + ")",
+                                param="model")
+
+
+def build_item(state: GatewayState, kind: Kind, body: dict[str, Any], f: _Fields, request_id: str, scope: str,
                trace: str | None = None) -> WorkItem:
-    """Check what needs the fleet's state (live workers, context length, memory) and build the WorkItem."""
+    """Check what needs the fleet's state (live workers, the endpoint, context length, memory) and build
+    the WorkItem."""
     s = state.settings
     reg = state.registry
     if not reg.redis_ok:
         raise errors.ServiceUnavailable("the queue (Redis) is unreachable", retry_after=s.retry_after_s)
     if reg.memory_pressure is not None:
         raise errors.ServiceUnavailable(reg.memory_pressure, retry_after=s.retry_after_s)
-    live = reg.live_workers(req.model)
-    info = reg.models.get(req.model)
-    if not live:
+    model = _model(state, f)
+    info = reg.models.get(model)
+    if not reg.live_workers(model):
         if info is None:
-            raise errors.ModelNotFound(f"the model '{req.model}' does not exist", param="model")
-        raise errors.ServiceUnavailable(f"no live worker serves '{req.model}' right now",
-                                        retry_after=s.retry_after_s)
-    if req.timeout is not None and req.timeout > s.max_request_timeout_s:
+            raise errors.ModelNotFound(f"The model `{model}` does not exist.", param="model")
+        raise errors.ServiceUnavailable(f"no live worker serves '{model}' right now", retry_after=s.retry_after_s)
+    if info is not None and kind not in info.kinds:
+        raise errors.NotFound(f"the model '{model}' is not served on {PATHS[kind]} (it is served on "
+                              f"{', '.join(PATHS[k] for k in info.kinds if k in PATHS)})", param="model")
+    if f.timeout is not None and f.timeout > s.max_request_timeout_s:
         raise errors.InvalidRequest(f"timeout: at most {s.max_request_timeout_s:g} seconds", param="timeout")
-    max_len = info.max_model_len if info is not None else 0
-    prompt, messages = req.inputs()
-    max_tokens = req.max_tokens if req.max_tokens is not None else (16 if kind == "completion" else None)
-    if max_len and max_tokens is not None and max_tokens >= max_len:
-        raise errors.InvalidRequest(
-            f"max_tokens ({max_tokens}) must be below the model's context length ({max_len})", param="max_tokens")
-    n_prompt = state.prompts.count(info.tokenizer, prompt, messages) if max_len and info is not None else None
-    if n_prompt is not None and (why := context_overflow(max_len, n_prompt, max_tokens)):
-        raise errors.InvalidRequest(why, param="messages" if messages else "prompt")
-    timeout = req.timeout or s.request_timeout_s
-    return WorkItem(id=request_id, kind=kind, model=req.model, prompt=prompt, messages=messages,
-                    params=req.sampling(max_tokens, req.logprobs_n()), stream=req.stream,
-                    deadline=time.time() + timeout, reply_to=s.gateway_id, scope=scope, trace_id=trace)
+    _check_length(state, kind, body, f, info.max_model_len if info is not None else 0,
+                  info.tokenizer if info is not None else "")
+    stream = f.stream and kind in GENERATIVE
+    return WorkItem(id=request_id, kind=kind, model=model,
+                    body={k: v for k, v in body.items() if k not in MGPU_FIELDS}, stream=stream,
+                    n=f.n if kind in GENERATIVE else 1, deadline=time.time() + (f.timeout or s.request_timeout_s),
+                    reply_to=s.gateway_id, scope=scope, trace_id=trace)
+
+
+def _check_length(state: GatewayState, kind: Kind, body: dict[str, Any], f: _Fields, max_len: int,
+                  tokenizer: str) -> None:
+    """Refuse what cannot fit the context before it is queued (the prompt counted as a lower bound, so
+    nothing the engine would take is refused; the worker checks exactly)."""
+    if not max_len or kind not in ("chat", "completion"):
+        return
+    max_tokens = f.max_completion_tokens if f.max_completion_tokens is not None else f.max_tokens
+    if max_tokens is not None and max_tokens >= max_len:
+        raise errors.InvalidRequest(f"max_tokens ({max_tokens}) must be below the model's context length "
+                                    f"({max_len})", param="max_tokens")
+    texts, id_lengths = prompt_texts(kind, body)
+    counted = state.prompts.count(tokenizer, texts, chat=kind == "chat")
+    lengths = [*id_lengths, *([counted] if counted is not None else [])]
+    if lengths and (why := context_overflow(max_len, max(lengths), max_tokens if max_tokens else None)):
+        raise errors.InvalidRequest(why, param="messages" if kind == "chat" else "prompt")
 
 
 def admit(state: GatewayState, kind: Kind, body: dict[str, Any], trace: str | None, key: str | None,
           scope: str) -> Admission:
     """A request body as a WorkItem (with a new request id) and, with an ``Idempotency-Key``, its record."""
-    req = parse_request(kind, body)
-    item = build_item(state, kind, req, new_request_id(kind), scope, trace)
+    f = read_fields(kind, body)
+    item = build_item(state, kind, body, f, new_request_id(kind), scope, trace)
     record = None
     if key is not None:
         digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
         record = IdempotencyRecord(request_id=item.id, endpoint=kind, stream=item.stream, body_sha256=digest,
                                    created=item.created)
-    return Admission(kind, req, item, trace, None if key is None else state.settings.keys.idempotency(scope, key),
+    return Admission(kind, f, item, trace, None if key is None else state.settings.keys.idempotency(scope, key),
                      record)
 
 
@@ -137,7 +242,7 @@ def check_reuse(adm: Admission, first: IdempotencyRecord) -> None:
     assert rec is not None
     what = None
     if first.endpoint != rec.endpoint:
-        what = f"it was first used on the {_ENDPOINT[first.endpoint]} endpoint"
+        what = f"it was first used on the {PATHS[first.endpoint]} endpoint"
     elif first.stream != rec.stream:
         what = f"it was first used with stream={str(first.stream).lower()}"
     elif first.body_sha256 != rec.body_sha256:
@@ -145,6 +250,3 @@ def check_reuse(adm: Admission, first: IdempotencyRecord) -> None:
     if what is not None:
         raise errors.IdempotencyMismatch(f"this Idempotency-Key belongs to another request: {what}",
                                          param="Idempotency-Key")
-
-
-_ENDPOINT = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}

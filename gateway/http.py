@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from common import errors
-from common.protocol import error_body
+from common.responses import error_body
 
 log = logging.getLogger("mgpu.gateway")
 

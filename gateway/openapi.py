@@ -14,16 +14,8 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from common.protocol import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    ErrorResponse,
-    Health,
-    ModelList,
-    Readiness,
-)
+from common.protocol import ChatCompletionRequest, CompletionRequest
+from common.responses import ChatCompletionResponse, CompletionResponse, ErrorResponse, Health, ModelList, Readiness
 
 _REQUESTS: list[type[BaseModel]] = [CompletionRequest, ChatCompletionRequest]
 _RESPONSES: list[type[BaseModel]] = [ErrorResponse, CompletionResponse, ChatCompletionResponse, ModelList, Readiness,

@@ -32,10 +32,12 @@ class RegistryView:
     closed: bool = False  # set at shutdown: the loop ends even if a cancellation got lost
 
     def live_workers(self, model: str | None = None) -> list[WorkerRecord]:
-        return [w for w in self.workers.values() if w.ready and (model is None or w.model == model)]
+        """Ready workers; of ``model``: those that answer to that name (their model, or an adapter of theirs)."""
+        return [w for w in self.workers.values() if w.ready and (model is None or model in w.names)]
 
     def live_models(self) -> list[str]:
-        return sorted({w.model for w in self.live_workers()})
+        """Every name a ready worker answers to: models and adapters."""
+        return sorted({name for w in self.live_workers() for name in w.names})
 
     async def refresh(self, r: aioredis.Redis) -> None:
         ids = [i.decode() if isinstance(i, bytes) else i for i in await r.smembers(self.keys.workers)]

@@ -1,9 +1,10 @@
 """The gateway's routes, thin: each reads the lifespan's state and hands the work to
-:mod:`gateway.serving` (generation) or answers from the state (models, stored requests, probes,
-workers, metrics).  The two generation endpoints are also served by :class:`GenerationFastPath`, an
-ASGI layer in front of FastAPI that calls the same handler directly: measured in one run on one fleet
-against plain Starlette and FastAPI routes (docs/benchmarks.md, "Routing the generation endpoints"),
-it needs the least gateway CPU per request at saturation."""
+:mod:`gateway.serving` (the endpoints workers answer: chat, completions, embeddings, tokenize,
+detokenize, responses) or answers from the state (models, stored requests, probes, workers, metrics).
+The worker endpoints are also served by :class:`GenerationFastPath`, an ASGI layer in front of FastAPI
+that calls the same handler directly: measured in one run on one fleet against plain Starlette and
+FastAPI routes (docs/benchmarks.md, "Routing the generation endpoints"), it needs the least gateway
+CPU per request at saturation."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from common import errors
-from common.protocol import error_body, full_response
-from common.schemas import ANONYMOUS, Kind, Result
+from common.responses import error_body
+from common.schemas import ANONYMOUS, PATHS, Kind, Result
 from gateway import serving
 from gateway.http import error_response, json_response, unexpected_error_response
 from gateway.state import GatewayState
@@ -37,18 +38,44 @@ def readiness(state: GatewayState) -> tuple[int, dict[str, Any]]:
 
 @router.post("/v1/completions", name="completions")
 async def completions(request: Request) -> Response:
-    return await serving.generate(request, "completion")
+    return await serving.handle(request, "completion")
 
 
 @router.post("/v1/chat/completions", name="chat_completions")
 async def chat_completions(request: Request) -> Response:
-    return await serving.generate(request, "chat")
+    return await serving.handle(request, "chat")
+
+
+@router.post("/v1/embeddings", name="embeddings")
+async def embeddings(request: Request) -> Response:
+    return await serving.handle(request, "embedding")
+
+
+@router.post("/tokenize", name="tokenize")
+async def tokenize(request: Request) -> Response:
+    return await serving.handle(request, "tokenize")
+
+
+@router.post("/detokenize", name="detokenize")
+async def detokenize(request: Request) -> Response:
+    return await serving.handle(request, "detokenize")
+
+
+@router.post("/v1/responses", name="responses")
+async def responses(request: Request) -> Response:
+    return await serving.handle(request, "responses")
 
 
 @router.get("/v1/models", name="models")
 async def models(request: Request) -> Response:
+    """What live workers serve, models and adapters, in vLLM's shape (``root``, ``parent``, ``max_model_len``)."""
     reg = _state(request).registry
-    data = [{"id": m, "object": "model", "created": 0, "owned_by": "mgpu"} for m in reg.live_models()]
+    data = []
+    for name in reg.live_models():
+        f = reg.models.get(name)
+        data.append({"id": name, "object": "model", "created": f.created if f else 0,
+                     "owned_by": f.owned_by if f else "mgpu", "root": (f.root or None) if f else None,
+                     "parent": f.parent if f else None, "max_model_len": (f.max_model_len or None) if f else None})
     return json_response({"object": "list", "data": data})
 
 
@@ -63,7 +90,9 @@ async def get_request(request: Request, request_id: str) -> Response:
     if result.error is not None:
         return json_response({"id": result.id, **error_body(errors.from_info(result.error))},
                              status=result.error.status)
-    return json_response(full_response(result, result.model))
+    if result.body is None:  # a stream: its events are not kept past the stream
+        raise errors.NotFound(f"request '{request_id}' was streamed: its answer went out as events")
+    return json_response(result.body, status=result.status)
 
 
 @router.get("/health", name="health")
@@ -92,11 +121,11 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
-_FAST_ROUTES: dict[str, Kind] = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+_FAST_ROUTES: dict[str, Kind] = {path: kind for kind, path in PATHS.items()}
 
 
 class GenerationFastPath:
-    """ASGI wrapper that serves the two generation endpoints directly, skipping the framework's
+    """ASGI wrapper that serves the worker endpoints directly, skipping the framework's
     per-request middleware and dependency layers; everything else, the lifespan included, goes to the
     FastAPI app.  Same handler, same errors (see the module docstring for the measurement)."""
 
@@ -111,7 +140,7 @@ class GenerationFastPath:
         scope["app"] = self.app
         request = Request(scope, receive, send)
         try:
-            response = await serving.generate(request, kind)
+            response = await serving.handle(request, kind)
         except errors.MgpuError as exc:
             response = error_response(exc)
         except Exception as exc:

@@ -131,18 +131,13 @@ def pick_affinity(cands: Sequence[Candidate], ring: HashRing, key: str, local: M
     return None
 
 
-def affinity_key(user: str | None, session: str | None, prompt: str | None,
-                 messages: Sequence[Mapping[str, str]] | None, prefix_chars: int) -> str:
-    """What prefix_affinity hashes: the ``user`` field, else a session id, else the prompt prefix."""
+def affinity_key(user: str | None, session: str | None, prompt_text: str, prefix_chars: int) -> str:
+    """What prefix_affinity hashes: the ``user`` field, else a session id, else the prompt's prefix."""
     if user:
         return "u:" + user
     if session:
         return "s:" + session
-    if messages is not None:
-        text = "".join(f"{m.get('role', '')}: {m.get('content', '')}\n" for m in messages)
-    else:
-        text = prompt or ""
-    return "p:" + text[:prefix_chars]
+    return "p:" + prompt_text[:prefix_chars]
 
 
 # ----------------------------------------------------------------------------- per-gateway state
@@ -240,9 +235,11 @@ class Balancer:
         strategy = self.strategy(view.control)
         self.on_refresh(view.refreshed_at)
         live = view.live_workers(model)
+        shared = keys.stream(model)
+        if any(w.model != model for w in live):  # a LoRA adapter: its workers read only its shared stream
+            return Route("pull", None, Target(shared, "", shared, ()), self.epoch)
         cands = [Candidate(w.id, w.slots, w.in_flight, w.queued, w.weight) for w in live]  # weight <= 0: slots
         target = self.route(strategy, model, cands, key() if strategy == "prefix_affinity" else "")
-        shared = keys.stream(model)
         others = tuple(keys.worker_stream(model, w.id) for w in live if w.id != target)
         if target is None:
             return Route(strategy, None, Target(shared, "", shared, others), self.epoch)

@@ -1,8 +1,11 @@
-"""Serving one generation request once it is admitted (:mod:`gateway.admission`): enqueue it, then
-answer it.
+"""Serving one request once it is admitted (:mod:`gateway.admission`): enqueue it, then relay its answer.
 
     enqueue()   one ENQUEUE call: queued | queue full (entries or bytes) | that key was used before
-    answer      JSON after the final event, or SSE as chunks arrive (:func:`generate`); a retry of a
+    answer      the worker's answer, relayed (:func:`handle`): a JSON body with its status, or server-sent
+                events as they come, byte for byte as the worker's OpenAI server wrote them.  A stream's
+                status waits for its first event: a request the worker refuses gets its 4xx as JSON, as
+                ``vllm serve`` answers it (with ``stream_keepalive_s`` set, a stream that waits longer in the
+                queue starts at once, with SSE comments, and a refusal comes as an error event).  A retry of a
                 request accepted earlier, here or on another gateway, follows the original (:func:`follow`)
                 instead of generating again: its chunks and result are read from their durable keys
 
@@ -30,8 +33,8 @@ from common import errors
 from common.backoff import Backoff
 from common.logs import set_request_id
 from common.outcomes import outcome_of
-from common.protocol import StreamFormatter, error_body, full_response
 from common.records import ReplyKind
+from common.responses import error_body
 from common.schemas import ANONYMOUS, Chunk, IdempotencyRecord, Kind, Result, WorkItem
 from common.scripts import Duplicate, Limits, Queued, QueueFull
 from gateway import admission
@@ -43,7 +46,9 @@ from gateway.state import GatewayState
 
 log = logging.getLogger("mgpu.gateway")
 
-_ENDPOINTS: dict[Kind, str] = {"chat": "chat", "completion": "completions"}  # the metric label
+_ENDPOINTS: dict[Kind, str] = {"chat": "chat", "completion": "completions", "embedding": "embeddings",
+                               "tokenize": "tokenize", "detokenize": "detokenize",
+                               "responses": "responses"}  # the metric label
 
 # ----------------------------------------------------------------------------- enqueue
 
@@ -162,14 +167,16 @@ async def until_result_or_disconnect(state: GatewayState, request: Request, w: W
     raise errors.RequestTimeout(f"no result within the request's {timeout:.1f}s deadline")
 
 
-def json_answer(result: Result, model: str) -> dict[str, Any]:
+def answer(result: Result, headers: dict[str, str]) -> Response:
+    """A JSON request's answer: the worker's body and status, or its error (raised, for the one place that
+    turns errors into HTTP)."""
     if result.error is not None:
         raise errors.from_info(result.error)
-    return full_response(result, model)
+    return json_response(result.body if result.body is not None else {}, status=result.status, headers=headers)
 
 
-def _sse_line(obj: Any) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
+def _error_event(exc: errors.MgpuError) -> bytes:
+    return b"data: " + orjson.dumps(error_body(exc)) + b"\n\ndata: [DONE]\n\n"
 
 
 @dataclass
@@ -182,36 +189,71 @@ class StreamEnd:
     got_result: bool = False  # the final event came (a result, or the worker's error)
 
 
-async def sse(events: AsyncIterator[Event], fmt: StreamFormatter, request_id: str,
-              end: StreamEnd) -> AsyncIterator[bytes]:
-    """The SSE body of a stream: role chunks, deltas as they come, then usage (if asked) and ``[DONE]``;
-    an error (the deadline, a worker's error result) is one error event before ``[DONE]``."""
-    for obj in fmt.role_chunks():
-        yield _sse_line(obj)
+class Feed:
+    """A request's events, one at a time.  ``wait`` may give up (a keep-alive's interval, a client that left)
+    without losing its place: the pending read carries on and the next ``wait`` takes it."""
+
+    def __init__(self, events: AsyncIterator[Event]) -> None:
+        self._it = aiter(events)
+        self._next: asyncio.Future[Event] | None = None
+
+    def pending(self) -> asyncio.Future[Event]:
+        if self._next is None:
+            self._next = asyncio.ensure_future(anext(self._it))
+        return self._next
+
+    async def wait(self, timeout: float | None = None) -> Event | None:
+        """The next event (raising what the events raise); None when ``timeout`` passed first."""
+        if timeout is None and self._next is None:  # the hot path: no task of its own
+            return await anext(self._it)
+        fut = self.pending()
+        if timeout is not None:
+            done, _ = await asyncio.wait({fut}, timeout=timeout)
+            if not done:
+                return None
+        self._next = None
+        return await fut
+
+    def close(self) -> None:
+        if self._next is not None and not self._next.done():
+            self._next.cancel()
+
+
+async def sse(feed: Feed, first: Event | None, request_id: str, end: StreamEnd,
+              keepalive_s: float = 0.0) -> AsyncIterator[bytes]:
+    """The SSE body of a stream: the worker's events, byte for byte, as they come (``first``: one taken
+    already); a stream cut short by mgpu (the deadline, a dead letter, a worker's error) ends with one error
+    event and ``[DONE]``.  With ``keepalive_s``, an SSE comment whenever nothing came for that long."""
+    event: Event | None = first
     try:
-        async for kind, payload in events:
+        while True:
+            if event is None:
+                event = await feed.wait(keepalive_s or None)
+                if event is None:
+                    yield b": keep-alive\n\n"
+                    continue
+            kind, payload = event
+            event = None
             if kind == ReplyKind.CHUNK:
                 if end.first_token_at is None:
                     end.first_token_at = time.perf_counter()
-                for obj in fmt.delta_chunks(Chunk.model_validate_json(payload).choices):
-                    yield _sse_line(obj)
+                yield Chunk.model_validate_json(payload).sse.encode()
                 continue
             end.got_result = True
             result = read_result(request_id, payload)
             if result.error is not None:
                 end.outcome, end.status = _outcome(result), result.error.status
-                yield _sse_line(error_body(errors.from_info(result.error)))
+                yield _error_event(errors.from_info(result.error))
             else:
                 end.outcome, end.status = "success", 200
-                usage = fmt.usage_chunk(result.usage)
-                if usage is not None:
-                    yield _sse_line(usage)
-            yield b"data: [DONE]\n\n"
             return
+    except StopAsyncIteration:
+        raise errors.BadResult(f"request {request_id} ended without a result") from None
     except errors.MgpuError as exc:  # the deadline passed, Redis went away, a result was unreadable
         end.outcome, end.status = _outcome(exc), exc.status
-        yield _sse_line(error_body(exc))
-        yield b"data: [DONE]\n\n"
+        yield _error_event(exc)
+    finally:
+        feed.close()
 
 
 def _outcome(x: Result | errors.MgpuError) -> str:
@@ -244,31 +286,32 @@ def _account(state: GatewayState, a: Access, ended: float | None = None) -> None
         log.info("request done", extra=extra)
 
 
-# ----------------------------------------------------------------------------- generation
+# ----------------------------------------------------------------------------- handling
 
 
-async def generate(request: Request, kind: Kind) -> Response:
-    """One generation request, end to end (the routes' and the fast path's handler)."""
+async def handle(request: Request, kind: Kind) -> Response:
+    """One request to a worker's endpoint, end to end (the routes' and the fast path's handler)."""
     state: GatewayState = request.app.state.gw
     a = Access(endpoint=_ENDPOINTS[kind], started=time.perf_counter())
-    streamed = False
+    response: Response | None = None
     try:
         adm = await _admit(state, request, kind, a)
         item = adm.item
         s = state.settings
         route = state.balancer.plan(state.registry, s.keys, item.model, lambda: affinity_key(
-            adm.req.user, request.headers.get("x-session-id"), item.prompt, item.messages, s.affinity_prefix_chars))
+            adm.fields.user, request.headers.get("x-session-id"), adm.affinity_text(), s.affinity_prefix_chars))
         w = state.router.register(item.id, item.stream)
         try:
             queued = await enqueue(state, adm, route)
         except BaseException:
             state.router.unregister(w)
             raise
-        streamed = item.stream  # a stream accounts for itself when it ends
         if isinstance(queued, Duplicate):  # a retry: answer with the original, do not generate again
             state.router.unregister(w)
-            return await _answer_retry(state, adm, queued.first, a)
-        return await _answer(state, request, adm, route, queued, w, a)
+            response = await _answer_retry(state, request, adm, queued.first, a)
+        else:
+            response = await _answer(state, request, adm, route, queued, w, a)
+        return response
     except errors.MgpuError as exc:
         a.status, a.outcome = exc.status, outcome_of(exc)
         raise
@@ -276,7 +319,7 @@ async def generate(request: Request, kind: Kind) -> Response:
         a.status, a.outcome = 500, "failed"
         raise
     finally:
-        if not streamed:  # accounted for after the response is on its way, off the latency path
+        if not isinstance(response, StreamingResponse):  # a stream accounts for itself when it ends
             asyncio.get_running_loop().call_soon(_account, state, a, time.perf_counter())
 
 
@@ -288,6 +331,7 @@ async def _admit(state: GatewayState, request: Request, kind: Kind, a: Access) -
     model = body.get("model")
     a.model = state.model_label(model if isinstance(model, str) else None)
     adm = admission.admit(state, kind, body, trace, key, ANONYMOUS)
+    a.model = state.model_label(adm.item.model)
     a.request_id = adm.item.id
     set_request_id(adm.item.id)
     return adm
@@ -303,47 +347,80 @@ async def _answer(state: GatewayState, request: Request, adm: Admission, route: 
     w.future.add_done_callback(lambda _f: state.balancer.done(route))
     headers = {"X-Request-Id": adm.trace or item.id}
     if item.stream:
-        return _streaming(state, waiter_events(w, item.deadline or time.time()), adm, item.id, item.created, a,
-                          headers, w, cancel=adm.idem_key is None)
+        return await _stream(state, request, waiter_events(w, item.deadline or time.time()), item.id, a, headers, w,
+                             cancel=adm.idem_key is None)
     state.metrics.in_flight.inc()
     try:
         result = await until_result_or_disconnect(state, request, w, item, keep_on_disconnect=adm.idem_key is not None)
     finally:
         state.metrics.in_flight.dec()
         state.router.unregister(w)
-    return json_response(json_answer(result, item.model), headers=headers)
+    return answer(result, headers)
 
 
-async def _answer_retry(state: GatewayState, adm: Admission, first: IdempotencyRecord, a: Access) -> Response:
+async def _answer_retry(state: GatewayState, request: Request, adm: Admission, first: IdempotencyRecord,
+                        a: Access) -> Response:
     """A retry of the request ``first`` (an Idempotency-Key used before): its answer, in the retry's shape."""
     admission.check_reuse(adm, first)
     rid = a.request_id = first.request_id
     headers = {"X-Request-Id": adm.trace or rid}
     events = follow(state, rid, adm.item.stream, adm.item.deadline or time.time())
     if adm.item.stream:
-        return _streaming(state, events, adm, rid, first.created, a, headers, None, cancel=False)
-    result = await final_result(events, rid)
-    return json_response(json_answer(result, adm.item.model), headers=headers)
+        return await _stream(state, request, events, rid, a, headers, None, cancel=False)
+    return answer(await final_result(events, rid), headers)
 
 
-def _streaming(state: GatewayState, events: AsyncIterator[Event], adm: Admission, request_id: str,
-               created: int, a: Access, headers: dict[str, str], w: Waiter | None, *, cancel: bool) -> Response:
-    """The SSE response of a stream; when it ends without its result (the client went away, the deadline
-    passed) the request is cancelled, unless ``cancel`` is off (an idempotent request's client comes back)."""
-    item = adm.item
-    include_usage = bool(adm.req.stream_options and adm.req.stream_options.include_usage)
-    fmt = StreamFormatter(request_id, item.kind, created, item.model, item.params.n, include_usage)
+async def _first(state: GatewayState, request: Request, feed: Feed, request_id: str, watch: bool) -> Event | None:
+    """A stream's first event; None when ``stream_keepalive_s`` passed first (the stream starts with
+    comments).  A client that leaves meanwhile (``watch``) cancels the request."""
+    keepalive = state.settings.stream_keepalive_s or None
+    pending = feed.pending()
+    watcher = asyncio.ensure_future(_wait_disconnect(request.receive)) if watch else None
+    try:
+        waiting: set[asyncio.Future[Any]] = {pending} if watcher is None else {pending, watcher}
+        await asyncio.wait(waiting, timeout=keepalive, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    if pending.done():
+        return await feed.wait()
+    if watcher is not None and watcher.done():
+        await state.cancel(request_id)
+        raise errors.RequestCancelled("the client disconnected")
+    return None
+
+
+async def _stream(state: GatewayState, request: Request, events: AsyncIterator[Event], request_id: str, a: Access,
+                  headers: dict[str, str], w: Waiter | None, *, cancel: bool) -> Response:
+    """A stream's response.  Its status waits for the first event: a result that comes first (the worker
+    refused the request) is a JSON answer, with its status, as ``vllm serve`` answers it; a chunk starts the
+    event stream.  When the stream ends without its result (the client went away, the deadline passed) the
+    request is cancelled, unless ``cancel`` is off (an idempotent request's client comes back)."""
+    feed = Feed(events)
     end = StreamEnd()
+    state.metrics.in_flight.inc()
+
+    def done() -> None:
+        feed.close()
+        state.metrics.in_flight.dec()
+        if w is not None:
+            state.router.unregister(w)
+
+    try:
+        first = await _first(state, request, feed, request_id, watch=cancel)
+    except BaseException:
+        done()
+        raise
+    if first is not None and first[0] != ReplyKind.CHUNK:
+        done()
+        return answer(read_result(request_id, first[1]), headers)
 
     async def body() -> AsyncIterator[bytes]:
-        state.metrics.in_flight.inc()
         try:
-            async for part in sse(events, fmt, request_id, end):
+            async for part in sse(feed, first, request_id, end, state.settings.stream_keepalive_s):
                 yield part
         finally:
-            state.metrics.in_flight.dec()
-            if w is not None:
-                state.router.unregister(w)
+            done()
             if end.first_token_at is not None:
                 state.metrics.ttft.labels(a.model).observe(end.first_token_at - a.started)
             a.outcome, a.status = end.outcome, end.status
@@ -352,5 +429,3 @@ def _streaming(state: GatewayState, events: AsyncIterator[Event], adm: Admission
                 await asyncio.shield(state.cancel(request_id))
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
-
-

@@ -2,11 +2,13 @@
 
 Workers publish how their model counts tokens (``tokenizer`` in the ``models`` hash):
 
-* ``sim``: words, exactly as the simulator counts them;
+* ``sim``: words, as the simulator counts them;
 * a model folder path: that model's ``tokenizer.json`` (the ``tokenizers`` library), loaded in the
-  background the first time the model is seen.  For chat it counts the message contents only, a
-  lower bound of the templated prompt, so it never refuses a prompt the engine would take;
+  background the first time the model is seen;
 * anything else, or a tokenizer not loaded yet: no gateway check.
+
+It counts the texts it is given (a chat's message contents, without the template, the tools or any
+image): a lower bound of the prompt, so it never refuses a prompt the engine would take.
 
 The worker always checks exactly (and answers 400), so this is a fast path, not the only guard.
 """
@@ -18,8 +20,6 @@ import os
 import threading
 from typing import Any
 
-from common.prompts import sim_prompt_tokens
-
 log = logging.getLogger("mgpu.gateway.tokens")
 
 
@@ -29,16 +29,20 @@ class PromptCounter:
         self._loading: set[str] = set()
         self._lock = threading.Lock()
 
-    def count(self, spec: str, prompt: str | None, messages: list[dict[str, str]] | None) -> int | None:
-        if spec == "sim":
-            return sim_prompt_tokens(prompt, messages)
-        tok = self._tokenizers.get(spec)
-        if tok is None:
-            self._load_later(spec)
+    def count(self, spec: str, texts: list[str], *, chat: bool) -> int | None:
+        """Tokens in ``texts`` (one prompt, or a chat's contents: summed), or None when it cannot count;
+        for several completion prompts (``chat`` off), the longest."""
+        if not texts:
             return None
-        if messages is not None:
-            return sum(len(tok.encode(m.get("content", ""), add_special_tokens=False).ids) for m in messages)
-        return len(tok.encode(prompt or "", add_special_tokens=False).ids)
+        if spec == "sim":
+            counts = [len(t.split()) for t in texts]
+        else:
+            tok = self._tokenizers.get(spec)
+            if tok is None:
+                self._load_later(spec)
+                return None
+            counts = [len(tok.encode(t, add_special_tokens=False).ids) for t in texts]
+        return sum(counts) if chat else max(counts)
 
     def _load_later(self, spec: str) -> None:
         path = os.path.join(spec, "tokenizer.json")

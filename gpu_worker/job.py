@@ -1,13 +1,14 @@
-"""One job: a stream entry this worker holds, run on the engine from its first step to its result.
+"""One job: a stream entry this worker holds, run on the worker's OpenAI server from its first step to its
+result.
 
 * :class:`Job`: the record of one entry in flight (where it is, its request, its task, why it
   was stopped early), and :meth:`Job.end_early`, the one way to stop it.
-* :class:`JobContext`: all a job may use of its worker (scripts, settings, engine, stats,
+* :class:`JobContext`: all a job may use of its worker (scripts, settings, server, stats,
   metrics, the cancel memory and one callback); a job never touches the worker itself.
 * :class:`JobRunner`: the body of a job's task: skip what was cancelled or expired in the queue,
-  run the engine stream (``n > 1`` choices concurrently, a migrated stream resumed after what
-  earlier attempts sent), stream chunks (:class:`_Emitter`), store the result or an error
-  result, dead-letter what cannot run.
+  hand the request to the worker's OpenAI server (:mod:`gpu_worker.serving`; a migrated stream
+  with what earlier attempts sent), relay its stream (:class:`_Emitter`), store its answer or an
+  error result, dead-letter what cannot run.
 
 Every write goes through a script fenced by ownership (:mod:`common.scripts`): a job whose entry
 another worker took writes nothing (:class:`Fenced`).  Stopped early, a job answers ``cancelled``
@@ -33,13 +34,12 @@ import redis.asyncio as aioredis
 from common import errors
 from common.backoff import Backoff
 from common.logs import set_request_id
-from common.prompts import context_overflow
 from common.records import ReplyKind
-from common.schemas import Choice, ChoiceDelta, Chunk, ErrorInfo, Result, TokenLogprob, Usage, WorkItem
+from common.schemas import PATHS, Chunk, ErrorInfo, Kind, Result, WorkItem
 from common.scripts import Entry, Finish, Scripts
 from common.settings import WorkerSettings
-from gpu_worker.engine.base import Engine, EngineRequest, InvalidEngineRequest
-from gpu_worker.metrics import WorkerMetrics
+from gpu_worker.metrics import TokenTimer, WorkerMetrics
+from gpu_worker.serving.base import Call, OpenAIServer, Piece, Resumed
 from gpu_worker.stats import WorkerStats
 
 log = logging.getLogger("mgpu.worker")
@@ -56,6 +56,7 @@ class Job:
     entry_id: str
     fields: dict[Any, Any]
     deliveries: int
+    model: str  # the model (or adapter) whose stream it came from
     slots: int = 1
     item: WorkItem | None = None
     task: asyncio.Task[None] | None = None
@@ -83,7 +84,7 @@ class JobContext:
     settings: WorkerSettings
     client: aioredis.Redis  # reads what earlier attempts streamed
     scripts: Scripts
-    engine: Engine
+    server: OpenAIServer
     stats: WorkerStats
     metrics: WorkerMetrics
     cancelled: Container[str]  # request ids cancelled lately
@@ -114,11 +115,10 @@ class JobRunner:
 
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
-        self.model = ctx.settings.model
         self.ttl_s = ctx.settings.result_ttl_s
 
     def entry(self, job: Job) -> Entry:
-        return Entry(job.stream, job.entry_id, self.ctx.worker_id, self.model)
+        return Entry(job.stream, job.entry_id, self.ctx.worker_id, job.model)
 
     async def run(self, job: Job) -> None:
         """The job's task: however it ends, it has answered, handed back or let go of its entry."""
@@ -130,8 +130,8 @@ class JobRunner:
                 if job.stop_reason is not None:  # stopped before this first step
                     await self._stopped(job)
                 elif job.item is None:
-                    await self.dead_letter(job.stream, job.entry_id, job.fields, job.deliveries, reason="malformed",
-                                           job=job)
+                    await self.dead_letter(job.stream, job.model, job.entry_id, job.fields, job.deliveries,
+                                           reason="malformed", job=job)
                 else:
                     await self._execute(job, job.item)
             except asyncio.CancelledError:
@@ -163,19 +163,15 @@ class JobRunner:
         try:
             timeout = None if item.deadline is None else max(0.0, item.deadline - time.time())
             async with asyncio.timeout(timeout):
-                result = await self._generate(job, item)
+                result = await self._serve(job, item)
         except TimeoutError:
             job.stop_reason = "timeout"
             await self._finish_error(job, errors.RequestTimeout("the request's deadline passed"))
             return
-        except InvalidEngineRequest as exc:
-            await self._finish_error(job, errors.InvalidRequest(str(exc), param="messages"
-                                                                if item.kind == "chat" else "prompt"))
-            return
         # finishing before the shield's task starts: a cancel that lands while the result is stored
         # is ignored (end_early), instead of cancelling this task into a second, fenced, error result
         job.finishing = True
-        await asyncio.shield(self._store(job, result, ReplyKind.FINAL))
+        await asyncio.shield(self._store(job, result, ReplyKind.FINAL if result.error is None else ReplyKind.ERROR))
 
     async def _stopped(self, job: Job) -> None:
         """What a job stopped early leaves behind: an answer, a handed-back entry, or nothing (lost)."""
@@ -189,48 +185,58 @@ class JobRunner:
         elif reason == "lost":
             self.ctx.stats.fenced += 1
 
-    # ------------------------------------------------------------------ generation
-    async def _generate(self, job: Job, item: WorkItem) -> Result:
-        engine = self.ctx.engine
-        prompt_tokens = engine.count_prompt_tokens(item.prompt, item.messages)
-        max_tokens = item.params.max_tokens
-        if max_tokens is None:
-            max_tokens = engine.max_model_len - prompt_tokens
-        if why := context_overflow(engine.max_model_len, prompt_tokens, max_tokens):
-            raise InvalidEngineRequest(why)
-        resumed: dict[int, ChoiceDelta] = {}
-        seq = 0
-        if item.stream and job.deliveries > 1:
-            resumed, seq = await self._resume_state(item)
-        emitter = _Emitter(self.ctx.scripts, self.entry(job), item, seq, self.ttl_s) if item.stream else None
-        gen = _Generation(self.ctx, job, item, max_tokens, prompt_tokens, resumed, emitter)
-        try:
-            await gen.run()
-        finally:
-            if emitter is not None:
-                await emitter.close()
-        gen.choices.sort(key=lambda c: c.index)
-        return Result(id=item.id, kind=item.kind, model=item.model, created=item.created, choices=gen.choices,
-                      usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-                                  total_tokens=gen.prompt_tokens + gen.completion_tokens),
-                      worker=self.ctx.worker_id, attempts=job.deliveries, scope=item.scope)
+    # ------------------------------------------------------------------ serving
+    async def _serve(self, job: Job, item: WorkItem) -> Result:
+        """The request on the worker's OpenAI server: its stream relayed chunk by chunk, its end as a Result."""
+        resumed = await self._resume_state(item) if item.stream and job.deliveries > 1 else None
+        timers: dict[int, TokenTimer] = {}
 
-    async def _resume_state(self, item: WorkItem) -> tuple[dict[int, ChoiceDelta], int]:
-        """What earlier attempts already streamed: per choice text/tokens/finish, and the last seq."""
+        def on_tokens(choice: int, tokens: int, prompt_tokens: int) -> None:
+            timer = timers.get(choice)
+            if timer is None:
+                timer = timers[choice] = self.ctx.metrics.token_timer(item, choice)
+            timer.step(tokens, prompt_tokens)
+
+        call = Call(item=item, attempt_id=f"{item.id}/{job.entry_id}/{job.deliveries}", resumed=resumed,
+                    on_tokens=on_tokens)
+        emitter = _Emitter(self.ctx.scripts, self.entry(job), item, resumed.seq if resumed else 0, self.ttl_s)
+        reply = None
+        try:
+            async with contextlib.aclosing(self.ctx.server.serve(call)) as outs:
+                async for out in outs:
+                    if isinstance(out, Piece):
+                        emitter.push(out)
+                    else:
+                        reply = out
+        finally:
+            await emitter.close()
+        if reply is None:
+            raise errors.GenerationFailed("the server ended without an answer")
+        if reply.error is not None:  # refused (4xx), or a stream that could not be continued
+            self.ctx.stats.failed += 1
+        return Result(id=item.id, kind=item.kind, model=item.model, created=item.created, status=reply.status,
+                      body=reply.body, error=reply.error, usage=reply.usage, worker=self.ctx.worker_id,
+                      attempts=job.deliveries, scope=item.scope)
+
+    async def _resume_state(self, item: WorkItem) -> Resumed | None:
+        """What earlier attempts already streamed (None: nothing, so the request starts over)."""
         entries = await self.ctx.client.xrange(self.ctx.settings.keys.chunks(item.id))
-        done: dict[int, ChoiceDelta] = {}
-        seq = 0
+        seq, sse, tokens = 0, [], {}  # type: ignore[var-annotated]
+        continuable = True
         for _id, fields in entries:
             chunk = Chunk.model_validate_json(fields[b"c"])
             if chunk.seq <= seq:
                 continue
             seq = chunk.seq
-            for d in chunk.choices:
-                acc = done.setdefault(d.index, ChoiceDelta(index=d.index, token_ids=[]))
-                acc.text += d.text
-                acc.token_ids = (acc.token_ids or []) + (d.token_ids or [])
-                acc.finish_reason = d.finish_reason or acc.finish_reason
-        return done, seq
+            sse.append(chunk.sse)
+            if chunk.tokens is None:
+                continuable = False
+            else:
+                for i, ids in chunk.tokens.items():
+                    tokens.setdefault(i, []).extend(ids)
+        if not seq:
+            return None
+        return Resumed(seq=seq, sse="".join(sse), tokens=tokens if continuable else None)
 
     # ------------------------------------------------------------------ results
     async def _finish_error(self, job: Job, err: errors.MgpuError) -> None:
@@ -238,7 +244,7 @@ class JobRunner:
         assert item is not None
         if not isinstance(err, errors.RequestCancelled | errors.RequestTimeout):
             self.ctx.stats.failed += 1
-        result = Result(id=item.id, kind=item.kind, model=item.model, created=item.created,
+        result = Result(id=item.id, kind=item.kind, model=item.model, created=item.created, status=err.status,
                         error=err.to_info(), worker=self.ctx.worker_id, attempts=job.deliveries, scope=item.scope)
         await self._store(job, result, ReplyKind.ERROR)
 
@@ -255,20 +261,22 @@ class JobRunner:
             self.ctx.stats.served += 1
         self.ctx.metrics.finished(job, result)
 
-    async def dead_letter(self, stream: str, entry_id: str, fields: dict[Any, Any], deliveries: int, *,
+    async def dead_letter(self, stream: str, model: str, entry_id: str, fields: dict[Any, Any], deliveries: int, *,
                           reason: str, job: Job | None) -> None:
         """Move an entry that cannot run (``malformed``, or past ``max_deliveries``) to the dead-letter
         stream, and answer its request when the payload names one."""
         if job is not None:
             job.finishing = True
         raw = _s(fields.get(b"p", fields.get("p", b"")) or b"")
-        rid, reply, kind, model, scope = "", "", "completion", "", None
+        rid, reply, req_model, scope = "", "", "", None
+        kind: Kind = "completion"
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             obj = json.loads(raw)
             rid = str(obj.get("id") or "")
             reply = str(obj.get("reply_to") or "")
-            kind = obj.get("kind") if obj.get("kind") in ("chat", "completion") else "completion"
-            model = str(obj.get("model") or "")
+            if obj.get("kind") in PATHS:
+                kind = obj["kind"]
+            req_model = str(obj.get("model") or "")
             scope = str(obj["scope"]) if obj.get("scope") else None
         if reason == "malformed":
             err = ErrorInfo(message="malformed request entry on the stream", type="invalid_request_error",
@@ -277,11 +285,11 @@ class JobRunner:
             err = errors.DeadLettered(
                 f"the request failed on {deliveries - 1} workers and was moved to the dead-letter stream"
             ).to_info()
-        result = Result(id=rid or entry_id, kind="chat" if kind == "chat" else "completion", model=model,
-                        error=err, worker=self.ctx.worker_id, attempts=deliveries, scope=scope)
+        result = Result(id=rid or entry_id, kind=kind, model=req_model, status=err.status, error=err,
+                        worker=self.ctx.worker_id, attempts=deliveries, scope=scope)
         s = self.ctx.settings
         rc = await self.ctx.scripts.dead_letter(
-            Entry(stream, entry_id, self.ctx.worker_id, self.model), raw, result, reply or None, reason=reason,
+            Entry(stream, entry_id, self.ctx.worker_id, model), raw, result, reply or None, reason=reason,
             deliveries=deliveries, ttl_s=s.result_ttl_s, max_dead_letters=s.max_dead_letters, request_id=rid)
         if rc:
             self.ctx.stats.dead_lettered += 1
@@ -289,74 +297,9 @@ class JobRunner:
             log.warning("entry dead-lettered", extra={"entry": entry_id, "reason": reason, "request_id": rid})
 
 
-@dataclass(slots=True)
-class _Generation:
-    """One request's run on the engine: its choices (concurrent tasks when ``n > 1``), each
-    continuing after what earlier attempts streamed of it, and the usage they add up to."""
-
-    ctx: JobContext
-    job: Job
-    item: WorkItem
-    max_tokens: int
-    prompt_tokens: int  # counted before the run; the engine's count once it reports one
-    resumed: dict[int, ChoiceDelta]  # per choice, what earlier attempts streamed
-    emitter: _Emitter | None
-    choices: list[Choice] = field(default_factory=list)
-    completion_tokens: int = 0
-
-    async def run(self) -> None:
-        n = self.item.params.n
-        if n == 1:
-            await self.choice(0)
-        else:
-            async with asyncio.TaskGroup() as tg:
-                for i in range(n):
-                    tg.create_task(self.choice(i))
-
-    async def choice(self, index: int) -> None:
-        prev = self.resumed.get(index)
-        text, tokens = (prev.text, list(prev.token_ids or [])) if prev is not None else ("", [])
-        finish = prev.finish_reason if prev is not None else None
-        lps: list[TokenLogprob] = []
-        if finish is None:
-            if self.max_tokens - len(tokens) <= 0:
-                finish = "length"
-            else:
-                finish, text = await self._stream(index, tokens, text, lps)
-        self.completion_tokens += len(tokens)
-        self.choices.append(Choice(index=index, text=text, finish_reason=finish or "stop",
-                                   logprobs=lps if self.item.params.logprobs is not None else None))
-
-    async def _stream(self, index: int, tokens: list[int], text: str,
-                      lps: list[TokenLogprob]) -> tuple[str | None, str]:
-        """Run choice ``index`` on the engine after ``tokens``/``text``; extends ``tokens`` and
-        ``lps``, and returns the finish reason and the whole text."""
-        item, job, params = self.item, self.job, self.item.params
-        timer = self.ctx.metrics.token_timer(item, index)
-        p = params.model_copy(update={"n": 1, "max_tokens": self.max_tokens - len(tokens),
-                                      "seed": None if params.seed is None else params.seed + index})
-        req = EngineRequest(request_id=f"{item.id}/{index}/{job.entry_id}/{job.deliveries}", prompt=item.prompt,
-                            messages=item.messages, params=p, resume_token_ids=tokens, resume_text=text)
-        finish: str | None = None
-        emitter = self.emitter
-        async with contextlib.aclosing(self.ctx.engine.generate(req)) as outs:
-            async for out in outs:
-                timer.step(len(out.token_ids), out.prompt_tokens)
-                text += out.text
-                tokens.extend(out.token_ids)
-                self.prompt_tokens = out.prompt_tokens
-                if out.logprobs:
-                    lps.extend(out.logprobs)
-                finish = out.finish_reason
-                if emitter is not None:
-                    emitter.push(ChoiceDelta(index=index, text=out.text, token_ids=out.token_ids,
-                                             finish_reason=out.finish_reason, logprobs=out.logprobs))
-        return finish, text
-
-
 class _Emitter:
-    """Writes a streaming request's chunks in order; deltas that arrive while a write is in
-    flight are merged into the next chunk, so a busy worker sends fewer, larger chunks."""
+    """Writes a stream's chunks in order; pieces that arrive while a write is in flight are merged into
+    the next chunk, so a busy worker sends fewer, larger chunks."""
 
     def __init__(self, scripts: Scripts, entry: Entry, item: WorkItem, seq: int, ttl_s: int) -> None:
         self.scripts = scripts
@@ -364,30 +307,32 @@ class _Emitter:
         self.item = item
         self.seq = seq
         self.ttl_s = ttl_s
-        self.pending: dict[int, ChoiceDelta] = {}
+        self.pending: Piece | None = None
         self.task: asyncio.Task[None] | None = None
         self.error: BaseException | None = None
 
-    def push(self, d: ChoiceDelta) -> None:
+    def push(self, piece: Piece) -> None:
         if self.error is not None:
             raise self.error
-        acc = self.pending.get(d.index)
+        acc = self.pending
         if acc is None:
-            self.pending[d.index] = d.model_copy()
+            self.pending = Piece(piece.sse, None if piece.tokens is None else {i: list(t) for i, t in
+                                                                             piece.tokens.items()})
         else:
-            acc.text += d.text
-            acc.token_ids = (acc.token_ids or []) + (d.token_ids or [])
-            acc.finish_reason = d.finish_reason or acc.finish_reason
-            if d.logprobs:
-                acc.logprobs = (acc.logprobs or []) + d.logprobs
+            acc.sse += piece.sse
+            if acc.tokens is None or piece.tokens is None:
+                acc.tokens = None
+            else:
+                for i, ids in piece.tokens.items():
+                    acc.tokens.setdefault(i, []).extend(ids)
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._flush())
 
     async def _flush(self) -> None:
-        while self.pending:
-            deltas, self.pending = self.pending, {}
+        while self.pending is not None:
+            piece, self.pending = self.pending, None
             self.seq += 1
-            chunk = Chunk(seq=self.seq, choices=sorted(deltas.values(), key=lambda d: d.index))
+            chunk = Chunk(seq=self.seq, sse=piece.sse, tokens=piece.tokens)
             try:
                 ok = await retrying(functools.partial(self.scripts.emit, self.entry, self.item.id, chunk,
                                                       self.item.reply_to, self.ttl_s))
@@ -406,7 +351,7 @@ class _Emitter:
             try:
                 await asyncio.shield(task)
             except asyncio.CancelledError:
-                self.pending.clear()
+                self.pending = None
                 await asyncio.wait([task])
                 if not task.cancelled():
                     task.exception()  # retrieved: a fenced write of a stopped job is no error of its own

@@ -27,8 +27,8 @@ from common.outcomes import OUTCOMES, outcome_of
 from common.probe_http import ProbeServer
 from common.schemas import Result, WorkItem
 from common.settings import WorkerSettings
-from gpu_worker.engine.base import Engine
 from gpu_worker.nvml import Gpu
+from gpu_worker.serving.base import OpenAIServer
 from gpu_worker.stats import WorkerStats
 
 log = logging.getLogger("mgpu.worker")
@@ -159,7 +159,7 @@ class _GpuCollector(Collector):
 
 
 class WorkerMetrics:
-    def __init__(self, settings: WorkerSettings, stats: WorkerStats, engine: Engine, gpu: Gpu, *, worker_id: str,
+    def __init__(self, settings: WorkerSettings, stats: WorkerStats, engine: OpenAIServer, gpu: Gpu, *, worker_id: str,
                  version: str) -> None:
         self.s = settings
         self.stats = stats

@@ -19,19 +19,19 @@ import redis.asyncio as aioredis
 
 from common.records import ModelFacts, WorkerRecord, WorkerState
 from common.settings import WorkerSettings
-from gpu_worker.engine.base import Engine
+from gpu_worker.serving.base import OpenAIServer
 from gpu_worker.stats import WorkerStats
 
 
 class Registry:
-    def __init__(self, client: aioredis.Redis, settings: WorkerSettings, *, worker_id: str, engine: Engine,
+    def __init__(self, client: aioredis.Redis, settings: WorkerSettings, *, worker_id: str, server: OpenAIServer,
                  stats: WorkerStats, gpu_name: str, version: str) -> None:
         self.r = client
         self.s = settings
         self.keys = settings.keys
         self.id = worker_id
         self.model = settings.model
-        self.engine = engine
+        self.server = server
         self.stats = stats
         self.gpu_name = gpu_name
         self.version = version
@@ -45,7 +45,7 @@ class Registry:
 
     def record(self) -> WorkerRecord:
         """This worker's registry record, as of now."""
-        st, engine = self.stats, self.engine
+        st, engine = self.stats, self.server
         return WorkerRecord(
             id=self.id, host=self._host, pid=self._pid, gpu="" if self.s.gpu is None else str(self.s.gpu),
             gpu_name=self.gpu_name, model=self.model, engine=engine.name, version=self.version,
@@ -54,7 +54,8 @@ class Registry:
             metrics_port=self.metrics_port, failed=st.failed, metrics_host=self._metrics_host,
             cancelled=st.cancelled, skipped=st.skipped, reclaimed=st.reclaimed, fenced=st.fenced,
             dead_lettered=st.dead_lettered, engine_aborts=engine.aborts,
-            weight=self.s.weight or engine.slots, queued=st.own_queued)
+            weight=self.s.weight or engine.slots, queued=st.own_queued,
+            models=",".join(c.id for c in engine.models()) if st.state != WorkerState.STARTING else "")
 
     def queue_presence(self, p: Any) -> None:
         """Queue on pipeline ``p`` (sync or asyncio) the writes that keep this worker listed: the
@@ -71,14 +72,17 @@ class Registry:
             await p.execute()
 
     async def publish_ready(self) -> None:
-        """Publish the model's facts (the gateway checks prompt lengths with them) and state ``ready``."""
-        engine = self.engine
-        facts = ModelFacts(max_model_len=engine.max_model_len, engine=engine.name,
-                           tokenizer=getattr(engine, "tokenizer_spec", engine.name)).model_dump_json()
+        """Publish the facts of what the server serves (the gateway checks prompt lengths and endpoints with
+        them, and lists them in /v1/models) and state ``ready``."""
+        server = self.server
+        facts = {c.id: ModelFacts(max_model_len=c.max_model_len, engine=server.name, tokenizer=c.tokenizer,
+                                  root=c.root, parent=c.parent, kinds=list(c.kinds), owned_by=c.owned_by,
+                                  created=int(time.time())).model_dump_json() for c in server.models()}
         with contextlib.suppress(redis.RedisError, OSError):
             async with self.r.pipeline(transaction=True) as p:
-                p.hset(self.keys.models, self.model, facts)
-                p.hset(self.key, "state", WorkerState.READY.value)
+                if facts:
+                    p.hset(self.keys.models, mapping=facts)
+                p.hset(self.key, mapping={"state": WorkerState.READY.value, "models": ",".join(facts)})
                 await p.execute()
 
     async def publish_state(self, state: WorkerState) -> None:

@@ -1,9 +1,10 @@
-"""The GPU worker: its lifecycle and its intake.  It pulls requests from its model's streams and
-hands each to a job (:mod:`gpu_worker.job`) that runs it on the engine.
+"""The GPU worker: its lifecycle and its intake.  It pulls requests from its model's streams (and those
+of the LoRA adapters it serves) and hands each to a job (:mod:`gpu_worker.job`) that runs it on the
+worker's OpenAI server (:mod:`gpu_worker.serving`: vLLM's own, or the simulator's).
 
 Flow of one request::
 
-    XREADGROUP COUNT <free slots>  ->  engine.generate()  ->  EMIT_CHUNK* (streaming)  ->  FINISH
+    XREADGROUP COUNT <free slots>  ->  server.serve()  ->  EMIT_CHUNK* (streaming)  ->  FINISH
 
 FINISH stores the result (first result wins), tells the waiting gateway, and XACKs + XDELs the
 entry, all in one Lua script that first checks this worker still owns the entry (fencing).
@@ -44,13 +45,13 @@ from common.records import WorkerState
 from common.schemas import WorkItem
 from common.scripts import Scripts
 from common.settings import WorkerSettings
-from gpu_worker.engine.base import Engine
 from gpu_worker.job import Job, JobContext, JobRunner
 from gpu_worker.liveness import Keeper, Leases, LoopHooks, Lost
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.nvml import Gpu
 from gpu_worker.orphans import OwnStreams
 from gpu_worker.registry import Registry
+from gpu_worker.serving.base import OpenAIServer
 from gpu_worker.stats import WorkerStats
 
 log = logging.getLogger("mgpu.worker")
@@ -83,29 +84,31 @@ class RecentIds:
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, engine: Engine, client: aioredis.Redis, *, version: str = "dev",
-                 gpu: Gpu | None = None) -> None:
+    def __init__(self, settings: WorkerSettings, server: OpenAIServer, client: aioredis.Redis, *,
+                 version: str = "dev", gpu: Gpu | None = None) -> None:
         self.s = settings
-        self.engine = engine
+        self.server = server
         self.r = client
         self.keys = settings.keys
         self.id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.model = settings.model
         self.scripts = Scripts(client, self.keys)
         self.own = OwnStreams(client, self.scripts, self.keys, self.model, self.id)
-        # read in priority order: what a push strategy sent to this worker, then the shared stream
+        # read in priority order: what a push strategy sent to this worker, then the shared stream (and, once
+        # the server has started, those of the adapters it serves)
         self.streams = [self.own.own, self.keys.stream(self.model)]
+        self._stream_model = {s: self.model for s in self.streams}  # the model (or adapter) of each stream
         self.stats = WorkerStats()
         self.gpu = gpu or Gpu(settings.gpu)
-        self.registry = Registry(client, settings, worker_id=self.id, engine=engine, stats=self.stats,
+        self.registry = Registry(client, settings, worker_id=self.id, server=server, stats=self.stats,
                                  gpu_name=self.gpu.name, version=version)
-        self.metrics = WorkerMetrics(settings, self.stats, engine, self.gpu, worker_id=self.id, version=version)
+        self.metrics = WorkerMetrics(settings, self.stats, server, self.gpu, worker_id=self.id, version=version)
         self.exit_code = 0
         self.jobs: dict[str, Job] = {}  # entry id -> job
         self._by_request: dict[str, Job] = {}
         self._cancelled = RecentIds(settings.result_ttl_s)
         self.runner = JobRunner(JobContext(
-            worker_id=self.id, settings=settings, client=client, scripts=self.scripts, engine=engine,
+            worker_id=self.id, settings=settings, client=client, scripts=self.scripts, server=server,
             stats=self.stats, metrics=self.metrics, cancelled=self._cancelled, engine_dead=self._engine_dead))
         self._stop = asyncio.Event()
         self._closing = False  # background loops end even if a cancellation got lost
@@ -116,7 +119,7 @@ class Worker:
 
     def __repr__(self) -> str:
         return (f"<Worker {self.id} model={self.model} state={self.stats.state} "
-                f"in_flight={self.in_flight}/{self.engine.slots} served={self.stats.served}>")
+                f"in_flight={self.in_flight}/{self.server.slots} served={self.stats.served}>")
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -130,7 +133,7 @@ class Worker:
 
     @property
     def free_slots(self) -> int:
-        return self.stats.free_slots(self.engine.slots)
+        return self.stats.free_slots(self.server.slots)
 
     def _leases(self) -> Leases:
         """In-flight entries by stream.  Called from the keeper thread: ``dict.copy`` is atomic."""
@@ -208,9 +211,15 @@ class Worker:
         if self.stats.state not in (WorkerState.STARTING, WorkerState.CANARY):  # asked to drain meanwhile
             return
         self.stats.state = WorkerState.READY
+        for card in self.server.models():  # adapters: their streams too
+            stream = self.keys.stream(card.id)
+            if stream not in self._stream_model:
+                self.streams.append(stream)
+                self._stream_model[stream] = card.id
+        await self._ensure_groups()
         await self.registry.publish_ready()
         self._slot_freed.set()  # the pull loop adds the shared stream at its next read
-        log.info("worker ready", extra={"worker": self.id, "model": self.model, "slots": self.engine.slots,
+        log.info("worker ready", extra={"worker": self.id, "model": self.model, "slots": self.server.slots,
                                         "revision": self.registry.revision})
 
     async def close(self) -> None:
@@ -282,7 +291,7 @@ class Worker:
         while not self._closing:
             await asyncio.sleep(1.0)
             try:
-                await asyncio.wait_for(self.engine.check_health(), timeout=2.0)
+                await asyncio.wait_for(self.server.check_health(), timeout=2.0)
             except (TimeoutError, errors.EngineDead) as exc:
                 self._engine_dead(f"engine health check failed: {exc!r}")
                 return
@@ -379,7 +388,7 @@ class Worker:
                 log.info("reclaimed entry", extra={"worker": self.id, "entry": c.entry_id,
                                                    "deliveries": c.deliveries, "from": c.previous_owner})
                 if c.deliveries > self.s.max_deliveries:
-                    await self.runner.dead_letter(stream, c.entry_id, c.fields, c.deliveries,
+                    await self.runner.dead_letter(stream, self._model_of(stream), c.entry_id, c.fields, c.deliveries,
                                                   reason="max_deliveries", job=self.jobs.get(c.entry_id))
                 else:
                     self._start(stream, c.entry_id, c.fields, deliveries=c.deliveries)
@@ -414,10 +423,10 @@ class Worker:
         """Start a job for an entry this worker now holds; the slots it takes (0: it runs already)."""
         if entry_id in self.jobs:
             return 0
-        job = Job(stream=stream, entry_id=entry_id, fields=fields, deliveries=deliveries)
+        job = Job(stream=stream, entry_id=entry_id, fields=fields, deliveries=deliveries, model=self._model_of(stream))
         try:
             job.item = WorkItem.from_fields(fields)
-            job.slots = max(1, job.item.params.n)
+            job.slots = job.item.n
         except (ValidationError, ValueError):
             job.item = None
         self.jobs[entry_id] = job
@@ -428,6 +437,10 @@ class Worker:
         job.task = asyncio.create_task(self.runner.run(job), name=f"job-{entry_id}")
         job.task.add_done_callback(lambda _t: self._forget(job))
         return job.slots
+
+    def _model_of(self, stream: str) -> str:
+        """The model (or adapter) whose requests ``stream`` carries (an orphaned own stream: the base model)."""
+        return self._stream_model.get(stream, self.model)
 
     def _forget(self, job: Job) -> None:
         """The job's task is done, however it ended: free its slot (idempotent)."""

@@ -1,8 +1,8 @@
 """The ``mgpu`` command.
 
-    mgpu up        the whole service on this machine (redis-server, gateway, one worker per GPU)
+    mgpu up        the whole service on this machine (redis-server, gateway, one worker per GPU or GPU group)
     mgpu gateway   the HTTP gateway alone
-    mgpu worker    one GPU worker alone
+    mgpu worker    one GPU worker alone (``mgpu worker ... -- <vllm serve engine flags>``)
     mgpu drain ID  ask a worker to drain and exit
     mgpu status    live view of workers and queues (``--once``: one snapshot)
     mgpu strategy  show or set the load-balancing strategy of running gateways
@@ -72,11 +72,26 @@ def _settings(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> L
     return cls.load(overrides, env=env)
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The command line; what follows ``--`` are vLLM engine flags (``mgpu worker|up ... -- FLAGS``)."""
+    engine: list[str] | None = None
+    if "--" in argv:
+        i = argv.index("--")
+        argv, engine = argv[:i], argv[i + 1:]
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if engine is not None:
+        if "engine_args" not in COMMANDS[ns.cmd].settings.model_fields:
+            parser.error(f"mgpu {ns.cmd} takes no engine flags after --")
+        ns.engine_args = engine
+    return ns
+
+
 def parse_command(argv: list[str], env: Mapping[str, str] | None = None) -> tuple[argparse.Namespace, LogSettings]:
     """An ``mgpu`` command line (not ``bench``/``chaos``) and its settings, loaded as ``main`` loads them
     (``env``: the ``MGPU_*`` variables; default ``os.environ``), of the command's class.  SystemExit on bad
     arguments, SettingsError on bad settings.  The container health check and tests/unit/test_compose.py use it."""
-    ns = build_parser().parse_args(argv)
+    ns = _parse(argv)
     return ns, _settings(ns, env)
 
 
@@ -162,7 +177,11 @@ def _exit_hung(limit: float) -> None:
 def _run_up(s: UpSettings, ns: argparse.Namespace) -> int:
     from ops.supervisor import run_up
 
-    return run_up(s)
+    try:
+        return run_up(s)
+    except SettingsError as exc:
+        log.error("mgpu up: %s", exc)
+        return 2
 
 
 def _worker_arguments(p: argparse.ArgumentParser) -> None:
@@ -294,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mgpu {argv[0]}: the benchmarks (package bench) are not installed in this image", file=sys.stderr)
             return 2
         return int(tool.main(argv[1:]))
-    ns = build_parser().parse_args(argv)
+    ns = _parse(argv)
     try:
         s = _settings(ns)
     except SettingsError as exc:

@@ -39,7 +39,7 @@ from pathlib import Path
 import redis
 from pydantic import ValidationError
 
-from common.schemas import Result, SamplingParams, WorkItem
+from common.schemas import Result, WorkItem
 from common.settings import WorkerSettings
 from ops.fleet import Child, Fleet
 from ops.rollout import RolloutState, SlotProgress
@@ -67,8 +67,8 @@ def last_log_line(path: Path, limit: int = 300) -> str:
 def canary_items(rollout_id: str, worker_id: str, model: str, n: int, deadline: float) -> list[WorkItem]:
     """Plain completions (every model has no chat template, but every model completes), greedy."""
     return [WorkItem(id=f"canary-{rollout_id}-{worker_id}-{i}", kind="completion", model=model,
-                     prompt=f"mgpu rollout canary {i}: the quick brown fox jumps over",
-                     params=SamplingParams(max_tokens=CANARY_TOKENS, temperature=0.0), deadline=deadline)
+                     body={"model": model, "prompt": f"mgpu rollout canary {i}: the quick brown fox jumps over",
+                           "max_tokens": CANARY_TOKENS, "temperature": 0.0}, deadline=deadline)
             for i in range(n)]
 
 
@@ -78,13 +78,14 @@ def check_canary(item: WorkItem, res: Result, worker_id: str, engine: str) -> st
         return f"{res.error.code or res.error.type}: {res.error.message}"
     if res.worker != worker_id:
         return f"answered by {res.worker}, not by the new worker"
-    text = res.choices[0].text if res.choices else ""
+    choices = (res.body or {}).get("choices") or [{}]
+    text = choices[0].get("text") or ""
     if res.usage.completion_tokens == 0:
         return "no token generated"
     if engine == "sim":
         from gpu_worker.engine.sim import expected_text
 
-        if text != expected_text(item.prompt, max_tokens=CANARY_TOKENS):
+        if text != expected_text(item.body["prompt"], max_tokens=CANARY_TOKENS):
             return f"wrong text {text[:60]!r}"
     return None
 

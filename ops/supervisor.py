@@ -15,6 +15,7 @@ For Prometheus it keeps ``<data_dir>/prometheus/workers.json`` (file_sd targets:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -33,7 +34,7 @@ import redis
 from pydantic import ValidationError
 
 from common.records import WorkerRecord, WorkerState
-from common.settings import ROLLOUT_FIELDS, GatewaySettings, UpSettings, WorkerSettings, to_env
+from common.settings import ROLLOUT_FIELDS, GatewaySettings, SettingsError, UpSettings, WorkerSettings, to_env
 from ops import rollout
 from ops.fleet import CRASH_LOOP_WINDOW_S, Child
 from ops.procs import RedisServer, free_port, mgpu_cmd, port_free, terminate
@@ -61,13 +62,32 @@ def visible_gpus() -> list[int]:
         return []
 
 
+def gpus_per_worker(engine_args: Sequence[str]) -> int:
+    """How many GPUs one worker's engine asks for: tensor x pipeline x data parallel size, as ``vllm serve``
+    reads those flags (``-tp 2``, ``--tensor-parallel-size=2``, ...)."""
+    p = argparse.ArgumentParser(add_help=False)
+    for short, long in (("-tp", "--tensor-parallel-size"), ("-pp", "--pipeline-parallel-size"),
+                        ("-dp", "--data-parallel-size")):
+        p.add_argument(short, long, type=int, default=1, dest=long[2:].replace("-", "_"))
+    ns, _ = p.parse_known_args(list(engine_args))
+    return max(1, ns.tensor_parallel_size) * max(1, ns.pipeline_parallel_size) * max(1, ns.data_parallel_size)
+
+
+def plan_gpus(gpus: Sequence[int], per_worker: int) -> list[tuple[int, ...]]:
+    """The GPUs of each worker: consecutive groups of ``per_worker`` (what is left over stays idle)."""
+    if per_worker > len(gpus):
+        raise SettingsError(f"each worker's engine asks for {per_worker} GPUs (its -tp x -pp x -dp flags), and "
+                            f"this host has {len(gpus)}")
+    return [tuple(gpus[i:i + per_worker]) for i in range(0, len(gpus) - per_worker + 1, per_worker)]
+
+
 @dataclass(frozen=True)
 class SlotSpec:
-    """Where one worker runs: a GPU (or a CPU slot), its log, its base worker id."""
+    """Where one worker runs: its GPUs (none: a CPU slot), its log, its base worker id."""
 
     name: str
     worker_id: str
-    gpu: int | None
+    gpus: tuple[int, ...]
     log_path: Path
 
 
@@ -75,7 +95,7 @@ class Supervisor:
     """The processes of ``mgpu up`` and the loop that keeps them running (and rolls them); to its
     rolling updates, an :class:`ops.fleet.Fleet`."""
 
-    def __init__(self, s: UpSettings, data: Path, gpus: list[int]) -> None:
+    def __init__(self, s: UpSettings, data: Path, gpus: list[tuple[int, ...]]) -> None:
         self.s = s
         self.keys = s.keys
         self.template = WorkerSettings.of(s)  # the settings every worker runs (a rollout replaces it)
@@ -86,9 +106,11 @@ class Supervisor:
         node = os.uname().nodename
         logs = data / "logs"
         if gpus:
-            self.specs = [SlotSpec(f"worker-gpu{g}", f"{node}-gpu{g}", g, logs / f"worker-gpu{g}.log") for g in gpus]
+            names = ["-".join(map(str, g)) for g in gpus]
+            self.specs = [SlotSpec(f"worker-gpu{n}", f"{node}-gpu{n}", g, logs / f"worker-gpu{n}.log")
+                          for n, g in zip(names, gpus)]
         else:
-            self.specs = [SlotSpec(f"worker-cpu{i}", f"{node}-cpu{i}", None, logs / f"worker-cpu{i}.log")
+            self.specs = [SlotSpec(f"worker-cpu{i}", f"{node}-cpu{i}", (), logs / f"worker-cpu{i}.log")
                           for i in range(s.workers)]
         self._surges = [0] * len(self.specs)
         self.workers: list[Child] = []
@@ -116,8 +138,8 @@ class Supervisor:
         spec = self.specs[slot]
         extra = {"MGPU_WORKER_ID": worker_id, "MGPU_REVISION": template.effective_revision,
                  "MGPU_CANARY_GATE": "false"}
-        if spec.gpu is not None:
-            extra.update(MGPU_GPU=str(spec.gpu), CUDA_VISIBLE_DEVICES=str(spec.gpu))
+        if spec.gpus:  # NVML health watches the first; the engine sees them all
+            extra.update(MGPU_GPU=str(spec.gpus[0]), CUDA_VISIBLE_DEVICES=",".join(map(str, spec.gpus)))
         elif template.engine == "vllm":
             extra["MGPU_VLLM_ENFORCE_EAGER"] = "true"
         return {**to_env(template), **extra}
@@ -394,9 +416,10 @@ def run_up(s: UpSettings) -> int:
 
         log.info("preparing the embedded model (converted once, then cached)")
         s = s.model_copy(update={"model_path": str(ensure_embedded_model(Path(s.model_cache_dir)))})
-    gpus = visible_gpus()
+    visible = visible_gpus()
+    gpus = plan_gpus(visible, gpus_per_worker(s.engine_args)) if visible else []
     if gpus:
-        log.info("found %d GPU(s): one worker each", len(gpus))
+        log.info("found %d GPU(s): %d worker(s) of %d GPU(s) each", len(visible), len(gpus), len(gpus[0]))
     else:
         log.info("no GPU found: %d CPU worker(s)", s.workers)
     stop = threading.Event()

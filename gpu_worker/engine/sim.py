@@ -54,6 +54,13 @@ def tokenize(text: str) -> list[int]:
     return [_word_id(w) for w in text.split()]
 
 
+def detokenize(ids: list[int]) -> str:
+    """The words of token ids (IndexError for an id outside the vocabulary)."""
+    if any(not 0 <= i < VOCAB for i in ids):
+        raise IndexError("token id outside the vocabulary")
+    return " ".join(_WORDS[i] for i in ids)
+
+
 def next_token(prev2: int, prev1: int, seed: int) -> int:
     return (prev1 * 1_103_515_245 + prev2 * 12_345 + seed * 2_654_435_761 + 7) % VOCAB
 
@@ -223,7 +230,7 @@ class SimEngine:
         seq.generated += 1
         piece = " " + _WORDS[tok]
         finish: str | None = None
-        if p.stop:
+        if p.stop and seq.generated + len(seq.req.resume_token_ids) > p.min_tokens:
             full = seq.req.resume_text + seq.text + piece
             for s in p.stop:
                 cut = full.find(s, max(0, len(seq.req.resume_text) + len(seq.text) - len(s)))

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from common import errors
-from common.protocol import ChatCompletionRequest, CompletionRequest, StreamFormatter
-from common.schemas import ChoiceDelta, SamplingParams, Usage, WorkItem
+from common.protocol import ChatCompletionRequest, CompletionRequest
+from common.responses import StreamFormatter
+from common.schemas import ChoiceDelta, SamplingParams, Usage, WorkItem, base_request_id, new_request_id
 from common.settings import Settings, SettingsError
 from gpu_worker.engine.base import EngineRequest, InvalidEngineRequest
 from gpu_worker.engine.sim import SimEngine, expected_text
@@ -49,14 +50,19 @@ def test_requests_validate_like_openai() -> None:
 
 
 def test_work_item_round_trip_and_checks() -> None:
-    item = WorkItem(id="r1", kind="chat", model="m", messages=[{"role": "user", "content": "hi"}],
-                    params=SamplingParams(max_tokens=3, stop=["\n"]), reply_to="gw")
+    item = WorkItem(id="r1", kind="chat", model="m", body={"messages": [{"role": "user", "content": "hi"}],
+                                                         "max_tokens": 3, "stop": ["\n"], "tools": []},
+                    reply_to="gw", n=2)
     back = WorkItem.from_fields({b"p": item.to_fields()["p"].encode()})
-    assert back == item
+    assert back == item and back.path == "/v1/chat/completions"
     with pytest.raises(ValueError):
-        WorkItem(id="r2", kind="completion", model="m")
+        WorkItem(id="r2", kind="completion", model="m")  # type: ignore[call-arg]  # no body
+    with pytest.raises(ValueError):
+        WorkItem(id="r3", kind="nope", model="m", body={})  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         WorkItem.from_fields({b"q": b"{}"})
+    rid = new_request_id("chat")
+    assert rid.startswith("chatcmpl-") and base_request_id("chat", rid) == rid.removeprefix("chatcmpl-")
 
 
 def test_errors_cross_the_process_boundary() -> None:
@@ -132,15 +138,18 @@ async def test_sim_abort_is_recorded() -> None:
 
 def test_stream_formatter_shapes() -> None:
     f = StreamFormatter("chatcmpl-1", "chat", 7, "m", n=1, include_usage=True)
-    role = f.role_chunks()[0]
-    assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""} and role["usage"] is None
     chunks = f.delta_chunks([ChoiceDelta(index=0, text=" hi", finish_reason="length")])
-    assert [c["choices"][0]["delta"] for c in chunks] == [{"content": " hi"}, {}]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # the role chunk comes with the first token, not before it
+    assert [c["choices"][0]["delta"] for c in chunks] == [{"role": "assistant", "content": ""}, {"content": " hi"}, {}]
+    assert chunks[0]["usage"] is None and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert [c["choices"][0]["delta"] for c in f.delta_chunks([ChoiceDelta(index=0, text=" x")])] == [{"content": " x"}]
+    call = f.delta_chunks([ChoiceDelta(index=1, tool_calls=[{"index": 0, "id": "c"}], finish_reason="tool_calls")])
+    assert [c["choices"][0]["delta"] for c in call] == [{"role": "assistant", "content": ""},
+                                                         {"tool_calls": [{"index": 0, "id": "c"}]}, {}]
     usage = f.usage_chunk(Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3))
     assert usage is not None and usage["choices"] == [] and usage["usage"]["total_tokens"] == 3
     g = StreamFormatter("cmpl-1", "completion", 7, "m", n=1, include_usage=False)
-    assert g.role_chunks() == [] and g.usage_chunk(Usage()) is None
+    assert g.usage_chunk(Usage()) is None
     assert "usage" not in g.delta_chunks([ChoiceDelta(text="a")])[0]
 
 
@@ -210,19 +219,20 @@ def test_gateway_prompt_counter(tmp_path: Any) -> None:
     from gateway.tokens import PromptCounter
 
     c = PromptCounter()
-    msgs = [{"role": "user", "content": "one two three"}]
-    assert c.count("sim", None, msgs) == len("user: one two three\nassistant:".split())
-    assert c.count("vllm", "x", None) is None  # unknown: the worker checks
+    assert c.count("sim", ["one two three", "four"], chat=True) == 4  # a chat's contents, summed
+    assert c.count("sim", ["one two three", "four"], chat=False) == 3  # several prompts: the longest
+    assert c.count("sim", [], chat=True) is None
+    assert c.count("vllm", ["x"], chat=False) is None  # unknown: the worker checks
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
     spec = str(tmp_path)
-    assert c.count(spec, "a b a", None) is None  # loads in the background; meanwhile no check
+    assert c.count(spec, ["a b a"], chat=False) is None  # loads in the background; meanwhile no check
     for t in list(threading.enumerate()):
         if t.name == "tokenizer-load":
             t.join(10)
-    assert c.count(spec, "a b a", None) == 3
-    assert c.count(spec, None, [{"role": "user", "content": "a b"}, {"role": "user", "content": "b"}]) == 3
+    assert c.count(spec, ["a b a"], chat=False) == 3
+    assert c.count(spec, ["a b", "b"], chat=True) == 3
 
 
 # ----------------------------------------------------------------------------- log lines

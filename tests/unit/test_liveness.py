@@ -10,6 +10,7 @@ import pytest
 
 from common.settings import Settings
 from gpu_worker.engine.sim import SimEngine
+from gpu_worker.serving.sim import SimServer
 from gpu_worker.liveness import Beat, Keeper, LoopHooks, NamedPipeline
 from gpu_worker.nvml import Gpu
 from gpu_worker.registry import Registry
@@ -87,8 +88,8 @@ def test_beat_decodes_flags_length_and_lost_entries() -> None:
 def _keeper(pipe: FakePipe) -> tuple[Keeper, WorkerStats, list[tuple[str, Any]]]:
     s = Settings.load({"engine": "sim", "model": "m", "worker_id": "w1", "namespace": "tl"}, env={})
     stats = WorkerStats()
-    engine = SimEngine(slots=4)
-    reg = Registry(None, s, worker_id="w1", engine=engine, stats=stats, gpu_name="", version="dev")  # type: ignore[arg-type]
+    reg = Registry(None, s, worker_id="w1", server=SimServer(SimEngine(slots=4), "m"), stats=stats,  # type: ignore[arg-type]
+                   gpu_name="", version="dev")
     calls: list[tuple[str, Any]] = []
     hooks = LoopHooks(drain=lambda: calls.append(("drain", None)), admit=lambda: calls.append(("admit", None)),
                       lost=lambda lost: calls.append(("lost", lost)),

@@ -110,11 +110,9 @@ def test_affinity_is_sticky_bounded_and_consistent() -> None:
 
 
 def test_affinity_key_prefers_user_then_session_then_prefix() -> None:
-    assert affinity_key("alice", "s1", "p", None, 8) == "u:alice"
-    assert affinity_key(None, "s1", "p", None, 8) == "s:s1"
-    assert affinity_key(None, None, "0123456789abc", None, 8) == "p:01234567"
-    msgs = [{"role": "system", "content": "long shared system prompt"}, {"role": "user", "content": "x"}]
-    assert affinity_key(None, None, None, msgs, 12) == "p:system: long"
+    assert affinity_key("alice", "s1", "p", 8) == "u:alice"
+    assert affinity_key(None, "s1", "p", 8) == "s:s1"
+    assert affinity_key(None, None, "0123456789abc", 8) == "p:01234567"
 
 
 def test_strategy_resolution_from_the_control_hash() -> None:

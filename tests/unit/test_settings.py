@@ -30,7 +30,10 @@ ROLES: list[type[MgpuSettings]] = [LogSettings, ControlSettings, GatewaySettings
 CLASSES = list(dict.fromkeys(c for c in vars(settings_module).values()  # (Settings names UpSettings again)
                              if inspect.isclass(c) and issubclass(c, MgpuSettings) and c is not MgpuSettings))
 # text settings whose valid values a rule cannot guess
-TEXT = {"redis_url": "redis://10.0.0.5:6380/2", "namespace": "ns-2", "revision": "v2.1", "redis_maxmemory": "512mb"}
+TEXT: dict[str, Any] = {"redis_url": "redis://10.0.0.5:6380/2", "namespace": "ns-2", "revision": "v2.1",
+                        "redis_maxmemory": "512mb",
+                        # quoting survives the trip through MGPU_ENGINE_ARGS
+                        "engine_args": ["--tensor-parallel-size", "2", "--chat-template", "a b's {{x}}"]}
 
 
 def _other(name: str, f: FieldInfo) -> Any:
@@ -52,6 +55,13 @@ def _other(name: str, f: FieldInfo) -> Any:
             v = default - 1
         return tp(v) if tp is int else v + 0.25
     return TEXT.get(name, f"{name}-x")
+
+
+def test_engine_flags_from_the_environment_and_the_command_line() -> None:
+    assert WorkerSettings.load(env={"MGPU_ENGINE_ARGS": "-tp 2 --chat-template 'a b'"}).engine_args == [
+        "-tp", "2", "--chat-template", "a b"]
+    assert WorkerSettings.load({"engine_args": ["--x", "1"]}, env={"MGPU_ENGINE_ARGS": "-tp 2"}).engine_args == [
+        "--x", "1"]
 
 
 def test_defaults_then_environment_then_overrides() -> None:

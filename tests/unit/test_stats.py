@@ -10,6 +10,7 @@ from prometheus_client import generate_latest
 from common.records import WorkerRecord, WorkerState
 from common.settings import Settings
 from gpu_worker.engine.sim import SimEngine
+from gpu_worker.serving.sim import SimServer
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.nvml import Gpu
 from gpu_worker.registry import Registry
@@ -50,7 +51,8 @@ def test_registry_record_reads_the_stats() -> None:
     st.job_started(3)
     engine = SimEngine(slots=4, max_model_len=256)
     engine.aborts = 11
-    reg = Registry(None, s, worker_id="w1", engine=engine, stats=st, gpu_name="", version="v9")  # type: ignore[arg-type]
+    reg = Registry(None, s, worker_id="w1", server=SimServer(engine, "m"), stats=st, gpu_name="",  # type: ignore[arg-type]
+                   version="v9")
     reg.metrics_port = 9100
     back = WorkerRecord.from_hash("w1", reg.record().to_hash())
     assert back is not None
@@ -59,6 +61,7 @@ def test_registry_record_reads_the_stats() -> None:
             back.skipped, back.engine_aborts) == (7, 1, 2, 3, 4, 5, 6, 11)
     assert (back.model, back.engine, back.version, back.metrics_port, back.max_model_len) == ("m", "sim", "v9",
                                                                                               9100, 256)
+    assert back.names == ["m"]  # a ready worker lists what it answers to
     assert abs(back.heartbeat - time.time()) < 5
 
 
@@ -66,7 +69,7 @@ def test_health_and_state_metrics_read_the_stats() -> None:
     s = _settings()
     st = WorkerStats(state=WorkerState.READY, served=3)
     st.job_started(2)
-    m = WorkerMetrics(s, st, SimEngine(slots=4), Gpu(None), worker_id="w1", version="dev")
+    m = WorkerMetrics(s, st, SimServer(SimEngine(slots=4), "m"), Gpu(None), worker_id="w1", version="dev")
     code, body = m.health()
     assert code == 200 and (body["state"], body["in_flight"], body["busy_slots"], body["slots"], body["served"]) \
         == ("ready", 1, 2, 4, 3)
