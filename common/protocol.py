@@ -12,6 +12,7 @@ dropped.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -341,6 +342,8 @@ def validation_error(exc: ValidationError) -> InvalidRequest:
     e = exc.errors()[0]
     param = ".".join(str(p) for p in e["loc"]) or None
     msg = str(e["msg"]).removeprefix("Value error, ")
+    if param is None and (m := re.match(r"^([A-Za-z_][\w.]*): ", msg)):  # a check of the whole request names its field
+        return InvalidRequest(msg, param=m.group(1))
     return InvalidRequest(f"{param}: {msg}" if param else msg, param=param)
 
 

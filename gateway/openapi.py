@@ -31,7 +31,8 @@ _ERRORS = {
     "429": "The model's queue is full (entries or bytes); see Retry-After",
     "499": "The client disconnected before the answer",
     "500": "The engine failed on this request, or it was dead-lettered after repeated worker failures",
-    "502": "A stored result could not be read",
+    "502": "A stored result could not be read, or a stream whose worker died after part of it was sent cannot be "
+           "continued (stream_interrupted)",
     "503": "No live worker for the model, Redis unreachable or near its memory limit, or the gateway at its "
            "connection limit; see Retry-After",
     "504": "The request's deadline passed before a result",
@@ -78,6 +79,25 @@ _SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
     "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
 
 
+# the other endpoints a worker answers: their bodies are vLLM's, validated by the worker's vLLM
+_PASSED_ON = {"/v1/embeddings": ("Embeddings (a worker serving a pooling model)", False),
+              "/tokenize": ("Tokenize a prompt or messages", False), "/detokenize": ("Token ids to text", False),
+              "/v1/responses": ("The Responses API (stateless: store and previous_response_id are not kept)", True)}
+_ANY_BODY = {"type": "object", "properties": {"model": {"type": "string"}}, "additionalProperties": True}
+
+
+def _passed_on(summary: str, stream: bool) -> dict[str, Any]:
+    ok: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
+    if stream:
+        ok["text/event-stream"] = {"schema": _SSE_EVENT}
+    return {"summary": summary,
+            "description": "The body is passed to a worker of the model, whose vLLM validates it (the request bodies "
+                           "of vLLM's OpenAI server)",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ANY_BODY}}},
+            "responses": {"200": {"description": "The worker's answer", "content": ok},
+                          **_errors(*_GENERATION_ERRORS)}}
+
+
 def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
 
@@ -97,6 +117,8 @@ def build_openapi(app: FastAPI, models: list[str]) -> dict[str, Any]:
     paths["/v1/completions"]["post"].update(_generation(CompletionRequest, CompletionResponse, "Text completion"))
     paths["/v1/chat/completions"]["post"].update(
         _generation(ChatCompletionRequest, ChatCompletionResponse, "Chat completion"))
+    for path, (summary, stream) in _PASSED_ON.items():
+        paths[path]["post"].update(_passed_on(summary, stream))
     paths["/v1/models"]["get"]["responses"] = {"200": _json(ModelList, "The models live workers serve")}
     lookup = paths["/v1/requests/{request_id}"]["get"]
     lookup["summary"] = "A finished request's stored answer (for result_ttl_s)"

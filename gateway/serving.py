@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,6 +175,9 @@ def answer(result: Result, headers: dict[str, str]) -> Response:
     return json_response(result.body if result.body is not None else {}, status=result.status, headers=headers)
 
 
+_DONE = b"data: [DONE]\n\n"
+
+
 def _error_event(exc: errors.MgpuError) -> bytes:
     return b"data: " + orjson.dumps(error_body(exc)) + b"\n\ndata: [DONE]\n\n"
 
@@ -214,17 +217,28 @@ class Feed:
         self._next = None
         return await fut
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Stop reading: the pending read is cancelled and the events' generator closed (its waiter leaves)."""
         if self._next is not None and not self._next.done():
             self._next.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._next
+        close = getattr(self._it, "aclose", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
 
 
 async def sse(feed: Feed, first: Event | None, request_id: str, end: StreamEnd,
-              keepalive_s: float = 0.0) -> AsyncIterator[bytes]:
+              keepalive_s: float = 0.0) -> AsyncGenerator[bytes, None]:
     """The SSE body of a stream: the worker's events, byte for byte, as they come (``first``: one taken
     already); a stream cut short by mgpu (the deadline, a dead letter, a worker's error) ends with one error
-    event and ``[DONE]``.  With ``keepalive_s``, an SSE comment whenever nothing came for that long."""
+    event and ``[DONE]``.  With ``keepalive_s``, an SSE comment whenever nothing came for that long.
+
+    A worker's ``data: [DONE]`` is held back until its result is in: a client that leaves at ``[DONE]``
+    leaves a finished request (not one to cancel), and its end is counted as a success."""
     event: Event | None = first
+    done = b""
     try:
         while True:
             if event is None:
@@ -235,9 +249,13 @@ async def sse(feed: Feed, first: Event | None, request_id: str, end: StreamEnd,
             kind, payload = event
             event = None
             if kind == ReplyKind.CHUNK:
-                if end.first_token_at is None:
-                    end.first_token_at = time.perf_counter()
-                yield Chunk.model_validate_json(payload).sse.encode()
+                data = Chunk.model_validate_json(payload).sse.encode()
+                if data.endswith(_DONE):
+                    data, done = data[:-len(_DONE)], _DONE
+                if data:  # a worker's first, empty, chunk only starts the response
+                    if end.first_token_at is None:
+                        end.first_token_at = time.perf_counter()
+                    yield data
                 continue
             end.got_result = True
             result = read_result(request_id, payload)
@@ -246,14 +264,14 @@ async def sse(feed: Feed, first: Event | None, request_id: str, end: StreamEnd,
                 yield _error_event(errors.from_info(result.error))
             else:
                 end.outcome, end.status = "success", 200
+                if done:
+                    yield done
             return
     except StopAsyncIteration:
         raise errors.BadResult(f"request {request_id} ended without a result") from None
     except errors.MgpuError as exc:  # the deadline passed, Redis went away, a result was unreadable
         end.outcome, end.status = _outcome(exc), exc.status
         yield _error_event(exc)
-    finally:
-        feed.close()
 
 
 def _outcome(x: Result | errors.MgpuError) -> str:
@@ -400,27 +418,29 @@ async def _stream(state: GatewayState, request: Request, events: AsyncIterator[E
     end = StreamEnd()
     state.metrics.in_flight.inc()
 
-    def done() -> None:
-        feed.close()
+    async def done() -> None:
         state.metrics.in_flight.dec()
         if w is not None:
             state.router.unregister(w)
+        await feed.aclose()
 
     try:
         first = await _first(state, request, feed, request_id, watch=cancel)
     except BaseException:
-        done()
+        await asyncio.shield(done())
         raise
     if first is not None and first[0] != ReplyKind.CHUNK:
-        done()
+        await done()
         return answer(read_result(request_id, first[1]), headers)
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            async for part in sse(feed, first, request_id, end, state.settings.stream_keepalive_s):
-                yield part
+            async with contextlib.aclosing(sse(feed, first, request_id, end,
+                                               state.settings.stream_keepalive_s)) as parts:
+                async for part in parts:
+                    yield part
         finally:
-            done()
+            await asyncio.shield(done())
             if end.first_token_at is not None:
                 state.metrics.ttft.labels(a.model).observe(end.first_token_at - a.started)
             a.outcome, a.status = end.outcome, end.status

@@ -197,8 +197,9 @@ class JobRunner:
                 timer = timers[choice] = self.ctx.metrics.token_timer(item, choice)
             timer.step(tokens, prompt_tokens)
 
-        call = Call(item=item, attempt_id=f"{item.id}/{job.entry_id}/{job.deliveries}", resumed=resumed,
-                    on_tokens=on_tokens)
+        # a stream whose earlier attempt sent no byte of data (its headers at most) starts over
+        call = Call(item=item, attempt_id=f"{item.id}/{job.entry_id}/{job.deliveries}",
+                    resumed=resumed if resumed is not None and resumed.sse else None, on_tokens=on_tokens)
         emitter = _Emitter(self.ctx.scripts, self.entry(job), item, resumed.seq if resumed else 0, self.ttl_s)
         reply = None
         try:

@@ -66,9 +66,10 @@ class _SimApi:
     @staticmethod
     async def _events(first: Piece, outs: AsyncGenerator[Piece | Reply, None]) -> AsyncIterator[bytes]:
         async with contextlib.aclosing(outs):
-            yield first.sse.encode()
+            if first.sse:
+                yield first.sse.encode()
             async for out in outs:
-                if isinstance(out, Piece):
+                if isinstance(out, Piece) and out.sse:
                     yield out.sse.encode()
 
 

@@ -226,11 +226,13 @@ class SimServer:
         try:
             if not item.stream:
                 await run.run()
-                yield Reply(body=full_response(item.kind, item.id, item.created, item.model, run.outs(),
-                                               usage_of(run.prompt_tokens, run.completion_tokens)))
+                usage = usage_of(run.prompt_tokens, run.completion_tokens)
+                yield Reply(body=full_response(item.kind, item.id, item.created, item.model, run.outs(), usage),
+                            usage=usage)
                 return
-            async for piece in self._stream(run):
-                yield piece
+            async with contextlib.aclosing(self._stream(run)) as pieces:  # closed at once if we are
+                async for piece in pieces:
+                    yield piece
         except InvalidEngineRequest as exc:
             yield error_reply(errors.InvalidRequest(str(exc)).to_info())
 
@@ -263,7 +265,9 @@ class SimServer:
         if resumed is not None:  # what was sent: role chunks, and text offsets of completion logprobs
             fmt.started.update(c.index for c in run.choices)
             fmt.offsets.update({c.index: len(c.text) for c in run.choices})
-        elif isinstance(req, CompletionRequest) and req.echo:
+        else:  # taken: the client's 200 and its headers go now (as vllm serve's), its first token when it comes
+            yield Piece("", {} if continuable else None)
+        if resumed is None and isinstance(req, CompletionRequest) and req.echo:
             yield Piece("".join(_sse(o) for o in fmt.delta_chunks(
                 [ChoiceDelta(index=c.index, text=run.prompt or "") for c in run.choices])),
                 {c.index: [] for c in run.choices} if continuable else None)

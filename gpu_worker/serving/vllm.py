@@ -53,6 +53,7 @@ from gpu_worker.serving.base import (
 
 log = logging.getLogger("mgpu.worker.vllm")
 
+_DISCONNECT_GRACE_S = 5.0  # how long vLLM's app may take to abort a call closed early, before it is cancelled
 _RESERVED = {"--model": "--model-path", "--served-model-name": "--model"}  # mgpu's own settings name these
 _KINDS: dict[str, tuple[Kind, ...]] = {"generate": ("chat", "completion", "responses", "tokenize", "detokenize"),
                                        "embed": ("embedding", "tokenize", "detokenize")}
@@ -114,6 +115,7 @@ class _Tap:
     completion_tokens: int = 0
     new: dict[int, list[int]] = field(default_factory=dict)
     on_tokens: Any = None
+    running: set[str] = field(default_factory=set)  # engine requests started and not finished
 
     def take(self) -> dict[int, list[int]]:
         out, self.new = self.new, {}
@@ -151,6 +153,8 @@ class _EngineTap:
                 sampling_params.min_tokens = max(0, sampling_params.min_tokens - len(tap.prior))
         finished = False
         counted = False
+        if tap is not None:
+            tap.running.add(request_id)
         try:
             async for out in self._engine.generate(prompt, sampling_params, request_id, **kw):
                 if original is not None:
@@ -168,8 +172,22 @@ class _EngineTap:
                 finished = out.finished
                 yield out
         finally:
-            if not finished:
-                self.aborts += 1
+            if tap is None:
+                if not finished:
+                    self.aborts += 1
+            elif request_id in tap.running:  # (not aborted by abort_open already)
+                tap.running.discard(request_id)
+                if not finished:
+                    self.aborts += 1
+
+    async def abort_open(self, tap: _Tap) -> None:
+        """Abort what a call closed early still runs in the engine.  vLLM's app drops a stream's generator
+        when its client leaves between two outputs, and the engine would go on until the generator is
+        collected: the sequence is aborted now instead."""
+        ids, tap.running = list(tap.running), set()
+        if ids:
+            self.aborts += len(ids)
+            await self._engine.abort(ids)
 
 
 @contextlib.contextmanager
@@ -367,9 +385,10 @@ class VllmServer:
                 yield Piece(head, {0: []})
             mend = _Mend(resumed, len(tap.prior))
         self._tap.taps[tap.key] = tap
-        try:
-            async for out in self._relay(call, tap, continuable, mend):
-                yield out
+        try:  # closed explicitly when this generator is closed early (an async for alone would leave it open)
+            async with contextlib.aclosing(self._relay(call, tap, continuable, mend)) as outs:
+                async for out in outs:
+                    yield out
         finally:
             self._tap.taps.pop(tap.key, None)
 
@@ -403,6 +422,7 @@ class VllmServer:
                  "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                              (b"x-request-id", base_request_id(item.kind, item.id).encode())]}
         events: asyncio.Queue[tuple[str, Any, Any]] = asyncio.Queue()
+        gone = asyncio.Event()  # the call was closed early: the "client" disconnects
         sent_body = False
 
         async def receive() -> dict[str, Any]:
@@ -410,8 +430,8 @@ class VllmServer:
             if not sent_body:
                 sent_body = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.Event().wait()  # the client never leaves: a cancel cancels the call instead
-            raise AssertionError("unreachable")
+            await gone.wait()  # vLLM's handlers cancel themselves (and abort in the engine) on a disconnect
+            return {"type": "http.disconnect"}
 
         async def send(msg: dict[str, Any]) -> None:
             if msg["type"] == "http.response.start":
@@ -423,16 +443,21 @@ class VllmServer:
 
         task = asyncio.create_task(self._app(scope, receive, send), name=f"vllm-{item.id}")
         try:
-            async for out in self._answer(task, events, tap, mend):
-                yield out
+            async with contextlib.aclosing(self._answer(task, events, tap, mend, continuable)) as outs:
+                async for out in outs:
+                    yield out
         finally:
-            if not task.done():
+            if not task.done():  # closed early: a disconnect, as vllm serve sees one; cancelled if it lingers
+                gone.set()
+                await asyncio.wait({task}, timeout=_DISCONNECT_GRACE_S)
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            if tap.running and self._tap is not None:
+                await self._tap.abort_open(tap)
 
     async def _answer(self, task: asyncio.Task[None], events: asyncio.Queue[tuple[str, Any, Any]], tap: _Tap,
-                      mend: _Mend | None) -> AsyncGenerator[Piece | Reply, None]:
+                      mend: _Mend | None, continuable: bool) -> AsyncGenerator[Piece | Reply, None]:
         status, streaming, whole = 500, False, bytearray()
         while True:
             getter = asyncio.ensure_future(events.get())
@@ -445,6 +470,8 @@ class VllmServer:
             what, a, b = getter.result()
             if what == "start":
                 status, streaming = a, a == 200 and b
+                if streaming:  # vLLM took the request: the client's 200 and its headers go now, as from vllm serve
+                    yield Piece("", {} if continuable else None)
             elif streaming and a:
                 sse = a.decode()
                 yield Piece(mend(sse) if mend is not None else sse, b)

@@ -104,39 +104,67 @@ def test_models_health_ready_workers(shared_stack: Stack) -> None:
     assert "mgpu_gateway_requests_total" in metrics
 
 
-BAD = [
+# refused by the gateway: what it reads to place a request (nothing is enqueued)
+BAD_AT_THE_GATEWAY = [
     ("chat", b"{not json", 400, None),
     ("chat", b"[1, 2]", 400, None),
+    ("completions", {"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 256}, 400, "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "w " * 300, "max_tokens": 4}, 400, "prompt"),
+    ("chat", {"model": MODEL, "messages": [{"role": "user", "content": "w " * 300}]}, 400, "messages"),
+    ("completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
+    ("completions", {"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("completions", {"model": 7, "prompt": "x"}, 400, "model"),
+    ("completions", {"model": "no-such-model", "prompt": "x"}, 404, "model"),
+]
+# refused by the worker's OpenAI layer (vLLM's, or here the simulator's): enqueued, answered with a 4xx
+BAD_AT_THE_WORKER = [
     ("chat", {"model": MODEL}, 400, "messages"),
     ("completions", {"model": MODEL}, 400, "prompt"),
     ("chat", {"model": MODEL, "messages": []}, 400, "messages"),
     ("chat", {"model": MODEL, "messages": "hello"}, 400, "messages"),
     ("chat", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ("chat", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages.0.content"),
+    ("chat", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
+     400, "tool_choice"),
     ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ("completions", {"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
-    ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 256}, 400, "max_tokens"),
-    ("completions", {"model": MODEL, "prompt": "w " * 300, "max_tokens": 4}, 400, "prompt"),
-    ("chat", {"model": MODEL, "messages": [{"role": "user", "content": "w " * 300}]}, 400, "messages"),
     ("completions", {"model": MODEL, "prompt": "x", "temperature": 3}, 400, "temperature"),
     ("completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
-    ("completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
-    ("completions", {"model": 7, "prompt": "x"}, 400, "model"),
-    ("completions", {"model": "no-such-model", "prompt": "x"}, 404, "model"),
+    ("completions", {"model": MODEL, "prompt": "x", "top_k": 5}, 400, "top_k"),  # the simulator has no top-k
 ]
 
 
-@pytest.mark.parametrize(("endpoint", "body", "status", "param"), BAD)
-def test_bad_input(shared_stack: Stack, endpoint: str, body: object, status: int, param: str | None) -> None:
-    s = shared_stack
-    before = int(s.r.xinfo_stream(s.keys.stream(MODEL))["entries-added"])
+def _post(s: Stack, endpoint: str, body: object) -> httpx.Response:
     kw = {"content": body} if isinstance(body, bytes) else {"json": body}
-    r = httpx.post(f"{s.base_url}/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}",
-                   timeout=10, headers={"content-type": "application/json"}, **kw)  # type: ignore[arg-type]
+    return httpx.post(f"{s.base_url}/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}",
+                      timeout=10, headers={"content-type": "application/json"}, **kw)  # type: ignore[arg-type]
+
+
+def _error(r: httpx.Response, status: int, param: str | None) -> None:
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["param"] == param
+
+
+@pytest.mark.parametrize(("endpoint", "body", "status", "param"), BAD_AT_THE_GATEWAY)
+def test_bad_input_refused_at_the_gateway(shared_stack: Stack, endpoint: str, body: object, status: int,
+                                          param: str | None) -> None:
+    s = shared_stack
+    before = int(s.r.xinfo_stream(s.keys.stream(MODEL))["entries-added"])
+    _error(_post(s, endpoint, body), status, param)
     assert int(s.r.xinfo_stream(s.keys.stream(MODEL))["entries-added"]) == before  # nothing enqueued
+
+
+@pytest.mark.parametrize(("endpoint", "body", "status", "param"), BAD_AT_THE_WORKER)
+def test_bad_input_refused_by_the_worker(shared_stack: Stack, endpoint: str, body: object, status: int,
+                                         param: str | None) -> None:
+    s = shared_stack
+    _error(_post(s, endpoint, body), status, param)
+    assert isinstance(body, dict)
+    _error(_post(s, endpoint, {**body, "stream": True}), status, param)  # a stream's refusal: the same JSON 4xx
+    assert s.r.xlen(s.keys.stream(MODEL)) == 0 and s.r.xpending(s.keys.stream(MODEL), "workers")["pending"] == 0
 
 
 def test_body_too_large(shared_stack: Stack) -> None:
@@ -151,6 +179,8 @@ def test_openai_client_raises_typed_errors(shared_stack: Stack) -> None:
         c.completions.create(model="nope", prompt="x")
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model=MODEL, messages=[], max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=MODEL, prompt="x", max_tokens=1000)
 
 
 def test_get_request_by_id(shared_stack: Stack) -> None:

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from common.keys import GROUP
-from common.schemas import Result, SamplingParams, WorkItem
+from common.schemas import Result, WorkItem
 from ops.procs import wait_until
 from tests.conftest import Stack
 
@@ -32,8 +32,8 @@ def test_cancel_pipelined_with_its_request_never_leaks(stack: Stack) -> None:
     r, keys = stack.r, stack.keys
     ids = []
     for i in range(100):
-        item = WorkItem(id=f"pz-{i}", kind="completion", model="simz", prompt="one two",
-                        params=SamplingParams(max_tokens=400))
+        item = WorkItem(id=f"pz-{i}", kind="completion", model="simz",
+                        body={"model": "simz", "prompt": "one two", "max_tokens": 400})
         with r.pipeline(transaction=False) as p:
             p.xadd(keys.cancels, {"r": item.id})
             p.xadd(keys.stream("simz"), item.to_fields())

@@ -17,6 +17,7 @@ import pytest
 
 from common.keys import GROUP
 from common.schemas import Result
+from gpu_worker.engine.sim import expected_text
 from ops.procs import mgpu_cmd, wait_until
 from tests.conftest import ROOT, Proc, Stack
 
@@ -136,10 +137,11 @@ def test_frozen_zombie_is_fenced(stack: Stack) -> None:
     res = _result(stack, rid)
     assert res is not None and res.worker == b.worker_id
     # one answer: the chunk log has strictly increasing seqs and matches what the client saw
-    seqs = [json.loads(f[b"c"])["seq"] for _, f in stack.r.xrange(stack.keys.chunks(rid))]
-    assert seqs == list(range(1, len(seqs) + 1))
-    assert call.text() == res.choices[0].text
-    assert len(call.text().split()) == 150
+    chunks = [json.loads(f[b"c"]) for _, f in stack.r.xrange(stack.keys.chunks(rid))]
+    assert [c["seq"] for c in chunks] == list(range(1, len(chunks) + 1))
+    assert "".join(c["sse"] for c in chunks) == "".join(ln + "\n\n" for ln in call.lines)  # exactly what was sent
+    assert call.text() == expected_text("zombie", max_tokens=150, seed=1)  # as one uninterrupted run
+    assert res.usage.completion_tokens == 150
     assert _field(stack, a, "served") == 0 and a.proc.poll() is None
 
 
@@ -158,7 +160,7 @@ def test_poison_request_is_dead_lettered(stack: Stack) -> None:
     assert len(dlq) == 1
     entry = {k.decode(): v.decode() for k, v in dlq[0][1].items()}
     assert entry["reason"] == "max_deliveries" and int(entry["deliveries"]) == 4
-    assert json.loads(entry["p"])["prompt"] == "please __mgpu_sim_crash__"  # the payload is kept
+    assert json.loads(entry["p"])["body"]["prompt"] == "please __mgpu_sim_crash__"  # the payload is kept
     assert stack.r.xlen(stack.keys.stream("m")) == 0
 
 

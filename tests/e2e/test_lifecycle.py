@@ -137,15 +137,25 @@ def test_queue_full_429(stack: Stack) -> None:
     stack.start_worker(**{**SLOW, "slots": 1})
     stack.start_gateway(max_queue_len=2)
     body = {"model": "slow", "prompt": "x", "max_tokens": 40, "stream": True}
-    with (httpx.Client(base_url=stack.base_url, timeout=20) as c,
-          c.stream("POST", "/v1/completions", json=body) as a,
-          c.stream("POST", "/v1/completions", json=body) as b):
-        assert a.status_code == 200 and b.status_code == 200
-        r = c.post("/v1/completions", json={"model": "slow", "prompt": "x"})
-        assert r.status_code == 429 and r.headers["retry-after"] == "1"
-        assert r.json()["error"]["code"] == "queue_full"
-        assert stack.r.xlen(stack.keys.stream("slow")) == 2  # the rejected one was not enqueued
-        assert b.read().endswith(b"data: [DONE]\n\n") and a.read().endswith(b"data: [DONE]\n\n")
+    streams: list[bytes] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", stack.base_url + "/v1/completions", json=body, timeout=30) as r:
+            streams.append(r.read())
+
+    first = threading.Thread(target=stream)
+    first.start()
+    wait_until(lambda: stack.r.xpending(stack.keys.stream("slow"), GROUP)["pending"] == 1, 10, "one running")
+    second = threading.Thread(target=stream)  # waits in the queue (one slot): its headers wait with it
+    second.start()
+    wait_until(lambda: stack.r.xlen(stack.keys.stream("slow")) == 2, 10, "one queued")
+    r = httpx.post(stack.base_url + "/v1/completions", json={"model": "slow", "prompt": "x"}, timeout=10)
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "queue_full"
+    assert stack.r.xlen(stack.keys.stream("slow")) == 2  # the rejected one was not enqueued
+    first.join(30)
+    second.join(30)
+    assert len(streams) == 2 and all(s.endswith(b"data: [DONE]\n\n") for s in streams)
 
 
 def test_malformed_producer_entries_answered_and_acked(stack: Stack) -> None:

@@ -11,9 +11,10 @@ from typing import Any
 
 from common.keys import GROUP, Keys
 from common.redis_conn import make_client
-from common.schemas import Result, SamplingParams, WorkItem
+from common.schemas import Result, WorkItem
 from common.settings import WorkerSettings
 from gpu_worker.engine.sim import SimEngine
+from gpu_worker.serving.sim import SimServer
 from gpu_worker.worker import Worker
 from ops.procs import RedisServer
 
@@ -34,12 +35,12 @@ async def test_cancel_before_first_step_answers_and_frees_the_slot(redis_server:
                        "slots": 4, "worker_id": "wz"}, env={})
     client = make_client(s.redis_url)
     engine = SimEngine(slots=4, decode_ms=1)
-    worker = Worker(s, engine, client)
+    worker = Worker(s, SimServer(engine, "m"), client)
     await worker._ensure_groups()
     await engine.start()
     try:
-        items = [WorkItem(id=f"r{i}", kind="completion", model="m", prompt="a b c",
-                          params=SamplingParams(max_tokens=50)) for i in range(3)]
+        items = [WorkItem(id=f"r{i}", kind="completion", model="m",
+                          body={"model": "m", "prompt": "a b c", "max_tokens": 50}) for i in range(3)]
         for item in items:
             await client.xadd(keys.stream("m"), item.to_fields())
         resp = await client.xreadgroup(GROUP, worker.id, {keys.stream("m"): ">"}, count=3)
@@ -90,19 +91,19 @@ async def test_cancel_while_the_result_is_stored_is_ignored(redis_server: RedisS
     client = make_client(s.redis_url)
     holder: list[Worker] = []
     engine = _CancelAtTheEnd(lambda rid, now: holder[0].on_cancel(rid, now), slots=4, decode_ms=1)
-    worker = Worker(s, engine, client)
+    worker = Worker(s, SimServer(engine, "m"), client)
     holder.append(worker)
     await worker._ensure_groups()
     await engine.start()
     try:
-        item = WorkItem(id="r0", kind="completion", model="m", prompt="a b c", params=SamplingParams(max_tokens=3))
+        item = WorkItem(id="r0", kind="completion", model="m", body={"model": "m", "prompt": "a b c", "max_tokens": 3})
         await client.xadd(keys.stream("m"), item.to_fields())
         resp = await client.xreadgroup(GROUP, worker.id, {keys.stream("m"): ">"}, count=1)
         (stream_b, entries), = resp
         worker._start(stream_b.decode(), entries[0][0].decode(), entries[0][1], deliveries=1)
         await _until(lambda: worker.in_flight == 0, 5, "the job to end")
         res = Result.model_validate_json(await client.get(keys.result("r0")))
-        assert res.error is None and res.choices[0].finish_reason == "length"
+        assert res.error is None and res.body is not None and res.body["choices"][0]["finish_reason"] == "length"
         assert (worker.stats.served, worker.stats.cancelled, worker.stats.fenced) == (1, 0, 0)
     finally:
         await engine.shutdown()

@@ -15,9 +15,11 @@ import httpx
 import pytest
 
 from common.redis_conn import make_client
+from common.schemas import Chunk
 from common.settings import GatewaySettings, WorkerSettings
 from gateway.app import create_asgi
 from gpu_worker.engine.sim import SimEngine, expected_text
+from gpu_worker.serving.sim import SimServer
 from gpu_worker.worker import Worker
 from ops.procs import RedisServer
 
@@ -39,7 +41,7 @@ async def inproc(redis_server: RedisServer) -> AsyncIterator[InProc]:
     gs = GatewaySettings.load({**base, "health_port": 0, "registry_refresh_s": 0.1}, env={})
     redis = make_client(ws.redis_url)
     engine = SimEngine(slots=8, decode_ms=5, decode_ms_per_seq=0, prefill_ms_per_token=0)
-    worker = Worker(ws, engine, redis)
+    worker = Worker(ws, SimServer(engine, MODEL), redis)
     await engine.start()
     await worker.announce()
     run = asyncio.create_task(worker.run())
@@ -92,11 +94,32 @@ async def test_chat_stream_in_process(inproc: InProc) -> None:
 async def test_errors_are_openai_bodies_naming_the_field(inproc: InProc) -> None:
     c = inproc.client
     r = await c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": "5"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # refused by the gateway
     r = await c.post("/v1/completions", json={"model": "nope", "prompt": "x"})
-    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
     r = await c.get("/v1/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
+    # refused by the worker's OpenAI layer, after the queue: the same 4xx body, for a stream too (as JSON)
+    for stream in (False, True):
+        r = await c.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "wizard"}],
+                                                       "stream": stream})
+        assert r.status_code == 400 and r.headers["content-type"] == "application/json", r.text
+        assert r.json()["error"]["param"] == "messages.0.role"
+
+
+async def test_the_first_chunk_leaves_with_the_first_token(inproc: InProc) -> None:
+    """vllm serve's TTFT: nothing but the response's start (an empty chunk: its status and headers) is sent
+    before the engine's first token: the first data a worker writes carries the role event together with the
+    first token's event (no early role chunk)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    r = await inproc.client.post("/v1/chat/completions", json=body)
+    rid = r.headers["x-request-id"]
+    redis = inproc.worker.r
+    chunks = [Chunk.model_validate_json(f[b"c"]) for _id, f in await redis.xrange(inproc.worker.keys.chunks(rid))]
+    first = next(c for c in chunks if c.sse)  # (an empty chunk before it, if any, starts the response)
+    events = [json.loads(e[6:]) for e in first.sse.split("\n\n") if e]
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert events[1]["choices"][0]["delta"]["content"]
 
 
 async def test_retry_follows_the_running_original(inproc: InProc) -> None:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import pytest
 import redis
 
@@ -25,6 +26,7 @@ from common.settings import Settings
 from gpu_worker.engine.base import EngineRequest
 from gpu_worker.engine.sim import SimEngine, expected_text
 from gpu_worker.liveness import Beat, Keeper, LoopHooks
+from gpu_worker.serving.sim import SimServer
 from gpu_worker.worker import Worker
 from ops.procs import RedisServer
 
@@ -67,9 +69,24 @@ class Rig:
         return Result.model_validate_json(raw[0])
 
 
-def item(rid: str, *, max_tokens: int = 8, stream: bool = False, prompt: str = "one two three") -> WorkItem:
-    return WorkItem(id=rid, kind="completion", model=MODEL, prompt=prompt, stream=stream,
-                    params=SamplingParams(max_tokens=max_tokens))
+def item(rid: str, *, max_tokens: int = 8, stream: bool = False, prompt: str = "one two three", n: int = 1,
+         **body: Any) -> WorkItem:
+    return WorkItem(id=rid, kind="completion", model=MODEL, stream=stream, n=n,
+                    body={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": stream, "n": n, **body})
+
+
+def texts(res: Result) -> list[str]:
+    assert res.body is not None, res
+    return [c["text"] for c in res.body["choices"]]
+
+
+def stream_events(chunks: list[Chunk]) -> list[dict[str, Any]]:
+    return [e for c in chunks for raw in c.sse.split("\n\n") if raw.startswith("data: {")
+            for e in [orjson.loads(raw[6:])]]
+
+
+def stream_text(chunks: list[Chunk], index: int = 0) -> str:
+    return "".join(ch["text"] for e in stream_events(chunks) for ch in e["choices"] if ch["index"] == index)
 
 
 def settings(url: str, ns: str, **kw: Any) -> Settings:
@@ -87,7 +104,7 @@ async def rig(redis_server: RedisServer, *, run: bool = True, decode_ms: float =
     s = settings(redis_server.url, ns, **kw)
     client = make_client(s.redis_url)
     engine = SimEngine(slots=s.slots, decode_ms=decode_ms, decode_ms_per_seq=0)
-    worker = Worker(s, engine, client)
+    worker = Worker(s, SimServer(engine, MODEL), client)
     await engine.start()
     task: asyncio.Task[int] | None = None
     try:
@@ -114,7 +131,7 @@ async def test_pull_to_result(redis_server: RedisServer) -> None:
         await r.add(item("r1", max_tokens=12))
         res = await r.result("r1")
         assert res.error is None and res.worker == "w-in" and res.attempts == 1
-        assert res.choices[0].text == expected_text("one two three", max_tokens=12)
+        assert texts(res) == [expected_text("one two three", max_tokens=12)]
         assert res.usage.completion_tokens == 12 and res.usage.prompt_tokens == 3
         await until(lambda: r.worker.in_flight == 0, 5, "slot freed")
         assert r.worker.stats.served == 1 and r.worker.stats.requests == 0
@@ -124,14 +141,11 @@ async def test_pull_to_result(redis_server: RedisServer) -> None:
 
 async def test_n_choices_run_together_and_take_n_slots(redis_server: RedisServer) -> None:
     async with rig(redis_server, decode_ms=5) as r:
-        it = item("rn", max_tokens=20)
-        it.params = SamplingParams(max_tokens=20, n=3, seed=4)
-        await r.add(it)
+        await r.add(item("rn", max_tokens=20, n=3, seed=4))
         await until(lambda: r.worker.in_flight == 3, 5, "three slots busy")
         res = await r.result("rn")
-        assert [c.index for c in res.choices] == [0, 1, 2]
-        assert [c.text for c in res.choices] == [expected_text("one two three", max_tokens=20, seed=4 + i)
-                                                 for i in range(3)]
+        assert res.body is not None and [c["index"] for c in res.body["choices"]] == [0, 1, 2]
+        assert texts(res) == [expected_text("one two three", max_tokens=20, seed=4 + i) for i in range(3)]
         assert res.usage.completion_tokens == 60
 
 
@@ -141,9 +155,10 @@ async def test_streaming_chunks_arrive_in_order(redis_server: RedisServer) -> No
         res = await r.result("rs")
         chunks = [Chunk.model_validate_json(f[b"c"]) for _id, f in await r.client.xrange(r.keys.chunks("rs"))]
         assert [c.seq for c in chunks] == list(range(1, len(chunks) + 1))
-        text = "".join(d.text for c in chunks for d in c.choices)
-        assert text == res.choices[0].text == expected_text("one two three", max_tokens=30)
-        assert chunks[-1].choices[-1].finish_reason == "length"
+        assert stream_text(chunks) == expected_text("one two three", max_tokens=30)
+        assert stream_events(chunks)[-1]["choices"][-1]["finish_reason"] == "length"
+        assert chunks[-1].sse.endswith("data: [DONE]\n\n") and res.body is None and res.error is None
+        assert res.usage.completion_tokens == 30
 
 
 async def test_a_migrated_stream_resumes_after_what_was_sent(redis_server: RedisServer) -> None:
@@ -152,18 +167,34 @@ async def test_a_migrated_stream_resumes_after_what_was_sent(redis_server: Redis
     async with rig(redis_server, run=False) as r:
         probe = EngineRequest(request_id="probe", prompt="one two three", params=SamplingParams(max_tokens=5))
         outs = [o async for o in r.engine.generate(probe)]
-        sent = Chunk.model_validate({"seq": 1, "choices": [{"index": 0, "text": "".join(o.text for o in outs),
-                                                            "token_ids": [t for o in outs for t in o.token_ids]}]})
+        event = {"id": "rm", "object": "text_completion", "created": 7, "model": MODEL,
+                 "choices": [{"index": 0, "text": "".join(o.text for o in outs), "logprobs": None,
+                              "finish_reason": None}]}
+        sent = Chunk(seq=1, sse="data: " + orjson.dumps(event).decode() + "\n\n",
+                     tokens={0: [t for o in outs for t in o.token_ids]})
         await r.client.xadd(r.keys.chunks("rm"), {"c": sent.model_dump_json()})
         entry_id = await r.add(item("rm", max_tokens=12, stream=True))
         resp = await r.client.xreadgroup(GROUP, r.worker.id, {r.stream: ">"}, count=1)
         r.worker._start(r.stream, entry_id, resp[0][1][0][1], deliveries=2)
         res = await r.result("rm")
         full = expected_text("one two three", max_tokens=12)
-        assert res.attempts == 2 and res.usage.completion_tokens == 12 and res.choices[0].text == full
+        assert res.attempts == 2 and res.usage.completion_tokens == 12 and res.error is None
         chunks = [Chunk.model_validate_json(f[b"c"]) for _id, f in await r.client.xrange(r.keys.chunks("rm"))]
         assert [c.seq for c in chunks] == list(range(1, len(chunks) + 1))  # numbering goes on after the first's
-        assert "".join(d.text for c in chunks for d in c.choices) == full
+        assert stream_text(chunks) == full  # the client's one stream reads as an uninterrupted run
+
+
+async def test_a_stream_that_cannot_continue_ends_with_an_explicit_error(redis_server: RedisServer) -> None:
+    """Another worker sent part of a stream whose state cannot be carried over (its chunks hold no token
+    ids): the stream is neither continued nor started again; it ends with stream_interrupted."""
+    async with rig(redis_server, run=False) as r:
+        await r.client.xadd(r.keys.chunks("ri"), {"c": Chunk(seq=1, sse="data: {}\n\n").model_dump_json()})
+        entry_id = await r.add(item("ri", max_tokens=12, stream=True))
+        resp = await r.client.xreadgroup(GROUP, r.worker.id, {r.stream: ">"}, count=1)
+        r.worker._start(r.stream, entry_id, resp[0][1][0][1], deliveries=2)
+        res = await r.result("ri")
+        assert res.error is not None and (res.error.code, res.error.status) == ("stream_interrupted", 502)
+        assert await r.client.xlen(r.keys.chunks("ri")) == 1  # nothing more was sent
 
 
 # ----------------------------------------------------------------------------- cancels
@@ -358,7 +389,7 @@ async def test_a_generation_that_raises_is_one_failure_and_an_explicit_error(red
             raise RuntimeError("CUDA error: an illegal memory access")
             yield  # an async generator, as the engine's
 
-        r.engine.generate = broken  # type: ignore[method-assign]
+        r.engine.generate = broken  # type: ignore[method-assign,assignment]
         await r.add(item("boom-1"))
         res = await r.result("boom-1")
         assert res.error is not None and res.error.code == "generation_failed" and res.error.status == 500

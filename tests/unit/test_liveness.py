@@ -10,10 +10,10 @@ import pytest
 
 from common.settings import Settings
 from gpu_worker.engine.sim import SimEngine
-from gpu_worker.serving.sim import SimServer
 from gpu_worker.liveness import Beat, Keeper, LoopHooks, NamedPipeline
 from gpu_worker.nvml import Gpu
 from gpu_worker.registry import Registry
+from gpu_worker.serving.sim import SimServer
 from gpu_worker.stats import WorkerStats
 
 

@@ -10,10 +10,10 @@ from prometheus_client import generate_latest
 from common.records import WorkerRecord, WorkerState
 from common.settings import Settings
 from gpu_worker.engine.sim import SimEngine
-from gpu_worker.serving.sim import SimServer
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.nvml import Gpu
 from gpu_worker.registry import Registry
+from gpu_worker.serving.sim import SimServer
 from gpu_worker.stats import WorkerStats
 
 
