@@ -17,6 +17,7 @@ run this checkout's code (``PYTHONPATH`` is the directory that holds ``bench`` a
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import time
@@ -52,7 +53,8 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
 def settings_env(settings: Mapping[str, Any]) -> dict[str, str]:
     """``{"slots": 8, "MGPU_LOG_LEVEL": "INFO"}`` -> ``{"MGPU_SLOTS": "8", "MGPU_LOG_LEVEL": "INFO"}``:
     lower-case names are mgpu settings, upper-case ones environment variables as they are."""
-    return {(k if k.isupper() else "MGPU_" + k.upper()): str(v) for k, v in settings.items()}
+    return {(k if k.isupper() else "MGPU_" + k.upper()): shlex.join(v) if isinstance(v, list) else str(v)
+            for k, v in settings.items()}
 
 
 def terminate_all(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:

@@ -36,7 +36,7 @@ pytestmark = [
 
 MODEL = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 2048
-ENGINE_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+ENGINE_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--trust-request-chat-template"]
 HI = [{"role": "user", "content": "Say hello in French."}]
 WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
@@ -49,6 +49,9 @@ TOOL_HISTORY = [
          "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
 ]
+# a canned model output, forced with a regex: the hermes parser turns it into a tool call (tool_choice auto)
+CANNED_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+CANNED_REGEX = CANNED_CALL.replace("{", "\\{").replace("}", "\\}")
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"]}
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -91,13 +94,17 @@ CASES: list[Case] = [
     Case("tools: tool_choice auto", CHAT, _chat(messages=WEATHER, tools=TOOLS, tool_choice="auto",
         max_tokens=40)),
     Case("tools: tool_choice required", CHAT, _chat(messages=WEATHER, tools=TOOLS,
-        tool_choice="required", max_tokens=40)),
+        tool_choice="required", max_tokens=60)),
+    Case("tools: auto, a canned tool call", CHAT, _chat(messages=WEATHER, tools=TOOLS, tool_choice="auto",
+        max_tokens=60, structured_outputs={"regex": CANNED_REGEX})),
+    Case("tools: auto, a canned tool call, streamed", CHAT, _chat(messages=WEATHER, tools=TOOLS, tool_choice="auto",
+        max_tokens=60, structured_outputs={"regex": CANNED_REGEX}, stream=True)),
     Case("tools: named function", CHAT, _chat(messages=WEATHER, tools=TOOLS, max_tokens=40, tool_choice={
         "type": "function", "function": {"name": "get_weather"}})),
     Case("tools: required, parallel_tool_calls false", CHAT, _chat(
         messages=WEATHER, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=40)),
     Case("tools: required, streamed", CHAT, _chat(messages=WEATHER, tools=TOOLS,
-        tool_choice="required", max_tokens=40, stream=True)),
+        tool_choice="required", max_tokens=60, stream=True)),
     Case("tools: invalid tool schema", CHAT, _chat(tools=[{"type": "function", "function": {}}])),
     Case("tools: named function not in tools", CHAT, _chat(
         tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})),
@@ -235,8 +242,7 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]
     srv = RedisServer(tmp / "redis").start()
     stack = Stack(tmp, srv)
     try:
-        stack.start_worker(**{**settings, "vllm_enforce_eager": "true",
-                              "engine_args": " ".join(ENGINE_FLAGS)}, timeout=300)
+        stack.start_worker(**{**settings, "vllm_enforce_eager": "true"}, timeout=300)
         stack.start_gateway()
         wait_http_ok(vllm, f"http://127.0.0.1:{port}/v1/models", 300)
         yield f"http://127.0.0.1:{port}", stack.base_url
@@ -257,11 +263,21 @@ class Table:
         print("\n" + "\n".join(lines) + f"\n{sum(r[3] == 'yes' for r in self.rows)}/{len(self.rows)} equal\n")
 
 
+def _tool_calls(answer: Answer) -> list[Any]:
+    """The tool calls of an answer: the message's, or the streamed deltas'."""
+    if answer.kind == "json":
+        return [c for ch in answer.value.get("choices", []) for c in (ch.get("message") or {}).get("tool_calls") or []]
+    return [c for e in answer.value if isinstance(e, dict) for ch in e.get("choices", [])
+            for c in (ch.get("delta") or {}).get("tool_calls") or []]
+
+
 def test_mgpu_answers_as_vllm_serve(peers: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     vllm_url, mgpu_url = peers
     table, diffs = Table(), []
     for case in CASES:
         want, got = _ask(vllm_url, case), _ask(mgpu_url, case)
+        if case.name.startswith("tools: auto, a canned") or case.name.startswith("tools: tool_choice required"):
+            assert _tool_calls(want), f"{case.name}: vllm serve made no tool call, so the case compares none"
         same = (want.status, want.kind, want.value) == (got.status, got.kind, got.value)
         table.rows.append((case.name, want.summary, got.summary, "yes" if same else "NO"))
         if not same:

@@ -15,11 +15,13 @@ from common.settings import (
     ControlSettings,
     GatewaySettings,
     MgpuSettings,
+    SettingsError,
     SimServerSettings,
     UpSettings,
     WorkerSettings,
     flag_name,
     per_process,
+    to_env,
 )
 from ops import cli
 from ops.cli import COMMANDS, build_parser, parse_command
@@ -122,3 +124,37 @@ def test_a_bad_flag_names_the_setting(capsys: pytest.CaptureFixture[str], monkey
     assert "MGPU_SLOTS / --slots: Input should be greater than or equal to 1" in capsys.readouterr().err
     assert cli.main(["gateway", "--strategy", "fastest"]) == 2
     assert "MGPU_STRATEGY / --strategy: Input should be 'pull'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- engine flags and GPU plans
+
+
+def test_engine_flags_follow_the_double_dash() -> None:
+    ns, s = parse_command(["worker", "--engine", "vllm", "--slots", "8", "--", "--tensor-parallel-size", "2",
+                           "--chat-template", "a b"], env={})
+    assert isinstance(s, WorkerSettings) and s.slots == 8
+    assert s.engine_args == ["--tensor-parallel-size", "2", "--chat-template", "a b"]
+    _ns, up = parse_command(["up", "--workers", "2", "--", "-tp", "2"], env={"MGPU_ENGINE_ARGS": "--x 1"})
+    assert up.engine_args == ["-tp", "2"]  # the command line beats MGPU_ENGINE_ARGS
+    assert to_env(WorkerSettings.of(up))["MGPU_ENGINE_ARGS"] == "-tp 2"  # what mgpu up hands every worker
+    with pytest.raises(SystemExit):
+        parse_command(["gateway", "--", "-tp", "2"], env={})  # a gateway has no engine
+
+
+def test_mgpu_up_gives_each_worker_the_gpus_its_engine_asks_for(tmp_path: Path) -> None:
+    from ops.supervisor import Supervisor, gpus_per_worker, plan_gpus
+
+    assert gpus_per_worker([]) == 1
+    assert gpus_per_worker(["--tensor-parallel-size", "2"]) == 2
+    assert gpus_per_worker(["-tp=2", "--pipeline-parallel-size", "2", "--quantization", "awq"]) == 4
+    assert plan_gpus([0, 1, 2, 3, 4], 2) == [(0, 1), (2, 3)]  # GPU 4 stays idle
+    assert plan_gpus([0, 1, 2, 3], 1) == [(0,), (1,), (2,), (3,)]
+    with pytest.raises(SettingsError, match="asks for 4 GPUs"):
+        plan_gpus([0, 1], 4)
+    s = UpSettings.load({"engine": "vllm", "redis_url": "redis://127.0.0.1:1/0", "data_dir": str(tmp_path),
+                         "engine_args": ["-tp", "2"], "port": 18000, "health_port": 18001}, env={})
+    sup = Supervisor(s, tmp_path, plan_gpus([0, 1, 2, 3], gpus_per_worker(s.engine_args)))
+    envs = [sup.worker_env(i, sup.template, f"w{i}") for i in range(len(sup.specs))]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0,1", "2,3"]
+    assert [e["MGPU_GPU"] for e in envs] == ["0", "2"]  # NVML health watches the first of each
+    assert all(e["MGPU_ENGINE_ARGS"] == "-tp 2" for e in envs)
