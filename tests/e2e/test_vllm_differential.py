@@ -184,6 +184,29 @@ def _normal(obj: Any) -> Any:
     return obj
 
 
+def _by_choice(events: list[Any]) -> dict[str, list[Any]]:
+    """A stream's events per choice, in order (how the choices of ``n`` > 1 interleave depends on when the
+    engine's outputs arrive, in vllm serve as in mgpu); events of no choice (usage, ``[DONE]``) apart."""
+    out: dict[str, list[Any]] = {}
+    for e in events:
+        choices = e.get("choices") if isinstance(e, dict) else None
+        key = str(choices[0].get("index")) if choices and len(choices) == 1 else "-"
+        out.setdefault(key, []).append(e)
+    return out
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if type(a) is not type(b) or not isinstance(a, dict | list):
+        return f"{path or '.'}: {json.dumps(a)[:300]} != {json.dumps(b)[:300]}"
+    keys = sorted(set(a) | set(b)) if isinstance(a, dict) else range(max(len(a), len(b)))
+    for k in keys:
+        x = a.get(k, "<absent>") if isinstance(a, dict) else (a[k] if k < len(a) else "<absent>")
+        y = b.get(k, "<absent>") if isinstance(b, dict) else (b[k] if k < len(b) else "<absent>")
+        if x != y:
+            return _first_difference(x, y, f"{path}.{k}")
+    return path
+
+
 def _models(body: Any) -> Any:
     return sorted(({k: m.get(k) for k in ("id", "object", "owned_by", "root", "parent", "max_model_len")}
                    for m in body.get("data", [])), key=lambda m: m["id"])
@@ -211,7 +234,7 @@ def _ask(base: str, case: Case) -> Answer:
     if ctype.startswith("text/event-stream"):
         events = [e.removeprefix("data: ") for e in raw.split("\n\n") if e.strip()]
         parsed = [e if e == "[DONE]" else _normal(json.loads(e)) for e in events]
-        return Answer(200, "sse", parsed, f"{len(events)} events")
+        return Answer(200, "sse", _by_choice(parsed), f"{len(events)} events")
     body = json.loads(raw)
     choices = body.get("choices") or [{}]
     c0 = choices[0]
@@ -267,8 +290,8 @@ def _tool_calls(answer: Answer) -> list[Any]:
     """The tool calls of an answer: the message's, or the streamed deltas'."""
     if answer.kind == "json":
         return [c for ch in answer.value.get("choices", []) for c in (ch.get("message") or {}).get("tool_calls") or []]
-    return [c for e in answer.value if isinstance(e, dict) for ch in e.get("choices", [])
-            for c in (ch.get("delta") or {}).get("tool_calls") or []]
+    return [c for events in answer.value.values() for e in events if isinstance(e, dict)
+            for ch in e.get("choices", []) for c in (ch.get("delta") or {}).get("tool_calls") or []]
 
 
 def test_mgpu_answers_as_vllm_serve(peers: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -281,8 +304,8 @@ def test_mgpu_answers_as_vllm_serve(peers: tuple[str, str], capsys: pytest.Captu
         same = (want.status, want.kind, want.value) == (got.status, got.kind, got.value)
         table.rows.append((case.name, want.summary, got.summary, "yes" if same else "NO"))
         if not same:
-            diffs.append(f"{case.name}:\n  vllm serve: {json.dumps(want.value)[:600]}\n  mgpu:       "
-                         f"{json.dumps(got.value)[:600]}")
+            diffs.append(f"{case.name}: vllm serve {want.status} {want.kind}, mgpu {got.status} {got.kind}; first "
+                         f"difference at {_first_difference(want.value, got.value)}")
     with capsys.disabled():
         table.print()
     assert len(CASES) >= 40

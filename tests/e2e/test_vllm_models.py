@@ -48,8 +48,8 @@ def write_lora(folder: Path, base: str, *, rank: int = 8, layers: int = 30, seed
     for i in range(layers):
         for module, out in (("q_proj", 576), ("v_proj", 192)):
             prefix = f"base_model.model.model.layers.{i}.self_attn.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, 576, generator=g) * 0.05
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out, rank, generator=g) * 0.05
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, 576, generator=g) * 0.2
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out, rank, generator=g) * 0.2
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps({
@@ -103,11 +103,11 @@ def test_adapter_requests_go_only_to_the_worker_that_has_it(fleet: tuple[Stack, 
     s, a, _b, _ = fleet
     c = s.openai(timeout=120)
     msgs = [{"role": "user", "content": "Tell me about the sea."}]
-    on_adapter = [c.chat.completions.create(model=ADAPTER, messages=msgs, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+    on_adapter = [c.chat.completions.create(model=ADAPTER, messages=msgs, max_tokens=16, temperature=0)  # type: ignore[arg-type]
                   for _ in range(6)]
     assert {_worker_of(s, r.id) for r in on_adapter} == {a.worker_id}
     assert all(r.model == ADAPTER for r in on_adapter)
-    base = c.chat.completions.create(model=BASE, messages=msgs, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+    base = c.chat.completions.create(model=BASE, messages=msgs, max_tokens=16, temperature=0)  # type: ignore[arg-type]
     assert base.choices[0].message.content != on_adapter[0].choices[0].message.content  # the adapter is applied
     assert len({r.choices[0].message.content for r in on_adapter}) == 1  # greedy: the same each time
     with pytest.raises(openai.NotFoundError):
@@ -119,7 +119,7 @@ def test_embeddings_from_a_pooling_model(fleet: tuple[Stack, Any, Any, Path]) ->
     s = fleet[0]
     path = _embedder_path()
     assert path is not None
-    s.start_worker(**VLLM, model=EMBEDDER, model_path=str(path), max_model_len=256, timeout=300)
+    s.start_worker(**{**VLLM, "max_model_len": 256}, model=EMBEDDER, model_path=str(path), timeout=300)
     s.wait_routable()
     texts = ["The cat sat on the mat.", "A stock market report"]
     got = s.openai(timeout=120).embeddings.create(model=EMBEDDER, input=texts)

@@ -130,7 +130,7 @@ def test_a_bad_flag_names_the_setting(capsys: pytest.CaptureFixture[str], monkey
 
 
 def test_engine_flags_follow_the_double_dash() -> None:
-    ns, s = parse_command(["worker", "--engine", "vllm", "--slots", "8", "--", "--tensor-parallel-size", "2",
+    _ns, s = parse_command(["worker", "--engine", "vllm", "--slots", "8", "--", "--tensor-parallel-size", "2",
                            "--chat-template", "a b"], env={})
     assert isinstance(s, WorkerSettings) and s.slots == 8
     assert s.engine_args == ["--tensor-parallel-size", "2", "--chat-template", "a b"]

@@ -137,3 +137,15 @@ def test_runtime_files_and_functions_stay_small() -> None:
                     long_functions.append((f"{p.relative_to(ROOT)}:{node.lineno} {node.name}", n))
     assert big_files == []
     assert long_functions == []
+
+
+def test_the_gateway_process_loads_neither_vllm_nor_torch() -> None:
+    """The gateway stays thin: its app (and the CLI that starts it) import no engine code; a worker's vLLM
+    validates what the gateway passes on."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gateway.app, gateway.factory, gateway.server, ops.cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'vllm', 'torch', 'transformers', 'numpy'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

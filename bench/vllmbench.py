@@ -1,0 +1,140 @@
+"""vLLM's own benchmark client (``vllm bench serve``) against ``vllm serve`` and against mgpu over one vLLM
+worker, same model (the embedded SmolLM2-135M-Instruct), same vLLM, same engine flags, one after the other
+in one run (two CPU cores: running them side by side would have each slow the other).
+
+    python -m bench.vllmbench --json docs/vllmbench.json
+
+Each target gets the same workload: ``--num-prompts`` random prompts of ``--input-len`` tokens, ``--output-len``
+tokens each with ``--ignore-eos`` (so every request must generate exactly that many), all sent at once
+(``--request-rate inf``).  A third run, ``vllm serve`` with vLLM's own defaults instead of mgpu's worker
+flags, shows what the flags change.  The CPU build's ``vllm`` console script cannot find its distribution
+metadata, so the client runs as ``vllm.benchmarks.serve``'s ``add_cli_args`` and ``main`` (in a subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench.fleet import Fleet, Proc, terminate_all, wait_http_ok
+from ops.procs import free_port, spawn
+
+MODEL = "SmolLM2-135M-Instruct"
+_CLIENT = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+           "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+           "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
+_KEEP = ("completed", "failed", "duration", "total_input_tokens", "total_output_tokens", "request_throughput",
+         "output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
+         "mean_itl_ms", "median_itl_ms", "p99_itl_ms")
+
+
+def worker_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"engine": "vllm", "model": MODEL, "slots": args.slots, "max_model_len": args.max_model_len,
+            "vllm_enforce_eager": True, "vllm_kv_cache_gb": args.kv_cache_gb}
+
+
+def run_client(base_url: str, model_path: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """``vllm bench serve`` against ``base_url``; its result JSON, trimmed to the figures we report."""
+    cmd = [sys.executable, "-c", _CLIENT, "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
+           "--base-url", base_url, "--model", model_path, "--served-model-name", MODEL, "--tokenizer", model_path,
+           "--dataset-name", "random", "--random-input-len", str(args.input_len), "--random-output-len",
+           str(args.output_len), "--num-prompts", str(args.prompts), "--ignore-eos", "--request-rate", "inf",
+           "--seed", "0", "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
+    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    full = json.loads(out.read_text())
+    return {k: full.get(k) for k in _KEEP}
+
+
+@contextmanager
+def vllm_serve(model_path: str, argv: list[str], tmp: Path, kv_cache_gb: int) -> Iterator[str]:
+    port = free_port()
+    log = tmp / f"vllm-serve-{port}.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv, "--host", "127.0.0.1", "--port",
+           str(port)]
+    p = Proc("vllm-serve", spawn(cmd, env={"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gb), "HF_HUB_OFFLINE": "1"},
+                                 log_path=log, die_with_parent=True), log, port=port)
+    try:
+        wait_http_ok(p, f"http://127.0.0.1:{port}/v1/models", 600)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        terminate_all([p.proc], 30)
+
+
+@contextmanager
+def mgpu(model_path: str, settings: dict[str, Any], tmp: Path) -> Iterator[str]:
+    fleet = Fleet.launch(tmp / "mgpu", die_with_parent=True)
+    try:
+        fleet.start_worker(**{**settings, "model_path": model_path}, timeout=600)
+        fleet.start_gateway()
+        yield fleet.base_url
+    finally:
+        fleet.stop(30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=48)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--slots", type=int, default=32, help="mgpu's worker slots: vLLM's --max-num-seqs for both")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--kv-cache-gb", type=int, default=2)
+    p.add_argument("--no-defaults-run", action="store_true", help="skip vllm serve with vLLM's own defaults")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    from common.settings import WorkerSettings
+    from gpu_worker.model_store import default_cache_dir, ensure_embedded_model
+    from gpu_worker.serving.vllm import engine_argv
+
+    model_path = str(ensure_embedded_model(default_cache_dir()))
+    settings = worker_settings(args)
+    argv_same = engine_argv(WorkerSettings.load(settings, env={}), model_path)
+    runs: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="mgpu-vllmbench-") as d:
+        tmp = Path(d)
+        targets: list[tuple[str, Any]] = [("vllm serve (mgpu's worker flags)", lambda: vllm_serve(
+            model_path, argv_same, tmp, args.kv_cache_gb)), ("mgpu: gateway + 1 vLLM worker", lambda: mgpu(
+                model_path, settings, tmp))]
+        if not args.no_defaults_run:
+            targets.append(("vllm serve (vLLM's defaults)", lambda: vllm_serve(
+                model_path, ["--model", model_path, "--served-model-name", MODEL, "--max-model-len",
+                             str(args.max_model_len)], tmp, args.kv_cache_gb)))
+        for i, (name, server) in enumerate(targets):
+            t0 = time.monotonic()
+            with server() as url:
+                started = time.monotonic() - t0
+                runs[name] = {"start_s": round(started, 1), **run_client(url, model_path, args, tmp / f"r{i}.json")}
+            print(f"{name}: {json.dumps(runs[name])}", flush=True)
+    expected = args.prompts * args.output_len
+    same, ours = runs["vllm serve (mgpu's worker flags)"], runs["mgpu: gateway + 1 vLLM worker"]
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{os.cpu_count()} cores, no GPU",
+        "workload": {"prompts": args.prompts, "input_len": args.input_len, "output_len": args.output_len,
+                     "expected_output_tokens": expected, "engine_flags": argv_same[4:]},
+        "runs": runs,
+        "ratios": {"output_throughput": round(ours["output_throughput"] / same["output_throughput"], 3),
+                   "median_ttft": round(ours["median_ttft_ms"] / same["median_ttft_ms"], 3),
+                   "median_itl": round(ours["median_itl_ms"] / same["median_itl_ms"], 3)},
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    bad = [n for n, r in runs.items() if r["failed"] or r["total_output_tokens"] != expected]
+    if bad:
+        print(f"FAILED: {bad} did not generate exactly {expected} tokens with 0 failures", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
