@@ -123,9 +123,9 @@ def build_openapi(app: FastAPI, models: list[str]) -> dict[str, Any]:
     lookup = paths["/v1/requests/{request_id}"]["get"]
     lookup["summary"] = "A finished request's stored answer (for result_ttl_s)"
     lookup["responses"] = {
-        "200": {"description": "The stored completion",
-                "content": {"application/json": {"schema": {"anyOf": [_ref(CompletionResponse),
-                                                                      _ref(ChatCompletionResponse)]}}}},
+        "200": {"description": "The stored answer: the JSON response, or a stream's server-sent events again",
+                "content": {"application/json": {"schema": {"type": "object"}},
+                            "text/event-stream": {"schema": _SSE_EVENT}}},
         **_errors("400", "404", "499", "500", "502", "503", "504"),
     }
     paths["/health"]["get"]["responses"] = {"200": _json(Health, "The gateway process is up")}

@@ -90,8 +90,11 @@ async def get_request(request: Request, request_id: str) -> Response:
     if result.error is not None:
         return json_response({"id": result.id, **error_body(errors.from_info(result.error))},
                              status=result.error.status)
-    if result.body is None:  # a stream: its events are not kept past the stream
-        raise errors.NotFound(f"request '{request_id}' was streamed: its answer went out as events")
+    if result.body is None:  # a stream: its events again, from the request's chunk stream
+        with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
+            entries = await state.redis.xrange(state.settings.keys.chunks(request_id))
+        sse = "".join(serving.chunk_sse(request_id, f[b"c"]) for _id, f in entries)
+        return Response(sse.encode(), media_type="text/event-stream")
     return json_response(result.body, status=result.status)
 
 

@@ -75,6 +75,14 @@ async def enqueue(state: GatewayState, adm: Admission, route: Route) -> Queued |
 # ----------------------------------------------------------------------------- events
 
 
+def chunk_sse(request_id: str, payload: bytes) -> str:
+    """The server-sent events a stored chunk carries."""
+    try:
+        return Chunk.model_validate_json(payload).sse
+    except ValidationError:
+        raise errors.BadResult(f"a stored chunk of request {request_id} is unreadable") from None
+
+
 def read_result(request_id: str, payload: bytes) -> Result:
     try:
         return Result.model_validate_json(payload)
@@ -418,16 +426,25 @@ async def _stream(state: GatewayState, request: Request, events: AsyncIterator[E
     end = StreamEnd()
     state.metrics.in_flight.inc()
 
-    async def done() -> None:
+    def done(*more: Awaitable[None]) -> Awaitable[Any]:
+        """The stream's end: counted at once; the rest (``more``, then closing its events) in one task that
+        a cancellation does not stop.  Under anyio's cancel scopes (Starlette's) every await after a
+        cancellation raises again, so the clean-up must not be a sequence of awaits."""
         state.metrics.in_flight.dec()
         if w is not None:
             state.router.unregister(w)
-        await feed.aclose()
+
+        async def rest() -> None:
+            for aw in (*more, feed.aclose()):
+                with contextlib.suppress(Exception):
+                    await aw
+
+        return asyncio.shield(asyncio.ensure_future(rest()))
 
     try:
         first = await _first(state, request, feed, request_id, watch=cancel)
     except BaseException:
-        await asyncio.shield(done())
+        await done()
         raise
     if first is not None and first[0] != ReplyKind.CHUNK:
         await done()
@@ -440,12 +457,10 @@ async def _stream(state: GatewayState, request: Request, events: AsyncIterator[E
                 async for part in parts:
                     yield part
         finally:
-            await asyncio.shield(done())
             if end.first_token_at is not None:
                 state.metrics.ttft.labels(a.model).observe(end.first_token_at - a.started)
             a.outcome, a.status = end.outcome, end.status
             _account(state, a)
-            if not end.got_result and cancel:
-                await asyncio.shield(state.cancel(request_id))
+            await done(*([state.cancel(request_id)] if not end.got_result and cancel else []))
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})

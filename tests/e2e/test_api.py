@@ -189,3 +189,9 @@ def test_get_request_by_id(shared_stack: Stack) -> None:
     got = httpx.get(f"{shared_stack.base_url}/v1/requests/{r.id}").json()
     assert got["id"] == r.id and got["choices"][0]["text"] == r.choices[0].text
     assert httpx.get(f"{shared_stack.base_url}/v1/requests/cmpl-unknown").status_code == 404
+    with httpx.stream("POST", shared_stack.base_url + "/v1/completions", timeout=10,
+                      json={"model": MODEL, "prompt": "stream me", "max_tokens": 3, "stream": True}) as s:
+        sent = s.read()
+        rid = s.headers["x-request-id"]
+    again = httpx.get(f"{shared_stack.base_url}/v1/requests/{rid}")  # a stream: its events again
+    assert again.headers["content-type"].startswith("text/event-stream") and again.content == sent
