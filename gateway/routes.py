@@ -9,6 +9,7 @@ CPU per request at saturation."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -36,34 +37,15 @@ def readiness(state: GatewayState) -> tuple[int, dict[str, Any]]:
                                   "live_workers": live}
 
 
-@router.post("/v1/completions", name="completions")
-async def completions(request: Request) -> Response:
-    return await serving.handle(request, "completion")
+def _worker_endpoint(kind: Kind) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        return await serving.handle(request, kind)
+
+    return endpoint
 
 
-@router.post("/v1/chat/completions", name="chat_completions")
-async def chat_completions(request: Request) -> Response:
-    return await serving.handle(request, "chat")
-
-
-@router.post("/v1/embeddings", name="embeddings")
-async def embeddings(request: Request) -> Response:
-    return await serving.handle(request, "embedding")
-
-
-@router.post("/tokenize", name="tokenize")
-async def tokenize(request: Request) -> Response:
-    return await serving.handle(request, "tokenize")
-
-
-@router.post("/detokenize", name="detokenize")
-async def detokenize(request: Request) -> Response:
-    return await serving.handle(request, "detokenize")
-
-
-@router.post("/v1/responses", name="responses")
-async def responses(request: Request) -> Response:
-    return await serving.handle(request, "responses")
+for _kind, _path in PATHS.items():  # the endpoints a worker answers: chat, completions, embeddings, ...
+    router.add_api_route(_path, _worker_endpoint(_kind), methods=["POST"], name=_kind)
 
 
 @router.get("/v1/models", name="models")

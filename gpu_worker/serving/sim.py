@@ -58,16 +58,17 @@ class _Forced:
 def _forced(req: OpenAIRequest, item: WorkItem, seed: int | None) -> _Forced | None:
     if not isinstance(req, ChatCompletionRequest):
         return None
-    words = expected_text(messages=req.messages_dicts(), max_tokens=3, seed=seed or 0).split()
     tool = req.forced_tool()
+    fmt = req.response_format
+    if tool is None and (fmt is None or fmt.type == "text"):
+        return None
+    words = expected_text(messages=req.messages_dicts(), max_tokens=3, seed=seed or 0).split()
     if tool is not None:
         args = json.dumps(schema_instance(tool.function.parameters or {"type": "object"}, words) or {})
         call_id = "call_" + hashlib.blake2b(f"{item.id}/{tool.function.name}".encode(), digest_size=12).hexdigest()
         return _Forced(args, {"id": call_id, "type": "function",
                               "function": {"name": tool.function.name, "arguments": args}})
-    fmt = req.response_format
-    if fmt is None or fmt.type == "text":
-        return None
+    assert fmt is not None
     if fmt.type == "json_object":
         return _Forced(json.dumps({"answer": " ".join(words)}))
     assert fmt.json_schema is not None
@@ -124,38 +125,49 @@ class _Run:
             c.finish = "length"
             self._emit(ChoiceDelta(index=c.index, finish_reason="length"))
             return
-        p = self.req.sampling(left, self.req.logprobs_n())
-        seed = None if p.seed is None else p.seed + c.index
-        forced = self.forced.pieces if self.forced is not None else None
-        params = p.model_copy(update={"n": 1, "seed": seed, "max_tokens": min(left, len(forced)) if forced else left,
-                                      "stop": [] if forced else p.stop})
+        lp_n = self.req.logprobs_n()
+        p = self.req.sampling(left, lp_n)
+        pieces = self.forced.pieces if self.forced is not None else None
+        params = p.model_copy(update={"n": 1, "seed": None if p.seed is None else p.seed + c.index,
+                                      "max_tokens": min(left, len(pieces)) if pieces else left,
+                                      "stop": [] if pieces else p.stop})
         ereq = EngineRequest(request_id=f"{self.call.attempt_id}/{c.index}", prompt=self.prompt,
                              messages=self.messages, params=params, resume_token_ids=c.tokens, resume_text=c.text)
         async with contextlib.aclosing(self.engine.generate(ereq)) as outs:
             async for out in outs:
                 self.call.on_tokens(c.index, len(out.token_ids), out.prompt_tokens)
                 self.prompt_tokens = out.prompt_tokens
-                text = out.text if forced is None else "".join(forced[len(c.tokens):len(c.tokens) + len(out.token_ids)])
-                c.tokens.extend(out.token_ids)
-                finish = out.finish_reason
-                if finish is not None and forced is not None:
-                    finish = "length" if len(c.tokens) < len(forced) else ("tool_calls" if self.forced and
-                                                                           self.forced.tool else "stop")
-                if out.logprobs and self.req.logprobs_n() is not None:
-                    c.logprobs.extend(out.logprobs)
-                c.text += text
-                c.finish = finish
-                lps = out.logprobs if self.req.logprobs_n() is not None else None
-                if self.forced is not None and self.forced.tool is not None:  # a tool call goes out whole
-                    if finish == "tool_calls":
-                        c.tool_calls = [self.forced.tool]
-                        self._emit(ChoiceDelta(index=c.index, finish_reason=finish, token_ids=c.tokens,
-                                               tool_calls=[{"index": 0, **self.forced.tool}]))
-                    elif finish is not None:  # cut short by max_tokens: what it wrote, as text
-                        self._emit(ChoiceDelta(index=c.index, text=c.text, finish_reason=finish, token_ids=c.tokens))
+                if pieces is not None:
+                    self._forced_step(c, out.token_ids, out.finish_reason, pieces)
                     continue
-                self._emit(ChoiceDelta(index=c.index, text=text, finish_reason=finish, logprobs=lps,
-                                       token_ids=out.token_ids))
+                c.tokens.extend(out.token_ids)
+                c.text += out.text
+                c.finish = out.finish_reason
+                lps = out.logprobs if lp_n is not None else None
+                if lps:
+                    c.logprobs.extend(lps)
+                if self.out is not None:
+                    self.out.put_nowait(ChoiceDelta(index=c.index, text=out.text, finish_reason=out.finish_reason,
+                                                    logprobs=lps, token_ids=out.token_ids))
+
+    def _forced_step(self, c: _Choice, token_ids: list[int], finish: str | None, pieces: list[str]) -> None:
+        """One step of an answer fixed in advance: its next pieces; a tool call goes out whole, at its end."""
+        assert self.forced is not None
+        text = "".join(pieces[len(c.tokens):len(c.tokens) + len(token_ids)])
+        c.tokens.extend(token_ids)
+        c.text += text
+        tool = self.forced.tool
+        if finish is not None:
+            finish = "length" if len(c.tokens) < len(pieces) else ("tool_calls" if tool else "stop")
+        c.finish = finish
+        if tool is None:
+            self._emit(ChoiceDelta(index=c.index, text=text, finish_reason=finish, token_ids=token_ids))
+        elif finish == "tool_calls":
+            c.tool_calls = [tool]
+            self._emit(ChoiceDelta(index=c.index, finish_reason=finish, token_ids=c.tokens,
+                                   tool_calls=[{"index": 0, **tool}]))
+        elif finish is not None:  # cut short by max_tokens: what it wrote, as text
+            self._emit(ChoiceDelta(index=c.index, text=c.text, finish_reason=finish, token_ids=c.tokens))
 
     def _emit(self, d: ChoiceDelta) -> None:
         if self.out is not None:
