@@ -167,7 +167,8 @@ class Fleet:
     def env(self, overrides: Mapping[str, Any]) -> dict[str, str]:
         """The environment of a process started with ``overrides``."""
         env = {"MGPU_REDIS_URL": self.redis_server.url, "MGPU_NAMESPACE": self.ns, "MGPU_LOG_LEVEL": "WARNING",
-               "MGPU_DATA_DIR": str(self.tmp / "data"), "PYTHONPATH": str(self.code)}
+               "MGPU_DATA_DIR": str(self.tmp / "data"), "PYTHONPATH": str(self.code),
+               "MGPU_AUTH": "off"}  # on loopback; a fleet with API keys sets auth="keys"
         env.update(settings_env(self.settings))
         env.update(settings_env(overrides))
         return env

@@ -5,6 +5,10 @@
     MgpuError
     ├── RequestError              the request cannot be served as sent (4xx)
     │   ├── InvalidRequest        400 schema / value / context-length violations
+    │   ├── Unauthorized          401 no API key, or one that is wrong, revoked or expired
+    │   ├── Forbidden             403 a valid key that may not do this (another model, an admin endpoint)
+    │   ├── UnsupportedMediaType  415 a body that is not application/json
+    │   ├── RateLimited           429 the key's requests or tokens per minute, or requests in flight
     │   ├── NotFound              404 no such request
     │   │   └── ModelNotFound     404 no such model
     │   ├── MethodNotAllowed      405 (with ``Allow``)
@@ -70,6 +74,22 @@ class MgpuError(Exception):
 
 class RequestError(MgpuError, status=400, type="invalid_request_error"):
     pass
+
+
+class Unauthorized(RequestError, status=401, code="invalid_api_key"):
+    """401: a missing, malformed, unknown, wrong, revoked or expired API key."""
+
+
+class Forbidden(RequestError, status=403, type="permission_error", code="forbidden"):
+    """403: the key is valid but may not do this (another model, an admin endpoint)."""
+
+
+class UnsupportedMediaType(RequestError, status=415, code="unsupported_media_type"):
+    pass
+
+
+class RateLimited(RequestError, status=429, type="rate_limit_error", code="rate_limit_exceeded"):
+    """429: the API key is over its requests or tokens per minute, or its requests in flight."""
 
 
 class InvalidRequest(RequestError, status=400, type="BadRequestError"):
@@ -140,6 +160,7 @@ class EngineDead(MgpuError, code="engine_dead"):
 _BY_CODE: dict[str | None, type[MgpuError]] = {
     cls.code: cls
     for cls in (NotFound, ModelNotFound, MethodNotAllowed, ReadTimeout, PayloadTooLarge, IdempotencyMismatch,
+                Unauthorized, Forbidden, UnsupportedMediaType, RateLimited,
                 QueueFull, ServiceUnavailable, RequestTimeout, RequestCancelled, BadResult, GenerationFailed,
                 DeadLettered, EngineDead)
 }

@@ -13,6 +13,11 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
     {ns}:qbytes:{model}           bytes of the model's request payloads on its streams (ENQUEUE adds, FINISH and
                                   DEAD_LETTER subtract; entries carry their size in field ``b``)
     {ns}:qbytes                   the same over all models
+    {ns}:apikey:{id}              an API key's record (hash: common.apikeys.ApiKey)
+    {ns}:apikeys                  hash: key name -> key id
+    {ns}:rate:{id}                an API key's sliding minute (per-second counts of requests and tokens) and
+                                  its requests in flight (hash, written by ENQUEUE, FINISH and DEAD_LETTER)
+    {ns}:usage:{id}               an API key's usage: requests, prompt_tokens, completion_tokens, errors (hash)
     {ns}:replies:{gateway}        events for one gateway process (stream, trimmed, TTL)
     {ns}:cancels                  cancellations, read by every worker (stream, trimmed)
     {ns}:worker:{id}              a worker's registry hash (TTL = heartbeat lease)
@@ -74,6 +79,19 @@ class Keys:
     @property
     def queue_bytes_total(self) -> str:
         return f"{self.ns}:qbytes"
+
+    def api_key(self, key_id: str) -> str:
+        return f"{self.ns}:apikey:{key_id}"
+
+    @property
+    def api_key_names(self) -> str:
+        return f"{self.ns}:apikeys"
+
+    def rate(self, key_id: str) -> str:
+        return f"{self.ns}:rate:{key_id}"  # also built by the FINISH and DEAD_LETTER scripts (common/lua.py)
+
+    def usage(self, key_id: str) -> str:
+        return f"{self.ns}:usage:{key_id}"  # also built by the FINISH and DEAD_LETTER scripts
 
     def replies(self, gateway: str) -> str:
         return f"{self.ns}:replies:{gateway}"

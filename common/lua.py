@@ -4,20 +4,100 @@ lost an entry can neither write a chunk or a result for it nor acknowledge it.""
 
 from __future__ import annotations
 
+# The sliding minute of an API key's limits: its rate hash (Keys.rate) holds a count per second
+# ('r:<sec>' requests, 't:<sec>' tokens), their sums over the last 60 s ('rs', 'ts'), the oldest second
+# still counted ('lo') and the requests in flight ('inflight').  slide() drops the seconds that left the
+# window and returns the sums; the time is Redis's own (TIME), the same for every gateway replica.
+_WINDOW = """
+local function now_s()
+  return tonumber(redis.call('TIME')[1])
+end
+local function slide(rk, now)
+  local cut = now - 59
+  local lo = tonumber(redis.call('HGET', rk, 'lo') or cut)
+  if lo < cut then
+    if cut - lo > 60 then
+      for _, f in ipairs(redis.call('HKEYS', rk)) do
+        local p = string.sub(f, 1, 2)
+        if p == 'r:' or p == 't:' then redis.call('HDEL', rk, f) end
+      end
+      redis.call('HSET', rk, 'rs', 0, 'ts', 0)
+    else
+      for sec = lo, cut - 1 do
+        for _, d in ipairs({'r', 't'}) do
+          local v = redis.call('HGET', rk, d .. ':' .. sec)
+          if v then
+            redis.call('HINCRBY', rk, d .. 's', -tonumber(v))
+            redis.call('HDEL', rk, d .. ':' .. sec)
+          end
+        end
+      end
+    end
+  end
+  redis.call('HSET', rk, 'lo', cut)
+  return tonumber(redis.call('HGET', rk, 'rs') or '0'), tonumber(redis.call('HGET', rk, 'ts') or '0')
+end
+local function reset_s(rk, d, now)
+  for sec = now - 59, now do
+    if redis.call('HGET', rk, d .. ':' .. sec) then return sec + 60 - now end
+  end
+  return 1
+end
+"""
+
+# Admit a request against its API key (KEYS[7] its record, KEYS[8] its rate hash; '' when auth is off):
+# the key must still exist and not be revoked or expired (so a revocation holds at once on every replica),
+# and its requests per minute, tokens per minute (ARGV[7] reserved) and requests in flight must stay within
+# its limits.  Returns nil when admitted, else the refusal.
+_ADMIT = _WINDOW + """
+local function admit(kk, rk, reserve, now)
+  local rec = redis.call('HMGET', kk, 'sha256', 'revoked_at', 'expires_at', 'rpm', 'tpm', 'max_inflight')
+  if not rec[1] then return {3, 'unknown'} end
+  if tonumber(rec[2] or '0') > 0 then return {3, 'revoked'} end
+  local exp = tonumber(rec[3] or '0')
+  if exp > 0 and now >= exp then return {3, 'expired'} end
+  local rpm, tpm, maxin = tonumber(rec[4] or '0'), tonumber(rec[5] or '0'), tonumber(rec[6] or '0')
+  local rs, ts = slide(rk, now)
+  local inflight = tonumber(redis.call('HGET', rk, 'inflight') or '0')
+  if rpm > 0 and rs + 1 > rpm then return {4, 'requests', rs, rpm, reset_s(rk, 'r', now)} end
+  if tpm > 0 and ts + reserve > tpm then return {4, 'tokens', ts, tpm, reset_s(rk, 't', now)} end
+  if maxin > 0 and inflight + 1 > maxin then return {4, 'inflight', inflight, maxin, 1} end
+  return nil
+end
+local function charge(rk, reserve, now)
+  redis.call('HINCRBY', rk, 'r:' .. now, 1)
+  redis.call('HINCRBY', rk, 'rs', 1)
+  redis.call('HINCRBY', rk, 't:' .. now, reserve)
+  redis.call('HINCRBY', rk, 'ts', reserve)
+  redis.call('HINCRBY', rk, 'inflight', 1)
+  redis.call('EXPIRE', rk, 120)
+end
+"""
+
 # KEYS: target stream, idempotency key ('' for none), target worker's registry hash ('' for none), shared
-#       stream, the model's byte counter, the total byte counter, further streams counted toward the backlog...
-# ARGV: max_len, payload, idempotency record (JSON), idem_ttl, max_bytes (model), max_bytes_total
-# -> {1, entry_id, fell_back} queued | {0, 'entries' | 'bytes' | 'total_bytes'} full
-#    | {2, the stored idempotency record} that key was used before
+#       stream, the model's byte counter, the total byte counter, the API key's record and rate hash ('' for
+#       none), further streams counted toward the backlog...
+# ARGV: max_len, payload, idempotency record (JSON), idem_ttl, max_bytes (model), max_bytes_total,
+#       tokens to reserve, the API key's id
+# -> {1, entry_id, fell_back, requests in the minute, tokens in the minute, in flight, reset_s} queued
+#    | {0, 'entries' | 'bytes' | 'total_bytes'} full | {2, the stored idempotency record} that key was used before
+#    | {3, 'unknown' | 'revoked' | 'expired'} the API key cannot be used | {4, dimension, used, limit, reset_s}
 # A push to a worker's own stream (KEYS[1]) goes to the shared stream (KEYS[4]) instead when that
 # worker is not 'ready' (draining, or its registry hash expired): nothing is pushed to a stream that
 # nobody reads, atomically with the orphan sweep (MOVE_UNDELIVERED) that deletes such streams.
-# The queue limit counts KEYS[1], KEYS[4] (when different) and KEYS[7..].  The entry carries its size
-# (field 'b'), which FINISH and DEAD_LETTER subtract from both byte counters when they delete it.
-ENQUEUE = """
+# The queue limit counts KEYS[1], KEYS[4] (when different) and KEYS[9..].  The entry carries its size
+# (field 'b'), which FINISH and DEAD_LETTER subtract from both byte counters when they delete it, and its
+# key's reservation (field 'q': '<key id>:<second>:<tokens>'), which they settle.
+ENQUEUE = _ADMIT + """
 if KEYS[2] ~= '' then
   local existing = redis.call('GET', KEYS[2])
   if existing then return {2, existing} end
+end
+local now = now_s()
+local reserve = tonumber(ARGV[7])
+if KEYS[7] ~= '' then
+  local refused = admit(KEYS[7], KEYS[8], reserve, now)
+  if refused then return refused end
 end
 local target = KEYS[1]
 local fell = 0
@@ -27,16 +107,24 @@ if KEYS[3] ~= '' and redis.call('HGET', KEYS[3], 'state') ~= 'ready' then
 end
 local backlog = redis.call('XLEN', KEYS[1])
 if KEYS[4] ~= KEYS[1] then backlog = backlog + redis.call('XLEN', KEYS[4]) end
-for i = 7, #KEYS do backlog = backlog + redis.call('XLEN', KEYS[i]) end
+for i = 9, #KEYS do backlog = backlog + redis.call('XLEN', KEYS[i]) end
 if backlog >= tonumber(ARGV[1]) then return {0, 'entries'} end
 local size = #ARGV[2]
 if tonumber(redis.call('GET', KEYS[5]) or '0') + size > tonumber(ARGV[5]) then return {0, 'bytes'} end
 if tonumber(redis.call('GET', KEYS[6]) or '0') + size > tonumber(ARGV[6]) then return {0, 'total_bytes'} end
-local id = redis.call('XADD', target, '*', 'p', ARGV[2], 'b', size)
+local id
+if KEYS[7] ~= '' then
+  charge(KEYS[8], reserve, now)
+  id = redis.call('XADD', target, '*', 'p', ARGV[2], 'b', size, 'q', ARGV[8] .. ':' .. now .. ':' .. reserve)
+else
+  id = redis.call('XADD', target, '*', 'p', ARGV[2], 'b', size)
+end
 redis.call('INCRBY', KEYS[5], size)
 redis.call('INCRBY', KEYS[6], size)
 if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4]) end
-return {1, id, fell}
+if KEYS[7] == '' then return {1, id, fell} end
+local rs, ts = slide(KEYS[8], now)
+return {1, id, fell, rs, ts, tonumber(redis.call('HGET', KEYS[8], 'inflight')), reset_s(KEYS[8], 'r', now)}
 """
 
 # Move the entries of a worker's own stream that nobody has read yet to the shared stream (payload
@@ -78,9 +166,27 @@ local function owned(stream, group, id, consumer)
 end
 """
 
-# Before an entry is deleted: take its size (field 'b', set by ENQUEUE) off the byte counters.
+# Before an entry is deleted: take its size (field 'b', set by ENQUEUE) off the byte counters, and settle
+# its API key's reservation (field 'q'): the tokens reserved become the tokens used (a refund, or more) in the
+# second they were reserved in, if it is still in the window; one request less in flight; the key's usage.
+# ns: the key namespace; usage: {prompt tokens, completion tokens, '1' when the request failed}.
 _UNCOUNT = """
-local function uncount(stream, id, model_key, total_key)
+local function settle(ns, q, usage)
+  local kid, sec, reserved = string.match(q, '^([^:]+):(%d+):(%d+)$')
+  if not kid then return end
+  local rk, uk = ns .. ':rate:' .. kid, ns .. ':usage:' .. kid
+  local used = tonumber(usage[1]) + tonumber(usage[2])
+  if tonumber(sec) >= tonumber(redis.call('HGET', rk, 'lo') or '0') and redis.call('HEXISTS', rk, 't:' .. sec) == 1 then
+    redis.call('HINCRBY', rk, 't:' .. sec, used - tonumber(reserved))
+    redis.call('HINCRBY', rk, 'ts', used - tonumber(reserved))
+  end
+  if redis.call('HINCRBY', rk, 'inflight', -1) < 0 then redis.call('HSET', rk, 'inflight', 0) end
+  redis.call('HINCRBY', uk, 'requests', 1)
+  redis.call('HINCRBY', uk, 'prompt_tokens', usage[1])
+  redis.call('HINCRBY', uk, 'completion_tokens', usage[2])
+  if usage[3] == '1' then redis.call('HINCRBY', uk, 'errors', 1) end
+end
+local function uncount(stream, id, model_key, total_key, ns, usage)
   local e = redis.call('XRANGE', stream, id, id)
   if not e[1] then return end
   local f = e[1][2]
@@ -89,7 +195,8 @@ local function uncount(stream, id, model_key, total_key)
       for _, k in ipairs({model_key, total_key}) do
         if redis.call('DECRBY', k, f[i + 1]) <= 0 then redis.call('DEL', k) end
       end
-      return
+    elseif f[i] == 'q' then
+      settle(ns, f[i + 1], usage)
     end
   end
 end
@@ -108,7 +215,8 @@ return 1
 """
 
 # KEYS: stream, result, replies, model byte counter, total byte counter
-# ARGV: group, consumer, entry_id, request_id, result_json, ttl, reply, kind
+# ARGV: group, consumer, entry_id, request_id, result_json, ttl, reply, kind, namespace, prompt tokens,
+#       completion tokens, failed ('1'/'0')
 # -> 1 stored and acknowledged | 2 acknowledged, an earlier result won | 0 fenced
 FINISH = _OWNED + _UNCOUNT + """
 if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
@@ -116,7 +224,7 @@ local stored = redis.call('SET', KEYS[2], ARGV[5], 'NX', 'EX', ARGV[6])
 if stored and ARGV[7] == '1' then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', '100000', '*', 'r', ARGV[4], 'k', ARGV[8], 'p', ARGV[5])
 end
-uncount(KEYS[1], ARGV[3], KEYS[4], KEYS[5])
+uncount(KEYS[1], ARGV[3], KEYS[4], KEYS[5], ARGV[9], {ARGV[10], ARGV[11], ARGV[12]})
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 if stored then return 1 end
@@ -206,7 +314,7 @@ end
 
 # KEYS: stream, dlq, result, replies, model byte counter, total byte counter
 # ARGV: group, consumer, entry_id, request_id, raw_payload, result_json, ttl, reply, reason, deliveries,
-#       max dead letters
+#       max dead letters, namespace
 # -> 1 moved | 0 fenced
 DEAD_LETTER = _OWNED + _UNCOUNT + _TRIM_DLQ + """
 if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
@@ -219,7 +327,7 @@ if ARGV[4] ~= '' then
     redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100000', '*', 'r', ARGV[4], 'k', 'e', 'p', ARGV[6])
   end
 end
-uncount(KEYS[1], ARGV[3], KEYS[5], KEYS[6])
+uncount(KEYS[1], ARGV[3], KEYS[5], KEYS[6], ARGV[12], {'0', '0', '1'})
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 return 1

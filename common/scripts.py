@@ -42,6 +42,7 @@ def _text(v: Any) -> str:
 class Queued:
     entry_id: str
     fell_back: bool  # pushed to a worker that was not ready: it went to the shared stream instead
+    usage: KeyUsage | None = None  # the API key's minute, with this request in it
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,37 @@ class Duplicate:
 @dataclass(frozen=True)
 class QueueFull:
     limit: str  # "entries" | "bytes" | "total_bytes"
+
+
+@dataclass(frozen=True)
+class KeyRefused:
+    reason: str  # "unknown" | "revoked" | "expired": the API key cannot be used (any more)
+
+
+@dataclass(frozen=True)
+class RateLimited:
+    dimension: str  # "requests" | "tokens" | "inflight"
+    used: int
+    limit: int
+    reset_s: int  # until enough of the minute has passed (inflight: 1)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What a request costs its API key: the key, and the tokens reserved (prompt + max_tokens)."""
+
+    key_id: str
+    reserve: int
+
+
+@dataclass(frozen=True)
+class KeyUsage:
+    """A key's sliding minute after an admission: requests and tokens counted, requests in flight."""
+
+    requests: int
+    tokens: int
+    inflight: int
+    reset_s: int  # until the oldest request of the minute leaves it
 
 
 class Finish(IntEnum):
@@ -115,18 +147,25 @@ class Scripts:
 
     async def enqueue(self, model: str, target: Target, payload: str, limits: Limits, *,
                       idempotency_key: str | None = None, record: IdempotencyRecord | None = None,
-                      idem_ttl_s: int = 600) -> Queued | Duplicate | QueueFull:
+                      idem_ttl_s: int = 600, charge: Charge | None = None
+                      ) -> Queued | Duplicate | QueueFull | KeyRefused | RateLimited:
         k = self.keys
+        kid = charge.key_id if charge is not None else ""
         rc, val, *rest = await self._enqueue(
             keys=[target.stream, idempotency_key or "", target.worker_key, target.shared, k.queue_bytes(model),
-                  k.queue_bytes_total, *target.others],
+                  k.queue_bytes_total, k.api_key(kid) if kid else "", k.rate(kid) if kid else "", *target.others],
             args=[limits.max_entries, payload, record.model_dump_json() if record is not None else "", idem_ttl_s,
-                  limits.max_bytes, limits.max_bytes_total])
+                  limits.max_bytes, limits.max_bytes_total, charge.reserve if charge is not None else 0, kid])
         if rc == 0:
             return QueueFull(_text(val))
         if rc == 2:  # an unreadable stored record raises pydantic's ValidationError (a ValueError)
             return Duplicate(IdempotencyRecord.model_validate_json(val))
-        return Queued(_text(val), bool(rest and rest[0] == 1))
+        if rc == 3:
+            return KeyRefused(_text(val))
+        if rc == 4:
+            return RateLimited(_text(val), int(rest[0]), int(rest[1]), int(rest[2]))
+        usage = KeyUsage(int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4])) if len(rest) >= 5 else None
+        return Queued(_text(val), bool(rest and rest[0] == 1), usage)
 
     async def emit(self, entry: Entry, request_id: str, chunk: Chunk, reply_to: str | None, ttl_s: int) -> bool:
         return bool(await self._emit(
@@ -136,12 +175,16 @@ class Scripts:
 
     async def finish(self, entry: Entry, result: Result, kind: ReplyKind, reply_to: str | None,
                      ttl_s: int) -> Finish:
+        """Store the result, tell the gateway, acknowledge and delete the entry, and settle what it cost its
+        API key (its reservation becomes the usage: ``result.usage``)."""
         k = self.keys
+        u = result.usage
         return Finish(int(await self._finish(
             keys=[entry.stream, k.result(result.id), k.replies(reply_to or ""), k.queue_bytes(entry.model),
                   k.queue_bytes_total],
             args=[GROUP, entry.consumer, entry.entry_id, result.id, result.model_dump_json(exclude_defaults=True),
-                  ttl_s, "1" if reply_to else "0", kind.value])))
+                  ttl_s, "1" if reply_to else "0", kind.value, k.ns, u.prompt_tokens, u.completion_tokens,
+                  "1" if result.error is not None else "0"])))
 
     async def dead_letter(self, entry: Entry, raw_payload: str, result: Result, reply_to: str | None, *,
                           reason: str, deliveries: int, ttl_s: int, max_dead_letters: int,
@@ -153,7 +196,7 @@ class Scripts:
                   k.queue_bytes(entry.model), k.queue_bytes_total],
             args=[GROUP, entry.consumer, entry.entry_id, request_id, raw_payload,
                   result.model_dump_json(exclude_defaults=True), ttl_s, "1" if reply_to else "0", reason, deliveries,
-                  max_dead_letters]))
+                  max_dead_letters, k.ns]))
 
     async def reclaim(self, stream: str, consumer: str, min_idle_ms: int, cursor: str,
                       count: int) -> tuple[str, list[Claimed]]:

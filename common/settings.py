@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import socket
 import uuid
@@ -41,6 +42,13 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 Engine = Literal["vllm", "sim"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 VllmDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]  # vLLM's ModelDType
+AuthMode = Literal["keys", "off"]
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def _names(v: Any) -> Any:
+    """A list of names given as one string, comma- or space-separated (MGPU_ALLOWED_HOSTS=a.example,b.example)."""
+    return [x for x in re.split(r"[,\s]+", v) if x] if isinstance(v, str) else v
 
 # The worker settings that ``mgpu rollout`` may change (``--set NAME=VALUE``).  Not among them: where a
 # worker is (redis_url, namespace, worker_id, gpu, metrics port and host, data folders) and the name of
@@ -241,6 +249,22 @@ class GatewaySettings(HttpSettings, CommonSettings):
     redis_pool_size: int = Field(default=32, ge=2, description="Redis connections per gateway process")
     registry_refresh_s: float = Field(default=0.5, gt=0, description="how often the worker registry is read")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After of a 429 or 503")
+    auth: AuthMode = Field(default="keys", description="keys: every /v1 request needs an API key (mgpu keys); "
+                           "off: none (refused on a non-loopback address unless insecure_no_auth; mgpu up on "
+                           "loopback: off unless set, and it says so)")
+    insecure_no_auth: bool = Field(default=False, description="let a gateway on a non-loopback address run with "
+                                   "auth off: anyone who reaches it can use every model")
+    bootstrap_api_key: str | None = Field(default=None, description="an admin API key (20+ characters) the gateway "
+                                          "registers at start-up as 'bootstrap' (docker compose)")
+    key_cache_s: float = Field(default=0.5, gt=0, le=1, description="how long an API key's record is trusted "
+                               "before it is read again (a revocation holds within it; enqueues check at once)")
+    default_reserve_tokens: int = Field(default=256, ge=1, description="completion tokens a request without "
+                                        "max_tokens reserves against its key's tokens per minute")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Host header names the gateway answers to (comma-separated); empty: the "
+        "loopback names when it listens on loopback, any otherwise")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="browser origins allowed to call the API (comma-separated); empty: CORS off")
     stream_keepalive_s: float = Field(default=0.0, ge=0, description="a stream whose first event has not come "
                                       "this long starts, with SSE comments (': keep-alive') every as long while it "
                                       "waits; 0: off, as vllm serve's --sse-keep-alive-interval (a worker's refusal "
@@ -254,6 +278,22 @@ class GatewaySettings(HttpSettings, CommonSettings):
     affinity_prefix_chars: int = Field(default=256, ge=1, description="prompt prefix that keys prefix_affinity")
     affinity_vnodes: int = Field(default=64, ge=1, le=4096, description="virtual nodes per worker on the hash "
                                  "ring")
+
+    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _lists(cls, v: Any) -> Any:
+        return _names(v)
+
+    @property
+    def on_loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS
+
+    def check_exposure(self) -> None:
+        """A gateway others can reach must check API keys, unless told otherwise in so many words."""
+        if self.auth == "off" and not self.on_loopback and not self.insecure_no_auth:
+            raise SettingsError(f"MGPU_AUTH / --auth: off on {self.host}, which other hosts can reach: anyone could "
+                                "use every model.  Use --auth keys (and mgpu keys create), or set "
+                                "MGPU_INSECURE_NO_AUTH=true if you mean it")
 
     @property
     def probe_port(self) -> int:

@@ -30,6 +30,8 @@ from starlette.requests import ClientDisconnect, Request
 from common import errors
 from common.prompts import context_overflow
 from common.schemas import GENERATIVE, PATHS, IdempotencyRecord, Kind, WorkItem, new_request_id
+from common.scripts import Charge
+from gateway.auth import ANONYMOUS_CALLER, Caller
 from gateway.state import GatewayState
 
 _TRACE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
@@ -40,6 +42,9 @@ MGPU_FIELDS = ("timeout",)  # mgpu's own request fields: read here, not passed o
 async def read_json(request: Request, limit: int, timeout_s: float) -> dict[str, Any]:
     """The JSON object body: 413 past ``limit`` bytes, 408 when it does not arrive within ``timeout_s``,
     499 (counted as cancelled, not as a server error) when the client goes away meanwhile."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";", 1)[0].strip().lower() != "application/json":
+        raise errors.UnsupportedMediaType("the request body must be JSON, sent as Content-Type: application/json")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise errors.PayloadTooLarge(f"the request body is over the {limit}-byte limit")
@@ -152,6 +157,12 @@ class Admission:
     trace: str | None  # the client's X-Request-Id
     idem_key: str | None  # the Redis key of the caller's Idempotency-Key
     record: IdempotencyRecord | None
+    caller: Caller = ANONYMOUS_CALLER
+    reserve: int = 0  # tokens the request reserves against its key's tokens per minute
+
+    @property
+    def charge(self) -> Charge | None:
+        return Charge(self.caller.scope, self.reserve) if self.caller.key is not None else None
 
     @property
     def include_usage(self) -> bool:
@@ -175,10 +186,10 @@ def _model(state: GatewayState, f: _Fields) -> str:
                                 param="model")
 
 
-def build_item(state: GatewayState, kind: Kind, body: dict[str, Any], f: _Fields, request_id: str, scope: str,
-               trace: str | None = None) -> WorkItem:
-    """Check what needs the fleet's state (live workers, the endpoint, context length, memory) and build
-    the WorkItem."""
+def build_item(state: GatewayState, kind: Kind, body: dict[str, Any], f: _Fields, request_id: str, caller: Caller,
+               trace: str | None = None) -> tuple[WorkItem, int]:
+    """Check what needs the fleet's state (live workers, the endpoint, context length, memory) and the caller's
+    key (the model), and build the WorkItem; with the tokens it reserves."""
     s = state.settings
     reg = state.registry
     if not reg.redis_ok:
@@ -186,6 +197,7 @@ def build_item(state: GatewayState, kind: Kind, body: dict[str, Any], f: _Fields
     if reg.memory_pressure is not None:
         raise errors.ServiceUnavailable(reg.memory_pressure, retry_after=s.retry_after_s)
     model = _model(state, f)
+    caller.check_model(model)
     info = reg.models.get(model)
     if not reg.live_workers(model):
         if info is None:
@@ -196,44 +208,50 @@ def build_item(state: GatewayState, kind: Kind, body: dict[str, Any], f: _Fields
                               f"{', '.join(PATHS[k] for k in info.kinds if k in PATHS)})", param="model")
     if f.timeout is not None and f.timeout > s.max_request_timeout_s:
         raise errors.InvalidRequest(f"timeout: at most {s.max_request_timeout_s:g} seconds", param="timeout")
-    _check_length(state, kind, body, f, info.max_model_len if info is not None else 0,
-                  info.tokenizer if info is not None else "")
+    prompt = _check_length(state, kind, body, f, info.max_model_len if info is not None else 0,
+                           info.tokenizer if info is not None else "")
     stream = f.stream and kind in GENERATIVE
-    return WorkItem(id=request_id, kind=kind, model=model,
-                    body={k: v for k, v in body.items() if k not in MGPU_FIELDS}, stream=stream,
-                    n=f.n if kind in GENERATIVE else 1, deadline=time.time() + (f.timeout or s.request_timeout_s),
-                    reply_to=s.gateway_id, scope=scope, trace_id=trace)
+    n = f.n if kind in GENERATIVE else 1
+    item = WorkItem(id=request_id, kind=kind, model=model,
+                    body={k: v for k, v in body.items() if k not in MGPU_FIELDS}, stream=stream, n=n,
+                    deadline=time.time() + (f.timeout or s.request_timeout_s), reply_to=s.gateway_id,
+                    scope=caller.scope, trace_id=trace)
+    max_tokens = f.max_completion_tokens if f.max_completion_tokens is not None else f.max_tokens
+    completion = (max_tokens if max_tokens is not None else s.default_reserve_tokens) if kind in GENERATIVE else 0
+    return item, prompt + n * completion
 
 
 def _check_length(state: GatewayState, kind: Kind, body: dict[str, Any], f: _Fields, max_len: int,
-                  tokenizer: str) -> None:
+                  tokenizer: str) -> int:
     """Refuse what cannot fit the context before it is queued (the prompt counted as a lower bound, so
-    nothing the engine would take is refused; the worker checks exactly)."""
+    nothing the engine would take is refused; the worker checks exactly); the prompt tokens counted."""
+    texts, id_lengths = prompt_texts(kind, body)
+    counted = state.prompts.count(tokenizer, texts, chat=kind == "chat")
+    lengths = [*id_lengths, *([counted] if counted is not None else [])]
     if not max_len or kind not in ("chat", "completion"):
-        return
+        return sum(lengths)
     max_tokens = f.max_completion_tokens if f.max_completion_tokens is not None else f.max_tokens
     if max_tokens is not None and max_tokens >= max_len:
         raise errors.InvalidRequest(f"max_tokens ({max_tokens}) must be below the model's context length "
                                     f"({max_len})", param="max_tokens")
-    texts, id_lengths = prompt_texts(kind, body)
-    counted = state.prompts.count(tokenizer, texts, chat=kind == "chat")
-    lengths = [*id_lengths, *([counted] if counted is not None else [])]
     if lengths and (why := context_overflow(max_len, max(lengths), max_tokens if max_tokens else None)):
         raise errors.InvalidRequest(why, param="messages" if kind == "chat" else "prompt")
+    return sum(lengths)
 
 
 def admit(state: GatewayState, kind: Kind, body: dict[str, Any], trace: str | None, key: str | None,
-          scope: str) -> Admission:
+          caller: Caller) -> Admission:
     """A request body as a WorkItem (with a new request id) and, with an ``Idempotency-Key``, its record."""
     f = read_fields(kind, body)
-    item = build_item(state, kind, body, f, new_request_id(kind), scope, trace)
+    item, reserve = build_item(state, kind, body, f, new_request_id(kind), caller, trace)
+    scope = caller.scope
     record = None
     if key is not None:
         digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
         record = IdempotencyRecord(request_id=item.id, endpoint=kind, stream=item.stream, body_sha256=digest,
                                    created=item.created)
     return Admission(kind, f, item, trace, None if key is None else state.settings.keys.idempotency(scope, key),
-                     record)
+                     record, caller, reserve)
 
 
 def check_reuse(adm: Admission, first: IdempotencyRecord) -> None:

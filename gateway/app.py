@@ -24,12 +24,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from common import errors
 from common.probe_http import ProbeServer
 from common.redis_conn import make_client
 from common.scripts import Scripts
 from common.settings import GatewaySettings
+from gateway.auth import KeyCache, bootstrap_key
+from gateway.guards import HostGuard, allowed_hosts
 from gateway.http import error_response, http_exception_error, unexpected_error_response
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import install_openapi
@@ -43,9 +46,17 @@ from gateway.state import GatewayState
 log = logging.getLogger("mgpu.gateway")
 
 
-def create_asgi(settings: GatewaySettings | None = None) -> GenerationFastPath:
-    """What uvicorn serves: the FastAPI app behind the generation fast path."""
-    return GenerationFastPath(create_app(settings))
+def create_asgi(settings: GatewaySettings | None = None) -> Any:
+    """What uvicorn serves: the FastAPI app behind the generation fast path, behind the browser guards (the
+    Host header; CORS only for the origins configured)."""
+    settings = settings or GatewaySettings.load()
+    guarded = HostGuard(GenerationFastPath(create_app(settings)), allowed_hosts(settings))
+    if not settings.cors_origins:
+        return guarded
+    app = CORSMiddleware(guarded, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                         allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"])
+    app.fastapi = guarded.fastapi  # type: ignore[attr-defined]
+    return app
 
 
 def _probe_routes(state: GatewayState) -> dict[str, Any]:
@@ -90,7 +101,10 @@ def _lifespan(settings: GatewaySettings) -> Callable[[FastAPI], AbstractAsyncCon
         state = GatewayState(settings=settings, redis=client, router=replies, registry=registry,
                              metrics=metrics, scripts=Scripts(client, settings.keys),
                              balancer=Balancer(settings.strategy, settings.gateway_id,
-                                               settings.affinity_prefix_chars, settings.affinity_vnodes))
+                                               settings.affinity_prefix_chars, settings.affinity_vnodes),
+                             api_keys=KeyCache(client, settings.keys, settings.key_cache_s))
+        if settings.bootstrap_api_key:
+            await bootstrap_key(client, settings.keys, settings.bootstrap_api_key)
         app.state.gw = state
         probe = ProbeServer(_probe_routes(state))
         port = probe.start(settings.host, settings.probe_port, reuse_port=settings.gateway_procs > 1)

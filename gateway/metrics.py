@@ -127,12 +127,22 @@ class GatewayMetrics:
         self.routed = Counter("mgpu_gateway_routed_requests", "Requests routed, by target worker's own stream "
                               "('shared': the model's shared stream) and strategy", ["worker", "strategy"],
                               registry=r)
+        self.key_requests = Counter("mgpu_key_requests", "Requests per API key (its name; 'anon' with auth off), by "
+                                    "outcome", ["key", "status"], registry=r)
+        self.key_tokens = Counter("mgpu_key_tokens", "Tokens per API key (its name), prompt and completion",
+                                  ["key", "kind"], registry=r)
         self.cluster = ClusterCollector(self)
         if not self.multiprocess:
             r.register(self.cluster)
 
-    def observe(self, model: str, endpoint: str, outcome: str, code: int, duration_s: float) -> None:
+    def observe(self, model: str, endpoint: str, outcome: str, code: int, duration_s: float, *, key: str = "anon",
+                prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         self.requests.labels(model, endpoint, outcome, str(code)).inc()
+        self.key_requests.labels(key, outcome).inc()
+        if prompt_tokens:
+            self.key_tokens.labels(key, "prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.key_tokens.labels(key, "completion").inc(completion_tokens)
         if outcome == "success":
             self.latency.labels(model, endpoint).observe(duration_s)
 

@@ -20,6 +20,7 @@ from common import errors
 from common.responses import error_body
 from common.schemas import ANONYMOUS, PATHS, Kind, Result
 from gateway import serving
+from gateway.auth import Caller, authenticate
 from gateway.http import error_response, json_response, unexpected_error_response
 from gateway.state import GatewayState
 
@@ -48,12 +49,21 @@ for _kind, _path in PATHS.items():  # the endpoints a worker answers: chat, comp
     router.add_api_route(_path, _worker_endpoint(_kind), methods=["POST"], name=_kind)
 
 
+async def _caller(request: Request) -> Caller:
+    state = _state(request)
+    return await authenticate(request, state.settings.auth, state.api_keys, state.settings.retry_after_s)
+
+
 @router.get("/v1/models", name="models")
 async def models(request: Request) -> Response:
-    """What live workers serve, models and adapters, in vLLM's shape (``root``, ``parent``, ``max_model_len``)."""
+    """What live workers serve, models and adapters, in vLLM's shape (``root``, ``parent``, ``max_model_len``);
+    with API keys, those the caller's key may use."""
+    caller = await _caller(request)
     reg = _state(request).registry
     data = []
     for name in reg.live_models():
+        if caller.key is not None and not caller.key.allows(name):
+            continue
         f = reg.models.get(name)
         data.append({"id": name, "object": "model", "created": f.created if f else 0,
                      "owned_by": f.owned_by if f else "mgpu", "root": (f.root or None) if f else None,
@@ -64,10 +74,11 @@ async def models(request: Request) -> Response:
 @router.get("/v1/requests/{request_id}", name="get_request")
 async def get_request(request: Request, request_id: str) -> Response:
     state = _state(request)
+    caller = await _caller(request)
     with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
         raw = await state.redis.get(state.settings.keys.result(request_id))
     result: Result | None = None if raw is None else serving.read_result(request_id, raw)
-    if result is None or (result.scope or ANONYMOUS) != ANONYMOUS:  # another caller's: as if absent
+    if result is None or (result.scope or ANONYMOUS) != caller.scope:  # another caller's: as if absent
         raise errors.NotFound(f"no finished request '{request_id}'")
     if result.error is not None:
         return json_response({"id": result.id, **error_body(errors.from_info(result.error))},
@@ -93,6 +104,8 @@ async def ready(request: Request) -> Response:
 
 @router.get("/workers", name="workers")
 async def workers(request: Request) -> Response:
+    """The registry as this gateway sees it (hosts, pids, ports): with API keys, for an admin key only."""
+    (await _caller(request)).check_admin()
     state = _state(request)
     reg, bal = state.registry, state.balancer
     return json_response({"strategy": bal.strategy(reg.control), "shared_routed": bal.pushed.get("shared", 0),

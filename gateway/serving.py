@@ -35,10 +35,11 @@ from common.logs import set_request_id
 from common.outcomes import outcome_of
 from common.records import ReplyKind
 from common.responses import error_body
-from common.schemas import ANONYMOUS, Chunk, IdempotencyRecord, Kind, Result, WorkItem
-from common.scripts import Duplicate, Limits, Queued, QueueFull
+from common.schemas import Chunk, IdempotencyRecord, Kind, Result, Usage, WorkItem
+from common.scripts import Duplicate, KeyRefused, KeyUsage, Limits, Queued, QueueFull, RateLimited
 from gateway import admission
 from gateway.admission import Admission
+from gateway.auth import authenticate, rate_headers
 from gateway.http import json_response
 from gateway.replies import Event, Waiter
 from gateway.routing import Route, affinity_key
@@ -62,14 +63,32 @@ async def enqueue(state: GatewayState, adm: Admission, route: Route) -> Queued |
             out = await state.scripts.enqueue(
                 model, route.destination, adm.item.to_fields()["p"],
                 Limits(s.max_queue_len, s.max_queue_bytes, s.max_queue_bytes_total),
-                idempotency_key=adm.idem_key, record=adm.record, idem_ttl_s=s.result_ttl_s)
+                idempotency_key=adm.idem_key, record=adm.record, idem_ttl_s=s.result_ttl_s, charge=adm.charge)
     except ValidationError:
         raise errors.BadResult("the stored idempotency record is unreadable") from None
     if isinstance(out, QueueFull):
         why = {"entries": "its backlog is at its limit", "bytes": "its backlog is at its byte limit",
                "total_bytes": "the gateway's backlog over all models is at its byte limit"}.get(out.limit, "it is full")
         raise errors.QueueFull(f"the queue for '{model}' is full: {why}", retry_after=s.retry_after_s)
+    if isinstance(out, KeyRefused):  # revoked or expired since this gateway last read the key
+        raise errors.Unauthorized(f"this API key {'is not known' if out.reason == 'unknown' else 'was ' + out.reason}")
+    if isinstance(out, RateLimited):
+        raise _rate_limited(adm, out)
     return out
+
+
+def _rate_limited(adm: Admission, out: RateLimited) -> errors.RateLimited:
+    what = {"requests": "requests per minute", "tokens": "tokens per minute", "inflight": "requests in flight"}
+    key = adm.caller.key
+    headers = rate_headers(key, KeyUsage(out.used if out.dimension == "requests" else 0,
+                                         out.used if out.dimension == "tokens" else 0, 0, out.reset_s))
+    for name in ("requests", "tokens"):
+        if out.dimension == name:
+            headers[f"x-ratelimit-remaining-{name}"] = "0"
+    msg = f"this API key is at its limit of {out.limit} {what.get(out.dimension, out.dimension)}"
+    if out.dimension == "tokens" and adm.reserve > out.limit:
+        msg += f" (this request alone reserves {adm.reserve}: prompt + max_tokens)"
+    return errors.RateLimited(msg, retry_after=max(1, out.reset_s), headers=headers)
 
 
 # ----------------------------------------------------------------------------- events
@@ -198,6 +217,7 @@ class StreamEnd:
     status: int = 499
     first_token_at: float | None = None
     got_result: bool = False  # the final event came (a result, or the worker's error)
+    usage: Usage | None = None
 
 
 class Feed:
@@ -267,6 +287,7 @@ async def sse(feed: Feed, first: Event | None, request_id: str, end: StreamEnd,
                 continue
             end.got_result = True
             result = read_result(request_id, payload)
+            end.usage = result.usage
             if result.error is not None:
                 end.outcome, end.status = _outcome(result), result.error.status
                 yield _error_event(errors.from_info(result.error))
@@ -299,11 +320,15 @@ class Access:
     trace: str | None = None
     outcome: str = "success"
     status: int = 200
+    key: str = "anon"  # the API key's name (a bounded label: keys are created by an admin)
+    usage: Usage | None = None  # of a request that was answered
 
 
 def _account(state: GatewayState, a: Access, ended: float | None = None) -> None:
     duration = (ended or time.perf_counter()) - a.started
-    state.metrics.observe(a.model, a.endpoint, a.outcome, a.status, duration)
+    u = a.usage
+    state.metrics.observe(a.model, a.endpoint, a.outcome, a.status, duration, key=a.key,
+                          prompt_tokens=u.prompt_tokens if u else 0, completion_tokens=u.completion_tokens if u else 0)
     if state.settings.log_requests:
         extra: dict[str, Any] = {"request_id": a.request_id, "model": a.model, "endpoint": a.endpoint,
                                  "outcome": a.outcome, "code": a.status, "duration_ms": round(duration * 1000, 1)}
@@ -351,12 +376,14 @@ async def handle(request: Request, kind: Kind) -> Response:
 
 async def _admit(state: GatewayState, request: Request, kind: Kind, a: Access) -> Admission:
     s = state.settings
+    caller = await authenticate(request, s.auth, state.api_keys, s.retry_after_s)
+    a.key = caller.name
     trace = a.trace = admission.trace_id(request)
     key = admission.idempotency_key(request)
     body = await admission.read_json(request, s.max_body_bytes, s.http_read_timeout_s)
     model = body.get("model")
     a.model = state.model_label(model if isinstance(model, str) else None)
-    adm = admission.admit(state, kind, body, trace, key, ANONYMOUS)
+    adm = admission.admit(state, kind, body, trace, key, caller)
     a.model = state.model_label(adm.item.model)
     a.request_id = adm.item.id
     set_request_id(adm.item.id)
@@ -371,7 +398,7 @@ async def _answer(state: GatewayState, request: Request, adm: Admission, route: 
     state.balancer.count(target)
     state.metrics.routed.labels(target or "shared", route.strategy).inc()
     w.future.add_done_callback(lambda _f: state.balancer.done(route))
-    headers = {"X-Request-Id": adm.trace or item.id}
+    headers = {"X-Request-Id": adm.trace or item.id, **rate_headers(adm.caller.key, queued.usage)}
     if item.stream:
         return await _stream(state, request, waiter_events(w, item.deadline or time.time()), item.id, a, headers, w,
                              cancel=adm.idem_key is None)
@@ -381,6 +408,7 @@ async def _answer(state: GatewayState, request: Request, adm: Admission, route: 
     finally:
         state.metrics.in_flight.dec()
         state.router.unregister(w)
+    a.usage = result.usage
     return answer(result, headers)
 
 
@@ -459,7 +487,7 @@ async def _stream(state: GatewayState, request: Request, events: AsyncIterator[E
         finally:
             if end.first_token_at is not None:
                 state.metrics.ttft.labels(a.model).observe(end.first_token_at - a.started)
-            a.outcome, a.status = end.outcome, end.status
+            a.outcome, a.status, a.usage = end.outcome, end.status, end.usage
             _account(state, a)
             await done(*([state.cancel(request_id)] if not end.got_result and cancel else []))
 

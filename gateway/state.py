@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from common.scripts import Scripts
 from common.settings import GatewaySettings
+from gateway.auth import KeyCache
 from gateway.metrics import GatewayMetrics
 from gateway.registry import RegistryView
 from gateway.replies import ReplyRouter
@@ -28,6 +29,7 @@ class GatewayState:
     metrics: GatewayMetrics
     scripts: Scripts
     balancer: Balancer
+    api_keys: KeyCache
     prompts: PromptCounter = field(default_factory=PromptCounter)
     loop_tick: float = field(default_factory=time.monotonic)  # the event loop's last tick (liveness)
 

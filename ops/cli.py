@@ -7,6 +7,7 @@
     mgpu status    live view of workers and queues (``--once``: one snapshot)
     mgpu strategy  show or set the load-balancing strategy of running gateways
     mgpu rollout   roll the workers of a running `mgpu up` to new settings, with health gate and rollback
+    mgpu keys      API keys (create, list, show, revoke, rotate, usage)
     mgpu sim-server  the sim engine as a standalone OpenAI-compatible server (no Redis)
     mgpu bench     the load generator
     mgpu chaos     the chaos benchmark (kills workers and Redis under load)
@@ -110,6 +111,11 @@ def _run_gateway(s: GatewaySettings, ns: argparse.Namespace) -> int:
 
     from gateway.server import GuardedHttpToolsProtocol, configure
 
+    try:
+        s.check_exposure()
+    except SettingsError as exc:
+        log.error("mgpu gateway: %s", exc)
+        return 2
     configure(s.http_read_timeout_s, s.max_connections, s.retry_after_s)
     opts: dict[str, Any] = dict(host=s.host, port=s.port, log_level="warning", access_log=False, loop="uvloop",
                                 http=GuardedHttpToolsProtocol, timeout_graceful_shutdown=5,
@@ -178,6 +184,12 @@ def _run_up(s: UpSettings, ns: argparse.Namespace) -> int:
     from ops.supervisor import run_up
 
     try:
+        if "auth" not in s.model_fields_set and s.on_loopback:  # a single-machine service: keys are opt-in
+            s = s.model_copy(update={"auth": "off"})
+        s.check_exposure()
+        if s.auth == "off":
+            log.warning("API keys are off: anyone who can reach %s:%s can use every model (--auth keys, then "
+                        "mgpu keys create, to require them)", s.host, s.port or "(its port)")
         return run_up(s)
     except SettingsError as exc:
         log.error("mgpu up: %s", exc)
@@ -261,6 +273,18 @@ def _strategy(s: ControlSettings, ns: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_arguments(p: argparse.ArgumentParser) -> None:
+    from ops.keys import add_arguments
+
+    add_arguments(p)
+
+
+def _keys(s: ControlSettings, ns: argparse.Namespace) -> int:
+    from ops.keys import run
+
+    return run(s, ns)
+
+
 def _run_sim_server(s: SimServerSettings, ns: argparse.Namespace) -> int:
     from gpu_worker.sim_server import run_sim_server
 
@@ -279,6 +303,8 @@ COMMANDS: dict[str, Command[Any]] = {
                        "zero-downtime rolling update of the workers of a running `mgpu up`", rollout_arguments,
                        "Roll the workers of a running `mgpu up` to new settings, one at a time, each gated by a "
                        "canary; a failed gate rolls every worker back. See docs/rollouts.md."),
+    "keys": Command(ControlSettings, _keys, "API keys: create, list, show, revoke, rotate, usage", _keys_arguments,
+                    "API keys, in Redis: mgpu keys create --name NAME [--rpm N --tpm N ...] prints a secret once."),
     "sim-server": Command(SimServerSettings, _run_sim_server,
                           "the sim engine as a standalone OpenAI-compatible server"),
 }

@@ -38,7 +38,7 @@ async def inproc(redis_server: RedisServer) -> AsyncIterator[InProc]:
     base = {"redis_url": redis_server.url, "namespace": ns, "log_requests": False}
     ws = WorkerSettings.load({**base, "engine": "sim", "model": MODEL, "slots": 8, "worker_id": "inproc-w",
                         "sim_decode_ms": 5, "sim_decode_ms_per_seq": 0, "sim_prefill_ms_per_token": 0}, env={})
-    gs = GatewaySettings.load({**base, "health_port": 0, "registry_refresh_s": 0.1}, env={})
+    gs = GatewaySettings.load({**base, "health_port": 0, "registry_refresh_s": 0.1, "auth": "off"}, env={})
     redis = make_client(ws.redis_url)
     engine = SimEngine(slots=8, decode_ms=5, decode_ms_per_seq=0, prefill_ms_per_token=0)
     worker = Worker(ws, SimServer(engine, MODEL), redis)
@@ -46,8 +46,8 @@ async def inproc(redis_server: RedisServer) -> AsyncIterator[InProc]:
     await worker.announce()
     run = asyncio.create_task(worker.run())
     asgi = create_asgi(gs)
-    async with asgi.app.router.lifespan_context(asgi.app):
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://gw")
+    async with asgi.fastapi.router.lifespan_context(asgi.fastapi):
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://127.0.0.1")
         async with client:
             for _ in range(100):  # the gateway's registry view sees the worker ready
                 if (await client.get("/ready")).status_code == 200:

@@ -33,11 +33,15 @@ CLASSES = list(dict.fromkeys(c for c in vars(settings_module).values()  # (Setti
 TEXT: dict[str, Any] = {"redis_url": "redis://10.0.0.5:6380/2", "namespace": "ns-2", "revision": "v2.1",
                         "redis_maxmemory": "512mb",
                         # quoting survives the trip through MGPU_ENGINE_ARGS
-                        "engine_args": ["--tensor-parallel-size", "2", "--chat-template", "a b's {{x}}"]}
+                        "engine_args": ["--tensor-parallel-size", "2", "--chat-template", "a b's {{x}}"],
+                        "key_cache_s": 0.25, "allowed_hosts": ["gw.example", "10.0.0.7"],
+                        "cors_origins": ["https://app.example"], "bootstrap_api_key": "x" * 24}
 
 
 def _other(name: str, f: FieldInfo) -> Any:
     """A valid value of the field that is not its default."""
+    if name in TEXT:
+        return TEXT[name]
     tp: Any = f.annotation
     args = [a for a in get_args(tp) if a is not type(None)]
     if args and get_origin(tp) is not Literal:
