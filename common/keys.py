@@ -7,8 +7,9 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
     {ns}:q:{model}:w:{worker}     a worker's own stream, for push strategies
     {ns}:wq:{model}               set of worker ids that have an own stream for the model
     {ns}:dlq:{model}              dead-letter stream
-    {ns}:res:{id}                 a request's final Result (JSON, TTL)
-    {ns}:chunks:{id}              a streaming request's chunks (stream, TTL)
+    {ns}:res:{model}:{id}         a request's final Result (JSON, TTL); per model, so that a worker's Redis user
+                                  can be kept from other models' results (docs/security.md)
+    {ns}:chunks:{model}:{id}      a streaming request's chunks (stream, TTL)
     {ns}:idem:{scope}:{hash}      an Idempotency-Key (hashed) of one scope -> IdempotencyRecord JSON (TTL)
     {ns}:qbytes:{model}           bytes of the model's request payloads on its streams (ENQUEUE adds, FINISH and
                                   DEAD_LETTER subtract; entries carry their size in field ``b``)
@@ -63,11 +64,11 @@ class Keys:
     def dlq(self, model: str) -> str:
         return f"{self.ns}:dlq:{model}"
 
-    def result(self, request_id: str) -> str:
-        return f"{self.ns}:res:{request_id}"
+    def result(self, model: str, request_id: str) -> str:
+        return f"{self.ns}:res:{model}:{request_id}"
 
-    def chunks(self, request_id: str) -> str:
-        return f"{self.ns}:chunks:{request_id}"
+    def chunks(self, model: str, request_id: str) -> str:
+        return f"{self.ns}:chunks:{model}:{request_id}"
 
     def idempotency(self, scope: str, key: str) -> str:
         digest = hashlib.sha256(key.encode()).hexdigest()[:40]

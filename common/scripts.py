@@ -169,7 +169,7 @@ class Scripts:
 
     async def emit(self, entry: Entry, request_id: str, chunk: Chunk, reply_to: str | None, ttl_s: int) -> bool:
         return bool(await self._emit(
-            keys=[entry.stream, self.keys.chunks(request_id), self.keys.replies(reply_to or "")],
+            keys=[entry.stream, self.keys.chunks(entry.model, request_id), self.keys.replies(reply_to or "")],
             args=[GROUP, entry.consumer, entry.entry_id, request_id, chunk.model_dump_json(exclude_defaults=True),
                   ttl_s, "1" if reply_to else "0"]))
 
@@ -180,7 +180,7 @@ class Scripts:
         k = self.keys
         u = result.usage
         return Finish(int(await self._finish(
-            keys=[entry.stream, k.result(result.id), k.replies(reply_to or ""), k.queue_bytes(entry.model),
+            keys=[entry.stream, k.result(entry.model, result.id), k.replies(reply_to or ""), k.queue_bytes(entry.model),
                   k.queue_bytes_total],
             args=[GROUP, entry.consumer, entry.entry_id, result.id, result.model_dump_json(exclude_defaults=True),
                   ttl_s, "1" if reply_to else "0", kind.value, k.ns, u.prompt_tokens, u.completion_tokens,
@@ -192,7 +192,7 @@ class Scripts:
         """Move the entry to the model's dead-letter stream (bounded); answer the request if it has an id."""
         k = self.keys
         return bool(await self._dead_letter(
-            keys=[entry.stream, k.dlq(entry.model), k.result(request_id or "-"), k.replies(reply_to or ""),
+            keys=[entry.stream, k.dlq(entry.model), k.result(entry.model, request_id or "-"), k.replies(reply_to or ""),
                   k.queue_bytes(entry.model), k.queue_bytes_total],
             args=[GROUP, entry.consumer, entry.entry_id, request_id, raw_payload,
                   result.model_dump_json(exclude_defaults=True), ttl_s, "1" if reply_to else "0", reason, deliveries,

@@ -36,6 +36,7 @@ class Waiter:
     request_id: str
     streaming: bool
     future: asyncio.Future[Event]
+    model: str = ""  # where its durable result and chunks are (Keys.result, Keys.chunks)
     queue: asyncio.Queue[Event] | None = None
     last_seq: int = 0
     done: bool = field(default=False)
@@ -67,10 +68,10 @@ class ReplyRouter:
         self.closed = False  # set at shutdown: the loop ends even if a cancellation got lost
         self._resync_needed = False
 
-    def register(self, request_id: str, streaming: bool) -> Waiter:
+    def register(self, request_id: str, streaming: bool, model: str) -> Waiter:
         loop = asyncio.get_running_loop()
         w = Waiter(request_id=request_id, streaming=streaming, future=loop.create_future(),
-                   queue=asyncio.Queue() if streaming else None)
+                   queue=asyncio.Queue() if streaming else None, model=model)
         self.waiters.setdefault(request_id, []).append(w)
         return w
 
@@ -142,8 +143,8 @@ class ReplyRouter:
         async with self.r.pipeline(transaction=False) as p:
             for w in waiters:
                 if w.streaming:
-                    p.xrange(self.keys.chunks(w.request_id))
-                p.get(self.keys.result(w.request_id))
+                    p.xrange(self.keys.chunks(w.model, w.request_id))
+                p.get(self.keys.result(w.model, w.request_id))
             out = await p.execute()
         i = 0
         for w in waiters:

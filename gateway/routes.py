@@ -75,9 +75,11 @@ async def models(request: Request) -> Response:
 async def get_request(request: Request, request_id: str) -> Response:
     state = _state(request)
     caller = await _caller(request)
+    keys, models = state.settings.keys, sorted(state.registry.models)  # results are kept per model
     with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
-        raw = await state.redis.get(state.settings.keys.result(request_id))
-    result: Result | None = None if raw is None else serving.read_result(request_id, raw)
+        raws = await state.redis.mget([keys.result(m, request_id) for m in models]) if models else []
+    found = next(((m, raw) for m, raw in zip(models, raws, strict=True) if raw is not None), None)
+    result: Result | None = None if found is None else serving.read_result(request_id, found[1])
     if result is None or (result.scope or ANONYMOUS) != caller.scope:  # another caller's: as if absent
         raise errors.NotFound(f"no finished request '{request_id}'")
     if result.error is not None:
@@ -85,7 +87,7 @@ async def get_request(request: Request, request_id: str) -> Response:
                              status=result.error.status)
     if result.body is None:  # a stream: its events again, from the request's chunk stream
         with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
-            entries = await state.redis.xrange(state.settings.keys.chunks(request_id))
+            entries = await state.redis.xrange(keys.chunks(result.model, request_id))
         sse = "".join(serving.chunk_sse(request_id, f[b"c"]) for _id, f in entries)
         return Response(sse.encode(), media_type="text/event-stream")
     return json_response(result.body, status=result.status)

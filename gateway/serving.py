@@ -123,12 +123,13 @@ async def waiter_events(w: Waiter, deadline: float) -> AsyncIterator[Event]:
             return
 
 
-async def follow(state: GatewayState, request_id: str, streaming: bool, deadline: float) -> AsyncIterator[Event]:
+async def follow(state: GatewayState, model: str, request_id: str, streaming: bool,
+                 deadline: float) -> AsyncIterator[Event]:
     """The events of a request accepted earlier, maybe by another gateway: its chunks (streaming) and its
     result, read from their durable keys.  A waiter registered here wakes the reader at once when this
     process gets the events; otherwise it polls, from 20 ms up to 250 ms apart."""
     k = state.settings.keys
-    w = state.router.register(request_id, streaming=False)
+    w = state.router.register(request_id, False, model)
     after, last_seq, poll = "-", 0, Backoff(0.02, 0.25)
     try:
         while True:
@@ -136,8 +137,8 @@ async def follow(state: GatewayState, request_id: str, streaming: bool, deadline
             try:
                 async with state.redis.pipeline(transaction=False) as p:
                     if streaming:
-                        p.xrange(k.chunks(request_id), min=after)
-                    p.get(k.result(request_id))
+                        p.xrange(k.chunks(model, request_id), min=after)
+                    p.get(k.result(model, request_id))
                     out = await p.execute()
             except (redis.RedisError, OSError) as exc:
                 raise errors.unavailable(exc, retry_after=state.settings.retry_after_s) from None
@@ -351,7 +352,7 @@ async def handle(request: Request, kind: Kind) -> Response:
         s = state.settings
         route = state.balancer.plan(state.registry, s.keys, item.model, lambda: affinity_key(
             adm.fields.user, request.headers.get("x-session-id"), adm.affinity_text(), s.affinity_prefix_chars))
-        w = state.router.register(item.id, item.stream)
+        w = state.router.register(item.id, item.stream, item.model)
         try:
             queued = await enqueue(state, adm, route)
         except BaseException:
@@ -418,7 +419,7 @@ async def _answer_retry(state: GatewayState, request: Request, adm: Admission, f
     admission.check_reuse(adm, first)
     rid = a.request_id = first.request_id
     headers = {"X-Request-Id": adm.trace or rid}
-    events = follow(state, rid, adm.item.stream, adm.item.deadline or time.time())
+    events = follow(state, adm.item.model, rid, adm.item.stream, adm.item.deadline or time.time())
     if adm.item.stream:
         return await _stream(state, request, events, rid, a, headers, None, cancel=False)
     return answer(await final_result(events, rid), headers)

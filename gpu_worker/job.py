@@ -221,7 +221,7 @@ class JobRunner:
 
     async def _resume_state(self, item: WorkItem) -> Resumed | None:
         """What earlier attempts already streamed (None: nothing, so the request starts over)."""
-        entries = await self.ctx.client.xrange(self.ctx.settings.keys.chunks(item.id))
+        entries = await self.ctx.client.xrange(self.ctx.settings.keys.chunks(item.model, item.id))
         seq, sse, tokens = 0, [], {}  # type: ignore[var-annotated]
         continuable = True
         for _id, fields in entries:

@@ -316,7 +316,7 @@ class RollingUpdate:
             if why := self._stopped(w):
                 return why
             try:
-                raws = r.mget([keys.result(item.id) for item in items])
+                raws = r.mget([keys.result(item.model, item.id) for item in items])
             except (redis.RedisError, OSError):
                 raws = [None] * len(items)
             if all(raw is not None for raw in raws):
@@ -326,7 +326,7 @@ class RollingUpdate:
                 return f"{wid} answered {done} of {canary} canary request(s) within {opt.ready_timeout_s:g}s"
             yield
         with contextlib.suppress(redis.RedisError, OSError):
-            r.delete(*[keys.result(item.id) for item in items])
+            r.delete(*[keys.result(item.model, item.id) for item in items])
         for item, raw in zip(items, raws):
             try:
                 bad = check_canary(item, Result.model_validate_json(raw), wid, template.engine)

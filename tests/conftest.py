@@ -37,6 +37,11 @@ class Stack(Fleet):
     def stop_all(self) -> None:
         self.stop()
 
+    def result_raw(self, request_id: str) -> bytes | None:
+        """A request's stored result, whatever its model (results are kept per model)."""
+        found = self.r.keys(self.keys.result("*", request_id))
+        return self.r.get(found[0]) if found else None
+
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:

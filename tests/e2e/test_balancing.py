@@ -35,7 +35,7 @@ def _post(stack: Stack, tag: str, max_tokens: int = 2, user: str | None = None, 
 
 
 def _served_by(stack: Stack, tag: str) -> str | None:
-    raw = stack.r.get(stack.keys.result(_IDS.get(tag, tag)))
+    raw = stack.result_raw(_IDS.get(tag, tag))
     return None if raw is None else Result.model_validate_json(raw).worker
 
 

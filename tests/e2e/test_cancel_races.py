@@ -46,7 +46,7 @@ def test_cancel_pipelined_with_its_request_never_leaks(stack: Stack) -> None:
                 and r.xpending(keys.stream("simz"), GROUP)["pending"] == 0)
 
     wait_until(settled, 15, "every slot free and nothing pending")
-    results = [Result.model_validate_json(raw) for raw in r.mget([keys.result(i) for i in ids]) if raw]
+    results = [Result.model_validate_json(raw) for raw in r.mget([keys.result("simz", i) for i in ids]) if raw]
     assert len(results) == 100 and all(x.error and x.error.code == "cancelled" for x in results)
     t0 = time.monotonic()
     w.proc.terminate()

@@ -144,7 +144,7 @@ def test_results_are_read_by_server_id_and_only_in_their_scope(stack: Stack) -> 
     assert httpx.get(f"{stack.base_url}/v1/requests/{rid}").json()["choices"] == r.json()["choices"]
     assert httpx.get(f"{stack.base_url}/v1/requests/guessable").status_code == 404
     other = Result(id="cmpl-someone-else", model="m", scope="key:other-tenant")
-    stack.r.set(stack.keys.result(other.id), other.model_dump_json(), ex=60)
+    stack.r.set(stack.keys.result("m", other.id), other.model_dump_json(), ex=60)
     assert httpx.get(f"{stack.base_url}/v1/requests/{other.id}").status_code == 404  # not this caller's
 
 
@@ -411,7 +411,7 @@ def test_a_client_gone_while_sending_its_body_is_a_cancel_not_a_500(stack: Stack
 def test_an_unreadable_stored_result_is_an_explicit_error(stack: Stack) -> None:
     stack.start_worker(**FAST)
     stack.start_gateway()
-    stack.r.set(stack.keys.result("cmpl-corrupt"), b"{not json", ex=60)
+    stack.r.set(stack.keys.result("m", "cmpl-corrupt"), b"{not json", ex=60)
     r = httpx.get(stack.base_url + "/v1/requests/cmpl-corrupt")
     assert r.status_code == 502 and r.json()["error"]["code"] == "bad_result"
 
@@ -427,7 +427,7 @@ def test_reclaim_log_names_the_worker_it_took_over_from(stack: Stack) -> None:
     wait_until(lambda: "reclaimed entry" in b.output(), 15, "the reclaim")
     line = next(ln for ln in b.output().splitlines() if "reclaimed entry" in ln)
     assert "from=dies" in line and "deliveries=2" in line
-    wait_until(lambda: r.get(keys.result("rc-1")) is not None, 15, "finished elsewhere")
+    wait_until(lambda: r.get(keys.result("m", "rc-1")) is not None, 15, "finished elsewhere")
     assert r.xpending(keys.stream("m"), GROUP)["pending"] == 0
 
 

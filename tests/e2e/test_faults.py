@@ -36,7 +36,7 @@ def _owner(stack: Stack, model: str = "m") -> str | None:
 
 
 def _result(stack: Stack, rid: str) -> Result | None:
-    raw = stack.r.get(stack.keys.result(rid))
+    raw = stack.result_raw(rid)
     return None if raw is None else Result.model_validate_json(raw)
 
 
@@ -137,7 +137,7 @@ def test_frozen_zombie_is_fenced(stack: Stack) -> None:
     res = _result(stack, rid)
     assert res is not None and res.worker == b.worker_id
     # one answer: the chunk log has strictly increasing seqs and matches what the client saw
-    chunks = [json.loads(f[b"c"]) for _, f in stack.r.xrange(stack.keys.chunks(rid))]
+    chunks = [json.loads(f[b"c"]) for _, f in stack.r.xrange(stack.keys.chunks("m", rid))]
     assert [c["seq"] for c in chunks] == list(range(1, len(chunks) + 1))
     assert "".join(c["sse"] for c in chunks) == "".join(ln + "\n\n" for ln in call.lines)  # exactly what was sent
     assert call.text() == expected_text("zombie", max_tokens=150, seed=1)  # as one uninterrupted run

@@ -19,7 +19,7 @@ SLOW = {"model": "slow", "sim_decode_ms": 50, "sim_decode_ms_per_seq": 0, "slots
 
 
 def _result(stack: Stack, rid: str) -> Result | None:
-    raw = stack.r.get(stack.keys.result(rid))
+    raw = stack.result_raw(rid)
     return None if raw is None else Result.model_validate_json(raw)
 
 
@@ -33,7 +33,7 @@ def _wait_result(stack: Stack, rid: str, timeout: float = 15) -> Result:
 def _single_result(stack: Stack, timeout: float = 15) -> Result:
     """The one request of a test that sent no id of its own (an id would make it idempotent,
     and idempotent requests are kept, not cancelled, when their client goes away)."""
-    pattern = stack.keys.result("*")
+    pattern = stack.keys.result("*", "*")
     wait_until(lambda: len(stack.r.keys(pattern)) == 1, timeout, "one result")
     raw = stack.r.get(stack.r.keys(pattern)[0])
     assert raw is not None
@@ -89,7 +89,7 @@ def test_queued_request_cancelled_is_skipped(stack: Stack) -> None:
                    timeout=httpx.Timeout(10, read=0.3))
     t.join()
     assert first["status"] == 200
-    pattern = stack.keys.result("*")
+    pattern = stack.keys.result("*", "*")
     wait_until(lambda: len(stack.r.keys(pattern)) == 2, 10, "both results")
     results = [Result.model_validate_json(stack.r.get(k) or b"") for k in stack.r.keys(pattern)]
     res = next(r for r in results if r.error is not None)

@@ -87,7 +87,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Any
 
 
 def _worker_of(s: Stack, request_id: str) -> str | None:
-    raw = s.r.get(s.keys.result(request_id))
+    raw = s.result_raw(request_id)
     return Result.model_validate_json(raw).worker if raw else None
 
 

@@ -52,7 +52,7 @@ async def test_cancel_before_first_step_answers_and_frees_the_slot(redis_server:
         worker.on_cancel("r0", time.monotonic())
         worker._on_lost([(keys.stream("m"), entries[1][0].decode())])
         await _until(lambda: worker.in_flight == 1, 5, "the cancelled and the lost job to end")
-        res = Result.model_validate_json(await client.get(keys.result("r0")))
+        res = Result.model_validate_json(await client.get(keys.result("m", "r0")))
         assert res.error is not None and res.error.code == "cancelled"
         assert worker.stats.cancelled == 1 and worker.stats.fenced == 1
         assert engine.aborts == 0  # neither reached the engine
@@ -102,7 +102,7 @@ async def test_cancel_while_the_result_is_stored_is_ignored(redis_server: RedisS
         (stream_b, entries), = resp
         worker._start(stream_b.decode(), entries[0][0].decode(), entries[0][1], deliveries=1)
         await _until(lambda: worker.in_flight == 0, 5, "the job to end")
-        res = Result.model_validate_json(await client.get(keys.result("r0")))
+        res = Result.model_validate_json(await client.get(keys.result("m", "r0")))
         assert res.error is None and res.body is not None and res.body["choices"][0]["finish_reason"] == "length"
         assert (worker.stats.served, worker.stats.cancelled, worker.stats.fenced) == (1, 0, 0)
     finally:

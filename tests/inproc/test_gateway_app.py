@@ -114,8 +114,8 @@ async def test_the_first_chunk_leaves_with_the_first_token(inproc: InProc) -> No
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
     r = await inproc.client.post("/v1/chat/completions", json=body)
     rid = r.headers["x-request-id"]
-    redis = inproc.worker.r
-    chunks = [Chunk.model_validate_json(f[b"c"]) for _id, f in await redis.xrange(inproc.worker.keys.chunks(rid))]
+    stored = await inproc.worker.r.xrange(inproc.worker.keys.chunks(MODEL, rid))
+    chunks = [Chunk.model_validate_json(f[b"c"]) for _id, f in stored]
     first = next(c for c in chunks if c.sse)  # (an empty chunk before it, if any, starts the response)
     events = [json.loads(e[6:]) for e in first.sse.split("\n\n") if e]
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}

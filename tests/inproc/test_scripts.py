@@ -45,7 +45,7 @@ async def test_fencing_scripts(r: redis.Redis, redis_server: RedisServer) -> Non
     # the zombie a can neither store a result nor acknowledge
     res = Result(id="req")
     assert await scripts.finish(Entry(s, eid, "a", "m"), res, ReplyKind.FINAL, "gw", 60) == Finish.FENCED
-    assert r.get(k.result("req")) is None and r.xlen(s) == 1
+    assert r.get(k.result("m", "req")) is None and r.xlen(s) == 1
     # the owner b can, once; a second result for the same request does not overwrite the first
     assert await scripts.finish(Entry(s, eid, "b", "m"), res, ReplyKind.FINAL, "gw", 60) == Finish.STORED
     assert r.xlen(s) == 0 and r.xpending(s, GROUP)["pending"] == 0 and r.xlen(k.replies("gw")) == 1
@@ -53,7 +53,7 @@ async def test_fencing_scripts(r: redis.Redis, redis_server: RedisServer) -> Non
     r.xreadgroup(GROUP, "c", {s: ">"}, count=1)
     other = Result(id="req", model="other")
     assert await scripts.finish(Entry(s, eid2, "c", "m"), other, ReplyKind.FINAL, "gw", 60) == Finish.DUPLICATE
-    assert Result.model_validate_json(r.get(k.result("req")) or b"").model == ""
+    assert Result.model_validate_json(r.get(k.result("m", "req")) or b"").model == ""
     # dead-lettering keeps the payload and answers the client
     eid3 = r.xadd(s, {"p": '{"id":"poison"}'}).decode()
     r.xreadgroup(GROUP, "c", {s: ">"}, count=1)
@@ -61,7 +61,7 @@ async def test_fencing_scripts(r: redis.Redis, redis_server: RedisServer) -> Non
                                      reason="max", deliveries=4, ttl_s=60, max_dead_letters=100, request_id="poison")
     entry = r.xrange(k.dlq("m"))[0][1]
     assert entry[b"p"] == b'{"id":"poison"}' and entry[b"deliveries"] == b"4"
-    assert r.get(k.result("poison")) is not None and r.xlen(s) == 0
+    assert r.get(k.result("m", "poison")) is not None and r.xlen(s) == 0
     await client.aclose()
 
 

@@ -61,7 +61,7 @@ class Rig:
             deadline = time.monotonic() + timeout
             while raw[0] is None:
                 assert time.monotonic() < deadline, f"no result for {rid}"
-                raw[0] = await self.client.get(self.keys.result(rid))
+                raw[0] = await self.client.get(self.keys.result(MODEL, rid))
                 await asyncio.sleep(0.01)
 
         await poll()
@@ -153,7 +153,7 @@ async def test_streaming_chunks_arrive_in_order(redis_server: RedisServer) -> No
     async with rig(redis_server, decode_ms=2) as r:
         await r.add(item("rs", max_tokens=30, stream=True))
         res = await r.result("rs")
-        chunks = [Chunk.model_validate_json(f[b"c"]) for _id, f in await r.client.xrange(r.keys.chunks("rs"))]
+        chunks = [Chunk.model_validate_json(f[b"c"]) for _id, f in await r.client.xrange(r.keys.chunks(MODEL, "rs"))]
         assert [c.seq for c in chunks] == list(range(1, len(chunks) + 1))
         assert stream_text(chunks) == expected_text("one two three", max_tokens=30)
         assert stream_events(chunks)[-1]["choices"][-1]["finish_reason"] == "length"
@@ -172,14 +172,14 @@ async def test_a_migrated_stream_resumes_after_what_was_sent(redis_server: Redis
                               "finish_reason": None}]}
         sent = Chunk(seq=1, sse="data: " + orjson.dumps(event).decode() + "\n\n",
                      tokens={0: [t for o in outs for t in o.token_ids]})
-        await r.client.xadd(r.keys.chunks("rm"), {"c": sent.model_dump_json()})
+        await r.client.xadd(r.keys.chunks(MODEL, "rm"), {"c": sent.model_dump_json()})
         entry_id = await r.add(item("rm", max_tokens=12, stream=True))
         resp = await r.client.xreadgroup(GROUP, r.worker.id, {r.stream: ">"}, count=1)
         r.worker._start(r.stream, entry_id, resp[0][1][0][1], deliveries=2)
         res = await r.result("rm")
         full = expected_text("one two three", max_tokens=12)
         assert res.attempts == 2 and res.usage.completion_tokens == 12 and res.error is None
-        chunks = [Chunk.model_validate_json(f[b"c"]) for _id, f in await r.client.xrange(r.keys.chunks("rm"))]
+        chunks = [Chunk.model_validate_json(f[b"c"]) for _id, f in await r.client.xrange(r.keys.chunks(MODEL, "rm"))]
         assert [c.seq for c in chunks] == list(range(1, len(chunks) + 1))  # numbering goes on after the first's
         assert stream_text(chunks) == full  # the client's one stream reads as an uninterrupted run
 
@@ -188,13 +188,13 @@ async def test_a_stream_that_cannot_continue_ends_with_an_explicit_error(redis_s
     """Another worker sent part of a stream whose state cannot be carried over (its chunks hold no token
     ids): the stream is neither continued nor started again; it ends with stream_interrupted."""
     async with rig(redis_server, run=False) as r:
-        await r.client.xadd(r.keys.chunks("ri"), {"c": Chunk(seq=1, sse="data: {}\n\n").model_dump_json()})
+        await r.client.xadd(r.keys.chunks(MODEL, "ri"), {"c": Chunk(seq=1, sse="data: {}\n\n").model_dump_json()})
         entry_id = await r.add(item("ri", max_tokens=12, stream=True))
         resp = await r.client.xreadgroup(GROUP, r.worker.id, {r.stream: ">"}, count=1)
         r.worker._start(r.stream, entry_id, resp[0][1][0][1], deliveries=2)
         res = await r.result("ri")
         assert res.error is not None and (res.error.code, res.error.status) == ("stream_interrupted", 502)
-        assert await r.client.xlen(r.keys.chunks("ri")) == 1  # nothing more was sent
+        assert await r.client.xlen(r.keys.chunks(MODEL, "ri")) == 1  # nothing more was sent
 
 
 # ----------------------------------------------------------------------------- cancels
@@ -248,7 +248,7 @@ async def test_drain_hands_back_what_is_left(redis_server: RedisServer) -> None:
         assert time.monotonic() - t0 < 3  # the grace, then the hand-back: no waiting for the jobs
         assert r.worker.stats.state == WorkerState.GONE and r.worker.stats.drains == 1
         assert not await r.client.exists(r.keys.worker(r.worker.id))  # deregistered
-        assert await r.client.get(r.keys.result("rd0")) is None  # not answered: handed back
+        assert await r.client.get(r.keys.result(MODEL, "rd0")) is None  # not answered: handed back
         pending = await r.client.xpending_range(r.stream, GROUP, "-", "+", 10)
         assert sorted(p["message_id"].decode() for p in pending) == sorted(ids)
         assert all(p["time_since_delivered"] > 10**9 for p in pending)  # idle past any lease
@@ -328,7 +328,7 @@ async def test_keeper_beat_reads_drain_admit_length_and_lost_leases(redis_server
             assert not await r.client.exists(r.keys.drain(w.id), r.keys.admit(w.id))  # each flag taken once
             w._on_lost(beat.lost)  # what the hook does: the job lets its entry go, writing nothing
             await until(lambda: w.in_flight == 1, 5, "the lost job ended")
-            assert w.stats.fenced == 1 and await r.client.get(r.keys.result("rk1")) is None
+            assert w.stats.fenced == 1 and await r.client.get(r.keys.result(MODEL, "rk1")) is None
         finally:
             sync.close()
 
