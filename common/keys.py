@@ -2,7 +2,10 @@
 
 Layout (``ns`` is the namespace, ``mgpu`` by default)::
 
-    {ns}:q:{model}                shared request stream of a model (consumer group GROUP)
+    {ns}:q:{model}                shared request stream of a model (consumer group GROUP); its fair lane 0
+    {ns}:q:{model}:lane:{i}       fair lanes 1..LANES-1: with API keys, each key's requests wait in a lane of
+                                  their own while lanes last, and workers take from the lanes in turn
+    {ns}:q:{model}:lanes          hash: which lane each key's requests go to and how many it has in flight
     {ns}:q:{model}:batch          lower-priority stream for batch jobs (same group)
     {ns}:q:{model}:w:{worker}     a worker's own stream, for push strategies
     {ns}:wq:{model}               set of worker ids that have an own stream for the model
@@ -34,6 +37,7 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
     {ns}:rollout                  the current or last rollout (JSON, ops.rollout.RolloutState)
     {ns}:rollout:lock             present while a rollout is requested or runs: its id (TTL, renewed)
     {ns}:rollout:history          the last finished rollouts (list of JSON, newest first)
+    {ns}:-                        never written: a script's "no key here" (an ACL user's patterns cover it)
     {ns}:rollout:abort            present: stop the running rollout with that id and roll it back (JSON, TTL)
 """
 
@@ -44,13 +48,29 @@ from dataclasses import dataclass
 
 GROUP = "workers"
 
+# Fair lanes per model (docs/security.md, "Fair sharing").  A constant, not a setting: a gateway that wrote to
+# a lane its workers do not read would strand requests.
+LANES = 8
+
 
 @dataclass(frozen=True)
 class Keys:
     ns: str = "mgpu"
 
+    @property
+    def none(self) -> str:
+        """A name that is never written, given to a script in place of a key it does not need."""
+        return f"{self.ns}:-"
+
     def stream(self, model: str) -> str:
         return f"{self.ns}:q:{model}"
+
+    def lanes(self, model: str) -> list[str]:
+        """The model's fair lanes, lane 0 (its shared stream) first."""
+        return [self.stream(model), *(f"{self.ns}:q:{model}:lane:{i}" for i in range(1, LANES))]
+
+    def lane_map(self, model: str) -> str:
+        return f"{self.ns}:q:{model}:lanes"
 
     def batch_stream(self, model: str) -> str:
         return f"{self.ns}:q:{model}:batch"

@@ -45,7 +45,7 @@ local function reset_s(rk, d, now)
 end
 """
 
-# Admit a request against its API key (KEYS[7] its record, KEYS[8] its rate hash; '' when auth is off):
+# Admit a request against its API key (KEYS[7] its record, KEYS[8] its rate hash; Keys.none when auth is off):
 # the key must still exist and not be revoked or expired (so a revocation holds at once on every replica),
 # and its requests per minute, tokens per minute (ARGV[7] reserved) and requests in flight must stay within
 # its limits.  Returns nil when admitted, else the refusal.
@@ -74,55 +74,95 @@ local function charge(rk, reserve, now)
 end
 """
 
-# KEYS: target stream, idempotency key ('' for none), target worker's registry hash ('' for none), shared
-#       stream, the model's byte counter, the total byte counter, the API key's record and rate hash ('' for
-#       none), further streams counted toward the backlog...
+# Fair lanes (keys.LANES): a keyed request for the shared stream goes to its key's lane while the key has
+# requests in flight there, else to the lane with the fewest keys (then the shortest); lane 0 is the shared
+# stream itself.  The lane map (hash) holds 'k:<key id>' its lane, 'n:<key id>' its requests in flight in
+# the lanes, 'l:<lane>' how many keys it holds; FINISH and DEAD_LETTER count the request out (field 'l').
+_LANE = """
+local function pick_lane(map, kid, lanes)
+  local cur = redis.call('HGET', map, 'k:' .. kid)
+  if cur and tonumber(redis.call('HGET', map, 'n:' .. kid) or '0') > 0 then return tonumber(cur) end
+  if cur and redis.call('HINCRBY', map, 'l:' .. cur, -1) <= 0 then redis.call('HDEL', map, 'l:' .. cur) end
+  local best, bk, bl = 0, nil, nil
+  for i = 0, #lanes - 1 do
+    local ki = tonumber(redis.call('HGET', map, 'l:' .. i) or '0')
+    local li = redis.call('XLEN', lanes[i + 1])
+    if bk == nil or ki < bk or (ki == bk and li < bl) then best, bk, bl = i, ki, li end
+  end
+  redis.call('HSET', map, 'k:' .. kid, best)
+  redis.call('HINCRBY', map, 'l:' .. best, 1)
+  return best
+end
+"""
+
+# KEYS: target stream, idempotency key, target worker's registry hash, shared stream (lane 0), the model's
+#       byte counter, the total byte counter, the API key's record and rate hash, the lane map, lanes
+#       1..ARGV[10]-1, further streams counted toward the backlog...; an absent key is the name ARGV[9]
+#       (Keys.none: a real name, so that an ACL user's key patterns cover it; '' would be refused)
 # ARGV: max_len, payload, idempotency record (JSON), idem_ttl, max_bytes (model), max_bytes_total,
-#       tokens to reserve, the API key's id
+#       tokens to reserve, the API key's id, the name of no key, the number of lanes (1: no fair lanes),
+#       the most requests one key may have in flight in the lanes (0: no limit)
 # -> {1, entry_id, fell_back, requests in the minute, tokens in the minute, in flight, reset_s} queued
-#    | {0, 'entries' | 'bytes' | 'total_bytes'} full | {2, the stored idempotency record} that key was used before
-#    | {3, 'unknown' | 'revoked' | 'expired'} the API key cannot be used | {4, dimension, used, limit, reset_s}
+#    | {0, 'entries' | 'bytes' | 'total_bytes' | 'key_share'} full | {2, the stored idempotency record} that
+#    key was used before | {3, 'unknown' | 'revoked' | 'expired'} the API key cannot be used
+#    | {4, dimension, used, limit, reset_s}
 # A push to a worker's own stream (KEYS[1]) goes to the shared stream (KEYS[4]) instead when that
 # worker is not 'ready' (draining, or its registry hash expired): nothing is pushed to a stream that
 # nobody reads, atomically with the orphan sweep (MOVE_UNDELIVERED) that deletes such streams.
-# The queue limit counts KEYS[1], KEYS[4] (when different) and KEYS[9..].  The entry carries its size
-# (field 'b'), which FINISH and DEAD_LETTER subtract from both byte counters when they delete it, and its
-# key's reservation (field 'q': '<key id>:<second>:<tokens>'), which they settle.
-ENQUEUE = _ADMIT + """
-if KEYS[2] ~= '' then
+# The queue limit counts KEYS[1], KEYS[4] (when different), the lanes and the further streams.  The entry
+# carries its size (field 'b'), which FINISH and DEAD_LETTER subtract from both byte counters when they
+# delete it, its key's reservation (field 'q': '<key id>:<second>:<tokens>'), which they settle, and 'l'
+# when it is counted in the lane map.
+ENQUEUE = _ADMIT + _LANE + """
+local none, nl = ARGV[9], tonumber(ARGV[10])
+if KEYS[2] ~= none then
   local existing = redis.call('GET', KEYS[2])
   if existing then return {2, existing} end
 end
 local now = now_s()
 local reserve = tonumber(ARGV[7])
-if KEYS[7] ~= '' then
+if KEYS[7] ~= none then
   local refused = admit(KEYS[7], KEYS[8], reserve, now)
   if refused then return refused end
 end
 local target = KEYS[1]
 local fell = 0
-if KEYS[3] ~= '' and redis.call('HGET', KEYS[3], 'state') ~= 'ready' then
+if KEYS[3] ~= none and redis.call('HGET', KEYS[3], 'state') ~= 'ready' then
   target = KEYS[4]
   fell = 1
 end
+local lanes = {KEYS[4]}
+for i = 1, nl - 1 do lanes[i + 1] = KEYS[9 + i] end
 local backlog = redis.call('XLEN', KEYS[1])
 if KEYS[4] ~= KEYS[1] then backlog = backlog + redis.call('XLEN', KEYS[4]) end
-for i = 9, #KEYS do backlog = backlog + redis.call('XLEN', KEYS[i]) end
+for i = 10, #KEYS do backlog = backlog + redis.call('XLEN', KEYS[i]) end
 if backlog >= tonumber(ARGV[1]) then return {0, 'entries'} end
 local size = #ARGV[2]
 if tonumber(redis.call('GET', KEYS[5]) or '0') + size > tonumber(ARGV[5]) then return {0, 'bytes'} end
 if tonumber(redis.call('GET', KEYS[6]) or '0') + size > tonumber(ARGV[6]) then return {0, 'total_bytes'} end
-local id
-if KEYS[7] ~= '' then
-  charge(KEYS[8], reserve, now)
-  id = redis.call('XADD', target, '*', 'p', ARGV[2], 'b', size, 'q', ARGV[8] .. ':' .. now .. ':' .. reserve)
-else
-  id = redis.call('XADD', target, '*', 'p', ARGV[2], 'b', size)
+local laned = target == KEYS[4] and KEYS[7] ~= none and KEYS[9] ~= none
+if laned then
+  local map, kid, share = KEYS[9], ARGV[8], tonumber(ARGV[11])
+  if share > 0 and tonumber(redis.call('HGET', map, 'n:' .. kid) or '0') >= share then return {0, 'key_share'} end
+  target = lanes[pick_lane(map, kid, lanes) + 1]
+  redis.call('HINCRBY', map, 'n:' .. kid, 1)
+  redis.call('EXPIRE', map, 3600)
 end
+local fields = {'p', ARGV[2], 'b', size}
+if KEYS[7] ~= none then
+  charge(KEYS[8], reserve, now)
+  fields[#fields + 1] = 'q'
+  fields[#fields + 1] = ARGV[8] .. ':' .. now .. ':' .. reserve
+  if laned then
+    fields[#fields + 1] = 'l'
+    fields[#fields + 1] = '1'
+  end
+end
+local id = redis.call('XADD', target, '*', unpack(fields))
 redis.call('INCRBY', KEYS[5], size)
 redis.call('INCRBY', KEYS[6], size)
-if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4]) end
-if KEYS[7] == '' then return {1, id, fell} end
+if KEYS[2] ~= none then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4]) end
+if KEYS[7] == none then return {1, id, fell} end
 local rs, ts = slide(KEYS[8], now)
 return {1, id, fell, rs, ts, tonumber(redis.call('HGET', KEYS[8], 'inflight')), reset_s(KEYS[8], 'r', now)}
 """
@@ -159,6 +199,55 @@ end
 return {moved, left}
 """
 
+# A worker's read when its streams may hold more than it has room for: up to ARGV[3] entries, first from the
+# streams before the lanes (its own stream), then one at a time from each lane in turn starting at lane
+# ARGV[6] (so that no key's backlog delays another's requests), then from the streams after them.  A lane
+# marked busy (ARGV[7 + i] = '1': it has requests running on this worker) takes from the shared budget
+# ARGV[5] (the free slots less those kept for lanes that have none running); ARGV[4]: the number of streams
+# before the lanes; ARGV[7]: the number of lanes.
+# KEYS: streams   ARGV: group, consumer, n, before, busy budget, first lane, lanes, busy flag per stream...
+# -> {next first lane, {stream index, entry id, fields}...}
+PULL = """
+local n, before, budget, first, nl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
+                                      tonumber(ARGV[6]), tonumber(ARGV[7])
+local out, taken = {}, 0
+local function read(i, k)
+  if k <= 0 then return 0 end
+  local busy = ARGV[7 + i] == '1'
+  if busy then
+    if budget <= 0 then return 0 end
+    k = math.min(k, budget)
+  end
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', k, 'STREAMS', KEYS[i], '>')
+  if not r then return 0 end
+  for _, e in ipairs(r[1][2]) do out[#out + 1] = {i, e[1], e[2]} end
+  local got = #r[1][2]
+  taken = taken + got
+  if busy then budget = budget - got end
+  return got
+end
+for i = 1, before do read(i, n - taken) end
+local live, nlive, nxt = {}, nl, first
+for j = 0, nl - 1 do live[j] = true end
+while taken < n and nlive > 0 do
+  for s = 0, nl - 1 do
+    local j = (first + s) % nl
+    if live[j] and taken < n then
+      local got
+      if nlive == 1 then got = read(before + 1 + j, n - taken) else got = read(before + 1 + j, 1) end
+      if got == 0 then
+        live[j] = false
+        nlive = nlive - 1
+      else
+        nxt = (j + 1) % nl
+      end
+    end
+  end
+end
+for i = before + nl + 1, #KEYS do read(i, n - taken) end
+return {nxt, out}
+"""
+
 _OWNED = """
 local function owned(stream, group, id, consumer)
   local p = redis.call('XPENDING', stream, group, id, id, 1)
@@ -166,9 +255,10 @@ local function owned(stream, group, id, consumer)
 end
 """
 
-# Before an entry is deleted: take its size (field 'b', set by ENQUEUE) off the byte counters, and settle
-# its API key's reservation (field 'q'): the tokens reserved become the tokens used (a refund, or more) in the
-# second they were reserved in, if it is still in the window; one request less in flight; the key's usage.
+# Before an entry is deleted: take its size (field 'b', set by ENQUEUE) off the byte counters, count it out
+# of the lane map (field 'l'), and settle its API key's reservation (field 'q'): the tokens reserved become
+# the tokens used (a refund, or more) in the second they were reserved in, if it is still in the window; one
+# request less in flight; the key's usage.
 # ns: the key namespace; usage: {prompt tokens, completion tokens, '1' when the request failed}.
 _UNCOUNT = """
 local function settle(ns, q, usage)
@@ -186,45 +276,65 @@ local function settle(ns, q, usage)
   redis.call('HINCRBY', uk, 'completion_tokens', usage[2])
   if usage[3] == '1' then redis.call('HINCRBY', uk, 'errors', 1) end
 end
-local function uncount(stream, id, model_key, total_key, ns, usage)
+local function unlane(map, q)
+  local kid = string.match(q, '^([^:]+):')
+  if not kid or redis.call('HINCRBY', map, 'n:' .. kid, -1) > 0 then return end
+  local lane = redis.call('HGET', map, 'k:' .. kid)
+  redis.call('HDEL', map, 'k:' .. kid, 'n:' .. kid)
+  if lane and redis.call('HINCRBY', map, 'l:' .. lane, -1) <= 0 then redis.call('HDEL', map, 'l:' .. lane) end
+end
+local function uncount(stream, id, model_key, total_key, lane_map, ns, usage)
   local e = redis.call('XRANGE', stream, id, id)
   if not e[1] then return end
   local f = e[1][2]
+  local q, laned = nil, false
   for i = 1, #f, 2 do
     if f[i] == 'b' then
       for _, k in ipairs({model_key, total_key}) do
         if redis.call('DECRBY', k, f[i + 1]) <= 0 then redis.call('DEL', k) end
       end
     elseif f[i] == 'q' then
-      settle(ns, f[i + 1], usage)
+      q = f[i + 1]
+    elseif f[i] == 'l' then
+      laned = true
     end
+  end
+  if q then
+    settle(ns, q, usage)
+    if laned then unlane(lane_map, q) end
   end
 end
 """
 
-# KEYS: stream, chunks, replies   ARGV: group, consumer, entry_id, request_id, chunk_json, ttl, reply('1'/'0')
+# The gateway's reply stream is named in ARGV, not KEYS: a key given to a script needs read and write
+# access under ACLs, and a worker's user may only write the reply streams (docs/security.md).  Like the rate
+# and usage keys that settle() builds, it is a key the script touches undeclared.
+# KEYS: stream, chunks   ARGV: group, consumer, entry_id, request_id, chunk_json, ttl, replies ('' for none)
 # -> 1 written | 0 fenced (this consumer no longer owns the entry)
 EMIT_CHUNK = _OWNED + """
 if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
 redis.call('XADD', KEYS[2], '*', 'c', ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
-if ARGV[7] == '1' then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', '100000', '*', 'r', ARGV[4], 'k', 'c', 'p', ARGV[5])
+if ARGV[7] ~= '' then
+  redis.call('XADD', ARGV[7], 'MAXLEN', '~', '100000', '*', 'r', ARGV[4], 'k', 'c', 'p', ARGV[5])
 end
 return 1
 """
 
-# KEYS: stream, result, replies, model byte counter, total byte counter
-# ARGV: group, consumer, entry_id, request_id, result_json, ttl, reply, kind, namespace, prompt tokens,
+# KEYS: stream, result, model byte counter, total byte counter, lane map
+# ARGV: group, consumer, entry_id, request_id, result_json, ttl, replies ('' for none), kind, namespace, prompt tokens,
 #       completion tokens, failed ('1'/'0')
 # -> 1 stored and acknowledged | 2 acknowledged, an earlier result won | 0 fenced
 FINISH = _OWNED + _UNCOUNT + """
 if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
-local stored = redis.call('SET', KEYS[2], ARGV[5], 'NX', 'EX', ARGV[6])
-if stored and ARGV[7] == '1' then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', '100000', '*', 'r', ARGV[4], 'k', ARGV[8], 'p', ARGV[5])
+local stored = redis.call('EXISTS', KEYS[2]) == 0
+if stored then  -- the reply first: a command refused mid-script (ACL) leaves no result nobody was told of
+  if ARGV[7] ~= '' then
+    redis.call('XADD', ARGV[7], 'MAXLEN', '~', '100000', '*', 'r', ARGV[4], 'k', ARGV[8], 'p', ARGV[5])
+  end
+  redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[6])
 end
-uncount(KEYS[1], ARGV[3], KEYS[4], KEYS[5], ARGV[9], {ARGV[10], ARGV[11], ARGV[12]})
+uncount(KEYS[1], ARGV[3], KEYS[3], KEYS[4], KEYS[5], ARGV[9], {ARGV[10], ARGV[11], ARGV[12]})
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 if stored then return 1 end
@@ -312,22 +422,24 @@ local function trim_dlq(dlq, max)
 end
 """
 
-# KEYS: stream, dlq, result, replies, model byte counter, total byte counter
-# ARGV: group, consumer, entry_id, request_id, raw_payload, result_json, ttl, reply, reason, deliveries,
+# KEYS: stream, dlq, result, model byte counter, total byte counter, lane map
+# ARGV: group, consumer, entry_id, request_id, raw_payload, result_json, ttl, replies ('' for none), reason, deliveries,
 #       max dead letters, namespace
 # -> 1 moved | 0 fenced
 DEAD_LETTER = _OWNED + _UNCOUNT + _TRIM_DLQ + """
 if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
+if ARGV[4] ~= '' then
+  if redis.call('EXISTS', KEYS[3]) == 0 then  -- the reply first, as in FINISH
+    if ARGV[8] ~= '' then
+      redis.call('XADD', ARGV[8], 'MAXLEN', '~', '100000', '*', 'r', ARGV[4], 'k', 'e', 'p', ARGV[6])
+    end
+    redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[7])
+  end
+end
 redis.call('XADD', KEYS[2], '*', 'p', ARGV[5], 'entry', ARGV[3], 'request_id', ARGV[4],
            'reason', ARGV[9], 'deliveries', ARGV[10], 'consumer', ARGV[2])
 trim_dlq(KEYS[2], tonumber(ARGV[11]))
-if ARGV[4] ~= '' then
-  local stored = redis.call('SET', KEYS[3], ARGV[6], 'NX', 'EX', ARGV[7])
-  if stored and ARGV[8] == '1' then
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100000', '*', 'r', ARGV[4], 'k', 'e', 'p', ARGV[6])
-  end
-end
-uncount(KEYS[1], ARGV[3], KEYS[5], KEYS[6], ARGV[12], {'0', '0', '1'})
+uncount(KEYS[1], ARGV[3], KEYS[4], KEYS[5], KEYS[6], ARGV[12], {'0', '0', '1'})
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 return 1

@@ -22,7 +22,7 @@ from common.keys import GROUP, Keys
 class QueueStats:
     model: str
     stream: str  # the Redis key
-    kind: str  # "requests" | "batch"
+    kind: str  # "requests" (the shared stream: fair lane 0) | "lane" (fair lanes 1..) | "batch"
     length: int = 0
     lag: int = 0  # entries not yet delivered to any worker
     pending: int = 0  # delivered, not yet acknowledged (in progress, or held by a dead worker)
@@ -56,6 +56,7 @@ async def read_queues(r: aioredis.Redis, keys: Keys, models: list[str], *,
     streams: list[QueueStats] = []
     for m in models:
         streams.append(QueueStats(model=m, stream=keys.stream(m), kind="requests"))
+        streams += [QueueStats(model=m, stream=lane, kind="lane") for lane in keys.lanes(m)[1:]]
         streams.append(QueueStats(model=m, stream=keys.batch_stream(m), kind="batch"))
     async with r.pipeline(transaction=False) as p:
         for q in streams:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
 import redis.asyncio as aioredis
 
 
@@ -26,3 +29,54 @@ def make_pool(url: str, *, max_connections: int = 32, block_ms: int = 0,
 def make_client(url: str, *, max_connections: int = 32, block_ms: int = 0, name: str | None = None) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=make_pool(url, max_connections=max_connections, block_ms=block_ms,
                                                     name=name))
+
+
+def redacted(url: str) -> str:
+    """A Redis URL for a log line: its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def check_credentials(dsn: str) -> None:
+    """Fail at start-up, naming the setting, when Redis refuses this process's password or ACL user, or its TLS
+    files or handshake are wrong.  Redis being down is no error here (every part rides out an outage)."""
+    import ssl
+
+    import redis
+
+    from common.settings import SettingsError
+
+    client = redis.Redis.from_url(dsn, socket_connect_timeout=2, socket_timeout=3)
+    try:
+        client.ping()
+    except (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError) as exc:
+        raise SettingsError(f"MGPU_REDIS_URL / --redis-url: Redis refused the credentials ({exc}); "
+                            f"{redacted(dsn)}") from None
+    except redis.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc) or "NOPERM" in str(exc):
+            raise SettingsError(f"MGPU_REDIS_URL / --redis-url: {exc} ({redacted(dsn)})") from None
+        raise
+    except FileNotFoundError as exc:
+        raise SettingsError(f"MGPU_REDIS_TLS_CA / _CERT / _KEY: {exc}") from None
+    except redis.ConnectionError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ssl.SSLError) or "SSL" in str(exc) or "certificate" in str(exc).lower():
+            raise SettingsError(f"MGPU_REDIS_URL / MGPU_REDIS_TLS_*: the TLS handshake with Redis failed ({exc})"
+                                ) from None
+        if isinstance(cause, FileNotFoundError):
+            raise SettingsError(f"MGPU_REDIS_TLS_CA / _CERT / _KEY: {cause}") from None
+    finally:
+        client.close()
+
+
+def refused_by_acl(exc: BaseException) -> bool:
+    """Whether Redis refused a command to this client's ACL user: NOPERM for a command, or the error a script
+    raises when one of its commands touches a key the user may not (that one carries no NOPERM prefix)."""
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and "user executing the script can't access" in str(exc)

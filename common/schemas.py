@@ -157,6 +157,7 @@ class Result(BaseModel):
     attempts: int = 1
     finished_at: float = Field(default_factory=time.time)
     scope: str | None = None  # the request's WorkItem.scope
+    queue_s: float | None = None  # from the gateway's enqueue to the start of the attempt that answered
 
 
 ANONYMOUS = "anon"  # the scope of every caller while the gateway has no API keys

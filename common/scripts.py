@@ -17,6 +17,7 @@ that no longer owns the entry (its lease passed) can write nothing for it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -26,7 +27,7 @@ import redis.asyncio as aioredis
 
 from common import lua
 from common.batching import ScriptBatcher
-from common.keys import GROUP, Keys
+from common.keys import GROUP, LANES, Keys
 from common.records import ReplyKind
 from common.schemas import Chunk, IdempotencyRecord, Result
 
@@ -52,7 +53,7 @@ class Duplicate:
 
 @dataclass(frozen=True)
 class QueueFull:
-    limit: str  # "entries" | "bytes" | "total_bytes"
+    limit: str  # "entries" | "bytes" | "total_bytes" | "key_share"
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,13 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class Pulled:
+    stream: str
+    entry_id: str
+    fields: dict[Any, Any]
+
+
+@dataclass(frozen=True)
 class Claimed:
     entry_id: str
     fields: dict[Any, Any]
@@ -126,6 +134,8 @@ class Limits:
     max_entries: int
     max_bytes: int
     max_bytes_total: int
+    fair: bool = True  # keyed requests for the shared stream go to fair lanes
+    key_share: int = 0  # the most requests one key may have in flight in the lanes (0: no limit)
 
 
 # ----------------------------------------------------------------------------- the calls
@@ -144,6 +154,7 @@ class Scripts:
         self._reclaim = client.register_script(lua.RECLAIM)
         self._release = client.register_script(lua.RELEASE)
         self._move = client.register_script(lua.MOVE_UNDELIVERED)
+        self._pull = client.register_script(lua.PULL)
 
     async def enqueue(self, model: str, target: Target, payload: str, limits: Limits, *,
                       idempotency_key: str | None = None, record: IdempotencyRecord | None = None,
@@ -152,10 +163,13 @@ class Scripts:
         k = self.keys
         kid = charge.key_id if charge is not None else ""
         rc, val, *rest = await self._enqueue(
-            keys=[target.stream, idempotency_key or "", target.worker_key, target.shared, k.queue_bytes(model),
-                  k.queue_bytes_total, k.api_key(kid) if kid else "", k.rate(kid) if kid else "", *target.others],
+            keys=[target.stream, idempotency_key or k.none, target.worker_key or k.none, target.shared,
+                  k.queue_bytes(model), k.queue_bytes_total, k.api_key(kid) if kid else k.none,
+                  k.rate(kid) if kid else k.none, k.lane_map(model) if limits.fair else k.none,
+                  *k.lanes(model)[1:], *target.others],
             args=[limits.max_entries, payload, record.model_dump_json() if record is not None else "", idem_ttl_s,
-                  limits.max_bytes, limits.max_bytes_total, charge.reserve if charge is not None else 0, kid])
+                  limits.max_bytes, limits.max_bytes_total, charge.reserve if charge is not None else 0, kid,
+                  k.none, LANES, limits.key_share])
         if rc == 0:
             return QueueFull(_text(val))
         if rc == 2:  # an unreadable stored record raises pydantic's ValidationError (a ValueError)
@@ -167,11 +181,19 @@ class Scripts:
         usage = KeyUsage(int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4])) if len(rest) >= 5 else None
         return Queued(_text(val), bool(rest and rest[0] == 1), usage)
 
+    async def pull(self, streams: Sequence[str], consumer: str, n: int, *, before: int, lanes: int, first: int,
+                   busy: Sequence[bool], budget: int) -> tuple[int, list[Pulled]]:
+        """Read up to ``n`` new entries, lanes in turn (lua.PULL): the next first lane, and the entries."""
+        nxt, got = await self._pull(keys=list(streams), args=[
+            GROUP, consumer, n, before, budget, first, lanes, *("1" if b else "0" for b in busy)])
+        return int(nxt), [Pulled(streams[int(i) - 1], _text(eid), dict(zip(flat[::2], flat[1::2])))
+                          for i, eid, flat in got]
+
     async def emit(self, entry: Entry, request_id: str, chunk: Chunk, reply_to: str | None, ttl_s: int) -> bool:
         return bool(await self._emit(
-            keys=[entry.stream, self.keys.chunks(entry.model, request_id), self.keys.replies(reply_to or "")],
+            keys=[entry.stream, self.keys.chunks(entry.model, request_id)],
             args=[GROUP, entry.consumer, entry.entry_id, request_id, chunk.model_dump_json(exclude_defaults=True),
-                  ttl_s, "1" if reply_to else "0"]))
+                  ttl_s, self.keys.replies(reply_to) if reply_to else ""]))
 
     async def finish(self, entry: Entry, result: Result, kind: ReplyKind, reply_to: str | None,
                      ttl_s: int) -> Finish:
@@ -180,11 +202,11 @@ class Scripts:
         k = self.keys
         u = result.usage
         return Finish(int(await self._finish(
-            keys=[entry.stream, k.result(entry.model, result.id), k.replies(reply_to or ""), k.queue_bytes(entry.model),
-                  k.queue_bytes_total],
+            keys=[entry.stream, k.result(entry.model, result.id), k.queue_bytes(entry.model), k.queue_bytes_total,
+                  k.lane_map(entry.model)],
             args=[GROUP, entry.consumer, entry.entry_id, result.id, result.model_dump_json(exclude_defaults=True),
-                  ttl_s, "1" if reply_to else "0", kind.value, k.ns, u.prompt_tokens, u.completion_tokens,
-                  "1" if result.error is not None else "0"])))
+                  ttl_s, k.replies(reply_to) if reply_to else "", kind.value, k.ns, u.prompt_tokens,
+                  u.completion_tokens, "1" if result.error is not None else "0"])))
 
     async def dead_letter(self, entry: Entry, raw_payload: str, result: Result, reply_to: str | None, *,
                           reason: str, deliveries: int, ttl_s: int, max_dead_letters: int,
@@ -192,11 +214,11 @@ class Scripts:
         """Move the entry to the model's dead-letter stream (bounded); answer the request if it has an id."""
         k = self.keys
         return bool(await self._dead_letter(
-            keys=[entry.stream, k.dlq(entry.model), k.result(entry.model, request_id or "-"), k.replies(reply_to or ""),
-                  k.queue_bytes(entry.model), k.queue_bytes_total],
+            keys=[entry.stream, k.dlq(entry.model), k.result(entry.model, request_id or "-"),
+                  k.queue_bytes(entry.model), k.queue_bytes_total, k.lane_map(entry.model)],
             args=[GROUP, entry.consumer, entry.entry_id, request_id, raw_payload,
-                  result.model_dump_json(exclude_defaults=True), ttl_s, "1" if reply_to else "0", reason, deliveries,
-                  max_dead_letters, k.ns]))
+                  result.model_dump_json(exclude_defaults=True), ttl_s, k.replies(reply_to) if reply_to else "",
+                  reason, deliveries, max_dead_letters, k.ns]))
 
     async def reclaim(self, stream: str, consumer: str, min_idle_ms: int, cursor: str,
                       count: int) -> tuple[str, list[Claimed]]:

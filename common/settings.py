@@ -28,8 +28,9 @@ import socket
 import uuid
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal, Self, get_args
+from urllib.parse import quote
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.json_schema import JsonDict
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -170,7 +171,13 @@ class ControlSettings(LogSettings):
 
     flag_group = "Redis settings"
 
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="redis://, rediss:// or unix://")
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="redis://, rediss:// (TLS) or unix://; "
+                           "a password or an ACL user goes in it: redis://user:password@host:6379/0")
+    redis_tls_ca: str | None = Field(default=None, description="rediss://: the CA certificate file to verify the "
+                                     "server with")
+    redis_tls_cert: str | None = Field(default=None, description="rediss://: this client's certificate file "
+                                       "(when the server checks clients)")
+    redis_tls_key: str | None = Field(default=None, description="rediss://: this client's private key file")
     namespace: str = Field(default="mgpu", pattern=r"^[A-Za-z0-9_.-]+$", description="prefix of every Redis key")
 
     @field_validator("redis_url")
@@ -179,6 +186,24 @@ class ControlSettings(LogSettings):
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return v
+
+    def _tls_files(self) -> dict[str, str | None]:
+        return {"ssl_ca_certs": self.redis_tls_ca, "ssl_certfile": self.redis_tls_cert,
+                "ssl_keyfile": self.redis_tls_key}
+
+    @model_validator(mode="after")
+    def _tls(self) -> Self:
+        if any(self._tls_files().values()) and not self.redis_url.startswith("rediss://"):
+            raise ValueError("redis_tls_*: TLS needs a rediss:// URL")
+        return self
+
+    @property
+    def redis_dsn(self) -> str:
+        """The URL every Redis client of this process connects with: ``redis_url`` and the TLS files."""
+        extra = "&".join(f"{k}={quote(v, safe='/')}" for k, v in self._tls_files().items() if v)
+        if not extra:
+            return self.redis_url
+        return self.redis_url + ("&" if "?" in self.redis_url else "?") + extra
 
     @property
     def keys(self) -> Keys:
@@ -237,6 +262,11 @@ class GatewaySettings(HttpSettings, CommonSettings):
     max_queue_bytes: int = Field(default=256 << 20, ge=1 << 20, description="bytes of request payloads waiting "
                                  "or running, per model (429 past it)")
     max_queue_bytes_total: int = Field(default=1 << 30, ge=1 << 20, description="the same over all models")
+    fair_lanes: bool = Field(default=True, description="with API keys, each key's requests wait in a fair lane "
+                             "of their own, taken in turn (docs/security.md); off: one queue, first come first "
+                             "served")
+    max_key_share: float = Field(default=0.5, ge=0, le=1, description="the share of max_queue_len one API key may "
+                                 "hold queued or running in the fair lanes (429 past it); 0: no limit")
     redis_memory_high_water: float = Field(default=0.9, gt=0, le=1, description="Redis used_memory / maxmemory "
                                            "past which new work is refused (503) before Redis refuses writes")
     http_read_timeout_s: float = Field(default=10.0, gt=0, description="to receive a request's headers, and "
@@ -330,6 +360,12 @@ class WorkerSettings(SimEngineSettings, CommonSettings):
     drain_grace_s: float = Field(default=60.0, ge=0, description="on SIGTERM or mgpu drain, in-flight requests "
                                  "get this long")
     read_block_ms: int = Field(default=1000, ge=1, description="the longest wait of one stream read")
+    fair_reserve_slots: int | None = Field(default=None, ge=0, description="while two or more fair lanes were "
+                                           "active in the last fair_window_s, the slots kept for lanes with "
+                                           "nothing running here (a flood cannot take them); unset: slots / 32, "
+                                           "at least 1; 0: none")
+    fair_window_s: float = Field(default=10.0, gt=0, description="how recently a lane must have had work here to "
+                                 "count as active")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="/metrics and /health; 0: a free port")
     metrics_host: str = Field(default="127.0.0.1", description="0.0.0.0 to be scraped from other hosts")
     revision: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:+-]{1,64}$", description="what the worker "

@@ -28,7 +28,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from common import errors
 from common.probe_http import ProbeServer
-from common.redis_conn import make_client
+from common.redis_conn import make_client, redacted
 from common.scripts import Scripts
 from common.settings import GatewaySettings
 from gateway.auth import KeyCache, bootstrap_key
@@ -89,9 +89,9 @@ def _lifespan(settings: GatewaySettings) -> Callable[[FastAPI], AbstractAsyncCon
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = make_client(settings.redis_url, max_connections=settings.redis_pool_size,
+        client = make_client(settings.redis_dsn, max_connections=settings.redis_pool_size,
                              name=f"gateway:{settings.gateway_id}")
-        listener = make_client(settings.redis_url, max_connections=2, block_ms=1000,
+        listener = make_client(settings.redis_dsn, max_connections=2, block_ms=1000,
                                name=f"gateway:{settings.gateway_id}:replies")
         replies = ReplyRouter(listener, settings.keys, settings.gateway_id)
         registry = RegistryView(settings.keys, memory_high_water=settings.redis_memory_high_water)
@@ -115,7 +115,7 @@ def _lifespan(settings: GatewaySettings) -> Callable[[FastAPI], AbstractAsyncCon
                                      name="queue-metrics"),
                  asyncio.create_task(_tick(state, closed), name="tick")]
         log.info("gateway %s ready on redis %s; probes on http://%s:%d/health", settings.gateway_id,
-                 settings.redis_url, settings.host, port)
+                 redacted(settings.redis_url), settings.host, port)
         try:
             yield
         finally:

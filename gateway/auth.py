@@ -89,12 +89,16 @@ async def authenticate(request: Request, mode: str, cache: KeyCache, retry_after
 
 
 async def bootstrap_key(r: aioredis.Redis, keys: Keys, secret: str) -> None:
-    """Register ``secret`` as the admin key 'bootstrap' (a deployment's first key, from its environment)."""
+    """Register ``secret`` as the admin key 'bootstrap' (a deployment's first key, from its environment); a
+    previous bootstrap key is revoked (the variable was changed to rotate it)."""
     kid = key_id(secret)
     if kid is None:
         raise errors.InvalidRequest("bootstrap_api_key: at least 20 printable characters, no spaces")
     rec = ApiKey(id=kid, name="bootstrap", sha256=digest(secret), admin=True, created=time.time())
+    old = await r.hget(keys.api_key_names, "bootstrap")
     async with r.pipeline(transaction=True) as p:
+        if old is not None and old.decode() != kid:  # the environment's key changed: the old one stops working
+            p.hset(keys.api_key(old.decode()), "revoked_at", str(time.time()))
         p.delete(keys.api_key(kid))
         p.hset(keys.api_key(kid), mapping=rec.to_hash())
         p.hset(keys.api_key_names, "bootstrap", kid)

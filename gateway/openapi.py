@@ -23,12 +23,16 @@ _RESPONSES: list[type[BaseModel]] = [ErrorResponse, CompletionResponse, ChatComp
 
 _ERRORS = {
     "400": "Invalid request: a field, its value, or a context-length violation (the error names the field)",
+    "401": "With API keys: a missing, malformed, unknown, wrong, expired or revoked key (invalid_api_key)",
+    "403": "With API keys: the key may not use this model, or the endpoint needs an admin key",
     "404": "No such model, route or stored request",
     "405": "Method not allowed (see the Allow header)",
     "408": "The request's headers or body did not arrive in time",
     "413": "The body is over the size limit",
+    "415": "The body is not sent as Content-Type: application/json",
     "422": "An Idempotency-Key reused with another endpoint, stream flag or body",
-    "429": "The model's queue is full (entries or bytes); see Retry-After",
+    "429": "The model's queue is full (entries or bytes, or the API key's share of it), or the API key is at its "
+           "requests or tokens per minute or requests in flight; see Retry-After and the x-ratelimit-* headers",
     "499": "The client disconnected before the answer",
     "500": "The engine failed on this request, or it was dead-lettered after repeated worker failures",
     "502": "A stored result could not be read, or a stream whose worker died after part of it was sent cannot be "
@@ -48,7 +52,10 @@ def _errors(*codes: str) -> dict[str, Any]:
             for c in codes}
 
 
-_GENERATION_ERRORS = ("400", "404", "408", "413", "422", "429", "499", "500", "502", "503", "504")
+_GENERATION_ERRORS = ("400", "401", "403", "404", "408", "413", "415", "422", "429", "499", "500", "502", "503",
+                      "504")
+# with auth on (the default), every /v1 route and /workers need an API key; with auth off, none
+_SECURITY: list[dict[str, list[str]]] = [{"apiKey": []}, {}]
 
 
 def _generation(request: type[BaseModel], response: type[BaseModel], summary: str) -> dict[str, Any]:
@@ -119,22 +126,32 @@ def build_openapi(app: FastAPI, models: list[str]) -> dict[str, Any]:
         _generation(ChatCompletionRequest, ChatCompletionResponse, "Chat completion"))
     for path, (summary, stream) in _PASSED_ON.items():
         paths[path]["post"].update(_passed_on(summary, stream))
-    paths["/v1/models"]["get"]["responses"] = {"200": _json(ModelList, "The models live workers serve")}
+    paths["/v1/models"]["get"]["responses"] = {"200": _json(ModelList, "The models live workers serve"),
+                                               **_errors("401")}
     lookup = paths["/v1/requests/{request_id}"]["get"]
     lookup["summary"] = "A finished request's stored answer (for result_ttl_s)"
     lookup["responses"] = {
         "200": {"description": "The stored answer: the JSON response, or a stream's server-sent events again",
                 "content": {"application/json": {"schema": {"type": "object"}},
                             "text/event-stream": {"schema": _SSE_EVENT}}},
-        **_errors("400", "404", "499", "500", "502", "503", "504"),
+        **_errors("400", "401", "404", "499", "500", "502", "503", "504"),
     }
     paths["/health"]["get"]["responses"] = {"200": _json(Health, "The gateway process is up")}
     paths["/ready"]["get"]["responses"] = {"200": _json(Readiness, "Redis reachable and at least one live worker"),
                                            "503": _json(Readiness, "Not ready")}
     paths["/workers"]["get"]["responses"] = {"200": {"description": "The worker registry as this gateway sees it",
-                                                     "content": {"application/json": {"schema": {"type": "object"}}}}}
+                                                     "content": {"application/json": {"schema": {"type": "object"}}}},
+                                             **_errors("401", "403")}
+    schema["components"]["securitySchemes"] = {"apiKey": {
+        "type": "http", "scheme": "bearer", "description": "an API key (mgpu keys create), as the OpenAI client's "
+        "api_key"}}
+    for path, item in paths.items():
+        if path.startswith("/v1/") or path in ("/tokenize", "/detokenize", "/workers", "/metrics"):
+            for op in item.values():
+                op["security"] = _SECURITY
     paths["/metrics"]["get"]["responses"] = {"200": {"description": "Prometheus metrics",
-                                                     "content": {"text/plain": {"schema": {"type": "string"}}}}}
+                                                     "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                             **_errors("401", "403")}
     return schema
 
 

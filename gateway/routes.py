@@ -117,6 +117,9 @@ async def workers(request: Request) -> Response:
 
 @router.get("/metrics", name="metrics")
 async def metrics(request: Request) -> Response:
+    """Prometheus metrics; with API keys, for an admin key only on the API port (they name the keys).  The
+    probe listener (port + 1, not published) serves them to Prometheus without a key."""
+    (await _caller(request)).check_admin()
     body = await asyncio.to_thread(_state(request).metrics.exposition)  # off the event loop
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 

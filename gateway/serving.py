@@ -62,13 +62,16 @@ async def enqueue(state: GatewayState, adm: Admission, route: Route) -> Queued |
         with errors.redis_unavailable("could not enqueue", retry_after=s.retry_after_s):
             out = await state.scripts.enqueue(
                 model, route.destination, adm.item.to_fields()["p"],
-                Limits(s.max_queue_len, s.max_queue_bytes, s.max_queue_bytes_total),
+                Limits(s.max_queue_len, s.max_queue_bytes, s.max_queue_bytes_total, fair=s.fair_lanes,
+                       key_share=max(1, int(s.max_queue_len * s.max_key_share)) if s.max_key_share else 0),
                 idempotency_key=adm.idem_key, record=adm.record, idem_ttl_s=s.result_ttl_s, charge=adm.charge)
     except ValidationError:
         raise errors.BadResult("the stored idempotency record is unreadable") from None
     if isinstance(out, QueueFull):
         why = {"entries": "its backlog is at its limit", "bytes": "its backlog is at its byte limit",
-               "total_bytes": "the gateway's backlog over all models is at its byte limit"}.get(out.limit, "it is full")
+               "total_bytes": "the gateway's backlog over all models is at its byte limit",
+               "key_share": f"this API key holds its share of it ({s.max_key_share:.0%} of {s.max_queue_len} "
+                            "entries)"}.get(out.limit, "it is full")
         raise errors.QueueFull(f"the queue for '{model}' is full: {why}", retry_after=s.retry_after_s)
     if isinstance(out, KeyRefused):  # revoked or expired since this gateway last read the key
         raise errors.Unauthorized(f"this API key {'is not known' if out.reason == 'unknown' else 'was ' + out.reason}")

@@ -35,6 +35,7 @@ from common import errors
 from common.backoff import Backoff
 from common.logs import set_request_id
 from common.records import ReplyKind
+from common.redis_conn import refused_by_acl
 from common.schemas import PATHS, Chunk, ErrorInfo, Kind, Result, WorkItem
 from common.scripts import Entry, Finish, Scripts
 from common.settings import WorkerSettings
@@ -64,6 +65,7 @@ class Job:
     finishing: bool = False  # the result is being stored (and the entry acknowledged)
     running: bool = False  # its task has taken its first step (before that, cancel() would skip its body)
     started: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.time)  # the same, as unix time (the result's queue_s)
 
     def end_early(self, reason: str) -> None:
         """End the job early for ``reason``.  A job whose task has not taken its first step is not
@@ -144,6 +146,11 @@ class JobRunner:
         except errors.EngineDead as exc:
             self.ctx.engine_dead(str(exc))
         except (redis.RedisError, OSError) as exc:
+            if refused_by_acl(exc):
+                # not transient: the worker's Redis user lacks a permission (docs/security.md).  Retrying would
+                # loop on every delivery; the worker stops (exit 3) and its entries go to a worker that can.
+                self.ctx.engine_dead(f"Redis refused a command to this worker's user (check its ACL): {exc}")
+                return
             # Redis is away: the entry stays pending; our lease lapses and it is retried.
             log.warning("redis error in job %s: %s", job.entry_id, exc)
         except Exception as exc:  # the engine failed on this request: tell the client
@@ -217,7 +224,8 @@ class JobRunner:
             self.ctx.stats.failed += 1
         return Result(id=item.id, kind=item.kind, model=item.model, created=item.created, status=reply.status,
                       body=reply.body, error=reply.error, usage=reply.usage, worker=self.ctx.worker_id,
-                      attempts=job.deliveries, scope=item.scope)
+                      attempts=job.deliveries, scope=item.scope,
+                      queue_s=round(max(0.0, job.started_at - item.enqueued_at), 4))
 
     async def _resume_state(self, item: WorkItem) -> Resumed | None:
         """What earlier attempts already streamed (None: nothing, so the request starts over)."""

@@ -118,7 +118,7 @@ class Keeper:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        client = redis.Redis.from_url(self.s.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        client = redis.Redis.from_url(self.s.redis_dsn, socket_timeout=1.0, socket_connect_timeout=1.0)
         renew_lua = renew_script(client)
         stall_s = self.s.loop_stall_s
         stalled = False

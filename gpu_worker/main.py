@@ -56,7 +56,7 @@ async def engine_running(server: OpenAIServer) -> AsyncIterator[OpenAIServer]:
 async def run_worker(s: WorkerSettings, version: str = "dev") -> int:
     if s.gpu is not None:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(s.gpu))
-    client = make_client(s.redis_url, max_connections=24, block_ms=max(s.read_block_ms, 1000),
+    client = make_client(s.redis_dsn, max_connections=24, block_ms=max(s.read_block_ms, 1000),
                          name=f"worker:{s.worker_id or os.getpid()}")
     worker = Worker(s, build_server(s), client, version=version)
     loop = asyncio.get_running_loop()

@@ -4,7 +4,7 @@ worker's OpenAI server (:mod:`gpu_worker.serving`: vLLM's own, or the simulator'
 
 Flow of one request::
 
-    XREADGROUP COUNT <free slots>  ->  server.serve()  ->  EMIT_CHUNK* (streaming)  ->  FINISH
+    XREADGROUP | PULL (up to the free slots, lanes in turn)  ->  server.serve()  ->  EMIT_CHUNK* (streaming)  ->  FINISH
 
 FINISH stores the result (first result wins), tells the waiting gateway, and XACKs + XDELs the
 entry, all in one Lua script that first checks this worker still owns the entry (fencing).
@@ -31,7 +31,7 @@ import logging
 import os
 import socket
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 import redis
@@ -45,6 +45,7 @@ from common.records import WorkerState
 from common.schemas import WorkItem
 from common.scripts import Scripts
 from common.settings import WorkerSettings
+from gpu_worker.intake import FairIntake
 from gpu_worker.job import Job, JobContext, JobRunner
 from gpu_worker.liveness import Keeper, Leases, LoopHooks, Lost
 from gpu_worker.metrics import WorkerMetrics
@@ -94,9 +95,10 @@ class Worker:
         self.model = settings.model
         self.scripts = Scripts(client, self.keys)
         self.own = OwnStreams(client, self.scripts, self.keys, self.model, self.id)
-        # read in priority order: what a push strategy sent to this worker, then the shared stream (and, once
-        # the server has started, those of the adapters it serves)
-        self.streams = [self.own.own, self.keys.stream(self.model)]
+        # read in priority order: what a push strategy sent to this worker, then the model's fair lanes in turn
+        # (and, once the server has started, those of the adapters it serves)
+        self.intake = FairIntake(self.own.own, self.keys.lanes(self.model), reserve=0,
+                                 window_s=settings.fair_window_s)
         self._stream_model = {s: self.model for s in self.streams}  # the model (or adapter) of each stream
         self.stats = WorkerStats()
         self.gpu = gpu or Gpu(settings.gpu)
@@ -130,6 +132,10 @@ class Worker:
     def in_flight(self) -> int:
         """Busy slots."""
         return self.stats.busy_slots
+
+    @property
+    def streams(self) -> list[str]:
+        return self.intake.streams
 
     @property
     def free_slots(self) -> int:
@@ -211,11 +217,13 @@ class Worker:
         if self.stats.state not in (WorkerState.STARTING, WorkerState.CANARY):  # asked to drain meanwhile
             return
         self.stats.state = WorkerState.READY
+        reserve = self.s.fair_reserve_slots
+        self.intake.reserve = max(1, self.server.slots // 32) if reserve is None else reserve
         for card in self.server.models():  # adapters: their streams too
-            stream = self.keys.stream(card.id)
-            if stream not in self._stream_model:
-                self.streams.append(stream)
-                self._stream_model[stream] = card.id
+            lanes = self.keys.lanes(card.id)
+            self.intake.add_lanes(lanes)
+            for lane in lanes:
+                self._stream_model.setdefault(lane, card.id)
         await self._ensure_groups()
         await self.registry.publish_ready()
         self._slot_freed.set()  # the pull loop adds the shared stream at its next read
@@ -307,7 +315,7 @@ class Worker:
 
     def _engine_dead(self, why: str) -> None:
         if self.stats.healthy:
-            log.error("engine dead, stopping: %s", why, extra={"worker": self.id})
+            log.error("leaving rotation and stopping: %s", why, extra={"worker": self.id})
             self.stats.healthy = False
             self.exit_code = 3
             self.request_drain()
@@ -326,9 +334,11 @@ class Worker:
                     await self._slot_freed.wait()
                 continue
             try:
-                streams = [self.own.own] if self.stats.state == WorkerState.CANARY else self.streams
-                resp = await self.r.xreadgroup(GROUP, self.id, {s: ">" for s in streams},
-                                               count=free, block=self.s.read_block_ms)
+                if self.stats.state == WorkerState.CANARY:
+                    resp = await self.r.xreadgroup(GROUP, self.id, {self.own.own: ">"}, count=free,
+                                                   block=self.s.read_block_ms)
+                else:
+                    resp = await self._read(free)
                 backoff.reset()
             except redis.ResponseError as exc:
                 if "NOGROUP" in str(exc):
@@ -340,6 +350,23 @@ class Worker:
                 await backoff.wait()
                 continue
             await self._take(resp, free)
+
+    async def _read(self, free: int) -> Any:
+        """Entries for ``free`` slots (gpu_worker.intake): PULL while the streams may hold more, else a
+        blocking read.  Returns them as XREADGROUP does."""
+        fair = self.intake
+        plan = fair.plan(free, Counter(j.stream for j in self.jobs.values()))
+        if fair.more:
+            fair.first, pulled = await self.scripts.pull(
+                plan.streams, self.id, free, before=1, lanes=len(fair.lanes), first=fair.first, busy=plan.busy,
+                budget=plan.budget)
+            fair.more = len(pulled) >= free
+            if pulled:
+                return [(p.stream, [(p.entry_id, p.fields)]) for p in pulled]
+        streams, count, block = fair.blocking_read(plan, free, self.s.read_block_ms)
+        resp = await self.r.xreadgroup(GROUP, self.id, {s: ">" for s in streams}, count=count, block=block)
+        fair.more = any(len(entries) >= count for _s, entries in resp or ())
+        return resp
 
     async def _take(self, resp: Any, free: int) -> None:
         """Start what a read returned, up to ``free`` slots; hand back the rest (several streams
@@ -424,6 +451,7 @@ class Worker:
         if entry_id in self.jobs:
             return 0
         job = Job(stream=stream, entry_id=entry_id, fields=fields, deliveries=deliveries, model=self._model_of(stream))
+        self.intake.taken(stream)
         try:
             job.item = WorkItem.from_fields(fields)
             job.slots = job.item.n

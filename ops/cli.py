@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from common.logs import setup_logging
+from common.redis_conn import check_credentials
 from common.settings import (
     STRATEGIES,
     ControlSettings,
@@ -224,7 +225,7 @@ def _drain_arguments(p: argparse.ArgumentParser) -> None:
 def _drain(s: ControlSettings, ns: argparse.Namespace) -> int:
     import redis
 
-    r = redis.Redis.from_url(s.redis_url)
+    r = redis.Redis.from_url(s.redis_dsn)
     r.set(s.keys.drain(ns.worker), "1", ex=600)
     print(f"asked worker {ns.worker} to drain")
     return 0
@@ -241,7 +242,7 @@ def _status(s: ControlSettings, ns: argparse.Namespace) -> int:
     from ops.status import run_status
 
     try:
-        return asyncio.run(run_status(s.redis_url, s.keys, once=ns.once, interval=ns.interval, colour=ns.color))
+        return asyncio.run(run_status(s.redis_dsn, s.keys, once=ns.once, interval=ns.interval, colour=ns.color))
     except KeyboardInterrupt:
         return 0
 
@@ -255,7 +256,7 @@ def _strategy_arguments(p: argparse.ArgumentParser) -> None:
 def _strategy(s: ControlSettings, ns: argparse.Namespace) -> int:
     import redis
 
-    r = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    r = redis.Redis.from_url(s.redis_dsn, decode_responses=True)
     field = f"strategy:{ns.target_gateway}" if ns.target_gateway else "strategy"
     if ns.name is None:
         control = r.hgetall(s.keys.control)
@@ -323,7 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
         add_settings_flags(p, cmd.settings)
     sub.add_parser("bench", help="load generator (see: mgpu bench --help)")
     sub.add_parser("chaos", help="chaos benchmark (see: mgpu chaos --help)")
+    sub.add_parser("acl", help="the least-privilege Redis ACL user of a role (see: mgpu acl --help)")
     return parser
+
+
+def _local_up_redis(s: ControlSettings) -> ControlSettings:
+    """With no Redis URL given, a control command (status, drain, keys, ...) run where ``mgpu up`` runs uses
+    the redis-server that ``mgpu up`` started: its URL, password included, is in ``<data dir>/redis-url``
+    (readable by its owner only)."""
+    url_file = Path(os.environ.get("MGPU_DATA_DIR") or ".data") / "redis-url"
+    try:
+        url = url_file.read_text().strip()
+    except OSError:
+        return s
+    return s.model_copy(update={"redis_url": url}) if url else s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,9 +353,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mgpu {argv[0]}: the benchmarks (package bench) are not installed in this image", file=sys.stderr)
             return 2
         return int(tool.main(argv[1:]))
+    if argv[:1] == ["acl"]:  # prints an ACL rule; it needs no settings and no Redis
+        from ops.acl import main as acl_main
+
+        return acl_main(argv[1:])
     ns = _parse(argv)
     try:
         s = _settings(ns)
+        if type(s) is ControlSettings and "redis_url" not in s.model_fields_set:
+            s = _local_up_redis(s)
+        if isinstance(s, ControlSettings) and (ns.cmd != "up" or "redis_url" in s.model_fields_set):
+            check_credentials(s.redis_dsn)  # a wrong password or TLS file stops it here, named
     except SettingsError as exc:
         print(f"mgpu {ns.cmd}: {exc}", file=sys.stderr)
         return 2

@@ -13,8 +13,10 @@ override mounts its target list into Prometheus in place of ``ops/prometheus/com
 GPU K through the NVIDIA Container Toolkit; inside its container that GPU is index 0 (``MGPU_GPU=0``,
 for CUDA and NVML alike), so the worker id ``worker-K`` is what tells the GPUs apart.
 
-``WORKER_ENV`` repeats docker-compose.yml's ``worker-0`` environment; tests/unit/test_compose.py checks that
-every worker of every fleet runs with the same settings but its id, and that these files are current.
+``WORKER_ENV`` repeats docker-compose.yml's ``worker-0`` environment, Redis's password included (``REDIS_URL``:
+Compose fills in ``REDIS_PASSWORD`` when it starts the fleet; nothing secret is written here);
+tests/unit/test_compose.py checks that every worker of every fleet runs with the same settings but its id,
+and that these files are current.
 """
 
 from __future__ import annotations
@@ -31,9 +33,15 @@ STOP_GRACE = "90s"  # > DRAIN_GRACE_S + engine shutdown; docker compose stop sen
 SHM_SIZE = "2gb"  # vLLM's engine processes talk through /dev/shm; Docker's default is 64 MB
 TARGETS_IN_PROMETHEUS = "/etc/prometheus/targets/workers.json"
 
+# Redis as every mgpu service reaches it: with the password the redis service requires (docker-compose.yml's
+# gateway and worker-0 have the same); Compose refuses to start without REDIS_PASSWORD, saying this.
+REDIS_PASSWORD_REQUIRED = ("${REDIS_PASSWORD:?set REDIS_PASSWORD, the password of the compose Redis "
+                           "(letters and digits; generate one with openssl rand -hex 24)}")
+REDIS_URL = f"redis://:{REDIS_PASSWORD_REQUIRED}@redis:6379/0"
+
 # the environment of every worker: docker-compose.yml's worker-0 has the same (a test compares them)
 WORKER_ENV: dict[str, str] = {
-    "MGPU_REDIS_URL": "redis://redis:6379/0",
+    "MGPU_REDIS_URL": REDIS_URL,
     "MGPU_LOG_LEVEL": "${MGPU_LOG_LEVEL:-INFO}",
     "MGPU_LOG_JSON": "${MGPU_LOG_JSON:-false}",
     "MGPU_ENGINE": "${MGPU_ENGINE:-vllm}",

@@ -98,7 +98,7 @@ def _row(rec: ApiKey) -> dict[str, Any]:
 
 
 def run(s: ControlSettings, ns: argparse.Namespace) -> int:
-    store = KeyStore(redis.Redis.from_url(s.redis_url), s.keys)
+    store = KeyStore(redis.Redis.from_url(s.redis_dsn), s.keys)
     cmd = ns.keys_cmd
     try:
         if cmd == "create":

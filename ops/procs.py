@@ -15,6 +15,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import redis
 
@@ -55,6 +57,11 @@ class RedisServer:
     proc: subprocess.Popen[bytes] | None = None
     appendonly: bool = True
     maxmemory: str = "0"  # e.g. "2gb"; "0": no limit (the gateway refuses work near a set limit)
+    password: str | None = None  # the default user's (requirepass, or in ``acl``); part of ``url``
+    acl: list[str] = field(default_factory=list)  # ACL file lines (``user NAME on >pw ~keys +cmds``)
+    extra_args: list[str] = field(default_factory=list)  # more redis-server arguments (they win over these)
+    tls_port: int = 0  # with extra_args that open a TLS port: ``url`` is rediss:// there, verified with tls_ca
+    tls_ca: str | None = None
     # SIGTERM (a clean, AOF-flushing shutdown) when the process that started it dies, even by SIGKILL:
     # a second redis-server must never append to the same AOF.  Only for a server started from a thread
     # that lives as long as it should (the signal follows the starting thread).
@@ -62,20 +69,44 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.tls_port:
+            return f"rediss://{auth}127.0.0.1:{self.tls_port}/0?ssl_ca_certs={quote(self.tls_ca or '', safe='/')}"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def url_for(self, user: str, password: str) -> str:
+        return f"redis://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         if not self.port:
             self.port = free_port()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)  # the AOF holds prompts and answers
+        conf = self.data_dir / "redis.conf"  # secrets go in files of the owner's, never in argv (ps shows it)
+        with private_log(conf) as f:
+            f.truncate(0)
+            if self.password and not self.acl:  # with an ACL file, the default user's password is in it
+                f.write(f"requirepass {self.password}\n".encode())
+        args = [self.binary, str(conf), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
                 "--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction", "--daemonize", "no",
                 "--protected-mode", "yes", "--logfile", str(self.data_dir / "redis.log")]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent if self.die_with_parent and sys.platform == "linux"
-                                     else None)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=1)
+        if self.acl:
+            aclfile = self.data_dir / "users.acl"
+            with private_log(aclfile) as f:
+                f.truncate(0)
+                f.write(("\n".join(self.acl) + "\n").encode())
+            args += ["--aclfile", str(aclfile)]
+        args += self.extra_args
+        die = _die_with_parent if self.die_with_parent and sys.platform == "linux" else None
+
+        def preexec() -> None:
+            _private_files()
+            if die is not None:
+                die()
+
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2, socket_timeout=1)
 
         def up() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
@@ -121,12 +152,21 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def private_log(path: Path) -> Any:
+    """A log file opened for appending, created readable by its owner only (logs name requests and hosts)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+
+
+def _private_files() -> None:
+    os.umask(0o077)
+
+
 def spawn(args: list[str], *, env: dict[str, str] | None = None, log_path: Path | None = None,
           cwd: str | None = None, die_with_parent: bool = False) -> subprocess.Popen[bytes]:
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
-    out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
+    out = private_log(log_path) if log_path is not None else subprocess.DEVNULL
     try:
         return subprocess.Popen(args, env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                                 start_new_session=True,

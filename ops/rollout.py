@@ -319,7 +319,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_command(s: ControlSettings, ns: argparse.Namespace) -> int:
-    r = redis.Redis.from_url(s.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    r = redis.Redis.from_url(s.redis_dsn, socket_timeout=5, socket_connect_timeout=2)
     keys = s.keys
     try:
         if ns.status or ns.history:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -34,10 +35,11 @@ import redis
 from pydantic import ValidationError
 
 from common.records import WorkerRecord, WorkerState
+from common.redis_conn import redacted
 from common.settings import ROLLOUT_FIELDS, GatewaySettings, SettingsError, UpSettings, WorkerSettings, to_env
 from ops import rollout
 from ops.fleet import CRASH_LOOP_WINDOW_S, Child
-from ops.procs import RedisServer, free_port, mgpu_cmd, port_free, terminate
+from ops.procs import RedisServer, free_port, mgpu_cmd, port_free, private_log, terminate
 from ops.rolling import RollingUpdate, Steps
 from ops.rollout import RolloutError, RolloutState
 from ops.targets import TargetsWriter, static_targets, write_json_atomic
@@ -121,7 +123,7 @@ class Supervisor:
         self.gateway = Child("gateway", mgpu_cmd("gateway"),
                              {**to_env(GatewaySettings.of(s)), "MGPU_PORT": str(self.port),
                               "MGPU_HEALTH_PORT": str(probe)}, logs / "gateway.log")
-        self.registry = redis.Redis.from_url(s.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self.registry = redis.Redis.from_url(s.redis_dsn, socket_timeout=2, socket_connect_timeout=2)
         self.rollout: RollingUpdate | None = None
         self._steps: Steps | None = None
         self._unwritten: RolloutState | None = None  # a final rollout state Redis did not take yet
@@ -405,12 +407,19 @@ class Supervisor:
 def run_up(s: UpSettings) -> int:
     data = Path(s.data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
-    (data / "logs").mkdir(exist_ok=True)
+    (data / "logs").mkdir(mode=0o700, exist_ok=True)
+    os.chmod(data / "logs", 0o700)  # the logs name requests, hosts and ports: the owner's only
     redis_server: RedisServer | None = None
     if "redis_url" not in s.model_fields_set:  # neither MGPU_REDIS_URL nor --redis-url: a redis-server of its own
-        redis_server = RedisServer(data / "redis", die_with_parent=True, maxmemory=s.redis_maxmemory).start()
+        redis_server = RedisServer(data / "redis", die_with_parent=True, maxmemory=s.redis_maxmemory,
+                                   password=secrets.token_urlsafe(24)).start()
         s = s.model_copy(update={"redis_url": redis_server.url})
-        log.info("redis-server (AOF) on %s, data in %s", redis_server.url, data / "redis")
+        url_file = data / "redis-url"  # for `mgpu status`, `mgpu keys`, ... on this host (the owner's only)
+        with private_log(url_file) as f:
+            f.truncate(0)
+            f.write((redis_server.url + "\n").encode())
+        log.info("redis-server (AOF, loopback, a password of its own) on %s, data in %s; for other mgpu commands: "
+                 "export MGPU_REDIS_URL=$(cat %s)", redacted(redis_server.url), data / "redis", url_file)
     if s.engine == "vllm" and not s.model_path:
         from gpu_worker.model_store import ensure_embedded_model
 

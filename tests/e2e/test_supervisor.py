@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 
 from common.keys import Keys
@@ -39,8 +40,7 @@ def test_up_restarts_a_killed_worker_and_reports_a_crash_loop(tmp_path: Path) ->
         workers = httpx.get(f"http://127.0.0.1:{port}/workers").json()["workers"]
         assert len(workers) == 1
         wid = workers[0]["id"]
-        redis_url = next(line.split(" on ")[1].split(",")[0] for line in (tmp_path / "up.log").read_text()
-                         .splitlines() if "redis-server (AOF) on" in line)
+        redis_url = (tmp_path / "data" / "redis-url").read_text().strip()
         r = redis.Redis.from_url(redis_url)
         key = Keys().worker(wid)
 
@@ -88,11 +88,39 @@ def _up(tmp_path: Path, port: int, log_name: str) -> subprocess.Popen[bytes]:
 
 
 def _up_redis(proc: subprocess.Popen[bytes], port: int, log: Path) -> redis.Redis:
-    """Once that `mgpu up` is ready: a client of the redis-server it started."""
+    """Once that `mgpu up` is ready: a client of the redis-server it started (its URL, with the password
+    it generated, is in <data dir>/redis-url)."""
     wait_ready(proc, port, log, 60)
-    url = next(line.split(" on ")[1].split(",")[0] for line in log.read_text().splitlines()
-               if "redis-server (AOF) on" in line)
-    return redis.Redis.from_url(url)
+    return redis.Redis.from_url((log.parent / "data" / "redis-url").read_text().strip())
+
+
+def test_up_locks_its_redis_and_files_to_its_owner(tmp_path: Path) -> None:
+    """mgpu up's redis-server: loopback, a generated password (never in its log), data and logs the
+    owner's only; a control command run where mgpu up runs finds it through <data dir>/redis-url."""
+    port = free_port()
+    proc = _up(tmp_path, port, "up.log")
+    try:
+        r = _up_redis(proc, port, tmp_path / "up.log")
+        url_file = tmp_path / "data" / "redis-url"
+        password = redis.connection.parse_url(url_file.read_text().strip())["password"]
+        assert len(password) >= 24 and password not in (tmp_path / "up.log").read_text()
+        assert password not in Path(f"/proc/{r.info('server')['process_id']}/cmdline").read_text()  # not in ps
+        port_r = r.connection_pool.connection_kwargs["port"]
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port_r).ping()  # no password: refused
+        assert r.config_get("bind")["bind"].split() == ["127.0.0.1"]
+        for path in (url_file, tmp_path / "data" / "redis", tmp_path / "data" / "logs",
+                     *(tmp_path / "data" / "logs").glob("*.log")):
+            assert path.stat().st_mode & 0o077 == 0, path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MGPU_")}
+        out = subprocess.run([sys.executable, "-m", "ops.cli", "status", "--once", "--interval", "0.1"],
+                             env={**env, "PYTHONPATH": str(ROOT), "MGPU_DATA_DIR": str(tmp_path / "data")},
+                             capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert out.returncode == 0 and "sim-up" in out.stdout, out.stderr
+        r.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
 
 
 def test_a_killed_up_takes_its_redis_and_children_with_it_and_keeps_the_data(tmp_path: Path) -> None:

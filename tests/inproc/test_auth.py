@@ -107,6 +107,31 @@ async def test_a_request_needs_a_valid_key(rig: Rig) -> None:
     _error(await rig.client.get("/v1/models"), 401)  # every /v1 route
 
 
+async def test_the_openai_client_with_its_api_key(rig: Rig) -> None:
+    """What a user's code sees: the official client's api_key is the Bearer token, and each refusal is the
+    client's own exception class."""
+    import openai
+
+    def client(key: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(api_key=key, base_url="http://127.0.0.1/v1", http_client=rig.client, max_retries=0)
+
+    ok = rig.key("sdk", models=[MODEL], rpm=2)
+    c = client(ok)
+    out = await c.completions.create(model=MODEL, prompt="one two", max_tokens=2)
+    assert out.usage is not None and out.usage.completion_tokens == 2
+    chat = await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                           stream=True)
+    assert [ch async for ch in chat]
+    with pytest.raises(openai.RateLimitError) as limited:  # rpm=2, third request
+        await c.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    assert limited.value.code == "rate_limit_exceeded" and limited.value.response.headers["retry-after"]
+    with pytest.raises(openai.PermissionDeniedError):
+        await client(rig.key("sdk-other", models=[OTHER])).completions.create(model=MODEL, prompt="x", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError) as wrong:
+        await client("mgpu-00000000-" + "A" * 43).models.list()
+    assert wrong.value.code == "invalid_api_key"
+
+
 async def test_a_revoked_key_is_refused_at_once_by_the_queue(rig: Rig) -> None:
     secret = rig.key("leaving")
     assert (await rig.ask(secret)).status_code == 200
@@ -203,7 +228,8 @@ async def test_usage_is_counted_per_key(rig: Rig) -> None:
     assert rec is not None
     u = rig.store.usage(rec)
     assert (u["requests"], u["completion_tokens"], u["errors"]) == (3, 8, 1) and u["prompt_tokens"] == 6
-    metrics = (await rig.client.get("/metrics")).text
+    _error(await rig.client.get("/metrics", headers={"Authorization": f"Bearer {k}"}), 403)  # they name the keys
+    metrics = (await rig.client.get("/metrics", headers={"Authorization": f"Bearer {BOOT}"})).text
     assert 'mgpu_key_tokens_total{key="counted",kind="completion"} 8.0' in metrics
     assert 'mgpu_key_requests_total{key="counted",status="success"} 2.0' in metrics
     assert k not in metrics and (rec.sha256 not in metrics)  # the name, never the secret
@@ -220,6 +246,25 @@ async def test_browser_safety(rig: Rig) -> None:
     r = await rig.client.options("/v1/completions", headers={"Origin": "https://page.example",
                                                              "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in r.headers  # CORS is off unless origins are configured
+
+
+async def test_a_new_bootstrap_key_revokes_the_old_one(rig: Rig) -> None:
+    from gateway.auth import bootstrap_key
+
+    client = make_client(_url(rig))
+    new = "boot-" + "n" * 24
+    try:
+        await bootstrap_key(client, rig.keys, new)  # the deployment's variable changed
+    finally:
+        await client.aclose()
+    await asyncio.sleep(0.25)  # past key_cache_s
+    assert (await rig.client.get("/workers", headers={"Authorization": f"Bearer {new}"})).status_code == 200
+    _error(await rig.client.get("/workers", headers={"Authorization": f"Bearer {BOOT}"}), 401)
+
+
+def _url(rig: Rig) -> str:
+    kw = rig.r.connection_pool.connection_kwargs
+    return f"redis://{kw.get('host', '127.0.0.1')}:{kw['port']}/{kw.get('db', 0)}"
 
 
 def test_mgpu_keys_manages_the_records(redis_server: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,10 +1,16 @@
 """docker-compose.yml, its overrides and the Dockerfile, checked without Docker.
 
 Each compose configuration (docker-compose.yml alone, and with every docker-compose.*.yml override) is
-merged and interpolated as Compose does it for what these files use, then: every mgpu command parses
-with mgpu's own CLI parser and its settings load from the service's environment; Prometheus scrapes
-exactly the gateway and worker services at the ports they listen on; mounted host paths and Dockerfile
-COPY sources exist; workers get time to drain; the generated fleets are current.
+merged and interpolated as Compose does it for what these files use (``$$``, ``$VAR``, ``${VAR}``,
+``${VAR:-default}``, ``${VAR:?error}``, ...), with the three secrets it requires set, then: every mgpu
+command parses with mgpu's own CLI parser and its settings load from the service's environment;
+Prometheus scrapes exactly the gateway and worker services at the ports they listen on; mounted host
+paths and Dockerfile COPY sources exist; workers get time to drain; the generated fleets are current.
+
+Access control: Compose refuses to render without ``REDIS_PASSWORD``, ``MGPU_API_KEY`` or
+``GRAFANA_ADMIN_PASSWORD`` (none has a default); Redis requires the password (its entrypoint script is
+run here against a real redis-server where one is installed) and every mgpu service's ``MGPU_REDIS_URL``
+carries it; the gateway checks API keys, bootstrapped from ``MGPU_API_KEY``.
 """
 
 from __future__ import annotations
@@ -12,16 +18,25 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import time
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import redis
 import yaml
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from common.settings import ENV_PREFIX, Settings
+from common.apikeys import key_id
+from common.settings import ENV_PREFIX, ControlSettings, GatewaySettings, Settings
 from ops import compose_workers, healthcheck
 from ops.cli import parse_command
 
@@ -30,26 +45,50 @@ BASE = ROOT / "docker-compose.yml"
 OVERRIDES = sorted(ROOT.glob("docker-compose.*.yml"))
 CONFIGS = {"base": [BASE], **{p.name: [BASE, p] for p in OVERRIDES}}
 GATEWAY_EXIT_S = 15.0  # a gateway exits within uvicorn's graceful shutdown (5 s) + its watchdog (10 s)
+# what the README has the operator export (openssl rand -hex 24 / -hex 12): Compose requires each
+SECRETS = {"REDIS_PASSWORD": "5f1c0ffee0ddba11" * 3, "MGPU_API_KEY": "a11ce0b0b0c0ffee" * 3,
+           "GRAFANA_ADMIN_PASSWORD": "9a7e5a1d3c0de42f" * 3}
 
 
 # ----------------------------------------------------------------------------- loading like Compose
 
 
-_VAR = re.compile(r"\$(?:\$|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\})")
+_VAR = re.compile(r"\$(?:(?P<escaped>\$)|(?P<named>[A-Za-z_][A-Za-z0-9_]*)"
+                  r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-+?])(?P<arg>[^}]*))?\}|(?P<invalid>))")
+
+
+class MissingVariable(ValueError):
+    """``${VAR:?error}`` / ``${VAR?error}`` with VAR unset (or empty, for ``:?``): Compose stops with the error."""
+
+    def __init__(self, name: str, error: str) -> None:
+        super().__init__(f"required variable {name} is missing a value: {error}")
+        self.name, self.error = name, error
 
 
 def interpolate(value: Any, env: dict[str, str]) -> Any:
-    """Compose's ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}`` and ``$$``, on every string."""
+    """Compose's interpolation, on every string: ``$$`` (a ``$``), ``$VAR``, ``${VAR}``, ``${VAR:-default}``,
+    ``${VAR-default}``, ``${VAR:?error}``, ``${VAR?error}``, ``${VAR:+alt}``, ``${VAR+alt}``.  A ``$`` that
+    starts none of them is an error, as Compose v1 has it (v2 leaves it as it is)."""
     if isinstance(value, dict):
         return {k: interpolate(v, env) for k, v in value.items()}
     if isinstance(value, list):
         return [interpolate(v, env) for v in value]
     if isinstance(value, str):
         def sub(m: re.Match[str]) -> str:
-            if m.group(0) == "$$":
+            if m.group("escaped"):
                 return "$"
-            got = env.get(m.group("name"))
-            return got if got else (m.group("default") or "")
+            if m.group("invalid") is not None:
+                raise ValueError(f"invalid interpolation format in {value!r}")
+            name = m.group("named") or m.group("braced")
+            got, op, arg = env.get(name), m.group("op") or "", m.group("arg") or ""
+            present = got is not None and (got != "" or not op.startswith(":"))
+            if op.endswith("?") and not present:
+                raise MissingVariable(name, arg)
+            if op.endswith("-"):
+                return got if present and got is not None else arg
+            if op.endswith("+"):
+                return arg if present else ""
+            return got or ""
 
         return _VAR.sub(sub, value)
     return value
@@ -72,13 +111,20 @@ def _merge(base: Any, over: Any, key: str = "") -> Any:
 
 
 @cache
-def load(name: str) -> dict[str, Any]:
-    """The configuration ``name`` (a key of CONFIGS), merged and interpolated with no variable set."""
+def raw(name: str) -> dict[str, Any]:
+    """The configuration ``name`` (a key of CONFIGS), merged, before interpolation."""
     merged: dict[str, Any] = {}
     for path in CONFIGS[name]:
         doc = yaml.safe_load(path.read_text())
         merged = _merge(merged, {k: v for k, v in doc.items() if not k.startswith("x-")})
-    return interpolate(merged, {})
+    return merged
+
+
+@cache
+def load(name: str) -> dict[str, Any]:
+    """The configuration ``name``, interpolated with the secrets set and no other variable."""
+    out: dict[str, Any] = interpolate(raw(name), SECRETS)
+    return out
 
 
 def services(name: str) -> dict[str, dict[str, Any]]:
@@ -294,7 +340,7 @@ def test_prometheus_scrapes_exactly_the_gateway_and_worker_services(config: str)
         _, s = parse_command(mgpu_argv(svc) or [], env=env_of(svc))
         if r == "gateway":
             assert s.host == "0.0.0.0", f"{name}: listen on every interface, or Prometheus cannot reach it"
-            want["mgpu-gateway"].add(f"{name}:{s.port}")
+            want["mgpu-gateway"].add(f"{name}:{s.probe_port}")  # the probe listener: /metrics without a key
         else:
             assert s.metrics_host == "0.0.0.0" and s.metrics_port != 0, f"{name}: a fixed, reachable metrics port"
             want["mgpu-worker"].add(f"{name}:{s.metrics_port}")
@@ -353,7 +399,7 @@ def test_gpu_fleet_of_four(tmp_path: Path) -> None:
     """A fleet other than the committed one: merged onto the base, it agrees with Prometheus too."""
     text = compose_workers.render("gpu", 4)
     doc = _merge(yaml.safe_load(BASE.read_text()), yaml.safe_load(text))
-    svcs = interpolate({k: v for k, v in doc.items() if not k.startswith("x-")}, {})["services"]
+    svcs = interpolate({k: v for k, v in doc.items() if not k.startswith("x-")}, SECRETS)["services"]
     assert [n for n in svcs if n.startswith("worker-")] == [f"worker-{k}" for k in range(4)]
     assert [svcs[f"worker-{k}"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
             for k in range(4)] == [["0"], ["1"], ["2"], ["3"]]
@@ -368,7 +414,6 @@ def test_redis_is_durable_and_never_evicts() -> None:
     assert cmd[0] == "redis-server"
     assert opts["--appendonly"] == "yes" and opts["--appendfsync"] == "everysec"
     assert opts["--maxmemory-policy"] == "noeviction"
-    assert redis_svc["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
     assert any(_volume_target(v) == "/data" for v in redis_svc["volumes"])
 
 
@@ -396,3 +441,182 @@ def test_healthcheck_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[s
     cmdline.write_bytes(b"tini\x00--\x00mgpu\x00gateway\x00--port\x001\x00")
     assert healthcheck.main(str(cmdline)) == 1
     assert "unhealthy" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- access control
+
+
+_REQUIRED = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-+?])?(?P<arg>[^}]*)\}")
+
+
+def _references(name: str) -> list[tuple[str, str]]:
+    """(operator, argument) of every ``${name...}`` in the compose files."""
+    return [(m["op"] or "", m["arg"]) for p in [BASE, *OVERRIDES] for m in _REQUIRED.finditer(p.read_text())
+            if m["name"] == name]
+
+
+@pytest.mark.parametrize("var", sorted(SECRETS))
+def test_every_secret_is_required_and_has_no_default(var: str) -> None:
+    refs = _references(var)
+    assert refs, f"{var} is used nowhere"
+    for op, arg in refs:
+        assert op == ":?", f"${{{var}{op}{arg}}}: a secret is required (:?), never defaulted (an empty one too)"
+        assert var in arg and "openssl rand" in arg, f"${{{var}:?...}}: say what it is and how to make one"
+
+
+@pytest.mark.parametrize("var", sorted(SECRETS))
+def test_rendering_without_a_secret_fails(config: str, var: str) -> None:
+    for env in ({k: v for k, v in SECRETS.items() if k != var}, {**SECRETS, var: ""}):
+        with pytest.raises(MissingVariable) as exc:
+            interpolate(raw(config), env)
+        assert exc.value.name == var and "openssl rand" in exc.value.error
+    assert interpolate(raw(config), SECRETS) == load(config)  # and with all three it renders
+
+
+def test_interpolation_like_compose() -> None:
+    env = {"SET": "v", "EMPTY": ""}
+    assert interpolate("$$SET ${SET} $SET ${UNSET:-d} ${EMPTY:-d} ${EMPTY-d} ${SET:+a} ${EMPTY+a}", env) == \
+        "$SET v v d d  a a"
+    with pytest.raises(MissingVariable, match="EMPTY is missing a value: why"):
+        interpolate("${EMPTY:?why}", env)
+    assert interpolate("${EMPTY?why}", env) == ""
+    with pytest.raises(ValueError, match="invalid interpolation"):
+        interpolate("e.g. $(openssl rand -hex 24)", env)
+
+
+def test_every_mgpu_service_reaches_redis_with_the_password(config: str) -> None:
+    checked = set()
+    for name, svc in services(config).items():
+        if not is_mgpu(svc) or mgpu_argv(svc) is None:  # the model conversion runs no mgpu command, no Redis
+            continue
+        url = urlsplit(env_of(svc).get("MGPU_REDIS_URL", ""))
+        assert (url.scheme, url.hostname, url.port, url.path) == ("redis", "redis", 6379, "/0"), name
+        assert url.password == SECRETS["REDIS_PASSWORD"], f"{name}: MGPU_REDIS_URL has no Redis password"
+        _, s = parse_command(mgpu_argv(svc) or [], env=env_of(svc))
+        assert isinstance(s, ControlSettings) and urlsplit(s.redis_dsn).password == SECRETS["REDIS_PASSWORD"], name
+        checked.add(role(svc))
+    assert checked == {"gateway", "worker"}
+    # one spelling, the generator's, in docker-compose.yml too
+    base = yaml.safe_load(BASE.read_text())["services"]
+    assert base["gateway"]["environment"]["MGPU_REDIS_URL"] == compose_workers.REDIS_URL
+    assert base["redis"]["environment"]["REDIS_PASSWORD"] == compose_workers.REDIS_PASSWORD_REQUIRED
+
+
+def test_gateway_checks_api_keys_bootstrapped_from_the_environment(config: str) -> None:
+    gw = services(config)["gateway"]
+    _, s = parse_command(mgpu_argv(gw) or [], env=env_of(gw))
+    assert isinstance(s, GatewaySettings)
+    assert s.auth == "keys" and not s.insecure_no_auth
+    assert s.bootstrap_api_key == SECRETS["MGPU_API_KEY"]
+    s.check_exposure()  # listens on 0.0.0.0 with keys on: allowed
+    assert key_id(SECRETS["MGPU_API_KEY"]) is not None, "openssl rand -hex 24 makes a key the gateway takes"
+    assert gw["ports"] == ["8000:8000"]  # still published, on every interface: the keys are what guards it
+    # `docker compose exec gateway mgpu keys create ...` (the README): the container's settings reach Redis
+    _, ctl = parse_command(["keys", "create", "--name", "alice"], env=env_of(gw))
+    assert isinstance(ctl, ControlSettings) and urlsplit(ctl.redis_dsn).password == SECRETS["REDIS_PASSWORD"]
+    raw_env = raw(config)["services"]["gateway"]["environment"]
+    assert raw_env["MGPU_AUTH"] == "keys"
+    assert re.fullmatch(r"\$\{MGPU_API_KEY:\?[^}]*Authorization: Bearer[^}]*20\+ characters[^}]*\}",
+                        raw_env["MGPU_BOOTSTRAP_API_KEY"])
+
+
+def test_grafana_admin_password_is_required(config: str) -> None:
+    env = env_of(services(config)["grafana"])
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["GRAFANA_ADMIN_PASSWORD"]
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}",
+                        raw(config)["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"])
+    assert env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+
+
+def test_the_secrets_are_documented_where_the_commands_are() -> None:
+    header = "".join(ln for ln in BASE.read_text().splitlines(keepends=True) if ln.startswith("#"))
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Docker Compose"):]
+    section = section[:section.index("\n## ", 1)]
+    for var in SECRETS:
+        assert f"export {var}=$(openssl rand -hex" in header, f"docker-compose.yml's header: export {var}"
+        assert f"{var}=$(openssl rand -hex" in section, f"README's Docker Compose section: {var}"
+    assert "Authorization: Bearer $MGPU_API_KEY" in header and "Authorization: Bearer $MGPU_API_KEY" in section
+
+
+# the redis service's entrypoint script, run by sh as the container runs it, with docker-entrypoint.sh (the
+# official image's, which starts redis-server as the redis user) replaced by a stand-in
+
+
+def _redis_entrypoint(tmp_path: Path, entrypoint_sh: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    svc = services("base")["redis"]
+    entry, command = svc["entrypoint"], svc["command"]
+    assert entry[:2] == ["sh", "-c"] and len(entry) == 4, "sh -c SCRIPT NAME, then the command as its arguments"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stand_in = bin_dir / "docker-entrypoint.sh"
+    stand_in.write_text("#!/bin/sh\n" + entrypoint_sh)
+    stand_in.chmod(0o755)
+    full_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path), **env}
+    return subprocess.Popen([*entry, *command], env=full_env, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_redis_gets_the_password_on_stdin_not_in_its_arguments(tmp_path: Path) -> None:
+    svc = services("base")["redis"]
+    env = env_of(svc)
+    assert env["REDIS_PASSWORD"] == env["REDISCLI_AUTH"] == SECRETS["REDIS_PASSWORD"]
+    proc = _redis_entrypoint(tmp_path, 'printf "%s\\n" "$@" > "$OUT/argv"\ncat > "$OUT/stdin"\n', env)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv == [*svc["command"], "-"], "redis-server ... - : the config on stdin, after the arguments"
+    assert (tmp_path / "stdin").read_text() == f"requirepass {SECRETS['REDIS_PASSWORD']}\n"
+    assert SECRETS["REDIS_PASSWORD"] not in " ".join(svc["command"] + svc["entrypoint"])
+    opts = dict(zip(argv[1::2], argv[2::2]))
+    assert opts["--protected-mode"] == "yes"  # inert with a password; refuses other hosts without one
+
+
+@pytest.mark.parametrize("password", ["", "pass@word", "with space", 'quo"te', "p/w"])
+def test_redis_refuses_a_password_that_would_break_the_urls(tmp_path: Path, password: str) -> None:
+    proc = _redis_entrypoint(tmp_path, 'touch "$OUT/started"\n', {"REDIS_PASSWORD": password})
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and b"REDIS_PASSWORD" in err
+    assert not (tmp_path / "started").exists()
+
+
+@pytest.mark.skipif(not (shutil.which("redis-server") and shutil.which("redis-cli")), reason="no redis-server")
+def test_redis_service_requires_the_password_and_its_health_check_knows_it(tmp_path: Path) -> None:
+    """The real redis-server, started by the service's script with its command (on a unix socket here): the
+    gateway's URL password gets in, no password or a wrong one does not, and the health check says so."""
+    svc, gw = services("base")["redis"], services("base")["gateway"]
+    sock = tmp_path / "redis.sock"
+    cli = tmp_path / "bin" / "redis-cli"
+    cli.parent.mkdir()
+    cli.write_text(f'#!/bin/sh\nexec {shutil.which("redis-cli")} -s "{sock}" "$@"\n')
+    cli.chmod(0o755)
+    proc = _redis_entrypoint(tmp_path, f'[ "$1" = redis-server ] || exit 97\nshift\n'
+                             f'exec redis-server --port 0 --unixsocket "{sock}" --dir "$OUT" "$@"\n', env_of(svc))
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        assert "redis-server" in Path(f"/proc/{proc.pid}/cmdline").read_text(), "exec: redis-server is PID 1"
+        password = urlsplit(env_of(gw)["MGPU_REDIS_URL"]).password
+        once = Retry(NoBackoff(), 0)  # redis-py retries a refused AUTH with backoff by default
+        with redis.Redis(unix_socket_path=str(sock), password=password, retry=once) as r:
+            assert r.ping()
+            assert r.config_get("appendonly") == {"appendonly": "yes"}
+            assert r.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        for wrong in (None, "wrong-password"):
+            with redis.Redis(unix_socket_path=str(sock), password=wrong, retry=once) as r, \
+                    pytest.raises((redis.AuthenticationError, redis.ResponseError)):
+                r.ping()
+        check = svc["healthcheck"]["test"]
+        assert check[0] == "CMD-SHELL"
+        path_env = {"PATH": f"{cli.parent}:{os.environ['PATH']}"}
+        for auth, healthy in ((env_of(svc)["REDISCLI_AUTH"], True), ("wrong-password", False), ("", False)):
+            rc = subprocess.run(["sh", "-c", check[1]], env={**path_env, "REDISCLI_AUTH": auth},
+                                capture_output=True, timeout=30).returncode
+            assert (rc == 0) == healthy, f"health check with REDISCLI_AUTH={auth!r}: exit {rc}"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0, "redis-server exits 0 on SIGTERM (it saves the AOF)"

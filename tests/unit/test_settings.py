@@ -30,12 +30,14 @@ ROLES: list[type[MgpuSettings]] = [LogSettings, ControlSettings, GatewaySettings
 CLASSES = list(dict.fromkeys(c for c in vars(settings_module).values()  # (Settings names UpSettings again)
                              if inspect.isclass(c) and issubclass(c, MgpuSettings) and c is not MgpuSettings))
 # text settings whose valid values a rule cannot guess
-TEXT: dict[str, Any] = {"redis_url": "redis://10.0.0.5:6380/2", "namespace": "ns-2", "revision": "v2.1",
+TEXT: dict[str, Any] = {"redis_url": "rediss://u:p@10.0.0.5:6380/2", "redis_tls_ca": "/etc/tls/ca.pem",
+                        "redis_tls_cert": "/etc/tls/c.pem", "redis_tls_key": "/etc/tls/c.key", "namespace": "ns-2",
+                        "revision": "v2.1",
                         "redis_maxmemory": "512mb",
                         # quoting survives the trip through MGPU_ENGINE_ARGS
                         "engine_args": ["--tensor-parallel-size", "2", "--chat-template", "a b's {{x}}"],
                         "key_cache_s": 0.25, "allowed_hosts": ["gw.example", "10.0.0.7"],
-                        "cors_origins": ["https://app.example"], "bootstrap_api_key": "x" * 24}
+                        "cors_origins": ["https://app.example"], "bootstrap_api_key": "x" * 24, "max_key_share": 0.25}
 
 
 def _other(name: str, f: FieldInfo) -> Any:
