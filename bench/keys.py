@@ -103,7 +103,7 @@ def limits(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="mgpu-keylimits-"))
     with Fleet.launch(tmp, appendonly=True, settings={"model": MODEL, "auth": "keys"}) as f:
         for _ in range(2):
-            f.start_worker(slots=64, sim_decode_ms=1, sim_decode_ms_per_seq=0)
+            f.start_worker(model=MODEL, slots=64, sim_decode_ms=1, sim_decode_ms_per_seq=0)
         gws = [f.start_gateway() for _ in range(args.replicas)]
         urls = [f"http://127.0.0.1:{g.port}" for g in gws]
         store = KeyStore(f.r, f.keys)
@@ -173,7 +173,7 @@ def fairness(args: argparse.Namespace) -> dict[str, Any]:
         tmp = Path(tempfile.mkdtemp(prefix=f"mgpu-fair-{mode}-"))
         with Fleet.launch(tmp, appendonly=True, settings={"model": MODEL, "auth": "keys"}) as f:
             for _ in range(2):
-                f.start_worker(slots=8, sim_decode_ms=20, sim_decode_ms_per_seq=0.5, **extra["worker"])
+                f.start_worker(model=MODEL, slots=8, sim_decode_ms=20, sim_decode_ms_per_seq=0.5, **extra["worker"])
             f.start_gateway(**extra["gateway"])
             store = KeyStore(f.r, f.keys)
             light, flood = store.create("light")[1], store.create("flood")[1]

@@ -201,30 +201,35 @@ return {moved, left}
 
 # A worker's read when its streams may hold more than it has room for: up to ARGV[3] entries, first from the
 # streams before the lanes (its own stream), then one at a time from each lane in turn starting at lane
-# ARGV[6] (so that no key's backlog delays another's requests), then from the streams after them.  A lane
-# marked busy (ARGV[7 + i] = '1': it has requests running on this worker) takes from the shared budget
-# ARGV[5] (the free slots less those kept for lanes that have none running); ARGV[4]: the number of streams
-# before the lanes; ARGV[7]: the number of lanes.
-# KEYS: streams   ARGV: group, consumer, n, before, busy budget, first lane, lanes, busy flag per stream...
+# ARGV[6] (so that no key's backlog delays another's requests), then from the streams after them.  A stream
+# that has its share of the worker's slots running here (running >= share) may not take the last ARGV[5]
+# free slots: they stay for lanes below their share.  ARGV[4]: the number of streams before the lanes;
+# ARGV[7]: the number of lanes; then, per stream, its requests running here and its share.
+# KEYS: streams   ARGV: group, consumer, n, before, keep, first lane, lanes, (running, share) per stream...
 # -> {next first lane, {stream index, entry id, fields}...}
 PULL = """
-local n, before, budget, first, nl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
-                                      tonumber(ARGV[6]), tonumber(ARGV[7])
+local n, before, keep, first, nl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
+                                    tonumber(ARGV[6]), tonumber(ARGV[7])
+local running, share = {}, {}
+for i = 1, #KEYS do
+  running[i] = tonumber(ARGV[6 + 2 * i])
+  share[i] = tonumber(ARGV[7 + 2 * i])
+end
 local out, taken = {}, 0
 local function read(i, k)
-  if k <= 0 then return 0 end
-  local busy = ARGV[7 + i] == '1'
-  if busy then
-    if budget <= 0 then return 0 end
-    k = math.min(k, budget)
+  local got_all = 0
+  while k > 0 do
+    local can
+    if running[i] < share[i] then can = math.min(k, share[i] - running[i]) else can = math.min(k, n - taken - keep) end
+    if can <= 0 then break end
+    local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', can, 'STREAMS', KEYS[i], '>')
+    if not r then break end
+    for _, e in ipairs(r[1][2]) do out[#out + 1] = {i, e[1], e[2]} end
+    local got = #r[1][2]
+    taken, running[i], got_all, k = taken + got, running[i] + got, got_all + got, k - got
+    if got < can then break end
   end
-  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', k, 'STREAMS', KEYS[i], '>')
-  if not r then return 0 end
-  for _, e in ipairs(r[1][2]) do out[#out + 1] = {i, e[1], e[2]} end
-  local got = #r[1][2]
-  taken = taken + got
-  if busy then budget = budget - got end
-  return got
+  return got_all
 end
 for i = 1, before do read(i, n - taken) end
 local live, nlive, nxt = {}, nl, first

@@ -182,10 +182,11 @@ class Scripts:
         return Queued(_text(val), bool(rest and rest[0] == 1), usage)
 
     async def pull(self, streams: Sequence[str], consumer: str, n: int, *, before: int, lanes: int, first: int,
-                   busy: Sequence[bool], budget: int) -> tuple[int, list[Pulled]]:
+                   keep: int, running: Sequence[int], share: Sequence[int]) -> tuple[int, list[Pulled]]:
         """Read up to ``n`` new entries, lanes in turn (lua.PULL): the next first lane, and the entries."""
-        nxt, got = await self._pull(keys=list(streams), args=[
-            GROUP, consumer, n, before, budget, first, lanes, *("1" if b else "0" for b in busy)])
+        per_stream = [v for pair in zip(running, share, strict=True) for v in pair]
+        nxt, got = await self._pull(keys=list(streams), args=[GROUP, consumer, n, before, keep, first, lanes,
+                                                              *per_stream])
         return int(nxt), [Pulled(streams[int(i) - 1], _text(eid), dict(zip(flat[::2], flat[1::2])))
                           for i, eid, flat in got]
 

@@ -360,10 +360,10 @@ class WorkerSettings(SimEngineSettings, CommonSettings):
     drain_grace_s: float = Field(default=60.0, ge=0, description="on SIGTERM or mgpu drain, in-flight requests "
                                  "get this long")
     read_block_ms: int = Field(default=1000, ge=1, description="the longest wait of one stream read")
-    fair_reserve_slots: int | None = Field(default=None, ge=0, description="while two or more fair lanes were "
-                                           "active in the last fair_window_s, the slots kept for lanes with "
-                                           "nothing running here (a flood cannot take them); unset: slots / 32, "
-                                           "at least 1; 0: none")
+    fair_reserve_slots: int | None = Field(default=None, ge=0, description="the fewest free slots that a fair "
+                                           "lane with its share of the slots running may not take (they stay "
+                                           "for lanes below their share); grows with the light lanes' demand up "
+                                           "to half the slots; unset: slots / 32, at least 1; 0: none")
     fair_window_s: float = Field(default=10.0, gt=0, description="how recently a lane must have had work here to "
                                  "count as active")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="/metrics and /health; 0: a free port")

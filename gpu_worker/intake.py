@@ -1,5 +1,5 @@
 """What a worker reads next, and how much: its streams in priority order, fair turns between the lanes, and
-the slots kept for lanes that have nothing running here (docs/security.md, "Fair sharing").
+the slots kept for lanes below their share of them (docs/security.md, "Fair sharing").
 
 The gateway puts each API key's requests in a lane of their own while lanes last (``Keys.lanes``; lane 0 is
 the model's shared stream, where batch producers and requests without a key go).  A worker reads:
@@ -12,9 +12,12 @@ the model's shared stream, where batch producers and requests without a key go).
   request is taken at the next free slot, not after the backlog.
 
 Taking turns is not enough when one key keeps every slot busy: another key's request would still wait for a
-slot to free.  So while two or more lanes had work here in the last ``fair_window_s``, lanes that already
-have requests running here (busy lanes) may not take the last ``reserve`` free slots, which stay for a lane
-that has none: a light key is served at once, and a lone flood (one active lane) still gets every slot.
+slot to free.  So a lane that has its share of this worker's slots running here (``slots`` over the lanes
+active in the last ``fair_window_s``, counting itself) may not take the last ``keep`` free slots, which stay
+for lanes below their share: a light key's request starts at once.  ``keep`` follows the light keys' demand:
+one more than the most requests that lanes other than the largest had running here at once in the window, at
+least ``reserve``, at most half the slots.  A lone flood (one active lane) has every slot as its share, so a
+single tenant loses nothing.  ``reserve`` 0 turns this off (first come, first served within the turns).
 """
 
 from __future__ import annotations
@@ -29,24 +32,31 @@ SHORT_BLOCK_MS = 20
 
 @dataclass(frozen=True)
 class Plan:
-    """One read: the streams, which are busy lanes, and how many entries busy lanes may take together."""
+    """One read: the streams, each one's requests running here and share of the slots, and the free slots
+    that streams at their share may not take."""
 
     streams: list[str]
-    busy: list[bool]
-    budget: int
+    running: list[int]
+    share: list[int]
+    keep: int
+
+    def capped(self, i: int) -> bool:
+        return self.running[i] >= self.share[i]
 
 
 class FairIntake:
-    def __init__(self, own: str, lanes: list[str], *, reserve: int, window_s: float) -> None:
+    def __init__(self, own: str, lanes: list[str], *, reserve: int, window_s: float, slots: int = 1) -> None:
         self.own = own
         self.lanes: list[str] = []
         self._lane_set: set[str] = set()
         self.add_lanes(lanes)
         self.reserve = reserve
         self.window_s = window_s
+        self.slots = slots
         self.first = 0  # the lane the next PULL starts at
         self.more = False  # the last read may have left entries: PULL next
         self._seen: dict[str, float] = {}  # lane -> when an entry was last taken from it here
+        self._peaks: dict[int, int] = {}  # second -> most requests running outside the largest lane
 
     def add_lanes(self, lanes: Iterable[str]) -> None:
         for lane in lanes:
@@ -63,21 +73,33 @@ class FairIntake:
         if stream in self._lane_set:
             self._seen[stream] = time.monotonic() if now is None else now
 
-    def active(self, now: float | None = None) -> int:
+    def active(self, now: float) -> set[str]:
         """Lanes that had work here in the last ``window_s``."""
-        now = time.monotonic() if now is None else now
-        return sum(1 for t in self._seen.values() if now - t < self.window_s)
+        return {lane for lane, t in self._seen.items() if now - t < self.window_s}
 
-    def plan(self, free: int, running: Counter[str], now: float | None = None) -> Plan:
-        """The read for ``free`` slots, with ``running`` the requests running here per stream."""
-        keep = self.reserve if self.active(now) >= 2 else 0
-        busy = [s in self._lane_set and running.get(s, 0) > 0 for s in self.streams]
-        return Plan(self.streams, busy, max(0, free - keep))
+    def keep(self, running: Counter[str], now: float) -> int:
+        if self.reserve <= 0:
+            return 0
+        counts = [running.get(lane, 0) for lane in self.lanes]
+        sec = int(now)
+        self._peaks[sec] = max(self._peaks.get(sec, 0), sum(counts) - max(counts, default=0))
+        for old in [t for t in self._peaks if t <= sec - self.window_s]:
+            del self._peaks[old]
+        return min(self.slots // 2, max(self.reserve, max(self._peaks.values()) + 1))
+
+    def plan(self, running: Counter[str], now: float | None = None) -> Plan:
+        """The read, with ``running`` the requests running here per stream."""
+        now = time.monotonic() if now is None else now
+        active = self.active(now)
+        keep = self.keep(running, now)
+        share = [self.slots] + [max(1, self.slots // len(active | {lane})) if keep else self.slots
+                                for lane in self.lanes]
+        return Plan(self.streams, [running.get(s, 0) for s in self.streams], share, keep)
 
     def blocking_read(self, plan: Plan, free: int, block_ms: int) -> tuple[list[str], int, int]:
-        """The streams, the per-stream COUNT and the BLOCK of a blocking read: busy lanes only while the budget
-        allows.  Without them the read must not outlast a slot freeing up (the budget would grow, and their
+        """The streams, the per-stream COUNT and the BLOCK of a blocking read: streams at their share only while
+        more than ``keep`` slots are free.  Without them the read must not outlast a slot freeing up (their
         backlog would not wake it): it blocks for a short while only."""
-        streams = [s for s, b in zip(plan.streams, plan.busy, strict=True) if not b or plan.budget > 0]
+        streams = [s for i, s in enumerate(plan.streams) if free > plan.keep or not plan.capped(i)]
         block = block_ms if len(streams) == len(plan.streams) else min(block_ms, SHORT_BLOCK_MS)
         return streams, max(1, free // len(streams)), block

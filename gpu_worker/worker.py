@@ -219,6 +219,7 @@ class Worker:
         self.stats.state = WorkerState.READY
         reserve = self.s.fair_reserve_slots
         self.intake.reserve = max(1, self.server.slots // 32) if reserve is None else reserve
+        self.intake.slots = self.server.slots
         for card in self.server.models():  # adapters: their streams too
             lanes = self.keys.lanes(card.id)
             self.intake.add_lanes(lanes)
@@ -355,11 +356,11 @@ class Worker:
         """Entries for ``free`` slots (gpu_worker.intake): PULL while the streams may hold more, else a
         blocking read.  Returns them as XREADGROUP does."""
         fair = self.intake
-        plan = fair.plan(free, Counter(j.stream for j in self.jobs.values()))
+        plan = fair.plan(Counter(j.stream for j in self.jobs.values()))
         if fair.more:
             fair.first, pulled = await self.scripts.pull(
-                plan.streams, self.id, free, before=1, lanes=len(fair.lanes), first=fair.first, busy=plan.busy,
-                budget=plan.budget)
+                plan.streams, self.id, free, before=1, lanes=len(fair.lanes), first=fair.first, keep=plan.keep,
+                running=plan.running, share=plan.share)
             fair.more = len(pulled) >= free
             if pulled:
                 return [(p.stream, [(p.entry_id, p.fields)]) for p in pulled]

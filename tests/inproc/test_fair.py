@@ -65,13 +65,16 @@ async def test_each_key_gets_a_lane_and_keeps_it_while_it_has_requests(redis_ser
     assert isinstance(await scripts.enqueue(MODEL, target, "x", lim), Queued)
     assert r.xlen(shared) == n + 2
     # the worker's read takes the lanes in turn: flood, light, third, flood... from where it left off
-    nxt, got = await scripts.pull(lanes, "w", 4, before=0, lanes=LANES, first=0, busy=[False] * LANES, budget=4)
+    free = [0] * LANES
+    nxt, got = await scripts.pull(lanes, "w", 4, before=0, lanes=LANES, first=0, keep=0, running=free,
+                                  share=[99] * LANES)
     by_lane = Counter(p.stream for p in got)
     assert len(got) == 4 and by_lane[flood_lane] <= 2 and len(by_lane) >= 3
-    # a busy lane takes from the budget only
-    nxt, got = await scripts.pull(lanes, "w", 5, before=0, lanes=LANES, first=nxt,
-                                  busy=[s == flood_lane for s in lanes], budget=2)
-    assert [p.stream for p in got] == [flood_lane] * 2 + [shared] * (len(got) - 2)
+    # a lane at its share may not take the last `keep` free slots; below its share it may
+    running = [5 if s == flood_lane else 0 for s in lanes]
+    nxt, got = await scripts.pull(lanes, "w", 5, before=0, lanes=LANES, first=nxt, keep=3, running=running,
+                                  share=[4] * LANES)
+    assert [p.stream for p in got] == [flood_lane] * 2  # 5 free, 3 kept: 2 for the flood (the others are empty)
     # finishing a request counts it out; the key's last one frees its lane
     for p in got:
         if p.stream == flood_lane:
@@ -88,19 +91,20 @@ async def test_each_key_gets_a_lane_and_keeps_it_while_it_has_requests(redis_ser
     assert set(lane_map) == {f"k:{ids['flood']}", f"n:{ids['flood']}", f"l:{lanes.index(flood_lane)}"}
 
 
-def test_intake_keeps_slots_for_an_idle_lane_only_when_two_lanes_are_active() -> None:
-    fair = FairIntake("own", ["a", "b", "c"], reserve=2, window_s=10)
-    running = Counter({"a": 5})
+def test_intake_keeps_slots_for_lanes_below_their_share() -> None:
+    fair = FairIntake("own", ["a", "b", "c"], reserve=1, window_s=10, slots=8)
     fair.taken("a", now=100)
-    plan = fair.plan(3, running, now=100)
-    assert plan.busy == [False, True, False, False] and plan.budget == 3  # one active lane: no reserve
+    plan = fair.plan(Counter({"a": 7}), now=100)
+    assert plan.share == [8, 8, 4, 4]  # one active lane: its share is every slot; another would halve it
+    assert plan.keep == 1 and not plan.capped(1)
     fair.taken("b", now=101)
-    plan = fair.plan(3, running, now=105)
-    assert plan.budget == 1  # two active: lane a (busy) leaves 2 of the 3 free slots
-    assert fair.blocking_read(plan, 3, 1000) == (["own", "a", "b", "c"], 1, 1000)
-    plan = fair.plan(2, running, now=105)
-    assert plan.budget == 0 and fair.blocking_read(plan, 2, 1000) == (["own", "b", "c"], 1, SHORT_BLOCK_MS)
-    assert fair.plan(2, running, now=112).budget == 2  # b's last work is past the window
+    plan = fair.plan(Counter({"a": 5, "b": 2}), now=102)
+    assert plan.share == [8, 4, 4, 2] and plan.capped(1) and not plan.capped(2)
+    assert plan.keep == 3  # b had 2 running: keep one more than that
+    assert fair.blocking_read(plan, 4, 1000) == (["own", "a", "b", "c"], 1, 1000)
+    assert fair.blocking_read(plan, 3, 1000) == (["own", "b", "c"], 1, SHORT_BLOCK_MS)  # a may not take them
+    assert fair.plan(Counter({"a": 5}), now=115).keep == 1  # b's demand is past the window
+    assert FairIntake("own", ["a"], reserve=0, window_s=10, slots=8).plan(Counter({"a": 8})).keep == 0
 
 
 async def test_a_light_key_is_served_through_a_flood(redis_server: RedisServer) -> None:
