@@ -13,8 +13,8 @@ together admit the limit, not 4 times it.
 3 requests/s; after ``--alone`` seconds a second key floods at 10x that (30/s, above the fleet's ~23/s) for
 ``--duration`` s.  The light key's queue time (``Result.queue_s``: from the gateway's enqueue to the start of
 the attempt that answered, read from Redis) alone and under the flood, for the default (fair lanes and
-slots kept for idle lanes) and for first come first served (``fair_lanes=false``, ``fair_reserve_slots=0``),
-each on a fresh fleet.
+slots kept for lanes below their share) and for first come first served (``fair_lanes=false``,
+``fair_reserve_slots=0``), each on a fresh fleet.
 
 Sim figures only: no GPU is involved, and none of these numbers is a GPU figure.
 """
