@@ -14,4 +14,8 @@ One job per module:
 * :mod:`bench.fleet`: the one launcher of local fleets (redis-server, workers, gateways; nginx over sim servers)
 * :mod:`bench.core`, :mod:`bench.chaos`, :mod:`bench.compare`: the benchmark programs
 * :mod:`bench.clientcost`: the raw client's CPU per request against aiohttp's (why :mod:`bench.rawhttp` exists)
+* :mod:`bench.peers`: mgpu against vllm-router, sglang-router and a sim server called directly
+* :mod:`bench.scale`: Redis and CPU cost as workers (1, 8, 32) and gateways (1 to 4) are added
+* :mod:`bench.floors`: one Redis round trip and one bare ASGI request: the least a request can cost here
+* :mod:`bench.gpu_probe` (run by ``bench/gpu_check.sh``): NVML and a decode-like step on a lent GPU machine
 """

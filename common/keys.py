@@ -17,6 +17,8 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
     {ns}:qbytes:{model}           bytes of the model's request payloads on its streams (ENQUEUE adds, FINISH and
                                   DEAD_LETTER subtract; entries carry their size in field ``b``)
     {ns}:qbytes                   the same over all models
+    {ns}:qlen:{model}             the model's requests accepted and not yet answered (ENQUEUE adds one, FINISH and
+                                  DEAD_LETTER take it off with the bytes): what max_queue_len limits
     {ns}:apikey:{id}              an API key's record (hash: common.apikeys.ApiKey)
     {ns}:apikeys                  hash: key name -> key id
     {ns}:rate:{id}                an API key's sliding minute (per-second counts of requests and tokens) and
@@ -96,6 +98,9 @@ class Keys:
 
     def queue_bytes(self, model: str) -> str:
         return f"{self.ns}:qbytes:{model}"
+
+    def queue_len(self, model: str) -> str:
+        return f"{self.ns}:qlen:{model}"
 
     @property
     def queue_bytes_total(self) -> str:

@@ -96,12 +96,12 @@ end
 """
 
 # KEYS: target stream, idempotency key, target worker's registry hash, shared stream (lane 0), the model's
-#       byte counter, the total byte counter, the API key's record and rate hash, the lane map, lanes
-#       1..ARGV[10]-1, further streams counted toward the backlog...; an absent key is the name ARGV[9]
-#       (Keys.none: a real name, so that an ACL user's key patterns cover it; '' would be refused)
+#       byte counter, the total byte counter, the API key's record and rate hash, the lane map, the model's
+#       request counter, lanes 1..ARGV[10]-1; an absent key is the name ARGV[9] (Keys.none: a real name, so
+#       that an ACL user's key patterns cover it; '' would be refused)
 # ARGV: max_len, payload, idempotency record (JSON), idem_ttl, max_bytes (model), max_bytes_total,
-#       tokens to reserve, the API key's id, the name of no key, the number of lanes (1: no fair lanes),
-#       the most requests one key may have in flight in the lanes (0: no limit)
+#       tokens to reserve, the API key's id, the name of no key, the number of lanes (1: this request is not
+#       laned, and no lane is passed), the most requests one key may have in flight in the lanes (0: no limit)
 # -> {1, entry_id, fell_back, requests in the minute, tokens in the minute, in flight, reset_s} queued
 #    | {0, 'entries' | 'bytes' | 'total_bytes' | 'key_share'} full | {2, the stored idempotency record} that
 #    key was used before | {3, 'unknown' | 'revoked' | 'expired'} the API key cannot be used
@@ -109,19 +109,21 @@ end
 # A push to a worker's own stream (KEYS[1]) goes to the shared stream (KEYS[4]) instead when that
 # worker is not 'ready' (draining, or its registry hash expired): nothing is pushed to a stream that
 # nobody reads, atomically with the orphan sweep (MOVE_UNDELIVERED) that deletes such streams.
-# The queue limit counts KEYS[1], KEYS[4] (when different), the lanes and the further streams.  The entry
-# carries its size (field 'b'), which FINISH and DEAD_LETTER subtract from both byte counters when they
-# delete it, its key's reservation (field 'q': '<key id>:<second>:<tokens>'), which they settle, and 'l'
-# when it is counted in the lane map.
+# The queue limit counts the model's requests accepted and not yet answered (KEYS[10], one GET: the work
+# does not grow with the number of workers or lanes), like its bytes.  The entry carries its size (field
+# 'b'), which FINISH and DEAD_LETTER subtract from both byte counters, and from the request counter, when
+# they delete it, its key's reservation (field 'q': '<key id>:<second>:<tokens>'), which they settle, and
+# 'l' when it is counted in the lane map.
 ENQUEUE = _ADMIT + _LANE + """
 local none, nl = ARGV[9], tonumber(ARGV[10])
 if KEYS[2] ~= none then
   local existing = redis.call('GET', KEYS[2])
   if existing then return {2, existing} end
 end
-local now = now_s()
+local now = 0
 local reserve = tonumber(ARGV[7])
 if KEYS[7] ~= none then
+  now = now_s()
   local refused = admit(KEYS[7], KEYS[8], reserve, now)
   if refused then return refused end
 end
@@ -132,15 +134,12 @@ if KEYS[3] ~= none and redis.call('HGET', KEYS[3], 'state') ~= 'ready' then
   fell = 1
 end
 local lanes = {KEYS[4]}
-for i = 1, nl - 1 do lanes[i + 1] = KEYS[9 + i] end
-local backlog = redis.call('XLEN', KEYS[1])
-if KEYS[4] ~= KEYS[1] then backlog = backlog + redis.call('XLEN', KEYS[4]) end
-for i = 10, #KEYS do backlog = backlog + redis.call('XLEN', KEYS[i]) end
-if backlog >= tonumber(ARGV[1]) then return {0, 'entries'} end
+for i = 1, nl - 1 do lanes[i + 1] = KEYS[10 + i] end
+if tonumber(redis.call('GET', KEYS[10]) or '0') >= tonumber(ARGV[1]) then return {0, 'entries'} end
 local size = #ARGV[2]
 if tonumber(redis.call('GET', KEYS[5]) or '0') + size > tonumber(ARGV[5]) then return {0, 'bytes'} end
 if tonumber(redis.call('GET', KEYS[6]) or '0') + size > tonumber(ARGV[6]) then return {0, 'total_bytes'} end
-local laned = target == KEYS[4] and KEYS[7] ~= none and KEYS[9] ~= none
+local laned = target == KEYS[4] and KEYS[7] ~= none and KEYS[9] ~= none and nl > 1
 if laned then
   local map, kid, share = KEYS[9], ARGV[8], tonumber(ARGV[11])
   if share > 0 and tonumber(redis.call('HGET', map, 'n:' .. kid) or '0') >= share then return {0, 'key_share'} end
@@ -161,6 +160,7 @@ end
 local id = redis.call('XADD', target, '*', unpack(fields))
 redis.call('INCRBY', KEYS[5], size)
 redis.call('INCRBY', KEYS[6], size)
+redis.call('INCR', KEYS[10])
 if KEYS[2] ~= none then redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4]) end
 if KEYS[7] == none then return {1, id, fell} end
 local rs, ts = slide(KEYS[8], now)
@@ -288,7 +288,7 @@ local function unlane(map, q)
   redis.call('HDEL', map, 'k:' .. kid, 'n:' .. kid)
   if lane and redis.call('HINCRBY', map, 'l:' .. lane, -1) <= 0 then redis.call('HDEL', map, 'l:' .. lane) end
 end
-local function uncount(stream, id, model_key, total_key, lane_map, ns, usage)
+local function uncount(stream, id, model_key, total_key, count_key, lane_map, ns, usage)
   local e = redis.call('XRANGE', stream, id, id)
   if not e[1] then return end
   local f = e[1][2]
@@ -298,6 +298,7 @@ local function uncount(stream, id, model_key, total_key, lane_map, ns, usage)
       for _, k in ipairs({model_key, total_key}) do
         if redis.call('DECRBY', k, f[i + 1]) <= 0 then redis.call('DEL', k) end
       end
+      if redis.call('DECR', count_key) <= 0 then redis.call('DEL', count_key) end
     elseif f[i] == 'q' then
       q = f[i + 1]
     elseif f[i] == 'l' then
@@ -326,7 +327,7 @@ end
 return 1
 """
 
-# KEYS: stream, result, model byte counter, total byte counter, lane map
+# KEYS: stream, result, model byte counter, total byte counter, lane map, model request counter
 # ARGV: group, consumer, entry_id, request_id, result_json, ttl, replies ('' for none), kind, namespace, prompt tokens,
 #       completion tokens, failed ('1'/'0')
 # -> 1 stored and acknowledged | 2 acknowledged, an earlier result won | 0 fenced
@@ -339,7 +340,7 @@ if stored then  -- the reply first: a command refused mid-script (ACL) leaves no
   end
   redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[6])
 end
-uncount(KEYS[1], ARGV[3], KEYS[3], KEYS[4], KEYS[5], ARGV[9], {ARGV[10], ARGV[11], ARGV[12]})
+uncount(KEYS[1], ARGV[3], KEYS[3], KEYS[4], KEYS[6], KEYS[5], ARGV[9], {ARGV[10], ARGV[11], ARGV[12]})
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 if stored then return 1 end
@@ -359,21 +360,38 @@ end
 return lost
 """
 
-# Take over entries whose lease passed (idle past min_idle_ms): XPENDING first, so that the previous
-# owner and delivery count are known, then XCLAIM (which counts a delivery, and drops from the pending
-# list an entry deleted meanwhile).  Follow the cursor until it is '0-0'.
-# KEYS: stream   ARGV: group, consumer, min_idle_ms, start ('-' or '(id'), count
-# -> {next_start | '0-0', {{entry_id, fields, previous_owner, deliveries}, ...}}
+# Take over entries whose lease passed (idle past min_idle_ms), in several streams at once (one round trip
+# per reclaim pass, however many streams a worker reads): XPENDING first, so that the previous owner and
+# delivery count are known, then XCLAIM (which counts a delivery, and drops from the pending list an entry
+# deleted meanwhile).  At most `count` entries are claimed over all the streams; a stream whose cursor is not
+# '0-0' may hold more (follow it); a stream without the group is done.
+# KEYS: streams   ARGV: group, consumer, min_idle_ms, count, start per stream ('-' or '(id')
+# -> per stream {next_start | '0-0', {{entry_id, fields, previous_owner, deliveries}, ...}}
 RECLAIM = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[4], '+', ARGV[5])
-local out = {}
-for _, e in ipairs(p) do
-  local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], e[1])
-  if c[1] then table.insert(out, {e[1], c[1][2], e[2], e[4] + 1}) end
+local left = tonumber(ARGV[4])
+local res = {}
+for i, stream in ipairs(KEYS) do
+  local start = ARGV[4 + i]
+  if left <= 0 then
+    res[i] = {start, {}}
+  else
+    local ok, p = pcall(redis.call, 'XPENDING', stream, ARGV[1], 'IDLE', ARGV[3], start, '+', left)
+    if not ok then
+      res[i] = {'0-0', {}}
+    else
+      local out = {}
+      for _, e in ipairs(p) do
+        local c = redis.call('XCLAIM', stream, ARGV[1], ARGV[2], ARGV[3], e[1])
+        if c[1] then table.insert(out, {e[1], c[1][2], e[2], e[4] + 1}) end
+      end
+      local nxt = '0-0'
+      if #p >= left then nxt = '(' .. p[#p][1] end
+      left = left - #out
+      res[i] = {nxt, out}
+    end
+  end
 end
-local nxt = '0-0'
-if #p >= tonumber(ARGV[5]) then nxt = '(' .. p[#p][1] end
-return {nxt, out}
+return res
 """
 
 # Hand entries back for immediate reclaim without spending a delivery: the idle time is set far
@@ -427,7 +445,7 @@ local function trim_dlq(dlq, max)
 end
 """
 
-# KEYS: stream, dlq, result, model byte counter, total byte counter, lane map
+# KEYS: stream, dlq, result, model byte counter, total byte counter, lane map, model request counter
 # ARGV: group, consumer, entry_id, request_id, raw_payload, result_json, ttl, replies ('' for none), reason, deliveries,
 #       max dead letters, namespace
 # -> 1 moved | 0 fenced
@@ -444,7 +462,7 @@ end
 redis.call('XADD', KEYS[2], '*', 'p', ARGV[5], 'entry', ARGV[3], 'request_id', ARGV[4],
            'reason', ARGV[9], 'deliveries', ARGV[10], 'consumer', ARGV[2])
 trim_dlq(KEYS[2], tonumber(ARGV[11]))
-uncount(KEYS[1], ARGV[3], KEYS[4], KEYS[5], KEYS[6], ARGV[12], {'0', '0', '1'})
+uncount(KEYS[1], ARGV[3], KEYS[4], KEYS[5], KEYS[7], KEYS[6], ARGV[12], {'0', '0', '1'})
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 return 1

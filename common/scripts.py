@@ -121,12 +121,11 @@ class Claimed:
 @dataclass(frozen=True)
 class Target:
     """Where the gateway appends a request: a stream, the registry hash of the worker that owns it (''
-    for the shared stream), the model's shared stream, and the model's other streams (backlog)."""
+    for the shared stream), and the model's shared stream."""
 
     stream: str
     worker_key: str
     shared: str
-    others: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,14 +161,15 @@ class Scripts:
                       ) -> Queued | Duplicate | QueueFull | KeyRefused | RateLimited:
         k = self.keys
         kid = charge.key_id if charge is not None else ""
+        laned = bool(kid) and limits.fair
         rc, val, *rest = await self._enqueue(
             keys=[target.stream, idempotency_key or k.none, target.worker_key or k.none, target.shared,
                   k.queue_bytes(model), k.queue_bytes_total, k.api_key(kid) if kid else k.none,
-                  k.rate(kid) if kid else k.none, k.lane_map(model) if limits.fair else k.none,
-                  *k.lanes(model)[1:], *target.others],
+                  k.rate(kid) if kid else k.none, k.lane_map(model) if laned else k.none, k.queue_len(model),
+                  *(k.lanes(model)[1:] if laned else ())],
             args=[limits.max_entries, payload, record.model_dump_json() if record is not None else "", idem_ttl_s,
                   limits.max_bytes, limits.max_bytes_total, charge.reserve if charge is not None else 0, kid,
-                  k.none, LANES, limits.key_share])
+                  k.none, LANES if laned else 1, limits.key_share])
         if rc == 0:
             return QueueFull(_text(val))
         if rc == 2:  # an unreadable stored record raises pydantic's ValidationError (a ValueError)
@@ -204,7 +204,7 @@ class Scripts:
         u = result.usage
         return Finish(int(await self._finish(
             keys=[entry.stream, k.result(entry.model, result.id), k.queue_bytes(entry.model), k.queue_bytes_total,
-                  k.lane_map(entry.model)],
+                  k.lane_map(entry.model), k.queue_len(entry.model)],
             args=[GROUP, entry.consumer, entry.entry_id, result.id, result.model_dump_json(exclude_defaults=True),
                   ttl_s, k.replies(reply_to) if reply_to else "", kind.value, k.ns, u.prompt_tokens,
                   u.completion_tokens, "1" if result.error is not None else "0"])))
@@ -216,7 +216,8 @@ class Scripts:
         k = self.keys
         return bool(await self._dead_letter(
             keys=[entry.stream, k.dlq(entry.model), k.result(entry.model, request_id or "-"),
-                  k.queue_bytes(entry.model), k.queue_bytes_total, k.lane_map(entry.model)],
+                  k.queue_bytes(entry.model), k.queue_bytes_total, k.lane_map(entry.model),
+                  k.queue_len(entry.model)],
             args=[GROUP, entry.consumer, entry.entry_id, request_id, raw_payload,
                   result.model_dump_json(exclude_defaults=True), ttl_s, k.replies(reply_to) if reply_to else "",
                   reason, deliveries, max_dead_letters, k.ns]))
@@ -224,9 +225,14 @@ class Scripts:
     async def reclaim(self, stream: str, consumer: str, min_idle_ms: int, cursor: str,
                       count: int) -> tuple[str, list[Claimed]]:
         """Take up to ``count`` entries idle past ``min_idle_ms``; the next cursor ('0-0': done)."""
-        nxt, claimed = await self._reclaim(keys=[stream], args=[GROUP, consumer, min_idle_ms, cursor, count])
-        return _text(nxt), [Claimed(_text(eid), dict(zip(flat[::2], flat[1::2])), _text(prev), int(n))
-                            for eid, flat, prev, n in claimed]
+        return (await self.reclaim_many([stream], consumer, min_idle_ms, [cursor], count))[0]
+
+    async def reclaim_many(self, streams: Sequence[str], consumer: str, min_idle_ms: int, cursors: Sequence[str],
+                           count: int) -> list[tuple[str, list[Claimed]]]:
+        """:meth:`reclaim` over several streams in one call, ``count`` entries at most over all of them."""
+        out = await self._reclaim(keys=list(streams), args=[GROUP, consumer, min_idle_ms, count, *cursors])
+        return [(_text(nxt), [Claimed(_text(eid), dict(zip(flat[::2], flat[1::2])), _text(prev), int(n))
+                              for eid, flat, prev, n in claimed]) for nxt, claimed in out]
 
     async def release(self, stream: str, consumer: str, entry_ids: list[str], idle_ms: int = 10**12) -> int:
         """Hand entries back for immediate reclaim elsewhere, without spending a delivery."""

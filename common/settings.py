@@ -258,7 +258,8 @@ class GatewaySettings(HttpSettings, CommonSettings):
     max_request_timeout_s: float = Field(default=3600.0, gt=0, description="the most a request's `timeout` may "
                                          "ask for")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="a larger request body gets 413")
-    max_queue_len: int = Field(default=50_000, ge=1, description="entries waiting per model (429 past it)")
+    max_queue_len: int = Field(default=50_000, ge=1, description="requests accepted through the gateways "
+                               "and not yet answered, per model: waiting or running (429 past it)")
     max_queue_bytes: int = Field(default=256 << 20, ge=1 << 20, description="bytes of request payloads waiting "
                                  "or running, per model (429 past it)")
     max_queue_bytes_total: int = Field(default=1 << 30, ge=1 << 20, description="the same over all models")

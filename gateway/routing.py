@@ -237,13 +237,12 @@ class Balancer:
         live = view.live_workers(model)
         shared = keys.stream(model)
         if any(w.model != model for w in live):  # a LoRA adapter: its workers read only its shared stream
-            return Route("pull", None, Target(shared, "", shared, ()), self.epoch)
+            return Route("pull", None, Target(shared, "", shared), self.epoch)
         cands = [Candidate(w.id, w.slots, w.in_flight, w.queued, w.weight) for w in live]  # weight <= 0: slots
         target = self.route(strategy, model, cands, key() if strategy == "prefix_affinity" else "")
-        others = tuple(keys.worker_stream(model, w.id) for w in live if w.id != target)
         if target is None:
-            return Route(strategy, None, Target(shared, "", shared, others), self.epoch)
-        return Route(strategy, target, Target(keys.worker_stream(model, target), keys.worker(target), shared, others),
+            return Route(strategy, None, Target(shared, "", shared), self.epoch)
+        return Route(strategy, target, Target(keys.worker_stream(model, target), keys.worker(target), shared),
                      self.epoch)
 
     def count(self, target: str | None) -> None:

@@ -13,6 +13,8 @@ step, so no entry can land in a stream after it was swept.
 from __future__ import annotations
 
 import logging
+import random
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -37,6 +39,8 @@ class OwnStreams:
         self.model = model
         self.id = worker_id
         self.own = keys.worker_stream(model, worker_id)
+        self._next_look = 0.0  # monotonic time of the next look at the other workers
+        self._pending: list[str] = []  # own streams of gone workers that held pending entries at the last look
 
     async def _move_all(self, wid: str, force: bool) -> tuple[int, int]:
         total = 0
@@ -56,11 +60,22 @@ class OwnStreams:
             log.info("moved own unread entries to the shared stream", extra={"worker": self.id, "count": moved})
         return max(moved, 0)
 
-    async def sweep(self) -> list[str]:
-        """Rescue the own streams of gone workers; returns those still holding pending entries."""
+    async def sweep(self, every_s: float) -> list[str]:
+        """Rescue the own streams of gone workers; returns those still holding pending entries.
+
+        Called every ``every_s``, it looks only once in as many calls as there are other workers (at random):
+        each look checks every other worker, so the fleet together makes about one look per ``every_s``
+        and the work grows with the fleet, not with its square (16 idle workers used to make 480 EXISTS a
+        second, 32 workers 1,984).  A stream whose worker died is rescued within about ``every_s`` on average
+        still.  Streams found holding pending entries are returned at every call until they are empty."""
+        now = time.monotonic()
+        if now < self._next_look:
+            return list(self._pending)
         ids = [_s(i) for i in await self.r.smembers(self.keys.worker_streams(self.model))]
         others = [i for i in ids if i != self.id]
+        self._next_look = now + every_s * max(0, len(others) - 1) * random.uniform(0.5, 1.5)
         if not others:
+            self._pending = []
             return []
         async with self.r.pipeline(transaction=False) as p:
             for wid in others:
@@ -76,4 +91,5 @@ class OwnStreams:
                             extra={"worker": self.id, "count": moved})
             if left > 0:
                 pending.append(self.keys.worker_stream(self.model, wid))
+        self._pending = pending
         return pending

@@ -43,7 +43,7 @@ from common.backoff import Backoff
 from common.keys import GROUP
 from common.records import WorkerState
 from common.schemas import WorkItem
-from common.scripts import Scripts
+from common.scripts import Claimed, Scripts
 from common.settings import WorkerSettings
 from gpu_worker.intake import FairIntake
 from gpu_worker.job import Job, JobContext, JobRunner
@@ -394,34 +394,38 @@ class Worker:
             if self._stop.is_set() or not self.stats.healthy or self.stats.state == WorkerState.CANARY:
                 continue  # a canary takes no one else's work
             try:  # own streams of gone workers: unread entries to the shared stream, pending ones here
-                orphaned = await self.own.sweep()
+                orphaned = await self.own.sweep(self.s.reclaim_interval_s)
             except (redis.RedisError, OSError) as exc:
                 log.warning("orphan sweep failed: %s", exc)
                 orphaned = []
-            for stream in [*self.streams, *orphaned]:
-                try:
-                    await self._reclaim(stream)
-                except (redis.RedisError, OSError) as exc:
-                    log.warning("reclaim failed: %s", exc)
+            try:
+                await self._reclaim(list(dict.fromkeys([*self.streams, *orphaned])))
+            except (redis.RedisError, OSError) as exc:
+                log.warning("reclaim failed: %s", exc)
 
-    async def _reclaim(self, stream: str) -> None:
-        cursor = "-"
+    async def _reclaim(self, streams: list[str]) -> None:
+        """One RECLAIM call over every stream per page (one round trip per pass, not one per stream)."""
+        cursors = dict.fromkeys(streams, "-")
         for _ in range(16):
             free = self.free_slots
-            if free <= 0:
+            todo = [s for s, c in cursors.items() if c != "0-0"]
+            if free <= 0 or not todo:
                 return
-            cursor, claimed = await self.scripts.reclaim(stream, self.id, self.s.lease_ms, cursor, free)
-            for c in claimed:
-                self.stats.reclaimed += 1
-                log.info("reclaimed entry", extra={"worker": self.id, "entry": c.entry_id,
-                                                   "deliveries": c.deliveries, "from": c.previous_owner})
-                if c.deliveries > self.s.max_deliveries:
-                    await self.runner.dead_letter(stream, self._model_of(stream), c.entry_id, c.fields, c.deliveries,
-                                                  reason="max_deliveries", job=self.jobs.get(c.entry_id))
-                else:
-                    self._start(stream, c.entry_id, c.fields, deliveries=c.deliveries)
-            if cursor == "0-0":
-                return
+            pages = await self.scripts.reclaim_many(todo, self.id, self.s.lease_ms, [cursors[s] for s in todo], free)
+            for stream, (cursor, claimed) in zip(todo, pages, strict=True):
+                cursors[stream] = cursor
+                for c in claimed:
+                    await self._reclaimed(stream, c)
+
+    async def _reclaimed(self, stream: str, c: Claimed) -> None:
+        self.stats.reclaimed += 1
+        log.info("reclaimed entry", extra={"worker": self.id, "entry": c.entry_id, "deliveries": c.deliveries,
+                                           "from": c.previous_owner})
+        if c.deliveries > self.s.max_deliveries:
+            await self.runner.dead_letter(stream, self._model_of(stream), c.entry_id, c.fields, c.deliveries,
+                                          reason="max_deliveries", job=self.jobs.get(c.entry_id))
+        else:
+            self._start(stream, c.entry_id, c.fields, deliveries=c.deliveries)
 
     async def _cancel_loop(self) -> None:
         last = f"{int((time.time() - self.s.result_ttl_s) * 1000)}-0"

