@@ -69,7 +69,11 @@ class Keys:
 
     def lanes(self, model: str) -> list[str]:
         """The model's fair lanes, lane 0 (its shared stream) first."""
-        return [self.stream(model), *(f"{self.ns}:q:{model}:lane:{i}" for i in range(1, LANES))]
+        return [self.stream(model), *(f"{self.lane_prefix(model)}{i}" for i in range(1, LANES))]
+
+    def lane_prefix(self, model: str) -> str:
+        """A lane's name without its number (the ENQUEUE script's recount builds them)."""
+        return f"{self.ns}:q:{model}:lane:"
 
     def lane_map(self, model: str) -> str:
         return f"{self.ns}:q:{model}:lanes"
@@ -78,7 +82,11 @@ class Keys:
         return f"{self.ns}:q:{model}:batch"
 
     def worker_stream(self, model: str, worker: str) -> str:
-        return f"{self.ns}:q:{model}:w:{worker}"
+        return f"{self.worker_stream_prefix(model)}{worker}"
+
+    def worker_stream_prefix(self, model: str) -> str:
+        """A worker's own stream's name without its id (the ENQUEUE script's recount builds them)."""
+        return f"{self.ns}:q:{model}:w:"
 
     def worker_streams(self, model: str) -> str:
         return f"{self.ns}:wq:{model}"

@@ -101,7 +101,9 @@ end
 #       that an ACL user's key patterns cover it; '' would be refused)
 # ARGV: max_len, payload, idempotency record (JSON), idem_ttl, max_bytes (model), max_bytes_total,
 #       tokens to reserve, the API key's id, the name of no key, the number of lanes (1: this request is not
-#       laned, and no lane is passed), the most requests one key may have in flight in the lanes (0: no limit)
+#       laned, and no lane is passed), the most requests one key may have in flight in the lanes (0: no limit),
+#       the model's number of lanes, a lane's name without its number, a worker stream's name without its id,
+#       the set of the model's worker streams (those four only for the recount at the limit)
 # -> {1, entry_id, fell_back, requests in the minute, tokens in the minute, in flight, reset_s} queued
 #    | {0, 'entries' | 'bytes' | 'total_bytes' | 'key_share'} full | {2, the stored idempotency record} that
 #    key was used before | {3, 'unknown' | 'revoked' | 'expired'} the API key cannot be used
@@ -110,7 +112,11 @@ end
 # worker is not 'ready' (draining, or its registry hash expired): nothing is pushed to a stream that
 # nobody reads, atomically with the orphan sweep (MOVE_UNDELIVERED) that deletes such streams.
 # The queue limit counts the model's requests accepted and not yet answered (KEYS[10], one GET: the work
-# does not grow with the number of workers or lanes), like its bytes.  The entry carries its size (field
+# does not grow with the number of workers or lanes), like its bytes.  At the limit the script counts the
+# entries of the model's streams instead (the shared one, the lanes, every worker's own; undeclared keys, as
+# the reply stream in FINISH) and stores that: a counter that drifted (scripts are atomic, so it does not by
+# itself; a rolling upgrade from a version without it, or an operator's XDEL, can make it) heals at the
+# limit, and no request is refused on a stale count.  The entry carries its size (field
 # 'b'), which FINISH and DEAD_LETTER subtract from both byte counters, and from the request counter, when
 # they delete it, its key's reservation (field 'q': '<key id>:<second>:<tokens>'), which they settle, and
 # 'l' when it is counted in the lane map.
@@ -135,7 +141,14 @@ if KEYS[3] ~= none and redis.call('HGET', KEYS[3], 'state') ~= 'ready' then
 end
 local lanes = {KEYS[4]}
 for i = 1, nl - 1 do lanes[i + 1] = KEYS[10 + i] end
-if tonumber(redis.call('GET', KEYS[10]) or '0') >= tonumber(ARGV[1]) then return {0, 'entries'} end
+local queued = tonumber(redis.call('GET', KEYS[10]) or '0')
+if queued >= tonumber(ARGV[1]) then  -- at the limit: count the streams (heals a counter that drifted)
+  queued = redis.call('XLEN', KEYS[4])
+  for i = 1, tonumber(ARGV[12]) - 1 do queued = queued + redis.call('XLEN', ARGV[13] .. i) end
+  for _, w in ipairs(redis.call('SMEMBERS', ARGV[15])) do queued = queued + redis.call('XLEN', ARGV[14] .. w) end
+  if queued > 0 then redis.call('SET', KEYS[10], queued) else redis.call('DEL', KEYS[10]) end
+  if queued >= tonumber(ARGV[1]) then return {0, 'entries'} end
+end
 local size = #ARGV[2]
 if tonumber(redis.call('GET', KEYS[5]) or '0') + size > tonumber(ARGV[5]) then return {0, 'bytes'} end
 if tonumber(redis.call('GET', KEYS[6]) or '0') + size > tonumber(ARGV[6]) then return {0, 'total_bytes'} end

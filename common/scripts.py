@@ -169,7 +169,8 @@ class Scripts:
                   *(k.lanes(model)[1:] if laned else ())],
             args=[limits.max_entries, payload, record.model_dump_json() if record is not None else "", idem_ttl_s,
                   limits.max_bytes, limits.max_bytes_total, charge.reserve if charge is not None else 0, kid,
-                  k.none, LANES if laned else 1, limits.key_share])
+                  k.none, LANES if laned else 1, limits.key_share, LANES, k.lane_prefix(model),
+                  k.worker_stream_prefix(model), k.worker_streams(model)])
         if rc == 0:
             return QueueFull(_text(val))
         if rc == 2:  # an unreadable stored record raises pydantic's ValidationError (a ValueError)

@@ -91,11 +91,21 @@ async def test_enqueue_push_falls_back_to_shared_unless_target_ready(redis_serve
     # one the gateway accepted
     assert int(r.get(k.queue_len("m")) or 0) == 3
     r.xadd(k.worker_stream("m", "w2"), {"p": "x"})
+    r.sadd(k.worker_streams("m"), "w1")  # w1's own stream is registered (the recount at the limit reads it)
     wide = target
     assert await enqueue("d", wide, Limits(3, 1 << 30, 1 << 30)) == QueueFull("entries")
     assert isinstance(await enqueue("d", wide, Limits(4, 1 << 30, 1 << 30)), Queued)
+    # a counter that drifted high (an upgrade from a version that did not keep it) is recounted at the limit
+    # from the streams (shared, lanes, every worker's own: 5 entries, the producer's one included) and heals
+    r.sadd(k.worker_streams("m"), "w2")
+    r.set(k.queue_len("m"), 1000)
+    assert isinstance(await enqueue("d2", wide, Limits(100, 1 << 30, 1 << 30)), Queued)
+    assert int(r.get(k.queue_len("m")) or 0) == 6
+    r.set(k.queue_len("m"), 1000)
+    assert await enqueue("d3", wide, Limits(6, 1 << 30, 1 << 30)) == QueueFull("entries")
+    assert int(r.get(k.queue_len("m")) or 0) == 6
     # and the bytes: every entry carries its size, counted per model and in all
-    assert int(r.get(k.queue_bytes("m")) or 0) == 4 == int(r.get(k.queue_bytes_total) or 0)
+    assert int(r.get(k.queue_bytes("m")) or 0) == 6 == int(r.get(k.queue_bytes_total) or 0)  # a b c d d2
     assert await enqueue("e" * 100, wide, Limits(100, 50, 1 << 30)) == QueueFull("bytes")
     assert await enqueue("e" * 100, wide, Limits(100, 1 << 30, 50)) == QueueFull("total_bytes")
 
