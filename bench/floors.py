@@ -31,8 +31,8 @@ from typing import Any
 import redis.asyncio as aredis
 
 from bench.cpucost import cpu_s, run_and_report
-from bench.fleet import ROOT
-from ops.procs import RedisServer, free_port, spawn, terminate, wait_until
+from bench.fleet import ROOT, Proc, wait_http_ok
+from ops.procs import RedisServer, free_port, spawn, terminate
 
 REPLY = json.dumps({"id": "chatcmpl-x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
     {"index": 0, "message": {"role": "assistant", "content": "w " * 16}, "finish_reason": "length"}],
@@ -99,7 +99,7 @@ def http_floor(tmp: Path, rate: float, requests: int) -> dict[str, float]:
             "http='httptools', log_level='warning', access_log=False)")
     proc = spawn([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, log_path=tmp / "http.log")
     try:
-        wait_until(lambda: _up(port), 30, "the ASGI server")
+        wait_http_ok(Proc("ASGI server", proc, tmp / "http.log", port=port), f"http://127.0.0.1:{port}/", 30)
         out = tmp / "load.json"
         cmd = [sys.executable, "-m", "bench", "--url", f"http://127.0.0.1:{port}", "--model", "m", "--max-tokens", "16",
                "--rate", str(rate), "--requests", str(requests), "--duration", "600", "--json", str(out)]
@@ -110,12 +110,6 @@ def http_floor(tmp: Path, rate: float, requests: int) -> dict[str, float]:
                 "p50_ms": res["latency_ms"]["p50"], "p99_ms": res["latency_ms"]["p99"]}
     finally:
         terminate(proc)
-
-
-def _up(port: int) -> bool:
-    import socket
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def measure(a: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -37,6 +35,7 @@ from typing import Any
 import aiohttp
 
 from bench.fleet import Fleet
+from bench.report import machine
 from bench.stats import pct
 from common.schemas import Result
 from ops.keys import KeyStore
@@ -85,8 +84,7 @@ async def open_loop(session: aiohttp.ClientSession, urls: list[str], key: str, r
 
 
 def _machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {**machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 # ----------------------------------------------------------------------------- limits

@@ -31,7 +31,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ from bench.compare import MODEL, mgpu_fleet
 from bench.cpucost import cpu_s
 from bench.fleet import ROOT, FleetError, Proc, http_get, settings_env, terminate_all, wait_http_ok
 from bench.loadgen import raise_nofile, run_async, run_load
-from bench.report import format_table
+from bench.report import format_table, machine
 from bench.result import BenchResult, Sample
 from bench.stats import pct
 from bench.workload import BenchConfig
@@ -485,8 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile()
     cmd = " ".join(["python -m bench.peers", *(argv if argv is not None else sys.argv[1:])])
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": cmd,
-                           "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
-                                       "platform": platform.platform()},
+                           "machine": machine(),
                            "versions": {d: _version(d) for d in ("vllm-router", "sglang-router")},
                            "settings": {k: v for k, v in vars(a).items() if k not in ("json_path", "plot_path")},
                            "sim": SIM, "model": MODEL}

@@ -5,7 +5,13 @@ Markdown, as ``mgpu bench`` and ``python -m bench.core`` print them), then error
 from __future__ import annotations
 
 import math
+import os
+import platform
+import shutil
+import subprocess
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from bench.result import BenchResult
 
@@ -69,3 +75,20 @@ def format_table(results: Sequence[BenchResult], markdown: bool = False) -> str:
         if r.no_usage:
             notes.append(f"{name}: {r.no_usage} streamed replies had no usage chunk; tokens = content chunks")
     return "\n".join(lines + (["", *notes] if notes else []))
+
+
+def machine() -> dict[str, Any]:
+    """The machine a benchmark ran on, as its JSON records it: cores, CPU model, Python, platform, redis-server."""
+    cpu = None
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), None)
+    except OSError:
+        pass
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    try:
+        redis_v = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        redis_v = None
+    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "platform": platform.platform(), "redis": redis_v}

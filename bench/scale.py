@@ -30,10 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +43,7 @@ import redis
 from bench.cpucost import cpu_s
 from bench.fleet import Fleet, FleetError, Proc, http_get
 from bench.loadgen import raise_nofile, run_async, run_load
+from bench.report import machine
 from bench.result import BenchResult
 from bench.stats import dist_ms
 from bench.workload import BenchConfig
@@ -364,23 +361,6 @@ def gateway_runs(a: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def machine() -> dict[str, Any]:
-    """The machine, as bench.core and bench.peers record it, with the CPU model and redis-server's version."""
-    cpu = None
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), None)
-    except OSError:
-        pass
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    try:
-        redis_v = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except OSError:
-        redis_v = None
-    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "platform": platform.platform(), "redis": redis_v}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -36,7 +36,7 @@ from common.outcomes import outcome_of
 from common.records import ReplyKind
 from common.responses import error_body
 from common.schemas import Chunk, IdempotencyRecord, Kind, Result, Usage, WorkItem
-from common.scripts import Duplicate, KeyRefused, KeyUsage, Limits, Queued, QueueFull, RateLimited
+from common.scripts import Duplicate, KeyRefused, KeyUsage, Queued, QueueFull, RateLimited
 from gateway import admission
 from gateway.admission import Admission
 from gateway.auth import authenticate, rate_headers
@@ -61,9 +61,7 @@ async def enqueue(state: GatewayState, adm: Admission, route: Route) -> Queued |
     try:
         with errors.redis_unavailable("could not enqueue", retry_after=s.retry_after_s):
             out = await state.scripts.enqueue(
-                model, route.destination, adm.item.to_fields()["p"],
-                Limits(s.max_queue_len, s.max_queue_bytes, s.max_queue_bytes_total, fair=s.fair_lanes,
-                       key_share=max(1, int(s.max_queue_len * s.max_key_share)) if s.max_key_share else 0),
+                model, route.destination, adm.item.to_fields()["p"], state.limits,
                 idempotency_key=adm.idem_key, record=adm.record, idem_ttl_s=s.result_ttl_s, charge=adm.charge)
     except ValidationError:
         raise errors.BadResult("the stored idempotency record is unreadable") from None

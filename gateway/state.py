@@ -4,13 +4,14 @@ the registry view, metrics, the queue's scripts, the balancer and the prompt cou
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 
 import redis
 import redis.asyncio as aioredis
 
-from common.scripts import Scripts
+from common.scripts import Limits, Scripts
 from common.settings import GatewaySettings
 from gateway.auth import KeyCache
 from gateway.metrics import GatewayMetrics
@@ -32,6 +33,13 @@ class GatewayState:
     api_keys: KeyCache
     prompts: PromptCounter = field(default_factory=PromptCounter)
     loop_tick: float = field(default_factory=time.monotonic)  # the event loop's last tick (liveness)
+
+    @functools.cached_property
+    def limits(self) -> Limits:
+        """The queue limits every ENQUEUE passes (from the settings, which do not change while it runs)."""
+        s = self.settings
+        return Limits(s.max_queue_len, s.max_queue_bytes, s.max_queue_bytes_total, fair=s.fair_lanes,
+                      key_share=max(1, int(s.max_queue_len * s.max_key_share)) if s.max_key_share else 0)
 
     @property
     def ready(self) -> bool:
