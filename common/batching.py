@@ -4,6 +4,10 @@ Callers ``await batcher.call(keys, args)`` as if they ran the script alone.  A c
 the batcher idle goes out at once, from the caller's own task (no extra event-loop turn); calls
 made while a round trip is in flight queue up and go out together in the next one, so under heavy
 load a round trip carries hundreds of calls.
+
+With ``wait=(replicas, timeout_ms)`` every round trip ends in ``WAIT replicas timeout_ms`` on the same
+connection, and each caller gets ``(result, replicas that confirmed)``: the writes are on that many
+replicas before the caller goes on (docs/deployment.md, "Redis high availability").
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from redis.exceptions import NoScriptError
 
 
 class ScriptBatcher:
-    def __init__(self, client: aioredis.Redis, script: str, *, max_batch: int = 512) -> None:
+    def __init__(self, client: aioredis.Redis, script: str, *, max_batch: int = 512,
+                 wait: tuple[int, int] | None = None) -> None:
         self.client = client
+        self.wait = wait
         self.source = script
         self.script = client.register_script(script)
         self.max_batch = max_batch
@@ -29,6 +35,11 @@ class ScriptBatcher:
         if not self._busy:
             self._busy = True
             try:
+                if self.wait is not None:
+                    (res,) = await self._round_trip([(keys, args, None)])
+                    if isinstance(res, Exception):
+                        raise res
+                    return res
                 return await self.script(keys=keys, args=args)
             finally:
                 self._busy = False
@@ -46,11 +57,27 @@ class ScriptBatcher:
 
     __call__ = call
 
-    async def _evalsha_all(self, batch: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
+    async def _evalsha_all(self, batch: list[tuple[list[str], list[Any], Any]]) -> list[Any]:
         async with self.client.pipeline(transaction=False) as p:
             for keys, args, _ in batch:
                 p.evalsha(self.script.sha, len(keys), *keys, *args)
+            if self.wait is not None:
+                p.execute_command("WAIT", *self.wait)
             return await p.execute(raise_on_error=False)  # type: ignore[no-any-return]
+
+    async def _round_trip(self, batch: list[tuple[list[str], list[Any], Any]]) -> list[Any]:
+        """Every call of ``batch`` in one pipeline: their results (an error as its exception), each paired
+        with the replicas' count when ``wait`` is set.  Reloads the script once if Redis lost it."""
+        results = await self._evalsha_all(batch)
+        if any(isinstance(r, NoScriptError) for r in results):  # Redis restarted: load and redo
+            await self.client.script_load(self.source)
+            results = await self._evalsha_all(batch)
+        if self.wait is None:
+            return results
+        acks = results.pop()
+        if isinstance(acks, Exception):
+            raise acks
+        return [r if isinstance(r, Exception) else (r, int(acks)) for r in results]
 
     async def _flush(self) -> None:
         try:
@@ -62,16 +89,13 @@ class ScriptBatcher:
         while self._queue:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
             try:
-                if len(batch) == 1:
+                if len(batch) == 1 and self.wait is None:
                     keys, args, fut = batch[0]
                     res = await self.script(keys=keys, args=args)
                     if not fut.done():
                         fut.set_result(res)
                     continue
-                results = await self._evalsha_all(batch)
-                if any(isinstance(r, NoScriptError) for r in results):  # Redis restarted: load and redo
-                    await self.client.script_load(self.source)
-                    results = await self._evalsha_all(batch)
+                results = await self._round_trip(batch)
                 for (_, _, fut), res in zip(batch, results):
                     if fut.done():
                         continue

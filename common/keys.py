@@ -9,6 +9,8 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
     {ns}:q:{model}:batch          lower-priority stream for batch jobs (same group)
     {ns}:q:{model}:w:{worker}     a worker's own stream, for push strategies
     {ns}:wq:{model}               set of worker ids that have an own stream for the model
+    <any request stream>:gc       set: ids of answered entries kept in that stream until its group reads past
+                                  them, so that XINFO GROUPS' lag stays true for KEDA (lua._SAFE_DEL)
     {ns}:dlq:{model}              dead-letter stream
     {ns}:res:{model}:{id}         a request's final Result (JSON, TTL); per model, so that a worker's Redis user
                                   can be kept from other models' results (docs/security.md)

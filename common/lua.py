@@ -143,9 +143,16 @@ local lanes = {KEYS[4]}
 for i = 1, nl - 1 do lanes[i + 1] = KEYS[10 + i] end
 local queued = tonumber(redis.call('GET', KEYS[10]) or '0')
 if queued >= tonumber(ARGV[1]) then  -- at the limit: count the streams (heals a counter that drifted)
-  queued = redis.call('XLEN', KEYS[4])
-  for i = 1, tonumber(ARGV[12]) - 1 do queued = queued + redis.call('XLEN', ARGV[13] .. i) end
-  for _, w in ipairs(redis.call('SMEMBERS', ARGV[15])) do queued = queued + redis.call('XLEN', ARGV[14] .. w) end
+  local function held(st)  -- its entries, less those answered and kept for the lag (_SAFE_DEL)
+    local n = redis.call('XLEN', st)
+    for _, m in ipairs(redis.call('SMEMBERS', st .. ':gc')) do
+      if redis.call('XRANGE', st, m, m)[1] then n = n - 1 end
+    end
+    return n
+  end
+  queued = held(KEYS[4])
+  for i = 1, tonumber(ARGV[12]) - 1 do queued = queued + held(ARGV[13] .. i) end
+  for _, w in ipairs(redis.call('SMEMBERS', ARGV[15])) do queued = queued + held(ARGV[14] .. w) end
   if queued > 0 then redis.call('SET', KEYS[10], queued) else redis.call('DEL', KEYS[10]) end
   if queued >= tonumber(ARGV[1]) then return {0, 'entries'} end
 end
@@ -180,6 +187,54 @@ local rs, ts = slide(KEYS[8], now)
 return {1, id, fell, rs, ts, tonumber(redis.call('HGET', KEYS[8], 'inflight')), reset_s(KEYS[8], 'r', now)}
 """
 
+# Stream ids compared as numbers ("ms-seq").
+_ID_LT = """
+local function id_lt(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+"""
+
+# Deleting a stream entry without breaking the consumer group's lag, which KEDA scales on (XINFO GROUPS
+# 'lag', docs/deployment.md).  Redis answers no lag (NULL) while a deleted id lies at or after the group's
+# last-delivered id in a stream that holds other entries, now or once new ones arrive; KEDA's lagCount would
+# then read 0 and scale in while work waits.  So the entry at the last-delivered id is deleted only when it
+# is the stream's last entry; otherwise it is kept, acknowledged, its id in the stream's set '<stream>:gc',
+# and a later delete on the stream removes it once the group has read past it (or it is alone).  Unread
+# entries are never deleted.  The lag then stays an integer equal to the unread entries
+# (tests/inproc/test_keda_lag.py).
+_SAFE_DEL = _ID_LT + """
+local function last_delivered(stream, group)
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
+  if not ok then return nil end
+  for _, g in ipairs(groups) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == group then return info['last-delivered-id'] end
+  end
+  return nil
+end
+local function safe_del(stream, group, id)
+  local gc = stream .. ':gc'
+  local last = last_delivered(stream, group)
+  if last == id and redis.call('XLEN', stream) > 1 then
+    redis.call('SADD', gc, id)
+  else
+    redis.call('XDEL', stream, id)
+  end
+  if last and redis.call('EXISTS', gc) == 1 then
+    for _, m in ipairs(redis.call('SMEMBERS', gc)) do
+      if id_lt(m, last) or (m == last and redis.call('XLEN', stream) == 1) then
+        redis.call('XDEL', stream, m)
+        redis.call('SREM', gc, m)
+      end
+    end
+  end
+end
+"""
+
 # Move the entries of a worker's own stream that nobody has read yet to the shared stream (payload
 # kept, new id at the back), then delete the own stream once it is empty (nothing pending either).
 # Runs for a draining worker (by itself, force='1') and for a dead one (by any live worker: only
@@ -187,7 +242,7 @@ return {1, id, fell, rs, ts, tonumber(redis.call('HGET', KEYS[8], 'inflight')), 
 # KEYS: own stream, its worker's registry hash, shared stream, set of own streams of the model
 # ARGV: group, mover consumer, max entries, worker id, force('1'/'0')
 # -> {moved, entries left in the own stream} | {-1, 0} the worker is alive
-MOVE_UNDELIVERED = """
+MOVE_UNDELIVERED = _SAFE_DEL + """
 if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[2]) == 1 then return {-1, 0} end
 local moved = 0
 local ok, res = pcall(redis.call, 'XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
@@ -200,13 +255,20 @@ else  -- no group yet: nothing was ever delivered
 end
 for _, e in ipairs(entries) do
   if e[2] and #e[2] > 0 then redis.call('XADD', KEYS[3], '*', unpack(e[2])) end
-  if ok then redis.call('XACK', KEYS[1], ARGV[1], e[1]) end
-  redis.call('XDEL', KEYS[1], e[1])
+  if ok then
+    redis.call('XACK', KEYS[1], ARGV[1], e[1])
+    safe_del(KEYS[1], ARGV[1], e[1])
+  else
+    redis.call('XDEL', KEYS[1], e[1])  -- no group: no lag to keep
+  end
   moved = moved + 1
 end
 local left = redis.call('XLEN', KEYS[1])
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[1] .. ':gc')) do  -- answered ones kept for the lag: not left
+  if redis.call('XRANGE', KEYS[1], m, m)[1] then left = left - 1 else redis.call('SREM', KEYS[1] .. ':gc', m) end
+end
 if left == 0 and ARGV[5] ~= '1' then
-  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1], KEYS[1] .. ':gc')
   redis.call('SREM', KEYS[4], ARGV[4])
 end
 return {moved, left}
@@ -344,7 +406,7 @@ return 1
 # ARGV: group, consumer, entry_id, request_id, result_json, ttl, replies ('' for none), kind, namespace, prompt tokens,
 #       completion tokens, failed ('1'/'0')
 # -> 1 stored and acknowledged | 2 acknowledged, an earlier result won | 0 fenced
-FINISH = _OWNED + _UNCOUNT + """
+FINISH = _OWNED + _UNCOUNT + _SAFE_DEL + """
 if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
 local stored = redis.call('EXISTS', KEYS[2]) == 0
 if stored then  -- the reply first: a command refused mid-script (ACL) leaves no result nobody was told of
@@ -355,7 +417,7 @@ if stored then  -- the reply first: a command refused mid-script (ACL) leaves no
 end
 uncount(KEYS[1], ARGV[3], KEYS[3], KEYS[4], KEYS[6], KEYS[5], ARGV[9], {ARGV[10], ARGV[11], ARGV[12]})
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XDEL', KEYS[1], ARGV[3])
+safe_del(KEYS[1], ARGV[1], ARGV[3])
 if stored then return 1 end
 return 2
 """
@@ -423,19 +485,9 @@ end
 return n
 """
 
-# Stream ids compared as numbers ("ms-seq").
-_ID_LT = """
-local function id_lt(a, b)
-  local am, as = string.match(a, '(%d+)-(%d+)')
-  local bm, bs = string.match(b, '(%d+)-(%d+)')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am < bm or (am == bm and as < bs)
-end
-"""
-
 # Keep a dead-letter stream at most `max` long: trim the oldest first, but never an entry that a
 # consumer group of the dead-letter stream (an operator's tool) has not acknowledged or not read yet.
-_TRIM_DLQ = _ID_LT + """
+_TRIM_DLQ = """
 local function trim_dlq(dlq, max)
   local len = redis.call('XLEN', dlq)
   if len <= max then return end
@@ -462,7 +514,7 @@ end
 # ARGV: group, consumer, entry_id, request_id, raw_payload, result_json, ttl, replies ('' for none), reason, deliveries,
 #       max dead letters, namespace
 # -> 1 moved | 0 fenced
-DEAD_LETTER = _OWNED + _UNCOUNT + _TRIM_DLQ + """
+DEAD_LETTER = _OWNED + _UNCOUNT + _SAFE_DEL + _TRIM_DLQ + """
 if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
 if ARGV[4] ~= '' then
   if redis.call('EXISTS', KEYS[3]) == 0 then  -- the reply first, as in FINISH
@@ -477,7 +529,7 @@ redis.call('XADD', KEYS[2], '*', 'p', ARGV[5], 'entry', ARGV[3], 'request_id', A
 trim_dlq(KEYS[2], tonumber(ARGV[11]))
 uncount(KEYS[1], ARGV[3], KEYS[4], KEYS[5], KEYS[7], KEYS[6], ARGV[12], {'0', '0', '1'})
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XDEL', KEYS[1], ARGV[3])
+safe_del(KEYS[1], ARGV[1], ARGV[3])
 return 1
 """
 

@@ -1,29 +1,61 @@
-"""Redis connections: one place that builds pools, so every part uses the same timeouts."""
+"""Redis connections: one place that builds pools and clients, so every part uses the same timeouts and
+understands the same URLs: ``redis://``, ``rediss://`` (TLS), ``unix://`` and ``redis+sentinel://`` (the
+primary that Redis Sentinel names, found again after a failover; docs/deployment.md)."""
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.sentinel as aiosentinel
+import redis.sentinel
+
+from common.redis_url import SENTINEL_SCHEME, SentinelUrl
+
+
+class BlockingSentinelPool(aiosentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """The primary's connections, found through Sentinel, in a bounded pool that makes callers wait for a free
+    connection (as :func:`make_pool`) instead of failing past ``max_connections``."""
 
 
 def make_pool(url: str, *, max_connections: int = 32, block_ms: int = 0,
               name: str | None = None) -> aioredis.BlockingConnectionPool:
     """A bounded pool; callers beyond ``max_connections`` wait for a free connection.
 
-    ``socket_timeout`` stays above every blocking command's BLOCK time (redis-py needs that).
+    ``socket_timeout`` stays above every blocking command's BLOCK time (redis-py needs that).  With a
+    Sentinel URL every new connection asks the sentinels for the primary; a connection to a primary that
+    became a replica fails on its first write (READONLY) and the next one finds the new primary.
     """
-    return aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=5,
-        socket_connect_timeout=2,
-        socket_timeout=max(5.0, block_ms / 1000.0 + 5.0),
-        health_check_interval=0,
-        retry_on_timeout=False,
-        client_name=name,
-    )
+    kw: dict[str, Any] = dict(max_connections=max_connections, timeout=5, socket_connect_timeout=2,
+                              socket_timeout=max(5.0, block_ms / 1000.0 + 5.0), health_check_interval=0,
+                              retry_on_timeout=False, client_name=name)
+    if url.startswith(SENTINEL_SCHEME):
+        su = SentinelUrl.parse(url)
+        manager = aiosentinel.Sentinel(su.sentinels, sentinel_kwargs=su.sentinel_kwargs(2.0))
+        return BlockingSentinelPool(su.service, manager, is_master=True, **su.connection_kwargs(), **kw)
+    return aioredis.BlockingConnectionPool.from_url(url, **kw)
+
+
+def sync_client(url: str, **kwargs: Any) -> redis.Redis:
+    """A blocking client (control commands, the supervisor, health checks) for any URL mgpu accepts."""
+    if url.startswith(SENTINEL_SCHEME):
+        su = SentinelUrl.parse(url)
+        timeout = float(kwargs.get("socket_connect_timeout") or 2.0)
+        manager = redis.sentinel.Sentinel(su.sentinels, sentinel_kwargs=su.sentinel_kwargs(timeout))
+        return manager.master_for(su.service, **su.connection_kwargs(), **kwargs)
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def async_client(url: str, **kwargs: Any) -> aioredis.Redis:
+    """An unpooled-style asyncio client (one-off tools) for any URL mgpu accepts."""
+    if url.startswith(SENTINEL_SCHEME):
+        su = SentinelUrl.parse(url)
+        timeout = float(kwargs.get("socket_connect_timeout") or 2.0)
+        manager = aiosentinel.Sentinel(su.sentinels, sentinel_kwargs=su.sentinel_kwargs(timeout))
+        return manager.master_for(su.service, **su.connection_kwargs(), **kwargs)
+    return aioredis.Redis.from_url(url, **kwargs)
 
 
 def make_client(url: str, *, max_connections: int = 32, block_ms: int = 0, name: str | None = None) -> aioredis.Redis:
@@ -33,6 +65,11 @@ def make_client(url: str, *, max_connections: int = 32, block_ms: int = 0, name:
 
 def redacted(url: str) -> str:
     """A Redis URL for a log line: its password replaced by ``***``."""
+    if url.startswith(SENTINEL_SCHEME):
+        parts = urlsplit(url)
+        auth, at, hosts = parts.netloc.rpartition("@")
+        netloc = (auth.partition(":")[0] + (":***" if ":" in auth else "") + at + hosts) if at else hosts
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -51,7 +88,7 @@ def check_credentials(dsn: str) -> None:
 
     from common.settings import SettingsError
 
-    client = redis.Redis.from_url(dsn, socket_connect_timeout=2, socket_timeout=3)
+    client = sync_client(dsn, socket_connect_timeout=2, socket_timeout=3)
     try:
         client.ping()
     except (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError) as exc:

@@ -44,6 +44,7 @@ class Queued:
     entry_id: str
     fell_back: bool  # pushed to a worker that was not ready: it went to the shared stream instead
     usage: KeyUsage | None = None  # the API key's minute, with this request in it
+    replicas: int | None = None  # with enqueue_wait: the replicas that confirmed the enqueue (WAIT)
 
 
 @dataclass(frozen=True)
@@ -143,10 +144,11 @@ class Limits:
 class Scripts:
     """The scripts of one namespace on one client (registered lazily; nothing is sent until used)."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, client: aioredis.Redis, keys: Keys, *, enqueue_wait: tuple[int, int] | None = None) -> None:
+        """``enqueue_wait``: (replicas, timeout ms) that every enqueue's round trip WAITs for."""
         self.r = client
         self.keys = keys
-        self._enqueue = ScriptBatcher(client, lua.ENQUEUE)
+        self._enqueue = ScriptBatcher(client, lua.ENQUEUE, wait=enqueue_wait)
         self._emit = ScriptBatcher(client, lua.EMIT_CHUNK)
         self._finish = ScriptBatcher(client, lua.FINISH)
         self._dead_letter = client.register_script(lua.DEAD_LETTER)
@@ -162,7 +164,7 @@ class Scripts:
         k = self.keys
         kid = charge.key_id if charge is not None else ""
         laned = bool(kid) and limits.fair
-        rc, val, *rest = await self._enqueue(
+        out = await self._enqueue(
             keys=[target.stream, idempotency_key or k.none, target.worker_key or k.none, target.shared,
                   k.queue_bytes(model), k.queue_bytes_total, k.api_key(kid) if kid else k.none,
                   k.rate(kid) if kid else k.none, k.lane_map(model) if laned else k.none, k.queue_len(model),
@@ -171,6 +173,8 @@ class Scripts:
                   limits.max_bytes, limits.max_bytes_total, charge.reserve if charge is not None else 0, kid,
                   k.none, LANES if laned else 1, limits.key_share, LANES, k.lane_prefix(model),
                   k.worker_stream_prefix(model), k.worker_streams(model)])
+        out, replicas = out if self._enqueue.wait is not None else (out, None)
+        rc, val, *rest = out
         if rc == 0:
             return QueueFull(_text(val))
         if rc == 2:  # an unreadable stored record raises pydantic's ValidationError (a ValueError)
@@ -180,7 +184,7 @@ class Scripts:
         if rc == 4:
             return RateLimited(_text(val), int(rest[0]), int(rest[1]), int(rest[2]))
         usage = KeyUsage(int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4])) if len(rest) >= 5 else None
-        return Queued(_text(val), bool(rest and rest[0] == 1), usage)
+        return Queued(_text(val), bool(rest and rest[0] == 1), usage, replicas)
 
     async def pull(self, streams: Sequence[str], consumer: str, n: int, *, before: int, lanes: int, first: int,
                    keep: int, running: Sequence[int], share: Sequence[int]) -> tuple[int, list[Pulled]]:

@@ -35,6 +35,7 @@ from pydantic.json_schema import JsonDict
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from common.keys import Keys
+from common.redis_url import SENTINEL_SCHEME, SentinelUrl
 
 ENV_PREFIX = "MGPU_"
 
@@ -171,7 +172,8 @@ class ControlSettings(LogSettings):
 
     flag_group = "Redis settings"
 
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="redis://, rediss:// (TLS) or unix://; "
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="redis://, rediss:// (TLS), unix:// or "
+                           "redis+sentinel://host:26379[,host:26379...]/<primary name>[/db] (Redis Sentinel); "
                            "a password or an ACL user goes in it: redis://user:password@host:6379/0")
     redis_tls_ca: str | None = Field(default=None, description="rediss://: the CA certificate file to verify the "
                                      "server with")
@@ -183,8 +185,10 @@ class ControlSettings(LogSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, v: str) -> str:
-        if not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if not v.startswith(("redis://", "rediss://", "unix://", SENTINEL_SCHEME)):
+            raise ValueError(f"must start with redis://, rediss://, unix:// or {SENTINEL_SCHEME}")
+        if v.startswith(SENTINEL_SCHEME):
+            SentinelUrl.parse(v)  # a ValueError names what is wrong
         return v
 
     def _tls_files(self) -> dict[str, str | None]:
@@ -194,6 +198,8 @@ class ControlSettings(LogSettings):
     @model_validator(mode="after")
     def _tls(self) -> Self:
         if any(self._tls_files().values()) and not self.redis_url.startswith("rediss://"):
+            if self.redis_url.startswith(SENTINEL_SCHEME):
+                raise ValueError("redis_tls_*: TLS to a Sentinel-managed primary is not supported yet")
             raise ValueError("redis_tls_*: TLS needs a rediss:// URL")
         return self
 
@@ -280,6 +286,12 @@ class GatewaySettings(HttpSettings, CommonSettings):
     redis_pool_size: int = Field(default=32, ge=2, description="Redis connections per gateway process")
     registry_refresh_s: float = Field(default=0.5, gt=0, description="how often the worker registry is read")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After of a 429 or 503")
+    enqueue_wait_replicas: int = Field(default=0, ge=0, description="accept a request only once this many Redis "
+                                       "replicas hold it (WAIT after the enqueue; 503 and the request cancelled "
+                                       "if they do not confirm in time): bounds what a failover loses "
+                                       "(docs/deployment.md); 0: do not wait")
+    enqueue_wait_timeout_ms: int = Field(default=1000, ge=1, description="how long the enqueue's WAIT waits for "
+                                         "the replicas")
     auth: AuthMode = Field(default="keys", description="keys: every /v1 request needs an API key (mgpu keys); "
                            "off: none (refused on a non-loopback address unless insecure_no_auth; mgpu up on "
                            "loopback: off unless set, and it says so)")

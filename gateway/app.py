@@ -99,7 +99,9 @@ def _lifespan(settings: GatewaySettings) -> Callable[[FastAPI], AbstractAsyncCon
             await registry.refresh(client)
         metrics = GatewayMetrics(view=registry)
         state = GatewayState(settings=settings, redis=client, router=replies, registry=registry,
-                             metrics=metrics, scripts=Scripts(client, settings.keys),
+                             metrics=metrics, scripts=Scripts(client, settings.keys, enqueue_wait=(
+                                 settings.enqueue_wait_replicas, settings.enqueue_wait_timeout_ms)
+                                 if settings.enqueue_wait_replicas else None),
                              balancer=Balancer(settings.strategy, settings.gateway_id,
                                                settings.affinity_prefix_chars, settings.affinity_vnodes),
                              api_keys=KeyCache(client, settings.keys, settings.key_cache_s))

@@ -75,6 +75,14 @@ async def enqueue(state: GatewayState, adm: Admission, route: Route) -> Queued |
         raise errors.Unauthorized(f"this API key {'is not known' if out.reason == 'unknown' else 'was ' + out.reason}")
     if isinstance(out, RateLimited):
         raise _rate_limited(adm, out)
+    if isinstance(out, Queued) and out.replicas is not None and out.replicas < s.enqueue_wait_replicas:
+        # on the primary only: a failover now could lose it, so it is not accepted (and not run)
+        await state.cancel(adm.item.id)
+        log.warning("enqueue not confirmed by replicas", extra={"request_id": adm.item.id,
+                                                                "replicas": out.replicas})
+        raise errors.ServiceUnavailable(
+            f"the request was not confirmed by {s.enqueue_wait_replicas} Redis replica(s) within "
+            f"{s.enqueue_wait_timeout_ms} ms, so it was not accepted", retry_after=s.retry_after_s)
     return out
 
 

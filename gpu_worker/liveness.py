@@ -28,6 +28,7 @@ from typing import Any
 
 import redis
 
+from common.redis_conn import sync_client
 from common.scripts import renew, renew_script
 from common.settings import WorkerSettings
 from gpu_worker.nvml import Gpu
@@ -118,7 +119,7 @@ class Keeper:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        client = redis.Redis.from_url(self.s.redis_dsn, socket_timeout=1.0, socket_connect_timeout=1.0)
+        client = sync_client(self.s.redis_dsn, socket_timeout=1.0, socket_connect_timeout=1.0)
         renew_lua = renew_script(client)
         stall_s = self.s.loop_stall_s
         stalled = False

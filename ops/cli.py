@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from common.logs import setup_logging
-from common.redis_conn import check_credentials
+from common.redis_conn import check_credentials, sync_client
 from common.settings import (
     STRATEGIES,
     ControlSettings,
@@ -223,9 +223,8 @@ def _drain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _drain(s: ControlSettings, ns: argparse.Namespace) -> int:
-    import redis
 
-    r = redis.Redis.from_url(s.redis_dsn)
+    r = sync_client(s.redis_dsn)
     r.set(s.keys.drain(ns.worker), "1", ex=600)
     print(f"asked worker {ns.worker} to drain")
     return 0
@@ -254,9 +253,8 @@ def _strategy_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _strategy(s: ControlSettings, ns: argparse.Namespace) -> int:
-    import redis
 
-    r = redis.Redis.from_url(s.redis_dsn, decode_responses=True)
+    r = sync_client(s.redis_dsn, decode_responses=True)
     field = f"strategy:{ns.target_gateway}" if ns.target_gateway else "strategy"
     if ns.name is None:
         control = r.hgetall(s.keys.control)

@@ -22,6 +22,7 @@ import redis
 
 from common.apikeys import ApiKey, digest, new_secret, parse_duration
 from common.keys import Keys
+from common.redis_conn import sync_client
 from common.settings import ControlSettings
 
 
@@ -98,7 +99,7 @@ def _row(rec: ApiKey) -> dict[str, Any]:
 
 
 def run(s: ControlSettings, ns: argparse.Namespace) -> int:
-    store = KeyStore(redis.Redis.from_url(s.redis_dsn), s.keys)
+    store = KeyStore(sync_client(s.redis_dsn), s.keys)
     cmd = ns.keys_cmd
     try:
         if cmd == "create":

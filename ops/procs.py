@@ -6,6 +6,7 @@ same way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -144,6 +145,72 @@ class RedisServer:
     def restart(self) -> None:
         self.kill()
         self.start()
+
+
+@dataclass
+class SentinelServer:
+    """A Redis Sentinel (``redis-server <conf> --sentinel``, the binary Debian's redis-sentinel runs) that
+    watches the primary ``service`` at ``primary_port``; quorum 2 of the usual three."""
+
+    data_dir: Path
+    primary_port: int
+    service: str = "mymaster"
+    port: int = 0
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 5000
+    quorum: int = 2
+    binary: str = field(default_factory=lambda: shutil.which("redis-server") or "/usr/bin/redis-server")
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> SentinelServer:
+        if not self.port:
+            self.port = free_port()
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        conf = self.data_dir / "sentinel.conf"  # Sentinel rewrites it: what it learns of the fleet
+        conf.write_text(f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.data_dir}\n"
+                        f"logfile {self.data_dir / 'sentinel.log'}\n"
+                        f"sentinel monitor {self.service} 127.0.0.1 {self.primary_port} {self.quorum}\n"
+                        f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                        f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
+                        f"sentinel parallel-syncs {self.service} 1\n")
+        self.proc = subprocess.Popen([self.binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, preexec_fn=_private_files)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=1)
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"redis sentinel exited with {self.proc.returncode}; see {self.data_dir}")
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(up, timeout, f"redis sentinel on port {self.port}")
+        client.close()
+        return self
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_connect_timeout=1, socket_timeout=2, decode_responses=True)
+
+    def primary(self) -> tuple[str, int] | None:
+        """The primary this sentinel names now."""
+        with contextlib.closing(self.client()) as c:
+            addr = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        return (addr[0], int(addr[1])) if addr else None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def sentinel_url(sentinels: list[SentinelServer], db: int = 0) -> str:
+    return (f"redis+sentinel://{','.join(f'127.0.0.1:{s.port}' for s in sentinels)}/"
+            f"{sentinels[0].service}/{db}")
 
 
 def mgpu_cmd(*args: str) -> list[str]:

@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from common.keys import Keys
 from common.lua import ROLLOUT_REQUEST, ROLLOUT_WRITE
+from common.redis_conn import sync_client
 from common.settings import ROLLOUT_FIELDS, ControlSettings, WorkerSettings
 
 Phase = Literal["requested", "running", "rolling_back", "done", "rolled_back", "failed", "rejected", "expired"]
@@ -319,7 +320,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_command(s: ControlSettings, ns: argparse.Namespace) -> int:
-    r = redis.Redis.from_url(s.redis_dsn, socket_timeout=5, socket_connect_timeout=2)
+    r = sync_client(s.redis_dsn, socket_timeout=5, socket_connect_timeout=2)
     keys = s.keys
     try:
         if ns.status or ns.history:

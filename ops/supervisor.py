@@ -35,7 +35,7 @@ import redis
 from pydantic import ValidationError
 
 from common.records import WorkerRecord, WorkerState
-from common.redis_conn import redacted
+from common.redis_conn import redacted, sync_client
 from common.settings import ROLLOUT_FIELDS, GatewaySettings, SettingsError, UpSettings, WorkerSettings, to_env
 from ops import rollout
 from ops.fleet import CRASH_LOOP_WINDOW_S, Child
@@ -123,7 +123,7 @@ class Supervisor:
         self.gateway = Child("gateway", mgpu_cmd("gateway"),
                              {**to_env(GatewaySettings.of(s)), "MGPU_PORT": str(self.port),
                               "MGPU_HEALTH_PORT": str(probe)}, logs / "gateway.log")
-        self.registry = redis.Redis.from_url(s.redis_dsn, socket_timeout=2, socket_connect_timeout=2)
+        self.registry = sync_client(s.redis_dsn, socket_timeout=2, socket_connect_timeout=2)
         self.rollout: RollingUpdate | None = None
         self._steps: Steps | None = None
         self._unwritten: RolloutState | None = None  # a final rollout state Redis did not take yet

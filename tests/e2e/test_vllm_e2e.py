@@ -70,25 +70,30 @@ def test_streamed_chat_yields_chunks_then_done(vllm_stack: Stack) -> None:
 
 
 def test_two_requests_share_one_engine_batch(vllm_stack: Stack) -> None:
+    """b is sent once a is decoding; a cannot end early (ignore_eos), so if the worker batched them, b's
+    first token arrives before a's last. A worker that ran one request at a time would start b after a."""
     client = vllm_stack.openai(timeout=120)
     arrivals: dict[str, list[float]] = {"a": [], "b": []}
+    a_decoding = threading.Event()
 
-    def run(name: str) -> None:
-        s = client.completions.create(model=MODEL, prompt=f"Once upon a time, {name}", max_tokens=32,
-                                      temperature=0, stream=True)
+    def run(name: str, max_tokens: int) -> None:
+        s = client.completions.create(model=MODEL, prompt=f"Once upon a time, {name}", max_tokens=max_tokens,
+                                      temperature=0, stream=True, extra_body={"ignore_eos": True})
         for ch in s:
             if ch.choices and ch.choices[0].text:
                 arrivals[name].append(time.monotonic())
+                a_decoding.set()
 
-    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
-    for t in threads:
-        t.start()
-    for t in threads:
+    ta = threading.Thread(target=run, args=("a", 64))
+    ta.start()
+    assert a_decoding.wait(120)
+    tb = threading.Thread(target=run, args=("b", 16))
+    tb.start()
+    for t in (ta, tb):
         t.join(120)
     a, b = arrivals["a"], arrivals["b"]
-    assert len(a) >= 8 and len(b) >= 8
-    # decoded side by side: each one's first token came before the other one's last
-    assert b[0] < a[-1] and a[0] < b[-1]
+    assert len(a) >= 32 and len(b) >= 8  # ignore_eos: each ran to (about) its max_tokens
+    assert a[0] < b[0] < a[-1]  # b decoded while a was still decoding
 
 
 def test_mgpu_up_serves_the_embedded_model(tmp_path: Path) -> None:

@@ -1,0 +1,176 @@
+"""Redis high availability with real processes: one primary, one replica, three Sentinels (redis-server
+--sentinel), a gateway and two sim workers that know Redis only by a ``redis+sentinel://`` URL.  The primary
+is killed (SIGKILL) while requests run; the fleet must find the new primary without a restart, and every
+accepted request must end in an answer or an explicit error.  With ``enqueue_wait_replicas=1`` none may be
+lost.  The figures (time to resume; answered, failed explicitly, lost) are printed and written to
+``$MGPU_HA_REPORT`` when it is set (docs/deployment.md quotes them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from ops.procs import RedisServer, SentinelServer, sentinel_url, wait_until
+from tests.conftest import Stack
+
+pytestmark = [pytest.mark.slow]
+
+
+@dataclass
+class HA:
+    primary: RedisServer
+    replica: RedisServer
+    sentinels: list[SentinelServer]
+
+    @property
+    def url(self) -> str:
+        return sentinel_url(self.sentinels)
+
+    def named(self) -> set[tuple[str, int] | None]:
+        out = set()
+        for s in self.sentinels:
+            try:
+                out.add(s.primary())
+            except redis.RedisError:
+                out.add(None)
+        return out
+
+
+def _link_up(replica: RedisServer) -> bool:
+    info = redis.Redis(port=replica.port, socket_timeout=1).info("replication")
+    return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+
+@pytest.fixture
+def ha(tmp_path: Path) -> Iterator[HA]:
+    primary = RedisServer(tmp_path / "primary").start()
+    replica = RedisServer(tmp_path / "replica", extra_args=["--replicaof", "127.0.0.1", str(primary.port)]).start()
+    wait_until(lambda: _link_up(replica), 20, "the replica's link to the primary")
+    sentinels = [SentinelServer(tmp_path / f"sentinel{i}", primary.port).start() for i in range(3)]
+
+    def known() -> bool:  # every sentinel sees the replica and the two other sentinels
+        for s in sentinels:
+            with s.client() as c:
+                info = c.sentinel_master(s.service)
+                if int(info["num-slaves"]) < 1 or int(info["num-other-sentinels"]) < 2:
+                    return False
+        return True
+
+    wait_until(known, 30, "the sentinels to know the replica and each other", interval=0.2)
+    h = HA(primary, replica, sentinels)
+    yield h
+    for s in sentinels:
+        s.stop()
+    replica.stop()
+    primary.stop()
+
+
+@dataclass
+class Outcome:
+    sent_at: float
+    done_at: float
+    status: int  # 0: no HTTP answer at all
+    code: str
+
+
+def _load(base: str, stop: threading.Event, out: list[Outcome], lock: threading.Lock) -> None:
+    with httpx.Client(base_url=base, timeout=60) as c:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            t0 = time.monotonic()
+            try:
+                r = c.post("/v1/chat/completions", json={
+                    "model": "sim-model", "max_tokens": 8,
+                    "messages": [{"role": "user", "content": f"request {threading.get_ident()} {i}"}]})
+                code = "" if r.status_code == 200 else str(r.json().get("error", {}).get("code"))
+                o = Outcome(t0, time.monotonic(), r.status_code, code)
+            except httpx.HTTPError as exc:
+                o = Outcome(t0, time.monotonic(), 0, type(exc).__name__)
+            with lock:
+                out.append(o)
+
+
+@pytest.mark.parametrize("wait_replicas", [0, 1], ids=["no-wait", "wait-1"])
+def test_sentinel_failover_under_load(ha: HA, tmp_path: Path, wait_replicas: int) -> None:
+    stack = Stack(tmp_path, ha.primary)
+    stack.settings.update(redis_url=ha.url)
+    for _ in range(2):
+        stack.start_worker(slots=16)
+    stack.start_gateway(enqueue_wait_replicas=wait_replicas, enqueue_wait_timeout_ms=500, request_timeout_s=30)
+    out: list[Outcome] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    threads = [threading.Thread(target=_load, args=(stack.base_url, stop, out, lock)) for _ in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: sum(o.status == 200 for o in list(out)) >= 50, 30, "50 answers before the kill")
+        old = ("127.0.0.1", ha.primary.port)
+        killed_at = time.monotonic()
+        ha.primary.kill()
+        wait_until(lambda: ha.named() == {("127.0.0.1", ha.replica.port)}, 60,
+                   "the sentinels to promote the replica", interval=0.1)
+        promoted_at = time.monotonic()
+        # the old primary comes back (as a restarted pod would) and Sentinel makes it the new replica
+        ha.primary.start()
+        wait_until(lambda: _link_up(ha.primary), 60, "the old primary to follow the new one", interval=0.1)
+        back_at = time.monotonic()
+        wait_until(lambda: sum(o.status == 200 and o.sent_at > back_at for o in list(out)) >= 50, 60,
+                   "50 answers after the failover")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(90)
+        stack.stop_all()
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    after = [o for o in out if o.sent_at > killed_at]
+    resumed = min((o.done_at for o in after if o.status == 200), default=float("inf"))
+    counts = Counter("answered" if o.status == 200 else
+                     "lost" if o.status in (0, 504) else  # accepted, then never answered (or no HTTP answer)
+                     "refused" if o.status == 503 else "failed" for o in out)
+    report = {"wait_replicas": wait_replicas, "requests": len(out), **counts,
+              "promoted_after_s": round(promoted_at - killed_at, 2),
+              "first_answer_after_kill_s": round(resumed - killed_at, 2),
+              "old_primary_back_after_s": round(back_at - killed_at, 2),
+              "refusal_codes": dict(Counter(o.code for o in out if o.status == 503)),
+              "old_primary": list(old)}
+    print(json.dumps(report))
+    if os.environ.get("MGPU_HA_REPORT"):
+        with open(os.environ["MGPU_HA_REPORT"], "a") as f:
+            f.write(json.dumps(report) + "\n")
+    assert counts["answered"] >= 100
+    assert counts["failed"] == 0, [o for o in out if o.status not in (0, 200, 503, 504)]
+    assert resumed < float("inf")
+    if wait_replicas:
+        assert counts["lost"] == 0
+
+
+def test_a_sentinel_that_names_no_primary_gives_503_with_retry_after(tmp_path: Path) -> None:
+    """The gateway starts and answers, but every request gets a 503 with Retry-After that names the cause,
+    at once (no hang), while the sentinels know no primary of that name."""
+    primary = RedisServer(tmp_path / "primary").start()
+    sentinel = SentinelServer(tmp_path / "sentinel", primary.port, quorum=1).start()
+    try:
+        stack = Stack(tmp_path, primary)
+        url = f"redis+sentinel://127.0.0.1:{sentinel.port}/no-such-primary/0"
+        stack.start_gateway(wait_ready=False, redis_url=url)
+        t0 = time.monotonic()
+        r = httpx.post(stack.base_url + "/v1/chat/completions", timeout=30, json={
+            "model": "sim-model", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and r.headers.get("retry-after") == "1"
+        assert "unreachable" in r.json()["error"]["message"] and time.monotonic() - t0 < 10
+        stack.stop_all()
+    finally:
+        sentinel.stop()
+        primary.stop()
