@@ -286,6 +286,10 @@ class GatewaySettings(HttpSettings, CommonSettings):
     redis_pool_size: int = Field(default=32, ge=2, description="Redis connections per gateway process")
     registry_refresh_s: float = Field(default=0.5, gt=0, description="how often the worker registry is read")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After of a 429 or 503")
+    scale_from_zero: bool = Field(default=False, description="queue requests for a model that no live worker "
+                                  "serves now but one served before (its facts are in Redis), instead of a 503, "
+                                  "so that an autoscaler (KEDA, on the queue's lag) starts one; /ready then needs "
+                                  "only Redis (deploy/k8s)")
     enqueue_wait_replicas: int = Field(default=0, ge=0, description="accept a request only once this many Redis "
                                        "replicas hold it (WAIT after the enqueue; 503 and the request cancelled "
                                        "if they do not confirm in time): bounds what a failover loses "

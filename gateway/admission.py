@@ -202,7 +202,9 @@ def build_item(state: GatewayState, kind: Kind, body: dict[str, Any], f: _Fields
     if not reg.live_workers(model):
         if info is None:
             raise errors.ModelNotFound(f"The model `{model}` does not exist.", param="model")
-        raise errors.ServiceUnavailable(f"no live worker serves '{model}' right now", retry_after=s.retry_after_s)
+        if not s.scale_from_zero:
+            raise errors.ServiceUnavailable(f"no live worker serves '{model}' right now",
+                                            retry_after=s.retry_after_s)
     if info is not None and kind not in info.kinds:
         raise errors.NotFound(f"the model '{model}' is not served on {PATHS[kind]} (it is served on "
                               f"{', '.join(PATHS[k] for k in info.kinds if k in PATHS)})", param="model")

@@ -33,7 +33,7 @@ def _state(request: Request) -> GatewayState:
 
 def readiness(state: GatewayState) -> tuple[int, dict[str, Any]]:
     live = len(state.registry.live_workers())
-    ok = state.ready and live > 0
+    ok = state.ready and (live > 0 or state.settings.scale_from_zero)  # scaled to zero: queue, an autoscaler acts
     return (200 if ok else 503), {"status": "ready" if ok else "not ready", "redis": state.registry.redis_ok,
                                   "live_workers": live}
 

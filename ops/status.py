@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from common.keys import Keys
 from common.queues import ModelQueues, read_queues
 from common.records import WorkerRecord
-from common.redis_conn import async_client
+from common.redis_conn import async_client, redacted
 from ops.rollout import RolloutState
 
 CLEAR = "\x1b[H\x1b[2J"
@@ -169,7 +169,7 @@ async def run_status(redis_url: str, keys: Keys, *, once: bool = False, interval
                      colour: bool | None = None) -> int:
     colour = sys.stdout.isatty() if colour is None else colour
     r = async_client(redis_url, socket_timeout=5, socket_connect_timeout=2)
-    title = f"namespace={keys.ns}  redis={redis_url}"
+    title = f"namespace={keys.ns}  redis={redacted(redis_url)}"
     try:
         prev = await take_snapshot(r, keys)
         if once:

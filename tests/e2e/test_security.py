@@ -6,6 +6,7 @@ API keys; no prompt or answer text in any log."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import secrets
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import redis
 
 from ops.acl import acl_line, admin_rules, gateway_rules, worker_rules
 from ops.procs import RedisServer, free_port, mgpu_cmd
-from tests.conftest import Stack
+from tests.conftest import ROOT, Stack
 
 NS = "mgpu"
 
@@ -190,3 +191,14 @@ def test_data_and_logs_are_the_owners_only(tmp_path: Path) -> None:
     finally:
         srv.stop()
     assert sys.platform == "linux"
+
+
+def test_mgpu_status_does_not_print_the_redis_password(tmp_path: Path) -> None:
+    srv = RedisServer(tmp_path / "redis", password="status-secret-pw").start()
+    try:
+        out = subprocess.run([*mgpu_cmd("status", "--once", "--no-color")], cwd=ROOT, timeout=30, capture_output=True,
+                             text=True, env={**os.environ, "MGPU_REDIS_URL": srv.url, "PYTHONPATH": str(ROOT)})
+        assert out.returncode == 0, out.stderr
+        assert f"127.0.0.1:{srv.port}" in out.stdout and "status-secret-pw" not in out.stdout + out.stderr
+    finally:
+        srv.stop()
