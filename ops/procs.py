@@ -73,16 +73,18 @@ class RedisServer:
     # a second redis-server must never append to the same AOF.  Only for a server started from a thread
     # that lives as long as it should (the signal follows the starting thread).
     die_with_parent: bool = False
+    host: str = "127.0.0.1"  # the address it binds and ``url`` names
+    prefix: list[str] = field(default_factory=list)  # runs it under this command (e.g. ``ip netns exec NS``)
 
     @property
     def url(self) -> str:
         auth = f":{quote(self.password, safe='')}@" if self.password else ""
         if self.tls_port:
-            return f"rediss://{auth}127.0.0.1:{self.tls_port}/0?ssl_ca_certs={quote(self.tls_ca or '', safe='/')}"
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+            return f"rediss://{auth}{self.host}:{self.tls_port}/0?ssl_ca_certs={quote(self.tls_ca or '', safe='/')}"
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def url_for(self, user: str, password: str) -> str:
-        return f"redis://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}/0"
+        return f"redis://{quote(user, safe='')}:{quote(password, safe='')}@{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         if not self.port:
@@ -94,7 +96,8 @@ class RedisServer:
             f.truncate(0)
             if self.password and not self.acl:  # with an ACL file, the default user's password is in it
                 f.write(f"requirepass {self.password}\n".encode())
-        args = [self.binary, str(conf), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+        args = [*self.prefix, self.binary, str(conf), "--port", str(self.port), "--bind", self.host,
+                "--dir", str(self.data_dir),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
                 "--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction", "--daemonize", "no",
                 "--protected-mode", "yes", "--logfile", str(self.data_dir / "redis.log")]
