@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-gb", type=int, default=2)
     p.add_argument("--no-defaults-run", action="store_true", help="skip vllm serve with vLLM's own defaults")
+    p.add_argument("--repeats", type=int, default=1, help="run vllm serve and mgpu this many times each, "
+                   "alternating which goes first (A B, B A, ...); the ratios are per pair, then their median")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -99,41 +102,59 @@ def main(argv: list[str] | None = None) -> int:
     model_path = str(ensure_embedded_model(default_cache_dir()))
     settings = worker_settings(args)
     argv_same = engine_argv(WorkerSettings.load(settings, env={}), model_path)
+    same_name, ours_name = "vllm serve (mgpu's worker flags)", "mgpu: gateway + 1 vLLM worker"
     runs: dict[str, Any] = {}
+    pairs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="mgpu-vllmbench-") as d:
         tmp = Path(d)
-        targets: list[tuple[str, Any]] = [("vllm serve (mgpu's worker flags)", lambda: vllm_serve(
-            model_path, argv_same, tmp, args.kv_cache_gb)), ("mgpu: gateway + 1 vLLM worker", lambda: mgpu(
-                model_path, settings, tmp))]
+        servers: dict[str, Any] = {same_name: lambda: vllm_serve(model_path, argv_same, tmp, args.kv_cache_gb),
+                                   ours_name: lambda: mgpu(model_path, settings, tmp)}
         if not args.no_defaults_run:
-            targets.append(("vllm serve (vLLM's defaults)", lambda: vllm_serve(
+            servers["vllm serve (vLLM's defaults)"] = lambda: vllm_serve(
                 model_path, ["--model", model_path, "--served-model-name", MODEL, "--max-model-len",
-                             str(args.max_model_len)], tmp, args.kv_cache_gb)))
-        for i, (name, server) in enumerate(targets):
-            t0 = time.monotonic()
-            with server() as url:
-                started = time.monotonic() - t0
-                runs[name] = {"start_s": round(started, 1), **run_client(url, model_path, args, tmp / f"r{i}.json")}
-            print(f"{name}: {json.dumps(runs[name])}", flush=True)
+                             str(args.max_model_len)], tmp, args.kv_cache_gb)
+        for rep in range(args.repeats):
+            names = [same_name, ours_name] if rep % 2 == 0 else [ours_name, same_name]
+            if rep == 0:
+                names += [n for n in servers if n not in (same_name, ours_name)]
+            pair: dict[str, Any] = {"order": names[:2]}
+            for i, name in enumerate(names):
+                t0 = time.monotonic()
+                with servers[name]() as url:
+                    started = time.monotonic() - t0
+                    pair[name] = {"start_s": round(started, 1),
+                                  **run_client(url, model_path, args, tmp / f"r{rep}-{i}.json")}
+                print(f"[{rep + 1}/{args.repeats}] {name}: {json.dumps(pair[name])}", flush=True)
+                runs.setdefault(name, pair[name])
+            pair["ratios"] = _ratios(pair[ours_name], pair[same_name])
+            pairs.append(pair)
     expected = args.prompts * args.output_len
-    same, ours = runs["vllm serve (mgpu's worker flags)"], runs["mgpu: gateway + 1 vLLM worker"]
-    report = {
+    report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{os.cpu_count()} cores, no GPU",
         "workload": {"prompts": args.prompts, "input_len": args.input_len, "output_len": args.output_len,
                      "expected_output_tokens": expected, "engine_flags": argv_same[4:]},
         "runs": runs,
-        "ratios": {"output_throughput": round(ours["output_throughput"] / same["output_throughput"], 3),
-                   "median_ttft": round(ours["median_ttft_ms"] / same["median_ttft_ms"], 3),
-                   "median_itl": round(ours["median_itl_ms"] / same["median_itl_ms"], 3)},
+        "ratios": {k: round(statistics.median(p["ratios"][k] for p in pairs), 3) for k in pairs[0]["ratios"]},
     }
+    if args.repeats > 1:
+        report["pairs"] = pairs
+        report["ratio_range"] = {k: [min(p["ratios"][k] for p in pairs), max(p["ratios"][k] for p in pairs)]
+                                 for k in pairs[0]["ratios"]}
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    bad = [n for n, r in runs.items() if r["failed"] or r["total_output_tokens"] != expected]
+    bad = sorted({n for p in pairs for n, r in p.items() if isinstance(r, dict) and "failed" in r
+                  and (r["failed"] or r["total_output_tokens"] != expected)})
     if bad:
         print(f"FAILED: {bad} did not generate exactly {expected} tokens with 0 failures", file=sys.stderr)
         return 1
     return 0
+
+
+def _ratios(ours: dict[str, Any], same: dict[str, Any]) -> dict[str, float]:
+    return {"output_throughput": round(ours["output_throughput"] / same["output_throughput"], 3),
+            "median_ttft": round(ours["median_ttft_ms"] / same["median_ttft_ms"], 3),
+            "median_itl": round(ours["median_itl_ms"] / same["median_itl_ms"], 3)}
 
 
 if __name__ == "__main__":

@@ -174,3 +174,51 @@ def test_a_sentinel_that_names_no_primary_gives_503_with_retry_after(tmp_path: P
     finally:
         sentinel.stop()
         primary.stop()
+
+
+@pytest.mark.parametrize("wait_replicas", [0, 1], ids=["no-wait", "wait-1"])
+def test_a_manual_failover_demotes_the_primary_under_load(ha: HA, tmp_path: Path, wait_replicas: int) -> None:
+    """SENTINEL FAILOVER: the replica is promoted, then the old primary becomes a read-only replica while the
+    fleet's connections still point at it.  Their next write fails (READONLY, turned into a connection error
+    by the Sentinel pool) and the next connection finds the new primary; no process restarts.  Between the
+    promotion and the demotion the old primary still takes writes that the resync then drops: without WAIT
+    such a request is lost (a 504 at its deadline, counted and reported); with ``enqueue_wait_replicas=1`` the
+    old primary has no replica left in that window, so such a request is refused (503) instead: none lost."""
+    stack = Stack(tmp_path, ha.primary)
+    stack.settings.update(redis_url=ha.url)
+    stack.start_worker(slots=16)
+    gw = stack.start_gateway(request_timeout_s=20, enqueue_wait_replicas=wait_replicas, enqueue_wait_timeout_ms=500)
+    out: list[Outcome] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    threads = [threading.Thread(target=_load, args=(stack.base_url, stop, out, lock)) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: sum(o.status == 200 for o in list(out)) >= 30, 30, "30 answers before the failover")
+        switched_at = time.monotonic()
+        with ha.sentinels[0].client() as c:
+            assert c.execute_command("SENTINEL", "FAILOVER", "mymaster")
+        wait_until(lambda: ha.named() == {("127.0.0.1", ha.replica.port)}, 60, "the switch", interval=0.1)
+        wait_until(lambda: redis.Redis(port=ha.primary.port).info("replication")["role"] == "slave", 30,
+                   "the old primary to be a replica")
+        wait_until(lambda: sum(o.status == 200 and o.sent_at > switched_at for o in list(out)) >= 30, 60,
+                   "30 answers after the failover")
+        never_restarted = all(p.alive for p in stack.procs) and gw.alive
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(90)
+        stack.stop_all()
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    counts = Counter(o.status for o in out)
+    report = {"manual_failover": True, "wait_replicas": wait_replicas, "requests": len(out),
+              **{str(k): v for k, v in counts.items()}}
+    print(json.dumps(report))
+    if os.environ.get("MGPU_HA_REPORT"):
+        with open(os.environ["MGPU_HA_REPORT"], "a") as f:
+            f.write(json.dumps(report) + "\n")
+    assert set(counts) <= {200, 503, 504}, counts  # answered, refused, or lost to the resync: never a 500
+    if wait_replicas:
+        assert set(counts) <= {200, 503}, counts  # none lost
+    assert never_restarted
