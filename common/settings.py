@@ -383,6 +383,10 @@ class WorkerSettings(SimEngineSettings, CommonSettings):
                                            "to half the slots; unset: slots / 32, at least 1; 0: none")
     fair_window_s: float = Field(default=10.0, gt=0, description="how recently a lane must have had work here to "
                                  "count as active")
+    batch_reserve_slots: int | None = Field(default=None, ge=0, description="free slots that batch work "
+                                            "({ns}:q:{model}:batch) may never take, so that an interactive "
+                                            "request starts at once while batch work fills the rest; unset: "
+                                            "slots / 8, at least 1")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="/metrics and /health; 0: a free port")
     metrics_host: str = Field(default="127.0.0.1", description="0.0.0.0 to be scraped from other hosts")
     revision: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:+-]{1,64}$", description="what the worker "

@@ -99,6 +99,11 @@ class Worker:
         # (and, once the server has started, those of the adapters it serves)
         self.intake = FairIntake(self.own.own, self.keys.lanes(self.model), reserve=0,
                                  window_s=settings.fair_window_s)
+        # batch work (common.keys.batch_stream: producers and the batch jobs) only in slots that interactive work
+        # leaves free beyond a reserve (batch_reserve_slots), read after the interactive streams
+        self.batch_streams = [self.keys.batch_stream(self.model)]
+        self.batch_reserve = 1
+        self._batch_more = False  # the last batch read may have left entries
         self._stream_model = {s: self.model for s in self.streams}  # the model (or adapter) of each stream
         self.stats = WorkerStats()
         self.gpu = gpu or Gpu(settings.gpu)
@@ -135,7 +140,12 @@ class Worker:
 
     @property
     def streams(self) -> list[str]:
-        return self.intake.streams
+        """Every stream this worker reads: its own, the fair lanes, then the batch streams."""
+        return [*self.intake.streams, *self.batch_streams]
+
+    def batch_room(self, free: int) -> int:
+        """Slots batch work may take now: the free ones beyond the reserve (none while batch work runs there)."""
+        return free - self.batch_reserve
 
     @property
     def free_slots(self) -> int:
@@ -220,11 +230,17 @@ class Worker:
         reserve = self.s.fair_reserve_slots
         self.intake.reserve = max(1, self.server.slots // 32) if reserve is None else reserve
         self.intake.slots = self.server.slots
+        batch_reserve = self.s.batch_reserve_slots
+        self.batch_reserve = max(1, self.server.slots // 8) if batch_reserve is None else batch_reserve
         for card in self.server.models():  # adapters: their streams too
             lanes = self.keys.lanes(card.id)
             self.intake.add_lanes(lanes)
             for lane in lanes:
                 self._stream_model.setdefault(lane, card.id)
+            batch = self.keys.batch_stream(card.id)
+            if batch not in self.batch_streams:
+                self.batch_streams.append(batch)
+                self._stream_model[batch] = card.id
         await self._ensure_groups()
         await self.registry.publish_ready()
         self._slot_freed.set()  # the pull loop adds the shared stream at its next read
@@ -364,21 +380,37 @@ class Worker:
             fair.more = len(pulled) >= free
             if pulled:
                 return [(p.stream, [(p.entry_id, p.fields)]) for p in pulled]
+        room = self.batch_room(free)
+        if room > 0 and self._batch_more:  # a batch backlog: take it without waiting on the interactive streams
+            resp = await self.r.xreadgroup(GROUP, self.id, {s: ">" for s in self.batch_streams}, count=room)
+            got = sum(len(entries) for _s, entries in resp or ())
+            self._batch_more = got >= room
+            if got:
+                return resp
         streams, count, block = fair.blocking_read(plan, free, self.s.read_block_ms)
+        if room > 0:  # batch entries wake the read too, while there is room for them
+            streams = [*streams, *self.batch_streams]
         resp = await self.r.xreadgroup(GROUP, self.id, {s: ">" for s in streams}, count=count, block=block)
-        fair.more = any(len(entries) >= count for _s, entries in resp or ())
+        batch = set(self.batch_streams)
+        fair.more = any(len(entries) >= count for s, entries in resp or () if _s(s) not in batch)
+        self._batch_more = any(len(entries) >= count for s, entries in resp or () if _s(s) in batch)
         return resp
 
     async def _take(self, resp: Any, free: int) -> None:
-        """Start what a read returned, up to ``free`` slots; hand back the rest (several streams
-        answered at once, or a drain began)."""
+        """Start what a read returned, up to ``free`` slots, batch entries only in the batch room (interactive
+        entries first); hand back the rest (several streams answered at once, or a drain began)."""
         excess: dict[str, list[str]] = {}
-        for stream_b, entries in resp or ():
+        batch = set(self.batch_streams)
+        room = self.batch_room(free)
+        for stream_b, entries in sorted(resp or (), key=lambda se: _s(se[0]) in batch):
             stream = _s(stream_b)
+            is_batch = stream in batch
             for entry_id_b, fields in entries:
                 entry_id = _s(entry_id_b)
-                if free > 0 and not self._stop.is_set():
-                    free -= self._start(stream, entry_id, fields or {}, deliveries=1)
+                if free > 0 and (not is_batch or room > 0) and not self._stop.is_set():
+                    took = self._start(stream, entry_id, fields or {}, deliveries=1)
+                    free -= took
+                    room -= took
                 else:
                     excess.setdefault(stream, []).append(entry_id)
         for stream, ids in excess.items():

@@ -158,10 +158,11 @@ def test_queue_full_429(stack: Stack) -> None:
     assert len(streams) == 2 and all(s.endswith(b"data: [DONE]\n\n") for s in streams)
 
 
-def test_malformed_producer_entries_answered_and_acked(stack: Stack) -> None:
+@pytest.mark.parametrize("which", ["stream", "batch_stream"])
+def test_malformed_producer_entries_answered_and_acked(stack: Stack, which: str) -> None:
     w = stack.start_worker(model="sim-model", sim_decode_ms=1)
     stack.start_gateway()
-    s = stack.keys.stream("sim-model")
+    s = getattr(stack.keys, which)("sim-model")  # the interactive stream, or the batch stream
     stack.r.xadd(s, {"p": "not json at all"})
     stack.r.xadd(s, {"unexpected": "field"})
     stack.r.xadd(s, {"p": json.dumps({"id": "bad-1", "kind": "chat", "model": "sim-model"})})  # no messages

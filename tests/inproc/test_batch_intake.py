@@ -1,0 +1,49 @@
+"""Batch work on the model's batch stream (``Keys.batch_stream``: what batch producers write) runs only in the
+slots that interactive work leaves free beyond a reserve, so that an interactive request starts at once while
+a batch backlog keeps the rest busy.  A real redis-server, a worker on the sim engine in the test's loop."""
+
+from __future__ import annotations
+
+from common.keys import GROUP
+from gpu_worker.engine.sim import expected_text
+from ops.procs import RedisServer
+from tests.inproc.test_worker import MODEL, item, rig, texts, until
+
+
+async def _lag(r, stream: str) -> int:  # type: ignore[no-untyped-def]
+    (g,) = await r.client.xinfo_groups(stream)
+    return int(g["lag"])
+
+
+async def test_batch_fills_the_slots_beyond_the_reserve_and_interactive_starts_at_once(
+        redis_server: RedisServer) -> None:
+    async with rig(redis_server, decode_ms=20, slots=4, batch_reserve_slots=1) as r:
+        batch = r.keys.batch_stream(MODEL)
+        for i in range(9):
+            await r.add(item(f"b{i}", max_tokens=40), stream=batch)
+        await until(lambda: r.worker.in_flight == 3, 5, "batch work in 3 of 4 slots")
+        assert (await r.client.xpending(batch, GROUP))["pending"] == 3  # the reserve slot stays free
+        await r.add(item("online", max_tokens=4))
+        res = await r.result("online")
+        # it ran in the reserve slot beside the batch (4 steps against their 40): no batch request ended first
+        assert res.error is None
+        assert [await r.client.exists(r.keys.result(MODEL, f"b{i}")) for i in range(9)] == [0] * 9
+        for i in range(9):  # then the backlog drains, every one answered
+            assert texts(await r.result(f"b{i}", timeout=30)) == [expected_text("one two three", max_tokens=40)]
+        await until(lambda: r.worker.in_flight == 0, 5, "idle")
+        assert await r.client.xlen(batch) == 0
+
+
+async def test_batch_work_waits_while_interactive_work_leaves_only_the_reserve(redis_server: RedisServer) -> None:
+    async with rig(redis_server, decode_ms=20, slots=4, batch_reserve_slots=1) as r:
+        for i in range(3):
+            await r.add(item(f"i{i}", max_tokens=60))
+        await until(lambda: r.worker.in_flight == 3, 5, "interactive work in 3 slots")
+        batch = r.keys.batch_stream(MODEL)
+        await r.add(item("b", max_tokens=4), stream=batch)
+        await r.add(item("probe", max_tokens=2))  # taken into the free slot; the worker reads again meanwhile
+        assert (await r.result("probe")).error is None
+        assert await _lag(r, batch) == 1  # one slot free, and it is the reserve: batch work stays unread
+        assert (await r.result("b", timeout=30)).error is None  # once interactive work leaves room
+        for i in range(3):
+            assert (await r.client.exists(r.keys.result(MODEL, f"i{i}"))) == 1
