@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                    "alternating which goes first (A B, B A, ...); the ratios are per pair, then their median")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats: at least 1")
 
     from common.settings import WorkerSettings
     from gpu_worker.model_store import default_cache_dir, ensure_embedded_model

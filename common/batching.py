@@ -74,10 +74,9 @@ class ScriptBatcher:
             results = await self._evalsha_all(batch)
         if self.wait is None:
             return results
-        acks = results.pop()
-        if isinstance(acks, Exception):
-            raise acks
-        return [r if isinstance(r, Exception) else (r, int(acks)) for r in results]
+        acks = results.pop()  # an error here is no confirmation: the callers' refusal path runs (not a raise,
+        replicas = 0 if isinstance(acks, Exception) else int(acks)  # which would leave their enqueues running)
+        return [r if isinstance(r, Exception) else (r, replicas) for r in results]
 
     async def _flush(self) -> None:
         try:

@@ -225,11 +225,18 @@ local function safe_del(stream, group, id)
     redis.call('XDEL', stream, id)
   end
   if last and redis.call('EXISTS', gc) == 1 then
-    for _, m in ipairs(redis.call('SMEMBERS', gc)) do
-      if id_lt(m, last) or (m == last and redis.call('XLEN', stream) == 1) then
+    local at_last = false
+    for _, m in ipairs(redis.call('SMEMBERS', gc)) do  -- the ones the group has read past, first
+      if id_lt(m, last) then
         redis.call('XDEL', stream, m)
         redis.call('SREM', gc, m)
+      elseif m == last then
+        at_last = true
       end
+    end
+    if at_last and redis.call('XLEN', stream) == 1 then  -- then the one at the last-delivered id, if alone
+      redis.call('XDEL', stream, last)
+      redis.call('SREM', gc, last)
     end
   end
 end

@@ -64,6 +64,7 @@ async def read_queues(r: aioredis.Redis, keys: Keys, models: list[str], *,
             p.xlen(q.stream)
             p.xinfo_groups(q.stream)
             p.xpending(q.stream, GROUP)
+            p.scard(q.stream + ":gc")  # answered entries kept for the lag (common.lua._SAFE_DEL): not queued
         for m in models:
             p.xlen(keys.dlq(m))
         out = await p.execute(raise_on_error=False)
@@ -71,11 +72,12 @@ async def read_queues(r: aioredis.Redis, keys: Keys, models: list[str], *,
     after: list[tuple[QueueStats, str]] = []
     present: list[QueueStats] = []
     for i, q in enumerate(streams):
-        exists, length, groups, pending = out[4 * i: 4 * i + 4]
+        exists, length, groups, pending, kept = out[5 * i: 5 * i + 5]
         if isinstance(exists, Exception) or not exists:
             continue
         present.append(q)
         q.length = int(length) if not isinstance(length, Exception) else 0
+        q.length = max(0, q.length - (int(kept) if not isinstance(kept, Exception) else 0))
         group = None
         if not isinstance(groups, Exception):
             group = next((g for g in groups if _s(g.get("name")) == GROUP), None)
@@ -99,7 +101,7 @@ async def read_queues(r: aioredis.Redis, keys: Keys, models: list[str], *,
         for (q, _), first in zip(after, firsts):
             if not isinstance(first, Exception) and first:
                 q.oldest_waiting_age_s = entry_age_s(_s(first[0][0]), now)
-    dlq = out[4 * len(streams):]
+    dlq = out[5 * len(streams):]
     result = []
     for j, m in enumerate(models):
         n = dlq[j]

@@ -88,6 +88,22 @@ def check_credentials(dsn: str) -> None:
 
     from common.settings import SettingsError
 
+    if dsn.startswith(SENTINEL_SCHEME):  # a sentinel that refuses its password looks like "no primary" later
+        su = SentinelUrl.parse(dsn)
+        for host, port in su.sentinels:
+            s = redis.Redis(host=host, port=port, **su.sentinel_kwargs(2.0))
+            try:
+                s.ping()
+            except (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError,
+                    redis.ResponseError) as exc:
+                if isinstance(exc, redis.ResponseError) and "NOAUTH" not in str(exc) and "WRONGPASS" not in str(exc):
+                    raise
+                raise SettingsError(f"MGPU_REDIS_URL / --redis-url: the sentinel at {host}:{port} refused the "
+                                    f"sentinel_password ({exc}); {redacted(dsn)}") from None
+            except redis.ConnectionError:
+                pass  # down: no error here
+            finally:
+                s.close()
     client = sync_client(dsn, socket_connect_timeout=2, socket_timeout=3)
     try:
         client.ping()

@@ -294,8 +294,8 @@ class GatewaySettings(HttpSettings, CommonSettings):
                                        "replicas hold it (WAIT after the enqueue; 503 and the request cancelled "
                                        "if they do not confirm in time): bounds what a failover loses "
                                        "(docs/deployment.md); 0: do not wait")
-    enqueue_wait_timeout_ms: int = Field(default=1000, ge=1, description="how long the enqueue's WAIT waits for "
-                                         "the replicas")
+    enqueue_wait_timeout_ms: int = Field(default=1000, ge=1, le=4000, description="how long the enqueue's WAIT "
+                                         "waits for the replicas (below the Redis socket timeout, 5 s)")
     auth: AuthMode = Field(default="keys", description="keys: every /v1 request needs an API key (mgpu keys); "
                            "off: none (refused on a non-loopback address unless insecure_no_auth; mgpu up on "
                            "loopback: off unless set, and it says so)")

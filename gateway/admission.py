@@ -180,6 +180,8 @@ def _model(state: GatewayState, f: _Fields) -> str:
     if f.model is not None:
         return f.model
     names = state.registry.live_models()
+    if not names and state.settings.scale_from_zero:  # scaled to zero: the models served before
+        names = sorted(state.registry.models)
     if len(names) == 1:
         return names[0]
     raise errors.InvalidRequest("model: required (this service serves " + (", ".join(names) or "no model") + ")",

@@ -76,8 +76,10 @@ async def enqueue(state: GatewayState, adm: Admission, route: Route) -> Queued |
     if isinstance(out, RateLimited):
         raise _rate_limited(adm, out)
     if isinstance(out, Queued) and out.replicas is not None and out.replicas < s.enqueue_wait_replicas:
-        # on the primary only: a failover now could lose it, so it is not accepted (and not run)
+        # on the primary only: a failover now could lose it, so it is not accepted (and not run); a retry with
+        # the same Idempotency-Key must start afresh, not follow this cancelled one
         await state.cancel(adm.item.id)
+        await state.forget_idempotency(adm.idem_key, adm.item.id)
         log.warning("enqueue not confirmed by replicas", extra={"request_id": adm.item.id,
                                                                 "replicas": out.replicas})
         raise errors.ServiceUnavailable(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import redis
 import redis.asyncio as aioredis
 
+from common.schemas import IdempotencyRecord
 from common.scripts import Limits, Scripts
 from common.settings import GatewaySettings
 from gateway.auth import KeyCache
@@ -52,6 +53,15 @@ class GatewayState:
     def model_label(self, model: str | None) -> str:
         """A model as a metric label: only models the fleet serves or served (bounded), else ``unknown``."""
         return model if model is not None and model in self.registry.models else "unknown"
+
+    async def forget_idempotency(self, idem_key: str | None, request_id: str) -> None:
+        """Drop an Idempotency-Key's record if it still names ``request_id`` (a request that was not accepted)."""
+        if idem_key is None:
+            return
+        with contextlib.suppress(redis.RedisError, OSError, ValueError):
+            raw = await self.redis.get(idem_key)
+            if raw is not None and IdempotencyRecord.model_validate_json(raw).request_id == request_id:
+                await self.redis.delete(idem_key)
 
     async def cancel(self, request_id: str) -> None:
         with contextlib.suppress(redis.RedisError, OSError):

@@ -76,11 +76,13 @@ class Beat:
     admit: bool  # the admit key was set (a rollout admits this canary)
     own_length: int  # entries in the own stream (read or not)
     lost: Lost
+    own_kept: int = 0  # of them, answered ones kept for the consumer group's lag
 
     @classmethod
     def decode(cls, replies: Mapping[str, Any], leases: Leases) -> Beat:
         return cls(drain=bool(replies["drain"]), admit=bool(replies["admit"]), own_length=int(replies["own_length"]),
-                   lost=[(stream, _s(i)) for stream, _ids in leases for i in replies[_renewal(stream)]])
+                   lost=[(stream, _s(i)) for stream, _ids in leases for i in replies[_renewal(stream)]],
+                   own_kept=int(replies.get("own_kept") or 0))
 
 
 @dataclass(frozen=True)
@@ -159,11 +161,13 @@ class Keeper:
         p.name("admit")
         p.pipe.xlen(self.own_stream)
         p.name("own_length")
+        p.pipe.scard(self.own_stream + ":gc")  # answered entries kept for the lag (common.lua._SAFE_DEL)
+        p.name("own_kept")
         return Beat.decode(p.execute(), leases)
 
     def _act(self, client: redis.Redis, beat: Beat, leases: Leases) -> None:
         own_jobs = sum(len(ids) for stream, ids in leases if stream == self.own_stream)
-        self.stats.own_queued = max(0, beat.own_length - own_jobs)
+        self.stats.own_queued = max(0, beat.own_length - beat.own_kept - own_jobs)
         if beat.drain:
             client.delete(self._drain_key)
             self.loop.call_soon_threadsafe(self.hooks.drain)

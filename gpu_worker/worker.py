@@ -32,6 +32,7 @@ import os
 import socket
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -144,7 +145,7 @@ class Worker:
         return [*self.intake.streams, *self.batch_streams]
 
     def batch_room(self, free: int) -> int:
-        """Slots batch work may take now: the free ones beyond the reserve (none while batch work runs there)."""
+        """Slots batch work may take now: those of ``free`` beyond the reserve."""
         return free - self.batch_reserve
 
     @property
@@ -388,8 +389,8 @@ class Worker:
             if got:
                 return resp
         streams, count, block = fair.blocking_read(plan, free, self.s.read_block_ms)
-        if room > 0:  # batch entries wake the read too, while there is room for them
-            streams = [*streams, *self.batch_streams]
+        if room > 0:  # batch entries wake the read too, while there is room for them (COUNT is per stream)
+            streams, count = [*streams, *self.batch_streams], min(count, room)
         resp = await self.r.xreadgroup(GROUP, self.id, {s: ">" for s in streams}, count=count, block=block)
         batch = set(self.batch_streams)
         fair.more = any(len(entries) >= count for s, entries in resp or () if _s(s) not in batch)
@@ -407,12 +408,14 @@ class Worker:
             is_batch = stream in batch
             for entry_id_b, fields in entries:
                 entry_id = _s(entry_id_b)
+                took = None
                 if free > 0 and (not is_batch or room > 0) and not self._stop.is_set():
-                    took = self._start(stream, entry_id, fields or {}, deliveries=1)
+                    took = self._start(stream, entry_id, fields or {}, deliveries=1, limit=room if is_batch else None)
+                if took is None:
+                    excess.setdefault(stream, []).append(entry_id)
+                else:
                     free -= took
                     room -= took
-                else:
-                    excess.setdefault(stream, []).append(entry_id)
         for stream, ids in excess.items():
             try:
                 await self.scripts.release(stream, self.id, ids)
@@ -431,15 +434,17 @@ class Worker:
                 log.warning("orphan sweep failed: %s", exc)
                 orphaned = []
             try:
-                await self._reclaim(list(dict.fromkeys([*self.streams, *orphaned])))
+                await self._reclaim(list(dict.fromkeys([*self.intake.streams, *orphaned])), lambda: self.free_slots)
+                await self._reclaim(self.batch_streams, lambda: self.batch_room(self.free_slots))
             except (redis.RedisError, OSError) as exc:
                 log.warning("reclaim failed: %s", exc)
 
-    async def _reclaim(self, streams: list[str]) -> None:
-        """One RECLAIM call over every stream per page (one round trip per pass, not one per stream)."""
+    async def _reclaim(self, streams: list[str], room: Callable[[], int]) -> None:
+        """One RECLAIM call over every stream per page (one round trip per pass, not one per stream), for as
+        many entries as ``room()`` allows (the free slots; for the batch streams, their room)."""
         cursors = dict.fromkeys(streams, "-")
         for _ in range(16):
-            free = self.free_slots
+            free = room()
             todo = [s for s, c in cursors.items() if c != "0-0"]
             if free <= 0 or not todo:
                 return
@@ -457,7 +462,9 @@ class Worker:
             await self.runner.dead_letter(stream, self._model_of(stream), c.entry_id, c.fields, c.deliveries,
                                           reason="max_deliveries", job=self.jobs.get(c.entry_id))
         else:
-            self._start(stream, c.entry_id, c.fields, deliveries=c.deliveries)
+            limit = self.batch_room(self.free_slots) if stream in self.batch_streams else None
+            if self._start(stream, c.entry_id, c.fields, deliveries=c.deliveries, limit=limit) is None:
+                await self.scripts.release(stream, self.id, [c.entry_id])  # batch work larger than its room
 
     async def _cancel_loop(self) -> None:
         last = f"{int((time.time() - self.s.result_ttl_s) * 1000)}-0"
@@ -483,17 +490,21 @@ class Worker:
             job.end_early("cancelled")
 
     # ------------------------------------------------------------------ jobs
-    def _start(self, stream: str, entry_id: str, fields: dict[Any, Any], *, deliveries: int) -> int:
-        """Start a job for an entry this worker now holds; the slots it takes (0: it runs already)."""
+    def _start(self, stream: str, entry_id: str, fields: dict[Any, Any], *, deliveries: int,
+               limit: int | None = None) -> int | None:
+        """Start a job for an entry this worker now holds; the slots it takes (0: it runs already); None: not
+        started, it needs more than ``limit`` slots (batch work beyond its room: the caller hands it back)."""
         if entry_id in self.jobs:
             return 0
         job = Job(stream=stream, entry_id=entry_id, fields=fields, deliveries=deliveries, model=self._model_of(stream))
-        self.intake.taken(stream)
         try:
             job.item = WorkItem.from_fields(fields)
             job.slots = job.item.n
         except (ValidationError, ValueError):
             job.item = None
+        if limit is not None and job.slots > limit:
+            return None
+        self.intake.taken(stream)
         self.jobs[entry_id] = job
         self.stats.job_started(job.slots)
         if job.item is not None:

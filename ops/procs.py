@@ -162,6 +162,7 @@ class SentinelServer:
     down_after_ms: int = 1000
     failover_timeout_ms: int = 5000
     quorum: int = 2
+    password: str | None = None  # the sentinel's own (requirepass): clients give it as sentinel_password
     binary: str = field(default_factory=lambda: shutil.which("redis-server") or "/usr/bin/redis-server")
     proc: subprocess.Popen[bytes] | None = None
 
@@ -175,10 +176,12 @@ class SentinelServer:
                         f"sentinel monitor {self.service} 127.0.0.1 {self.primary_port} {self.quorum}\n"
                         f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
                         f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
-                        f"sentinel parallel-syncs {self.service} 1\n")
+                        f"sentinel parallel-syncs {self.service} 1\n"
+                        + (f"requirepass {self.password}\n" if self.password else ""))
+        conf.chmod(0o600)
         self.proc = subprocess.Popen([self.binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, preexec_fn=_private_files)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=1)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2, socket_timeout=1)
 
         def up() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
@@ -193,7 +196,8 @@ class SentinelServer:
         return self
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_connect_timeout=1, socket_timeout=2, decode_responses=True)
+        return redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1, socket_timeout=2,
+                           decode_responses=True)
 
     def primary(self) -> tuple[str, int] | None:
         """The primary this sentinel names now."""

@@ -50,6 +50,13 @@ class NetLab:
         return f"{self.tag}h{i}"
 
     def up(self) -> NetLab:
+        try:
+            return self._up()
+        except BaseException:
+            self.down()  # nothing of a half-built lab stays behind
+            raise
+
+    def _up(self) -> NetLab:
         hub = self.ns("hub")
         _ip("netns", "add", hub)
         self.made.append(hub)

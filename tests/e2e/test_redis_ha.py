@@ -93,7 +93,10 @@ def _load(base: str, stop: threading.Event, out: list[Outcome], lock: threading.
                 r = c.post("/v1/chat/completions", json={
                     "model": "sim-model", "max_tokens": 8,
                     "messages": [{"role": "user", "content": f"request {threading.get_ident()} {i}"}]})
-                code = "" if r.status_code == 200 else str(r.json().get("error", {}).get("code"))
+                try:
+                    code = "" if r.status_code == 200 else str(r.json().get("error", {}).get("code"))
+                except ValueError:  # not JSON (a 500 from a framework would be): counted by its status
+                    code = "not json"
                 o = Outcome(t0, time.monotonic(), r.status_code, code)
             except httpx.HTTPError as exc:
                 o = Outcome(t0, time.monotonic(), 0, type(exc).__name__)
@@ -222,3 +225,20 @@ def test_a_manual_failover_demotes_the_primary_under_load(ha: HA, tmp_path: Path
     if wait_replicas:
         assert set(counts) <= {200, 503}, counts  # none lost
     assert never_restarted
+
+
+def test_a_wrong_sentinel_password_stops_start_up_naming_it(tmp_path: Path) -> None:
+    from common.redis_conn import check_credentials
+    from common.settings import SettingsError
+
+    primary = RedisServer(tmp_path / "primary").start()
+    sentinel = SentinelServer(tmp_path / "sentinel", primary.port, quorum=1, password="sentinel-pw").start()
+    try:
+        base = f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster/0"
+        check_credentials(base + "?sentinel_password=sentinel-pw")  # right: no error
+        with pytest.raises(SettingsError, match="refused the sentinel_password") as exc:
+            check_credentials(base + "?sentinel_password=not-the-pw-xyz")
+        assert "not-the-pw-xyz" not in str(exc.value)
+    finally:
+        sentinel.stop()
+        primary.stop()

@@ -37,7 +37,7 @@ async def test_batch_fills_the_slots_beyond_the_reserve_and_interactive_starts_a
 async def test_batch_work_waits_while_interactive_work_leaves_only_the_reserve(redis_server: RedisServer) -> None:
     async with rig(redis_server, decode_ms=20, slots=4, batch_reserve_slots=1) as r:
         for i in range(3):
-            await r.add(item(f"i{i}", max_tokens=60))
+            await r.add(item(f"i{i}", max_tokens=200))  # 4 s: long past the probe, even on a loaded machine
         await until(lambda: r.worker.in_flight == 3, 5, "interactive work in 3 slots")
         batch = r.keys.batch_stream(MODEL)
         await r.add(item("b", max_tokens=4), stream=batch)

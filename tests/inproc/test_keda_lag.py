@@ -12,10 +12,11 @@ import pytest
 import redis
 
 from common.keys import GROUP, Keys
+from common.queues import read_queues
 from common.records import ReplyKind
 from common.redis_conn import make_client
 from common.schemas import Result
-from common.scripts import Entry, Finish, Limits, Queued, Scripts, Target
+from common.scripts import Entry, Finish, Limits, Queued, QueueFull, Scripts, Target
 from ops.procs import RedisServer
 
 LIMITS = Limits(10_000, 1 << 30, 1 << 30)
@@ -73,6 +74,9 @@ async def test_lag_stays_true_through_every_operation(r: redis.Redis, redis_serv
     assert await scripts.finish(Entry(s, a3, "a", "m"), Result(id="r3"), ReplyKind.FINAL, None, 60) == Finish.STORED
     check(r, s)
     assert r.smembers(s + ":gc") == {a3.encode()} and r.xpending(s, GROUP)["pending"] == 2
+    (mq,) = await read_queues(scripts.r, k, ["m"])  # what metrics and mgpu status show: the kept one is no work
+    (q,) = [q for q in mq.streams if q.stream == s]
+    assert (q.length, q.lag, q.pending) == (5, 3, 2) and r.xlen(s) == 6
     assert await scripts.finish(Entry(s, a1, "a", "m"), Result(id="r1"), ReplyKind.FINAL, None, 60) == Finish.STORED
     check(r, s)
     # the drain hand-back, then the reclaim by another worker
@@ -181,4 +185,23 @@ async def test_lag_stays_true_under_random_interleavings(r: redis.Redis, redis_s
         kept = r.scard(s + ":gc")
         assert kept <= 1  # only the newest delivered entry is ever kept
         assert r.xlen(s) == lag(r, s) + len(running) + kept
+        if not running and lag(r, s) == 0:  # all answered: nothing is left behind
+            assert r.xlen(s) == 0 and kept == 0, step
     assert answered > 50
+
+
+async def test_the_queue_limit_recount_does_not_count_kept_entries(r: redis.Redis,
+                                                                   redis_server: RedisServer) -> None:
+    k = Keys("kc")
+    s = k.stream("m")
+    scripts = Scripts(make_client(redis_server.url), k)
+    r.xgroup_create(s, GROUP, id="0", mkstream=True)
+    await _enqueue(scripts, k, "m", 5)
+    _a1, a2 = await _pull(scripts, s, "a", 2)
+    await scripts.finish(Entry(s, a2, "a", "m"), Result(id="r2"), ReplyKind.FINAL, None, 60)
+    assert r.scard(s + ":gc") == 1 and r.xlen(s) == 5  # a2 kept: a1 running, 3 unread
+    r.set(k.queue_len("m"), 1000)  # a counter that drifted: the enqueue at the limit recounts the streams
+    target = Target(s, "", s)
+    assert await scripts.enqueue("m", target, "{}", Limits(4, 1 << 30, 1 << 30)) == QueueFull("entries")
+    assert int(r.get(k.queue_len("m")) or 0) == 4  # a1 and 3 unread, not the kept a2
+    assert isinstance(await scripts.enqueue("m", target, "{}", Limits(5, 1 << 30, 1 << 30)), Queued)

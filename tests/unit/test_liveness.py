@@ -105,17 +105,17 @@ def _keeper(pipe: FakePipe) -> tuple[Keeper, WorkerStats, list[tuple[str, Any]]]
 
 
 def test_keeper_beat_queues_presence_renewals_and_flags_then_acts() -> None:
-    pipe = FakePipe({"exists": [1, 1], "xlen": [4], "evalsha": [[], [b"9-0"]]})
+    pipe = FakePipe({"exists": [1, 1], "xlen": [5], "scard": [1], "evalsha": [[], [b"9-0"]]})
     k, stats, calls = _keeper(pipe)
     own = k.own_stream
     leases = [(own, ["1-0"]), ("tl:q:m", ["9-0"])]
     client = FakeClient(pipe)
     beat = k.beat(client, fake_renew, leases)  # type: ignore[arg-type]
     cmds = [c for c, _ in pipe.command_stack]
-    assert cmds == ["hset", "pexpire", "sadd", "sadd", "evalsha", "evalsha", "exists", "exists", "xlen"]
-    assert beat == Beat(drain=True, admit=True, own_length=4, lost=[("tl:q:m", "9-0")])
+    assert cmds == ["hset", "pexpire", "sadd", "sadd", "evalsha", "evalsha", "exists", "exists", "xlen", "scard"]
+    assert beat == Beat(drain=True, admit=True, own_length=5, lost=[("tl:q:m", "9-0")], own_kept=1)
     k._act(client, beat, leases)  # type: ignore[arg-type]
-    assert stats.own_queued == 3  # 4 in the own stream, one of them running here
+    assert stats.own_queued == 3  # 5 in the own stream, one answered and kept for the lag, one running here
     assert calls == [("drain", None), ("admit", None), ("lost", [("tl:q:m", "9-0")])]
     assert client.deleted == [k._drain_key, k._admit_key]  # each flag is taken once
 
