@@ -284,6 +284,18 @@ def _keys(s: ControlSettings, ns: argparse.Namespace) -> int:
     return run(s, ns)
 
 
+def _batch_arguments(p: argparse.ArgumentParser) -> None:
+    from ops.batch import add_arguments
+
+    add_arguments(p)
+
+
+def _batch(s: ControlSettings, ns: argparse.Namespace) -> int:
+    from ops.batch import run
+
+    return run(s, ns)
+
+
 def _run_sim_server(s: SimServerSettings, ns: argparse.Namespace) -> int:
     from gpu_worker.sim_server import run_sim_server
 
@@ -304,6 +316,9 @@ COMMANDS: dict[str, Command[Any]] = {
                        "canary; a failed gate rolls every worker back. See docs/rollouts.md."),
     "keys": Command(ControlSettings, _keys, "API keys: create, list, show, revoke, rotate, usage", _keys_arguments,
                     "API keys, in Redis: mgpu keys create --name NAME [--rpm N --tpm N ...] prints a secret once."),
+    "batch": Command(ControlSettings, _batch, "run an OpenAI batch JSONL file on the model's batch stream",
+                     _batch_arguments, "mgpu batch submit FILE.jsonl --model M: the requests go to the model's "
+                     "batch stream (idle slots only); the output JSONL is keyed by custom_id; rerun to resume."),
     "sim-server": Command(SimServerSettings, _run_sim_server,
                           "the sim engine as a standalone OpenAI-compatible server"),
 }

@@ -59,6 +59,7 @@ def test_each_command_has_its_roles_class() -> None:
     assert {n: c.settings for n, c in COMMANDS.items()} == {
         "up": UpSettings, "gateway": GatewaySettings, "worker": WorkerSettings, "drain": ControlSettings,
         "status": ControlSettings, "strategy": ControlSettings, "rollout": ControlSettings, "keys": ControlSettings,
+        "batch": ControlSettings,
         "sim-server": SimServerSettings}
     for cls in {c.settings for c in COMMANDS.values()} - {UpSettings}:
         assert cls.flag_names() == tuple(cls.model_fields)
