@@ -95,6 +95,18 @@ local function pick_lane(map, kid, lanes)
 end
 """
 
+# Answered entries that a stream still holds so that its group's lag stays true (_SAFE_DEL keeps them in the
+# set '<stream>:gc'): not work, so neither the queue limit's recount nor the sweep counts them.
+_KEPT = """
+local function kept(stream)
+  local n = 0
+  for _, m in ipairs(redis.call('SMEMBERS', stream .. ':gc')) do
+    if redis.call('XRANGE', stream, m, m)[1] then n = n + 1 end
+  end
+  return n
+end
+"""
+
 # KEYS: target stream, idempotency key, target worker's registry hash, shared stream (lane 0), the model's
 #       byte counter, the total byte counter, the API key's record and rate hash, the lane map, the model's
 #       request counter, lanes 1..ARGV[10]-1; an absent key is the name ARGV[9] (Keys.none: a real name, so
@@ -120,7 +132,7 @@ end
 # 'b'), which FINISH and DEAD_LETTER subtract from both byte counters, and from the request counter, when
 # they delete it, its key's reservation (field 'q': '<key id>:<second>:<tokens>'), which they settle, and
 # 'l' when it is counted in the lane map.
-ENQUEUE = _ADMIT + _LANE + """
+ENQUEUE = _ADMIT + _LANE + _KEPT + """
 local none, nl = ARGV[9], tonumber(ARGV[10])
 if KEYS[2] ~= none then
   local existing = redis.call('GET', KEYS[2])
@@ -143,13 +155,7 @@ local lanes = {KEYS[4]}
 for i = 1, nl - 1 do lanes[i + 1] = KEYS[10 + i] end
 local queued = tonumber(redis.call('GET', KEYS[10]) or '0')
 if queued >= tonumber(ARGV[1]) then  -- at the limit: count the streams (heals a counter that drifted)
-  local function held(st)  -- its entries, less those answered and kept for the lag (_SAFE_DEL)
-    local n = redis.call('XLEN', st)
-    for _, m in ipairs(redis.call('SMEMBERS', st .. ':gc')) do
-      if redis.call('XRANGE', st, m, m)[1] then n = n - 1 end
-    end
-    return n
-  end
+  local function held(st) return redis.call('XLEN', st) - kept(st) end
   queued = held(KEYS[4])
   for i = 1, tonumber(ARGV[12]) - 1 do queued = queued + held(ARGV[13] .. i) end
   for _, w in ipairs(redis.call('SMEMBERS', ARGV[15])) do queued = queued + held(ARGV[14] .. w) end
@@ -249,7 +255,7 @@ end
 # KEYS: own stream, its worker's registry hash, shared stream, set of own streams of the model
 # ARGV: group, mover consumer, max entries, worker id, force('1'/'0')
 # -> {moved, entries left in the own stream} | {-1, 0} the worker is alive
-MOVE_UNDELIVERED = _SAFE_DEL + """
+MOVE_UNDELIVERED = _SAFE_DEL + _KEPT + """
 if ARGV[5] ~= '1' and redis.call('EXISTS', KEYS[2]) == 1 then return {-1, 0} end
 local moved = 0
 local ok, res = pcall(redis.call, 'XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
@@ -270,10 +276,7 @@ for _, e in ipairs(entries) do
   end
   moved = moved + 1
 end
-local left = redis.call('XLEN', KEYS[1])
-for _, m in ipairs(redis.call('SMEMBERS', KEYS[1] .. ':gc')) do  -- answered ones kept for the lag: not left
-  if redis.call('XRANGE', KEYS[1], m, m)[1] then left = left - 1 else redis.call('SREM', KEYS[1] .. ':gc', m) end
-end
+local left = redis.call('XLEN', KEYS[1]) - kept(KEYS[1])
 if left == 0 and ARGV[5] ~= '1' then
   redis.call('DEL', KEYS[1], KEYS[1] .. ':gc')
   redis.call('SREM', KEYS[4], ARGV[4])

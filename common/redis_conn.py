@@ -38,23 +38,26 @@ def make_pool(url: str, *, max_connections: int = 32, block_ms: int = 0,
     return aioredis.BlockingConnectionPool.from_url(url, **kw)
 
 
+def _master_for(sentinel: Any, url: str, kwargs: dict[str, Any]) -> Any:
+    """A client of the primary that the sentinels of a ``redis+sentinel://`` URL name (``sentinel``: redis-py's
+    blocking or asyncio Sentinel class)."""
+    su = SentinelUrl.parse(url)
+    timeout = float(kwargs.get("socket_connect_timeout") or 2.0)
+    manager = sentinel(su.sentinels, sentinel_kwargs=su.sentinel_kwargs(timeout))
+    return manager.master_for(su.service, **su.connection_kwargs(), **kwargs)
+
+
 def sync_client(url: str, **kwargs: Any) -> redis.Redis:
     """A blocking client (control commands, the supervisor, health checks) for any URL mgpu accepts."""
     if url.startswith(SENTINEL_SCHEME):
-        su = SentinelUrl.parse(url)
-        timeout = float(kwargs.get("socket_connect_timeout") or 2.0)
-        manager = redis.sentinel.Sentinel(su.sentinels, sentinel_kwargs=su.sentinel_kwargs(timeout))
-        return manager.master_for(su.service, **su.connection_kwargs(), **kwargs)
+        return _master_for(redis.sentinel.Sentinel, url, kwargs)  # type: ignore[no-any-return]
     return redis.Redis.from_url(url, **kwargs)
 
 
 def async_client(url: str, **kwargs: Any) -> aioredis.Redis:
     """An unpooled-style asyncio client (one-off tools) for any URL mgpu accepts."""
     if url.startswith(SENTINEL_SCHEME):
-        su = SentinelUrl.parse(url)
-        timeout = float(kwargs.get("socket_connect_timeout") or 2.0)
-        manager = aiosentinel.Sentinel(su.sentinels, sentinel_kwargs=su.sentinel_kwargs(timeout))
-        return manager.master_for(su.service, **su.connection_kwargs(), **kwargs)
+        return _master_for(aiosentinel.Sentinel, url, kwargs)  # type: ignore[no-any-return]
     return aioredis.Redis.from_url(url, **kwargs)
 
 
@@ -94,10 +97,7 @@ def check_credentials(dsn: str) -> None:
             s = redis.Redis(host=host, port=port, **su.sentinel_kwargs(2.0))
             try:
                 s.ping()
-            except (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError,
-                    redis.ResponseError) as exc:
-                if isinstance(exc, redis.ResponseError) and "NOAUTH" not in str(exc) and "WRONGPASS" not in str(exc):
-                    raise
+            except (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError) as exc:
                 raise SettingsError(f"MGPU_REDIS_URL / --redis-url: the sentinel at {host}:{port} refused the "
                                     f"sentinel_password ({exc}); {redacted(dsn)}") from None
             except redis.ConnectionError:

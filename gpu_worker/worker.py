@@ -32,7 +32,6 @@ import os
 import socket
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -434,17 +433,17 @@ class Worker:
                 log.warning("orphan sweep failed: %s", exc)
                 orphaned = []
             try:
-                await self._reclaim(list(dict.fromkeys([*self.intake.streams, *orphaned])), lambda: self.free_slots)
-                await self._reclaim(self.batch_streams, lambda: self.batch_room(self.free_slots))
+                # the batch streams only while batch work has room (_reclaimed hands back what exceeds it)
+                batch = self.batch_streams if self.batch_room(self.free_slots) > 0 else []
+                await self._reclaim(list(dict.fromkeys([*self.intake.streams, *batch, *orphaned])))
             except (redis.RedisError, OSError) as exc:
                 log.warning("reclaim failed: %s", exc)
 
-    async def _reclaim(self, streams: list[str], room: Callable[[], int]) -> None:
-        """One RECLAIM call over every stream per page (one round trip per pass, not one per stream), for as
-        many entries as ``room()`` allows (the free slots; for the batch streams, their room)."""
+    async def _reclaim(self, streams: list[str]) -> None:
+        """One RECLAIM call over every stream per page (one round trip per pass, not one per stream)."""
         cursors = dict.fromkeys(streams, "-")
         for _ in range(16):
-            free = room()
+            free = self.free_slots
             todo = [s for s, c in cursors.items() if c != "0-0"]
             if free <= 0 or not todo:
                 return

@@ -137,13 +137,8 @@ class RedisServer:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc, 10)
 
     def restart(self) -> None:
         self.kill()
@@ -206,13 +201,8 @@ class SentinelServer:
         return (addr[0], int(addr[1])) if addr else None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc, 10)
 
 
 def sentinel_url(sentinels: list[SentinelServer], db: int = 0) -> str:

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,25 +83,59 @@ class Outcome:
     code: str
 
 
-def _load(base: str, stop: threading.Event, out: list[Outcome], lock: threading.Lock) -> None:
-    with httpx.Client(base_url=base, timeout=60) as c:
-        i = 0
-        while not stop.is_set():
-            i += 1
-            t0 = time.monotonic()
-            try:
-                r = c.post("/v1/chat/completions", json={
-                    "model": "sim-model", "max_tokens": 8,
-                    "messages": [{"role": "user", "content": f"request {threading.get_ident()} {i}"}]})
+class Load:
+    """``clients`` threads each posting chat requests in a loop until the block ends; every outcome kept."""
+
+    def __init__(self, base: str, clients: int) -> None:
+        self.base = base
+        self.out: list[Outcome] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run) for _ in range(clients)]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self.threads:
+            t.join(90)
+
+    @property
+    def hung(self) -> bool:
+        return any(t.is_alive() for t in self.threads)
+
+    def answered(self, after: float = 0.0) -> int:
+        return sum(o.status == 200 and o.sent_at > after for o in list(self.out))
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.base, timeout=60) as c:
+            i = 0
+            while not self._stop.is_set():
+                i += 1
+                t0 = time.monotonic()
                 try:
-                    code = "" if r.status_code == 200 else str(r.json().get("error", {}).get("code"))
-                except ValueError:  # not JSON (a 500 from a framework would be): counted by its status
-                    code = "not json"
-                o = Outcome(t0, time.monotonic(), r.status_code, code)
-            except httpx.HTTPError as exc:
-                o = Outcome(t0, time.monotonic(), 0, type(exc).__name__)
-            with lock:
-                out.append(o)
+                    r = c.post("/v1/chat/completions", json={
+                        "model": "sim-model", "max_tokens": 8,
+                        "messages": [{"role": "user", "content": f"request {threading.get_ident()} {i}"}]})
+                    try:
+                        code = "" if r.status_code == 200 else str(r.json().get("error", {}).get("code"))
+                    except ValueError:  # not JSON (a 500 from a framework would be): counted by its status
+                        code = "not json"
+                    o = Outcome(t0, time.monotonic(), r.status_code, code)
+                except httpx.HTTPError as exc:
+                    o = Outcome(t0, time.monotonic(), 0, type(exc).__name__)
+                with self._lock:
+                    self.out.append(o)
+
+
+def _report(report: Mapping[str, object]) -> None:
+    print(json.dumps(report))
+    if os.environ.get("MGPU_HA_REPORT"):
+        with open(os.environ["MGPU_HA_REPORT"], "a") as f:
+            f.write(json.dumps(report) + "\n")
 
 
 @pytest.mark.parametrize("wait_replicas", [0, 1], ids=["no-wait", "wait-1"])
@@ -111,32 +145,24 @@ def test_sentinel_failover_under_load(ha: HA, tmp_path: Path, wait_replicas: int
     for _ in range(2):
         stack.start_worker(slots=16)
     stack.start_gateway(enqueue_wait_replicas=wait_replicas, enqueue_wait_timeout_ms=500, request_timeout_s=30)
-    out: list[Outcome] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-    threads = [threading.Thread(target=_load, args=(stack.base_url, stop, out, lock)) for _ in range(6)]
     try:
-        for t in threads:
-            t.start()
-        wait_until(lambda: sum(o.status == 200 for o in list(out)) >= 50, 30, "50 answers before the kill")
-        old = ("127.0.0.1", ha.primary.port)
-        killed_at = time.monotonic()
-        ha.primary.kill()
-        wait_until(lambda: ha.named() == {("127.0.0.1", ha.replica.port)}, 60,
-                   "the sentinels to promote the replica", interval=0.1)
-        promoted_at = time.monotonic()
-        # the old primary comes back (as a restarted pod would) and Sentinel makes it the new replica
-        ha.primary.start()
-        wait_until(lambda: _link_up(ha.primary), 60, "the old primary to follow the new one", interval=0.1)
-        back_at = time.monotonic()
-        wait_until(lambda: sum(o.status == 200 and o.sent_at > back_at for o in list(out)) >= 50, 60,
-                   "50 answers after the failover")
+        with Load(stack.base_url, 6) as load:
+            wait_until(lambda: load.answered() >= 50, 30, "50 answers before the kill")
+            old = ("127.0.0.1", ha.primary.port)
+            killed_at = time.monotonic()
+            ha.primary.kill()
+            wait_until(lambda: ha.named() == {("127.0.0.1", ha.replica.port)}, 60,
+                       "the sentinels to promote the replica", interval=0.1)
+            promoted_at = time.monotonic()
+            # the old primary comes back (as a restarted pod would) and Sentinel makes it the new replica
+            ha.primary.start()
+            wait_until(lambda: _link_up(ha.primary), 60, "the old primary to follow the new one", interval=0.1)
+            back_at = time.monotonic()
+            wait_until(lambda: load.answered(after=back_at) >= 50, 60, "50 answers after the failover")
     finally:
-        stop.set()
-        for t in threads:
-            t.join(90)
         stack.stop_all()
-    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert not load.hung, "a client hung"
+    out = load.out
     after = [o for o in out if o.sent_at > killed_at]
     resumed = min((o.done_at for o in after if o.status == 200), default=float("inf"))
     counts = Counter("answered" if o.status == 200 else
@@ -148,10 +174,7 @@ def test_sentinel_failover_under_load(ha: HA, tmp_path: Path, wait_replicas: int
               "old_primary_back_after_s": round(back_at - killed_at, 2),
               "refusal_codes": dict(Counter(o.code for o in out if o.status == 503)),
               "old_primary": list(old)}
-    print(json.dumps(report))
-    if os.environ.get("MGPU_HA_REPORT"):
-        with open(os.environ["MGPU_HA_REPORT"], "a") as f:
-            f.write(json.dumps(report) + "\n")
+    _report(report)
     assert counts["answered"] >= 100
     assert counts["failed"] == 0, [o for o in out if o.status not in (0, 200, 503, 504)]
     assert resumed < float("inf")
@@ -191,36 +214,25 @@ def test_a_manual_failover_demotes_the_primary_under_load(ha: HA, tmp_path: Path
     stack.settings.update(redis_url=ha.url)
     stack.start_worker(slots=16)
     gw = stack.start_gateway(request_timeout_s=20, enqueue_wait_replicas=wait_replicas, enqueue_wait_timeout_ms=500)
-    out: list[Outcome] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-    threads = [threading.Thread(target=_load, args=(stack.base_url, stop, out, lock)) for _ in range(4)]
     try:
-        for t in threads:
-            t.start()
-        wait_until(lambda: sum(o.status == 200 for o in list(out)) >= 30, 30, "30 answers before the failover")
-        switched_at = time.monotonic()
-        with ha.sentinels[0].client() as c:
-            assert c.execute_command("SENTINEL", "FAILOVER", "mymaster")
-        wait_until(lambda: ha.named() == {("127.0.0.1", ha.replica.port)}, 60, "the switch", interval=0.1)
-        wait_until(lambda: redis.Redis(port=ha.primary.port).info("replication")["role"] == "slave", 30,
-                   "the old primary to be a replica")
-        wait_until(lambda: sum(o.status == 200 and o.sent_at > switched_at for o in list(out)) >= 30, 60,
-                   "30 answers after the failover")
-        never_restarted = all(p.alive for p in stack.procs) and gw.alive
+        with Load(stack.base_url, 4) as load:
+            wait_until(lambda: load.answered() >= 30, 30, "30 answers before the failover")
+            switched_at = time.monotonic()
+            with ha.sentinels[0].client() as c:
+                assert c.execute_command("SENTINEL", "FAILOVER", "mymaster")
+            wait_until(lambda: ha.named() == {("127.0.0.1", ha.replica.port)}, 60, "the switch", interval=0.1)
+            wait_until(lambda: redis.Redis(port=ha.primary.port).info("replication")["role"] == "slave", 30,
+                       "the old primary to be a replica")
+            wait_until(lambda: load.answered(after=switched_at) >= 30, 60, "30 answers after the failover")
+            never_restarted = all(p.alive for p in stack.procs) and gw.alive
     finally:
-        stop.set()
-        for t in threads:
-            t.join(90)
         stack.stop_all()
-    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert not load.hung, "a client hung"
+    out = load.out
     counts = Counter(o.status for o in out)
     report = {"manual_failover": True, "wait_replicas": wait_replicas, "requests": len(out),
               **{str(k): v for k, v in counts.items()}}
-    print(json.dumps(report))
-    if os.environ.get("MGPU_HA_REPORT"):
-        with open(os.environ["MGPU_HA_REPORT"], "a") as f:
-            f.write(json.dumps(report) + "\n")
+    _report(report)
     assert set(counts) <= {200, 503, 504}, counts  # answered, refused, or lost to the resync: never a 500
     if wait_replicas:
         assert set(counts) <= {200, 503}, counts  # none lost
