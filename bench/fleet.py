@@ -32,6 +32,7 @@ from typing import Any
 import redis
 
 from common.keys import Keys
+from common.redis_conn import is_cluster, sync_client
 from ops.procs import RedisServer, free_port, mgpu_cmd, spawn, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,6 +129,7 @@ class Fleet:
     gateway_port: int | None = None  # the first gateway's
     owns_redis: bool = False  # stop() stops the redis-server too
     code: Path = ROOT  # the checkout whose mgpu the processes run (another commit's, to compare)
+    redis_url: str | None = None  # the processes' Redis (e.g. a redis+cluster:// URL); None: redis_server's
 
     @classmethod
     def launch(cls, tmp: Path, *, appendonly: bool = True, **kw: Any) -> Fleet:
@@ -145,7 +147,7 @@ class Fleet:
     # -- where things are
     @property
     def keys(self) -> Keys:
-        return Keys(self.ns)
+        return Keys(self.ns, cluster=is_cluster(self.redis_url or ""))
 
     @property
     def r(self) -> redis.Redis:
@@ -153,6 +155,8 @@ class Fleet:
         return self.redis_client()
 
     def redis_client(self, **kw: Any) -> redis.Redis:
+        if self.redis_url:
+            return sync_client(self.redis_url, **kw)
         return redis.Redis.from_url(self.redis_server.url, **kw)
 
     @property
@@ -166,7 +170,8 @@ class Fleet:
     # -- starting
     def env(self, overrides: Mapping[str, Any]) -> dict[str, str]:
         """The environment of a process started with ``overrides``."""
-        env = {"MGPU_REDIS_URL": self.redis_server.url, "MGPU_NAMESPACE": self.ns, "MGPU_LOG_LEVEL": "WARNING",
+        env = {"MGPU_REDIS_URL": self.redis_url or self.redis_server.url, "MGPU_NAMESPACE": self.ns,
+               "MGPU_LOG_LEVEL": "WARNING",
                "MGPU_DATA_DIR": str(self.tmp / "data"), "PYTHONPATH": str(self.code),
                "MGPU_AUTH": "off"}  # on loopback; a fleet with API keys sets auth="keys"
         env.update(settings_env(self.settings))

@@ -189,5 +189,5 @@ def redis_unavailable(what: str = "the queue (Redis) is unreachable",
     """``with redis_unavailable(...):`` a Redis or socket error inside becomes :class:`ServiceUnavailable`."""
     try:
         yield
-    except (redis.RedisError, OSError) as exc:
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
         raise unavailable(exc, what=what, retry_after=retry_after) from None

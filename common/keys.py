@@ -43,6 +43,22 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
     {ns}:rollout:history          the last finished rollouts (list of JSON, newest first)
     {ns}:-                        never written: a script's "no key here" (an ACL user's patterns cover it)
     {ns}:rollout:abort            present: stop the running rollout with that id and roll it back (JSON, TTL)
+
+On a Redis Cluster (``Keys(cluster=True)``, a ``redis+cluster://`` URL) the names carry hash tags, so that every
+script and multi-key call stays in one slot (docs/deployment.md, "Redis Cluster"):
+
+    {ns}:q:{<model>}...           every key of one model has the model as its tag: its streams, lane map,
+                                  results, chunks, counters, dead letters, and those below, so a model's whole
+                                  queue lives on one shard and models spread over the shards
+    {ns}:idem:{<model>}:{scope}:{hash}   idempotency keys are per model (the ENQUEUE script checks them)
+    {ns}:qbytes:{<model>}:all     the "total" byte counter: per model (a cluster has no one place for a total)
+    {ns}:replies:{<model>}:{gateway}     one reply stream per gateway and model (FINISH writes it)
+    {ns}:wl:{<model>}:{worker}    a copy of the worker's state (hash: state; TTL = heartbeat lease) on the
+                                  model's slot, for the scripts that check it (ENQUEUE's push, the orphan sweep)
+    {ns}:-:{<model>}              the "no key here" of a model's scripts
+    {{ns}}:...                    every other key (registry, control, API keys and their limits, cancels,
+                                  rollouts) has the namespace as its tag: one slot, so their few multi-key
+                                  steps (API-key admission, registry transactions) stay atomic
 """
 
 from __future__ import annotations
@@ -60,14 +76,27 @@ LANES = 8
 @dataclass(frozen=True)
 class Keys:
     ns: str = "mgpu"
+    cluster: bool = False  # Redis Cluster: hash-tagged names (module docstring)
+
+    def _g(self, rest: str) -> str:
+        """A key that belongs to no model."""
+        return f"{{{self.ns}}}:{rest}" if self.cluster else f"{self.ns}:{rest}"
+
+    def _m(self, kind: str, model: str) -> str:
+        """The prefix of a model's keys of one kind."""
+        return f"{self.ns}:{kind}:{{{model}}}" if self.cluster else f"{self.ns}:{kind}:{model}"
 
     @property
     def none(self) -> str:
         """A name that is never written, given to a script in place of a key it does not need."""
-        return f"{self.ns}:-"
+        return self._g("-")
+
+    def none_for(self, model: str) -> str:
+        """:attr:`none` in a script of ``model``'s keys (on a cluster, in that model's slot)."""
+        return f"{self.ns}:-:{{{model}}}" if self.cluster else self.none
 
     def stream(self, model: str) -> str:
-        return f"{self.ns}:q:{model}"
+        return self._m("q", model)
 
     def lanes(self, model: str) -> list[str]:
         """The model's fair lanes, lane 0 (its shared stream) first."""
@@ -75,111 +104,121 @@ class Keys:
 
     def lane_prefix(self, model: str) -> str:
         """A lane's name without its number (the ENQUEUE script's recount builds them)."""
-        return f"{self.ns}:q:{model}:lane:"
+        return f"{self.stream(model)}:lane:"
 
     def lane_map(self, model: str) -> str:
-        return f"{self.ns}:q:{model}:lanes"
+        return f"{self.stream(model)}:lanes"
 
     def batch_stream(self, model: str) -> str:
-        return f"{self.ns}:q:{model}:batch"
+        return f"{self.stream(model)}:batch"
 
     def worker_stream(self, model: str, worker: str) -> str:
         return f"{self.worker_stream_prefix(model)}{worker}"
 
     def worker_stream_prefix(self, model: str) -> str:
         """A worker's own stream's name without its id (the ENQUEUE script's recount builds them)."""
-        return f"{self.ns}:q:{model}:w:"
+        return f"{self.stream(model)}:w:"
 
     def worker_streams(self, model: str) -> str:
-        return f"{self.ns}:wq:{model}"
+        return self._m("wq", model)
 
     def dlq(self, model: str) -> str:
-        return f"{self.ns}:dlq:{model}"
+        return self._m("dlq", model)
 
     def result(self, model: str, request_id: str) -> str:
-        return f"{self.ns}:res:{model}:{request_id}"
+        return f"{self._m('res', model)}:{request_id}"
 
     def chunks(self, model: str, request_id: str) -> str:
-        return f"{self.ns}:chunks:{model}:{request_id}"
+        return f"{self._m('chunks', model)}:{request_id}"
 
-    def idempotency(self, scope: str, key: str) -> str:
+    def idempotency(self, scope: str, key: str, model: str) -> str:
+        """An Idempotency-Key of one scope (hashed).  On a cluster it is per model too: the ENQUEUE script of
+        the model's slot checks and sets it."""
         digest = hashlib.sha256(key.encode()).hexdigest()[:40]
+        if self.cluster:
+            return f"{self._m('idem', model)}:{scope}:{digest}"
         return f"{self.ns}:idem:{scope}:{digest}"
 
     def queue_bytes(self, model: str) -> str:
-        return f"{self.ns}:qbytes:{model}"
+        return self._m("qbytes", model)
 
     def queue_len(self, model: str) -> str:
-        return f"{self.ns}:qlen:{model}"
+        return self._m("qlen", model)
 
-    @property
-    def queue_bytes_total(self) -> str:
-        return f"{self.ns}:qbytes"
+    def queue_bytes_total(self, model: str) -> str:
+        """The byte counter over all models; on a cluster, a second one per model (no key spans the shards)."""
+        return f"{self._m('qbytes', model)}:all" if self.cluster else f"{self.ns}:qbytes"
 
     def api_key(self, key_id: str) -> str:
-        return f"{self.ns}:apikey:{key_id}"
+        return self._g(f"apikey:{key_id}")
 
     @property
     def api_key_names(self) -> str:
-        return f"{self.ns}:apikeys"
+        return self._g("apikeys")
 
     def rate(self, key_id: str) -> str:
-        return f"{self.ns}:rate:{key_id}"  # also built by the FINISH and DEAD_LETTER scripts (common/lua.py)
+        return self._g(f"rate:{key_id}")  # also built by the FINISH and DEAD_LETTER scripts (common/lua.py)
 
     def usage(self, key_id: str) -> str:
-        return f"{self.ns}:usage:{key_id}"  # also built by the FINISH and DEAD_LETTER scripts
+        return self._g(f"usage:{key_id}")  # also built by the FINISH and DEAD_LETTER scripts
 
-    def replies(self, gateway: str) -> str:
-        return f"{self.ns}:replies:{gateway}"
+    def replies(self, gateway: str, model: str) -> str:
+        """The reply stream of one gateway process; on a cluster one per model (its workers' scripts write it)."""
+        return f"{self._m('replies', model)}:{gateway}" if self.cluster else f"{self.ns}:replies:{gateway}"
 
     @property
     def cancels(self) -> str:
-        return f"{self.ns}:cancels"
+        return self._g("cancels")
 
     def worker(self, worker_id: str) -> str:
-        return f"{self.ns}:worker:{worker_id}"
+        return self._g(f"worker:{worker_id}")
+
+    def worker_live(self, model: str, worker_id: str) -> str:
+        """Where a model's scripts read a worker's state: its registry hash, or on a cluster a copy of the
+        state on the model's slot (the worker keeps both)."""
+        return f"{self._m('wl', model)}:{worker_id}" if self.cluster else self.worker(worker_id)
 
     @property
     def workers(self) -> str:
-        return f"{self.ns}:workers"
+        return self._g("workers")
 
     @property
     def models(self) -> str:
-        return f"{self.ns}:models"
+        return self._g("models")
 
     def drain(self, worker_id: str) -> str:
-        return f"{self.ns}:drain:{worker_id}"
+        return self._g(f"drain:{worker_id}")
 
     @property
     def control(self) -> str:
-        return f"{self.ns}:control"
+        return self._g("control")
 
     @property
     def worker_starts(self) -> str:
-        return f"{self.ns}:starts"
+        return self._g("starts")
 
     def admit(self, worker_id: str) -> str:
-        return f"{self.ns}:admit:{worker_id}"
+        return self._g(f"admit:{worker_id}")
 
     def supervisor(self, supervisor_id: str) -> str:
-        return f"{self.ns}:supervisor:{supervisor_id}"
+        return self._g(f"supervisor:{supervisor_id}")
 
     @property
     def supervisors(self) -> str:
-        return f"{self.ns}:supervisors"
+        return self._g("supervisors")
 
     @property
     def rollout(self) -> str:
-        return f"{self.ns}:rollout"
+        return self._g("rollout")
 
     @property
     def rollout_lock(self) -> str:
-        return f"{self.ns}:rollout:lock"
+        return self._g("rollout:lock")
 
     @property
     def rollout_history(self) -> str:
-        return f"{self.ns}:rollout:history"
+        return self._g("rollout:history")
 
     @property
     def rollout_abort(self) -> str:
-        return f"{self.ns}:rollout:abort"
+        return self._g("rollout:abort")

@@ -115,7 +115,9 @@ end
 #       tokens to reserve, the API key's id, the name of no key, the number of lanes (1: this request is not
 #       laned, and no lane is passed), the most requests one key may have in flight in the lanes (0: no limit),
 #       the model's number of lanes, a lane's name without its number, a worker stream's name without its id,
-#       the set of the model's worker streams (those four only for the recount at the limit)
+#       the set of the model's worker streams (those four only for the recount at the limit), the reservation
+#       that ADMIT_KEY made ('<key id>:<second>:<tokens>', on a Redis Cluster, where the key's record and rate
+#       hash are on another slot and KEYS[7], KEYS[8] are none; '' otherwise)
 # -> {1, entry_id, fell_back, requests in the minute, tokens in the minute, in flight, reset_s} queued
 #    | {0, 'entries' | 'bytes' | 'total_bytes' | 'key_share'} full | {2, the stored idempotency record} that
 #    key was used before | {3, 'unknown' | 'revoked' | 'expired'} the API key cannot be used
@@ -165,7 +167,7 @@ end
 local size = #ARGV[2]
 if tonumber(redis.call('GET', KEYS[5]) or '0') + size > tonumber(ARGV[5]) then return {0, 'bytes'} end
 if tonumber(redis.call('GET', KEYS[6]) or '0') + size > tonumber(ARGV[6]) then return {0, 'total_bytes'} end
-local laned = target == KEYS[4] and KEYS[7] ~= none and KEYS[9] ~= none and nl > 1
+local laned = target == KEYS[4] and ARGV[8] ~= '' and KEYS[9] ~= none and nl > 1
 if laned then
   local map, kid, share = KEYS[9], ARGV[8], tonumber(ARGV[11])
   if share > 0 and tonumber(redis.call('HGET', map, 'n:' .. kid) or '0') >= share then return {0, 'key_share'} end
@@ -174,10 +176,14 @@ if laned then
   redis.call('EXPIRE', map, 3600)
 end
 local fields = {'p', ARGV[2], 'b', size}
+local q = ARGV[16]
 if KEYS[7] ~= none then
   charge(KEYS[8], reserve, now)
+  q = ARGV[8] .. ':' .. now .. ':' .. reserve
+end
+if q ~= '' then
   fields[#fields + 1] = 'q'
-  fields[#fields + 1] = ARGV[8] .. ':' .. now .. ':' .. reserve
+  fields[#fields + 1] = q
   if laned then
     fields[#fields + 1] = 'l'
     fields[#fields + 1] = '1'
@@ -349,12 +355,14 @@ end
 # of the lane map (field 'l'), and settle its API key's reservation (field 'q'): the tokens reserved become
 # the tokens used (a refund, or more) in the second they were reserved in, if it is still in the window; one
 # request less in flight; the key's usage.
-# ns: the key namespace; usage: {prompt tokens, completion tokens, '1' when the request failed}.
+# ns: the key namespace ('' on a Redis Cluster: the key's hashes are on another slot, so the script returns the
+# reservation and the caller settles it there with SETTLE); usage: {prompt tokens, completion tokens, '1' when
+# the request failed}.
 _UNCOUNT = """
-local function settle(ns, q, usage)
+local function settle(rate_prefix, usage_prefix, q, usage)
   local kid, sec, reserved = string.match(q, '^([^:]+):(%d+):(%d+)$')
   if not kid then return end
-  local rk, uk = ns .. ':rate:' .. kid, ns .. ':usage:' .. kid
+  local rk, uk = rate_prefix .. kid, usage_prefix .. kid
   local used = tonumber(usage[1]) + tonumber(usage[2])
   if tonumber(sec) >= tonumber(redis.call('HGET', rk, 'lo') or '0') and redis.call('HEXISTS', rk, 't:' .. sec) == 1 then
     redis.call('HINCRBY', rk, 't:' .. sec, used - tonumber(reserved))
@@ -391,9 +399,13 @@ local function uncount(stream, id, model_key, total_key, count_key, lane_map, ns
     end
   end
   if q then
-    settle(ns, q, usage)
     if laned then unlane(lane_map, q) end
+    if ns ~= '' then
+      settle(ns .. ':rate:', ns .. ':usage:', q, usage)
+      return nil
+    end
   end
+  return q  -- not settled here
 end
 """
 
@@ -415,9 +427,10 @@ return 1
 # KEYS: stream, result, model byte counter, total byte counter, lane map, model request counter
 # ARGV: group, consumer, entry_id, request_id, result_json, ttl, replies ('' for none), kind, namespace, prompt tokens,
 #       completion tokens, failed ('1'/'0')
-# -> 1 stored and acknowledged | 2 acknowledged, an earlier result won | 0 fenced
+# -> {1, q} stored and acknowledged | {2, q} acknowledged, an earlier result won | {0, ''} fenced; q: the entry's
+#    API-key reservation when ARGV[9] is '' (Redis Cluster: the caller settles it with SETTLE), else ''
 FINISH = _OWNED + _UNCOUNT + _SAFE_DEL + """
-if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
+if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return {0, ''} end
 local stored = redis.call('EXISTS', KEYS[2]) == 0
 if stored then  -- the reply first: a command refused mid-script (ACL) leaves no result nobody was told of
   if ARGV[7] ~= '' then
@@ -425,11 +438,11 @@ if stored then  -- the reply first: a command refused mid-script (ACL) leaves no
   end
   redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[6])
 end
-uncount(KEYS[1], ARGV[3], KEYS[3], KEYS[4], KEYS[6], KEYS[5], ARGV[9], {ARGV[10], ARGV[11], ARGV[12]})
+local q = uncount(KEYS[1], ARGV[3], KEYS[3], KEYS[4], KEYS[6], KEYS[5], ARGV[9], {ARGV[10], ARGV[11], ARGV[12]})
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 safe_del(KEYS[1], ARGV[1], ARGV[3])
-if stored then return 1 end
-return 2
+if stored then return {1, q or ''} end
+return {2, q or ''}
 """
 
 # KEYS: stream   ARGV: group, consumer, id...   -> ids this consumer no longer owns
@@ -522,10 +535,10 @@ end
 
 # KEYS: stream, dlq, result, model byte counter, total byte counter, lane map, model request counter
 # ARGV: group, consumer, entry_id, request_id, raw_payload, result_json, ttl, replies ('' for none), reason, deliveries,
-#       max dead letters, namespace
-# -> 1 moved | 0 fenced
+#       max dead letters, namespace ('' on a Redis Cluster, as in FINISH)
+# -> {1, q} moved | {0, ''} fenced; q as in FINISH
 DEAD_LETTER = _OWNED + _UNCOUNT + _SAFE_DEL + _TRIM_DLQ + """
-if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 0 end
+if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return {0, ''} end
 if ARGV[4] ~= '' then
   if redis.call('EXISTS', KEYS[3]) == 0 then  -- the reply first, as in FINISH
     if ARGV[8] ~= '' then
@@ -537,44 +550,51 @@ end
 redis.call('XADD', KEYS[2], '*', 'p', ARGV[5], 'entry', ARGV[3], 'request_id', ARGV[4],
            'reason', ARGV[9], 'deliveries', ARGV[10], 'consumer', ARGV[2])
 trim_dlq(KEYS[2], tonumber(ARGV[11]))
-uncount(KEYS[1], ARGV[3], KEYS[4], KEYS[5], KEYS[7], KEYS[6], ARGV[12], {'0', '0', '1'})
+local q = uncount(KEYS[1], ARGV[3], KEYS[4], KEYS[5], KEYS[7], KEYS[6], ARGV[12], {'0', '0', '1'})
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 safe_del(KEYS[1], ARGV[1], ARGV[3])
+return {1, q or ''}
+"""
+
+# On a Redis Cluster an API key's record and rate hash are not on the model's slot, so a keyed request is
+# admitted in three steps instead of inside ENQUEUE: ADMIT_KEY on the key's slot (the same checks, and the
+# charge), ENQUEUE on the model's with the reservation it made (ARGV[16]), and REFUND if ENQUEUE refuses.
+# FINISH and DEAD_LETTER return the reservation, which the worker settles with SETTLE.
+# KEYS: the key's record, its rate hash   ARGV: tokens to reserve, the key's id
+# -> {1, reservation, requests in the minute, tokens in the minute, in flight, reset_s} | a refusal as ENQUEUE's
+ADMIT_KEY = _ADMIT + """
+local now = now_s()
+local reserve = tonumber(ARGV[1])
+local refused = admit(KEYS[1], KEYS[2], reserve, now)
+if refused then return refused end
+charge(KEYS[2], reserve, now)
+local rs, ts = slide(KEYS[2], now)
+return {1, ARGV[2] .. ':' .. now .. ':' .. reserve, rs, ts, tonumber(redis.call('HGET', KEYS[2], 'inflight')),
+        reset_s(KEYS[2], 'r', now)}
+"""
+
+# Undo ADMIT_KEY's charge of a request that ENQUEUE then refused.
+# KEYS: the key's rate hash   ARGV: the reservation
+REFUND = """
+local kid, sec, reserved = string.match(ARGV[1], '^([^:]+):(%d+):(%d+)$')
+if not kid then return 0 end
+local rk = KEYS[1]
+if tonumber(sec) >= tonumber(redis.call('HGET', rk, 'lo') or '0') and redis.call('HEXISTS', rk, 'r:' .. sec) == 1 then
+  redis.call('HINCRBY', rk, 'r:' .. sec, -1)
+  redis.call('HINCRBY', rk, 'rs', -1)
+  redis.call('HINCRBY', rk, 't:' .. sec, -tonumber(reserved))
+  redis.call('HINCRBY', rk, 'ts', -tonumber(reserved))
+end
+if redis.call('HINCRBY', rk, 'inflight', -1) < 0 then redis.call('HSET', rk, 'inflight', 0) end
 return 1
 """
 
-# A rollout request (ops.rollout): at most one rollout is requested or runs per namespace.  The lock
-# holds the rollout's id with a TTL that the supervisor running it renews, so a rollout whose
-# supervisor died stops blocking new ones once the TTL passes.
-# KEYS: lock, state   ARGV: rollout id, state_json, lock_ttl_ms
-# -> {1, ''} requested | {0, state_json of the rollout that holds the lock}
-ROLLOUT_REQUEST = """
-if redis.call('GET', KEYS[1]) then return {0, redis.call('GET', KEYS[2]) or ''} end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[2])
-return {1, ''}
-"""
-
-# Write a rollout's state, if it is still that rollout's: the state key holds its id, and the lock is
-# its own (a final write may also land after the lock passed).  A final write releases the lock and
-# adds the state to the history; any other renews the lock.
-# KEYS: lock, state, history   ARGV: rollout id, state_json, lock_ttl_ms, final('1'/'0'),
-#       expected current phase ('' for any), history length
-# -> 1 written | 0 not this rollout's any more, or not in the expected phase
-ROLLOUT_WRITE = """
-local holder = redis.call('GET', KEYS[1])
-if (holder and holder ~= ARGV[1]) or (not holder and ARGV[4] ~= '1') then return 0 end
-local cur = redis.call('GET', KEYS[2])
-if not cur then return 0 end
-local st = cjson.decode(cur)
-if st.id ~= ARGV[1] or (ARGV[5] ~= '' and st.phase ~= ARGV[5]) then return 0 end
-redis.call('SET', KEYS[2], ARGV[2])
-if ARGV[4] == '1' then
-  if holder then redis.call('DEL', KEYS[1]) end
-  redis.call('LPUSH', KEYS[3], ARGV[2])
-  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[6]) - 1)
-else
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-end
+# Settle a reservation that FINISH or DEAD_LETTER returned (Redis Cluster), as they do themselves elsewhere.
+# KEYS: the key's rate hash, its usage hash   ARGV: reservation, prompt tokens, completion tokens, failed ('1'/'0')
+SETTLE = _UNCOUNT + """
+local kid = string.match(ARGV[1], '^([^:]+):')
+if not kid then return 0 end
+settle(string.sub(KEYS[1], 1, #KEYS[1] - #kid), string.sub(KEYS[2], 1, #KEYS[2] - #kid), ARGV[1],
+       {ARGV[2], ARGV[3], ARGV[4]})
 return 1
 """

@@ -1,6 +1,8 @@
 """Redis connections: one place that builds pools and clients, so every part uses the same timeouts and
-understands the same URLs: ``redis://``, ``rediss://`` (TLS), ``unix://`` and ``redis+sentinel://`` (the
-primary that Redis Sentinel names, found again after a failover; docs/deployment.md)."""
+understands the same URLs: ``redis://``, ``rediss://`` (TLS), ``unix://``, ``redis+sentinel://`` (the
+primary that Redis Sentinel names, found again after a failover) and ``redis+cluster://`` (a Redis Cluster:
+redis-py's cluster client, which routes each command and script to its slot's primary and follows MOVED;
+docs/deployment.md)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,22 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
 import redis.asyncio.sentinel as aiosentinel
+import redis.cluster
 import redis.sentinel
 
-from common.redis_url import SENTINEL_SCHEME, SentinelUrl
+from common.redis_url import CLUSTER_SCHEME, SENTINEL_SCHEME, ClusterUrl, SentinelUrl
+
+# Errors that pass: Redis unreachable, restarting or failing over; on a cluster also a slot being moved (TRYAGAIN,
+# ASK), a shard without a primary (CLUSTERDOWN), or no node reachable at all (RedisClusterException).
+TRANSIENT: tuple[type[BaseException], ...] = (
+    redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError,
+    redis.exceptions.RedisClusterException, OSError)
+
+# A cluster client has no blocking pool: a command past a node's connection limit fails at once.  Each node's
+# limit is this many times the pool size asked for, so that it is never what a burst meets.
+CLUSTER_CONNECTIONS_FACTOR = 8
 
 
 class BlockingSentinelPool(aiosentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool):
@@ -47,8 +61,26 @@ def _master_for(sentinel: Any, url: str, kwargs: dict[str, Any]) -> Any:
     return manager.master_for(su.service, **su.connection_kwargs(), **kwargs)
 
 
+def is_cluster(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEME)
+
+
+def _cluster_kwargs(url: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    cu = ClusterUrl.parse(url)
+    kw = {k: v for k, v in kwargs.items() if k not in ("health_check_interval", "timeout", "retry_on_timeout")}
+    return {"username": cu.username, "password": cu.password, "require_full_coverage": True, **kw}
+
+
+def _cluster_async(url: str, kwargs: dict[str, Any]) -> aioredis.Redis:
+    nodes = [aiocluster.ClusterNode(h, p) for h, p in ClusterUrl.parse(url).nodes]
+    return aiocluster.RedisCluster(startup_nodes=nodes, **_cluster_kwargs(url, kwargs))  # type: ignore[return-value]
+
+
 def sync_client(url: str, **kwargs: Any) -> redis.Redis:
     """A blocking client (control commands, the supervisor, health checks) for any URL mgpu accepts."""
+    if is_cluster(url):
+        nodes = [redis.cluster.ClusterNode(h, p) for h, p in ClusterUrl.parse(url).nodes]
+        return redis.cluster.RedisCluster(startup_nodes=nodes, **_cluster_kwargs(url, kwargs))  # type: ignore[return-value]
     if url.startswith(SENTINEL_SCHEME):
         return _master_for(redis.sentinel.Sentinel, url, kwargs)  # type: ignore[no-any-return]
     return redis.Redis.from_url(url, **kwargs)
@@ -56,19 +88,26 @@ def sync_client(url: str, **kwargs: Any) -> redis.Redis:
 
 def async_client(url: str, **kwargs: Any) -> aioredis.Redis:
     """An unpooled-style asyncio client (one-off tools) for any URL mgpu accepts."""
+    if is_cluster(url):
+        return _cluster_async(url, kwargs)
     if url.startswith(SENTINEL_SCHEME):
         return _master_for(aiosentinel.Sentinel, url, kwargs)  # type: ignore[no-any-return]
     return aioredis.Redis.from_url(url, **kwargs)
 
 
 def make_client(url: str, *, max_connections: int = 32, block_ms: int = 0, name: str | None = None) -> aioredis.Redis:
+    """The asyncio client of a long-running part (gateway, worker): pooled, with :func:`make_pool`'s timeouts."""
+    if is_cluster(url):
+        return _cluster_async(url, dict(max_connections=max_connections * CLUSTER_CONNECTIONS_FACTOR,
+                                        socket_connect_timeout=2, socket_timeout=max(5.0, block_ms / 1000.0 + 5.0),
+                                        client_name=name))
     return aioredis.Redis(connection_pool=make_pool(url, max_connections=max_connections, block_ms=block_ms,
                                                     name=name))
 
 
 def redacted(url: str) -> str:
     """A Redis URL for a log line: its password replaced by ``***``."""
-    if url.startswith(SENTINEL_SCHEME):
+    if url.startswith((SENTINEL_SCHEME, CLUSTER_SCHEME)):
         parts = urlsplit(url)
         auth, at, hosts = parts.netloc.rpartition("@")
         netloc = (auth.partition(":")[0] + (":***" if ":" in auth else "") + at + hosts) if at else hosts

@@ -141,6 +141,18 @@ class Limits:
 # ----------------------------------------------------------------------------- the calls
 
 
+def _refusal(out: list[Any]) -> Duplicate | QueueFull | KeyRefused | RateLimited:
+    """An ENQUEUE or ADMIT_KEY refusal (common.lua): what it says."""
+    rc, val, *rest = out
+    if rc == 0:
+        return QueueFull(_text(val))
+    if rc == 2:  # an unreadable stored record raises pydantic's ValidationError (a ValueError)
+        return Duplicate(IdempotencyRecord.model_validate_json(val))
+    if rc == 3:
+        return KeyRefused(_text(val))
+    return RateLimited(_text(val), int(rest[0]), int(rest[1]), int(rest[2]))
+
+
 class Scripts:
     """The scripts of one namespace on one client (registered lazily; nothing is sent until used)."""
 
@@ -156,6 +168,10 @@ class Scripts:
         self._release = client.register_script(lua.RELEASE)
         self._move = client.register_script(lua.MOVE_UNDELIVERED)
         self._pull = client.register_script(lua.PULL)
+        if keys.cluster:  # API keys' limits in their own slot (lua.ADMIT_KEY)
+            self._admit_key = client.register_script(lua.ADMIT_KEY)
+            self._refund = client.register_script(lua.REFUND)
+            self._settle = client.register_script(lua.SETTLE)
 
     async def enqueue(self, model: str, target: Target, payload: str, limits: Limits, *,
                       idempotency_key: str | None = None, record: IdempotencyRecord | None = None,
@@ -164,26 +180,37 @@ class Scripts:
         k = self.keys
         kid = charge.key_id if charge is not None else ""
         laned = bool(kid) and limits.fair
-        out = await self._enqueue(
-            keys=[target.stream, idempotency_key or k.none, target.worker_key or k.none, target.shared,
-                  k.queue_bytes(model), k.queue_bytes_total, k.api_key(kid) if kid else k.none,
-                  k.rate(kid) if kid else k.none, k.lane_map(model) if laned else k.none, k.queue_len(model),
-                  *(k.lanes(model)[1:] if laned else ())],
-            args=[limits.max_entries, payload, record.model_dump_json() if record is not None else "", idem_ttl_s,
-                  limits.max_bytes, limits.max_bytes_total, charge.reserve if charge is not None else 0, kid,
-                  k.none, LANES if laned else 1, limits.key_share, LANES, k.lane_prefix(model),
-                  k.worker_stream_prefix(model), k.worker_streams(model)])
+        none = k.none_for(model)
+        reservation, admitted = "", None
+        if kid and k.cluster:  # the key's hashes are on another slot: admit there first (lua.ADMIT_KEY)
+            assert charge is not None
+            rc, *rest = await self._admit_key(keys=[k.api_key(kid), k.rate(kid)], args=[charge.reserve, kid])
+            if int(rc) != 1:
+                return _refusal([rc, *rest])
+            reservation = _text(rest[0])
+            admitted = KeyUsage(int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]))
+        in_script = kid and not k.cluster
+        try:
+            out = await self._enqueue(
+                keys=[target.stream, idempotency_key or none, target.worker_key or none, target.shared,
+                      k.queue_bytes(model), k.queue_bytes_total(model), k.api_key(kid) if in_script else none,
+                      k.rate(kid) if in_script else none, k.lane_map(model) if laned else none, k.queue_len(model),
+                      *(k.lanes(model)[1:] if laned else ())],
+                args=[limits.max_entries, payload, record.model_dump_json() if record is not None else "", idem_ttl_s,
+                      limits.max_bytes, limits.max_bytes_total, charge.reserve if charge is not None else 0, kid,
+                      none, LANES if laned else 1, limits.key_share, LANES, k.lane_prefix(model),
+                      k.worker_stream_prefix(model), k.worker_streams(model), reservation])
+        except BaseException:
+            if reservation:  # not known to be queued: give the charge back (at worst a request goes uncounted)
+                await self._refund(keys=[k.rate(kid)], args=[reservation])
+            raise
         out, replicas = out if self._enqueue.wait is not None else (out, None)
         rc, val, *rest = out
-        if rc == 0:
-            return QueueFull(_text(val))
-        if rc == 2:  # an unreadable stored record raises pydantic's ValidationError (a ValueError)
-            return Duplicate(IdempotencyRecord.model_validate_json(val))
-        if rc == 3:
-            return KeyRefused(_text(val))
-        if rc == 4:
-            return RateLimited(_text(val), int(rest[0]), int(rest[1]), int(rest[2]))
-        usage = KeyUsage(int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4])) if len(rest) >= 5 else None
+        if rc != 1:
+            if reservation:
+                await self._refund(keys=[k.rate(kid)], args=[reservation])
+            return _refusal(out)
+        usage = KeyUsage(int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4])) if len(rest) >= 5 else admitted
         return Queued(_text(val), bool(rest and rest[0] == 1), usage, replicas)
 
     async def pull(self, streams: Sequence[str], consumer: str, n: int, *, before: int, lanes: int, first: int,
@@ -199,7 +226,7 @@ class Scripts:
         return bool(await self._emit(
             keys=[entry.stream, self.keys.chunks(entry.model, request_id)],
             args=[GROUP, entry.consumer, entry.entry_id, request_id, chunk.model_dump_json(exclude_defaults=True),
-                  ttl_s, self.keys.replies(reply_to) if reply_to else ""]))
+                  ttl_s, self.keys.replies(reply_to, entry.model) if reply_to else ""]))
 
     async def finish(self, entry: Entry, result: Result, kind: ReplyKind, reply_to: str | None,
                      ttl_s: int) -> Finish:
@@ -207,25 +234,41 @@ class Scripts:
         API key (its reservation becomes the usage: ``result.usage``)."""
         k = self.keys
         u = result.usage
-        return Finish(int(await self._finish(
-            keys=[entry.stream, k.result(entry.model, result.id), k.queue_bytes(entry.model), k.queue_bytes_total,
-                  k.lane_map(entry.model), k.queue_len(entry.model)],
+        rc, q = await self._finish(
+            keys=[entry.stream, k.result(entry.model, result.id), k.queue_bytes(entry.model),
+                  k.queue_bytes_total(entry.model), k.lane_map(entry.model), k.queue_len(entry.model)],
             args=[GROUP, entry.consumer, entry.entry_id, result.id, result.model_dump_json(exclude_defaults=True),
-                  ttl_s, k.replies(reply_to) if reply_to else "", kind.value, k.ns, u.prompt_tokens,
-                  u.completion_tokens, "1" if result.error is not None else "0"])))
+                  ttl_s, k.replies(reply_to, entry.model) if reply_to else "", kind.value,
+                  "" if k.cluster else k.ns, u.prompt_tokens, u.completion_tokens,
+                  "1" if result.error is not None else "0"])
+        await self._settle_key(q, u.prompt_tokens, u.completion_tokens, result.error is not None)
+        return Finish(int(rc))
+
+    async def _settle_key(self, reservation: Any, prompt: int, completion: int, failed: bool) -> None:
+        """Redis Cluster: settle what a finished entry cost its API key, on the key's slot (lua.SETTLE).  A worker
+        that dies just before leaves the request counted in flight for its key (docs/deployment.md)."""
+        q = _text(reservation)
+        if not q:
+            return
+        kid = q.split(":", 1)[0]
+        await self._settle(keys=[self.keys.rate(kid), self.keys.usage(kid)],
+                           args=[q, prompt, completion, "1" if failed else "0"])
 
     async def dead_letter(self, entry: Entry, raw_payload: str, result: Result, reply_to: str | None, *,
                           reason: str, deliveries: int, ttl_s: int, max_dead_letters: int,
                           request_id: str = "") -> bool:
         """Move the entry to the model's dead-letter stream (bounded); answer the request if it has an id."""
         k = self.keys
-        return bool(await self._dead_letter(
+        moved, q = await self._dead_letter(
             keys=[entry.stream, k.dlq(entry.model), k.result(entry.model, request_id or "-"),
-                  k.queue_bytes(entry.model), k.queue_bytes_total, k.lane_map(entry.model),
+                  k.queue_bytes(entry.model), k.queue_bytes_total(entry.model), k.lane_map(entry.model),
                   k.queue_len(entry.model)],
             args=[GROUP, entry.consumer, entry.entry_id, request_id, raw_payload,
-                  result.model_dump_json(exclude_defaults=True), ttl_s, k.replies(reply_to) if reply_to else "",
-                  reason, deliveries, max_dead_letters, k.ns]))
+                  result.model_dump_json(exclude_defaults=True), ttl_s,
+                  k.replies(reply_to, entry.model) if reply_to else "", reason, deliveries, max_dead_letters,
+                  "" if k.cluster else k.ns])
+        await self._settle_key(q, 0, 0, True)
+        return bool(moved)
 
     async def reclaim(self, stream: str, consumer: str, min_idle_ms: int, cursor: str,
                       count: int) -> tuple[str, list[Claimed]]:
@@ -251,7 +294,7 @@ class Scripts:
         the owner is alive and ``force`` is off."""
         k = self.keys
         moved, left = await self._move(
-            keys=[k.worker_stream(model, owner), k.worker(owner), k.stream(model), k.worker_streams(model)],
+            keys=[k.worker_stream(model, owner), k.worker_live(model, owner), k.stream(model), k.worker_streams(model)],
             args=[GROUP, mover, batch, owner, "1" if force else "0"])
         return None if int(moved) < 0 else (int(moved), int(left))
 

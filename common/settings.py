@@ -35,7 +35,7 @@ from pydantic.json_schema import JsonDict
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from common.keys import Keys
-from common.redis_url import SENTINEL_SCHEME, SentinelUrl
+from common.redis_url import CLUSTER_SCHEME, SENTINEL_SCHEME, ClusterUrl, SentinelUrl
 
 ENV_PREFIX = "MGPU_"
 
@@ -172,8 +172,9 @@ class ControlSettings(LogSettings):
 
     flag_group = "Redis settings"
 
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="redis://, rediss:// (TLS), unix:// or "
-                           "redis+sentinel://host:26379[,host:26379...]/<primary name>[/db] (Redis Sentinel); "
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="redis://, rediss:// (TLS), unix://, "
+                           "redis+sentinel://host:26379[,host:26379...]/<primary name>[/db] (Redis Sentinel) or "
+                           "redis+cluster://host:6379[,host:6379...] (Redis Cluster: seed nodes); "
                            "a password or an ACL user goes in it: redis://user:password@host:6379/0")
     redis_tls_ca: str | None = Field(default=None, description="rediss://: the CA certificate file to verify the "
                                      "server with")
@@ -185,10 +186,12 @@ class ControlSettings(LogSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, v: str) -> str:
-        if not v.startswith(("redis://", "rediss://", "unix://", SENTINEL_SCHEME)):
-            raise ValueError(f"must start with redis://, rediss://, unix:// or {SENTINEL_SCHEME}")
+        if not v.startswith(("redis://", "rediss://", "unix://", SENTINEL_SCHEME, CLUSTER_SCHEME)):
+            raise ValueError(f"must start with redis://, rediss://, unix://, {SENTINEL_SCHEME} or {CLUSTER_SCHEME}")
         if v.startswith(SENTINEL_SCHEME):
             SentinelUrl.parse(v)  # a ValueError names what is wrong
+        if v.startswith(CLUSTER_SCHEME):
+            ClusterUrl.parse(v)
         return v
 
     def _tls_files(self) -> dict[str, str | None]:
@@ -198,8 +201,9 @@ class ControlSettings(LogSettings):
     @model_validator(mode="after")
     def _tls(self) -> Self:
         if any(self._tls_files().values()) and not self.redis_url.startswith("rediss://"):
-            if self.redis_url.startswith(SENTINEL_SCHEME):
-                raise ValueError("redis_tls_*: TLS to a Sentinel-managed primary is not supported yet")
+            if self.redis_url.startswith((SENTINEL_SCHEME, CLUSTER_SCHEME)):
+                raise ValueError("redis_tls_*: TLS to a Sentinel-managed primary or a Redis Cluster is not "
+                                 "supported yet")
             raise ValueError("redis_tls_*: TLS needs a rediss:// URL")
         return self
 
@@ -213,7 +217,7 @@ class ControlSettings(LogSettings):
 
     @property
     def keys(self) -> Keys:
-        return Keys(self.namespace)
+        return Keys(self.namespace, cluster=self.redis_url.startswith(CLUSTER_SCHEME))
 
 
 class CommonSettings(ControlSettings):
@@ -330,6 +334,13 @@ class GatewaySettings(HttpSettings, CommonSettings):
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _names(v)
+
+    @model_validator(mode="after")
+    def _cluster_limits(self) -> Self:
+        if self.redis_url.startswith(CLUSTER_SCHEME) and self.enqueue_wait_replicas:
+            raise ValueError("enqueue_wait_replicas: WAIT on a Redis Cluster would confirm one shard's replicas "
+                             "only; not supported yet (docs/deployment.md, \"Redis Cluster\")")
+        return self
 
     @property
     def on_loopback(self) -> bool:

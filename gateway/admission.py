@@ -254,8 +254,8 @@ def admit(state: GatewayState, kind: Kind, body: dict[str, Any], trace: str | No
         digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
         record = IdempotencyRecord(request_id=item.id, endpoint=kind, stream=item.stream, body_sha256=digest,
                                    created=item.created)
-    return Admission(kind, f, item, trace, None if key is None else state.settings.keys.idempotency(scope, key),
-                     record, caller, reserve)
+    idem_key = None if key is None else state.settings.keys.idempotency(scope, key, item.model)
+    return Admission(kind, f, item, trace, idem_key, record, caller, reserve)
 
 
 def check_reuse(adm: Admission, first: IdempotencyRecord) -> None:

@@ -46,9 +46,11 @@ class RegistryView:
                 p.hgetall(self.keys.worker(i))
             p.hgetall(self.keys.models)
             p.hgetall(self.keys.control)
-            p.info("memory")
+            if not self.keys.cluster:
+                p.info("memory")
             out = await p.execute()
-        memory, control_raw, models_raw = out.pop(), out.pop(), out.pop()
+        memory = out.pop() if not self.keys.cluster else await _fullest_primary(r)
+        control_raw, models_raw = out.pop(), out.pop()
         workers: dict[str, WorkerRecord] = {}
         gone = []
         for wid, raw in zip(ids, out):
@@ -83,3 +85,15 @@ class RegistryView:
                     log.warning("registry refresh failed: %s", exc)
                 self.redis_ok = False
             await asyncio.sleep(interval_s)
+
+
+async def _fullest_primary(r: Any) -> dict[str, Any]:
+    """A Redis Cluster's INFO memory of the primary nearest its maxmemory (any full shard refuses writes)."""
+    per_node = await r.info("memory", target_nodes=r.PRIMARIES)
+    infos = list(per_node.values()) if per_node and isinstance(next(iter(per_node.values())), dict) else [per_node]
+
+    def fill(info: dict[str, Any]) -> float:
+        limit = int(info.get("maxmemory", 0) or 0)
+        return int(info.get("used_memory", 0) or 0) / limit if limit else 0.0
+
+    return max(infos, key=fill)

@@ -6,6 +6,9 @@ blocking XREAD, so thousands of requests in flight share one connection.  Severa
 wait on one request (an idempotent retry follows its original): each gets every event.  The stream is durable:
 after a Redis restart (AOF) or a dropped connection the reader resumes from the last id it saw,
 and in case Redis lost data it re-reads each waiter's result key and chunk stream.
+
+On a Redis Cluster a gateway has one reply stream per model (``Keys.replies``: the workers' scripts write it in
+the model's slot), and one reader task per model, started by the first request for it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import redis.asyncio as aioredis
 from common.backoff import Backoff
 from common.keys import Keys
 from common.records import ReplyKind
+from common.redis_conn import TRANSIENT
 from common.schemas import Chunk
 
 log = logging.getLogger("mgpu.gateway.replies")
@@ -56,23 +60,53 @@ class Waiter:
             self.queue.put_nowait((kind, payload))
 
 
+@dataclass(eq=False)
+class _Reader:
+    """One reply stream and where its reading stands."""
+
+    stream: str
+    model: str | None  # a cluster's per-model stream; None: the gateway's one stream, for every model
+    last_id: str = "$"
+    healthy: bool = False
+    resync_needed: bool = False
+
+
 class ReplyRouter:
     def __init__(self, client: aioredis.Redis, keys: Keys, gateway_id: str, *, block_ms: int = 1000) -> None:
         self.r = client
         self.keys = keys
-        self.stream = keys.replies(gateway_id)
+        self.gateway_id = gateway_id
         self.block_ms = block_ms
         self.waiters: dict[str, list[Waiter]] = {}
-        self.last_id = "$"
-        self.healthy = False
         self.closed = False  # set at shutdown: the loop ends even if a cancellation got lost
-        self._resync_needed = False
+        self._main = None if keys.cluster else _Reader(keys.replies(gateway_id, ""), None)
+        self._per_model: dict[str, _Reader] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def stream(self) -> str:
+        """The reply stream (not on a cluster, where there is one per model)."""
+        assert self._main is not None
+        return self._main.stream
+
+    @property
+    def healthy(self) -> bool:
+        readers = [self._main] if self._main is not None else list(self._per_model.values())
+        return all(rd.healthy for rd in readers)
 
     def register(self, request_id: str, streaming: bool, model: str) -> Waiter:
         loop = asyncio.get_running_loop()
         w = Waiter(request_id=request_id, streaming=streaming, future=loop.create_future(),
                    queue=asyncio.Queue() if streaming else None, model=model)
         self.waiters.setdefault(request_id, []).append(w)
+        if self._main is None and model not in self._per_model:
+            # from the stream's start: a reply may land before the reader's first read (entries without a
+            # waiter are skipped; the stream is trimmed behind the reader)
+            rd = self._per_model[model] = _Reader(self.keys.replies(self.gateway_id, model), model, last_id="0-0",
+                                                  healthy=True)
+            task = asyncio.create_task(self._read(rd), name=f"replies:{model}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return w
 
     def unregister(self, w: Waiter) -> None:
@@ -87,31 +121,47 @@ class ReplyRouter:
         return sum(len(ws) for ws in self.waiters.values())
 
     async def run(self) -> None:
+        if self._main is not None:
+            await self._read(self._main)
+            return
+        try:  # a cluster: the per-model readers run as tasks of their own, until this one is cancelled
+            await asyncio.get_running_loop().create_future()
+        finally:
+            for t in list(self._tasks):
+                t.cancel()
+
+    async def _read(self, rd: _Reader) -> None:
         backoff = Backoff(0.05, 1.0)
         trimmed_at = 0.0
         loop = asyncio.get_running_loop()
         while not self.closed:
             try:
-                if self.last_id == "$":
+                if rd.last_id == "$":
                     # pin a concrete position (the server's clock, a millisecond back) so that nothing
                     # added between two reads is missed; older entries have no waiter and are skipped
                     sec, usec = await self.r.time()
-                    self.last_id = f"{int(sec) * 1000 + int(usec) // 1000 - 1}-0"
-                if self._resync_needed:
-                    await self._resync()
-                self.healthy = True
-                resp = await self.r.xread({self.stream: self.last_id}, count=2000, block=self.block_ms)
+                    rd.last_id = f"{int(sec) * 1000 + int(usec) // 1000 - 1}-0"
+                if rd.resync_needed:
+                    await self._resync(rd)
+                rd.healthy = True
+                resp = await self.r.xread({rd.stream: rd.last_id}, count=2000, block=self.block_ms)
                 backoff.reset()
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                if self.healthy:
+            except redis.ResponseError as exc:  # UNBLOCKED: the stream moved (a cluster slot migrates)
+                if not str(exc).startswith("UNBLOCKED"):
+                    raise
+                log.info("reply stream read interrupted (%s); reading again", exc)
+                rd.resync_needed = True
+                continue
+            except TRANSIENT as exc:
+                if rd.healthy:
                     log.warning("reply stream read failed: %s", exc)
-                self.healthy = False
-                self._resync_needed = True
+                rd.healthy = False
+                rd.resync_needed = True
                 await backoff.wait()
                 continue
             for _stream, entries in resp or ():
                 for entry_id, f in entries:
-                    self.last_id = entry_id.decode()
+                    rd.last_id = entry_id.decode()
                     rid = f.get(b"r")
                     if rid is None:
                         continue
@@ -122,8 +172,8 @@ class ReplyRouter:
                 trimmed_at = now
                 with contextlib.suppress(redis.RedisError, OSError):
                     async with self.r.pipeline(transaction=False) as p:
-                        p.xtrim(self.stream, minid=self.last_id, approximate=True)
-                        p.expire(self.stream, 3600)
+                        p.xtrim(rd.stream, minid=rd.last_id, approximate=True)
+                        p.expire(rd.stream, 3600)
                         await p.execute()
 
     def _deliver(self, w: Waiter, kind: ReplyKind, payload: bytes) -> None:
@@ -134,11 +184,12 @@ class ReplyRouter:
             w.last_seq = seq
         w.deliver(kind, payload)
 
-    async def _resync(self) -> None:
-        """After a gap in the reply stream: read every waiter's durable state directly."""
-        waiters = [w for ws in self.waiters.values() for w in ws if not w.done]
+    async def _resync(self, rd: _Reader) -> None:
+        """After a gap in a reply stream: read its waiters' durable state directly."""
+        waiters = [w for ws in self.waiters.values() for w in ws
+                   if not w.done and (rd.model is None or w.model == rd.model)]
         if not waiters:
-            self._resync_needed = False
+            rd.resync_needed = False
             return
         async with self.r.pipeline(transaction=False) as p:
             for w in waiters:
@@ -156,5 +207,5 @@ class ReplyRouter:
             i += 1
             if res is not None:
                 self._deliver(w, ReplyKind.FINAL, res)  # the handler reads Result.error either way
-        self._resync_needed = False
+        rd.resync_needed = False
         log.info("reply router resynced %d waiters", len(waiters))

@@ -77,7 +77,10 @@ async def get_request(request: Request, request_id: str) -> Response:
     caller = await _caller(request)
     keys, models = state.settings.keys, sorted(state.registry.models)  # results are kept per model
     with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
-        raws = await state.redis.mget([keys.result(m, request_id) for m in models]) if models else []
+        names = [keys.result(m, request_id) for m in models]
+        # on a Redis Cluster the models' results are on different slots: one MGET per slot (redis-py's)
+        raws = (await (state.redis.mget_nonatomic(names) if keys.cluster  # type: ignore[attr-defined]
+                       else state.redis.mget(names))) if names else []
     found = next(((m, raw) for m, raw in zip(models, raws, strict=True) if raw is not None), None)
     result: Result | None = None if found is None else serving.read_result(request_id, found[1])
     if result is None or (result.scope or ANONYMOUS) != caller.scope:  # another caller's: as if absent

@@ -242,8 +242,8 @@ class Balancer:
         target = self.route(strategy, model, cands, key() if strategy == "prefix_affinity" else "")
         if target is None:
             return Route(strategy, None, Target(shared, "", shared), self.epoch)
-        return Route(strategy, target, Target(keys.worker_stream(model, target), keys.worker(target), shared),
-                     self.epoch)
+        return Route(strategy, target,
+                     Target(keys.worker_stream(model, target), keys.worker_live(model, target), shared), self.epoch)
 
     def count(self, target: str | None) -> None:
         k = target or SHARED

@@ -35,7 +35,7 @@ from common import errors
 from common.backoff import Backoff
 from common.logs import set_request_id
 from common.records import ReplyKind
-from common.redis_conn import refused_by_acl
+from common.redis_conn import TRANSIENT, refused_by_acl
 from common.schemas import PATHS, Chunk, ErrorInfo, Kind, Result, WorkItem
 from common.scripts import Entry, Finish, Scripts
 from common.settings import WorkerSettings
@@ -101,7 +101,7 @@ async def retrying(call: Callable[[], Awaitable[T]], give_up_s: float = 60.0) ->
     while True:
         try:
             return await call()
-        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError, OSError) as exc:
+        except (*TRANSIENT, redis.exceptions.OutOfMemoryError) as exc:
             if backoff.expired():
                 raise
             log.warning("redis unavailable (%s); retrying in %.2fs", exc, backoff.next_delay)

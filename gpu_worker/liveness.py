@@ -19,6 +19,7 @@ Whatever the keeper learns goes to the event loop through :class:`LoopHooks`, sc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -54,7 +55,7 @@ class NamedPipeline:
         self._names: list[str | None] = []
 
     def name(self, name: str | None) -> None:
-        queued = len(self.pipe.command_stack) - len(self._names)
+        queued = len(self.pipe) - len(self._names)
         if name is not None and queued != 1:
             raise ValueError(f"{name!r} names {queued} commands, not one")
         self._names.extend([name] * queued)
@@ -143,6 +144,9 @@ class Keeper:
             try:
                 leases = self.leases()
                 self._act(client, self.beat(client, renew_lua, leases), leases)
+            except redis.exceptions.NoScriptError:  # a cluster pipeline does not load scripts (a node restarted)
+                with contextlib.suppress(redis.RedisError, OSError):
+                    client.script_load(renew_lua.script)
             except (redis.RedisError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
         client.close()

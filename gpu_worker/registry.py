@@ -38,6 +38,9 @@ class Registry:
         self.revision = settings.effective_revision
         self.metrics_port = 0  # set once the metrics server listens
         self.key = self.keys.worker(worker_id)
+        # Redis Cluster: a copy of the state on the model's slot, for its scripts (Keys.worker_live); else None
+        live = self.keys.worker_live(self.model, worker_id)
+        self.live = live if live != self.key else None
         self._host = socket.gethostname()
         self._pid = os.getpid()
         self._metrics_host = settings.metrics_host if settings.metrics_host not in ("", "0.0.0.0", "::") \
@@ -60,13 +63,17 @@ class Registry:
     def queue_presence(self, p: Any) -> None:
         """Queue on pipeline ``p`` (sync or asyncio) the writes that keep this worker listed: the
         record with its TTL, and its place in the worker set and in the model's own-stream set."""
-        p.hset(self.key, mapping=self.record().to_hash())
+        record = self.record()
+        p.hset(self.key, mapping=record.to_hash())
         p.pexpire(self.key, int(self.s.worker_ttl_s * 1000))
+        if self.live is not None:
+            p.hset(self.live, "state", record.state)
+            p.pexpire(self.live, int(self.s.worker_ttl_s * 1000))
         p.sadd(self.keys.workers, self.id)
         p.sadd(self.keys.worker_streams(self.model), self.id)
 
     async def register(self) -> None:
-        async with self.r.pipeline(transaction=True) as p:
+        async with self.r.pipeline(transaction=self.live is None) as p:  # a cluster: its keys span two slots
             self.queue_presence(p)
             p.hincrby(self.keys.worker_starts, self.id, 1)
             await p.execute()
@@ -79,18 +86,24 @@ class Registry:
                                   root=c.root, parent=c.parent, kinds=list(c.kinds), owned_by=c.owned_by,
                                   created=int(time.time())).model_dump_json() for c in server.models()}
         with contextlib.suppress(redis.RedisError, OSError):
-            async with self.r.pipeline(transaction=True) as p:
+            async with self.r.pipeline(transaction=self.live is None) as p:
                 if facts:
                     p.hset(self.keys.models, mapping=facts)
                 p.hset(self.key, mapping={"state": WorkerState.READY.value, "models": ",".join(facts)})
+                if self.live is not None:
+                    p.hset(self.live, "state", WorkerState.READY.value)
                 await p.execute()
 
     async def publish_state(self, state: WorkerState) -> None:
         await self.r.hset(self.key, "state", state.value)
+        if self.live is not None:
+            await self.r.hset(self.live, "state", state.value)
 
     async def deregister(self) -> None:
         with contextlib.suppress(redis.RedisError, OSError):
-            async with self.r.pipeline(transaction=True) as p:
+            async with self.r.pipeline(transaction=self.live is None) as p:
                 p.delete(self.key)
                 p.srem(self.keys.workers, self.id)
+                if self.live is not None:
+                    p.delete(self.live)
                 await p.execute()

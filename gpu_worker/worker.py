@@ -42,9 +42,10 @@ from common import errors
 from common.backoff import Backoff
 from common.keys import GROUP
 from common.records import WorkerState
+from common.redis_conn import TRANSIENT
 from common.schemas import WorkItem
 from common.scripts import Claimed, Scripts
-from common.settings import WorkerSettings
+from common.settings import SettingsError, WorkerSettings
 from gpu_worker.intake import FairIntake
 from gpu_worker.job import Job, JobContext, JobRunner
 from gpu_worker.liveness import Keeper, Leases, LoopHooks, Lost
@@ -233,6 +234,9 @@ class Worker:
         batch_reserve = self.s.batch_reserve_slots
         self.batch_reserve = max(1, self.server.slots // 8) if batch_reserve is None else batch_reserve
         for card in self.server.models():  # adapters: their streams too
+            if self.keys.cluster and card.id != self.model:
+                raise SettingsError(f"the adapter {card.id!r}: LoRA adapters on a Redis Cluster are not supported "
+                                    "yet (their streams would be on other slots than the base model's)")
             lanes = self.keys.lanes(card.id)
             self.intake.add_lanes(lanes)
             for lane in lanes:
@@ -361,8 +365,11 @@ class Worker:
                 if "NOGROUP" in str(exc):
                     await self._ensure_groups()
                     continue
+                if str(exc).startswith("UNBLOCKED"):  # a stream read was moved away (a cluster slot migrates)
+                    log.info("read interrupted (%s); reading again", exc)
+                    continue
                 raise
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            except TRANSIENT as exc:
                 log.warning("read failed (%s); retrying in %.2fs", exc, backoff.next_delay)
                 await backoff.wait()
                 continue
@@ -472,7 +479,7 @@ class Worker:
             try:
                 resp = await self.r.xread({self.keys.cancels: last}, count=1000, block=1000)
                 backoff.reset()
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
+            except TRANSIENT:
                 await backoff.wait()
                 continue
             now = time.monotonic()

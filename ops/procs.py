@@ -145,6 +145,86 @@ class RedisServer:
         self.start()
 
 
+def _cluster_port() -> int:
+    """A free port for a cluster node: at most 55535, and its bus port (10000 above) free too."""
+    import random
+
+    for _ in range(1000):
+        port = random.randint(20000, 55535)
+        if port_free(port) and port_free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+@dataclass
+class ClusterServers:
+    """A real Redis Cluster of ``primaries`` redis-servers (``--cluster-enabled yes``, AOF on), its slots
+    assigned by ``redis-cli --cluster create`` (evenly, in port order, no replicas)."""
+
+    data_dir: Path
+    primaries: int = 3
+    nodes: list[RedisServer] = field(default_factory=list)
+
+    def start(self, timeout: float = 30.0) -> ClusterServers:
+        for i in range(self.primaries):
+            d = self.data_dir / f"node{i}"
+            self.nodes.append(RedisServer(d, port=_cluster_port(), extra_args=[
+                "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
+                "--cluster-node-timeout", "2000"]).start())
+        cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        out = subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                              "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout}{out.stderr}")
+
+        def ok() -> bool:
+            for n in self.nodes:
+                with redis.Redis(port=n.port, socket_timeout=1) as c:
+                    info = c.cluster("info")
+                    if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) != self.primaries:
+                        return False
+            return True
+
+        wait_until(ok, timeout, "the cluster's state to be ok on every node", interval=0.1)
+        return self
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def node_of(self, key: str) -> RedisServer:
+        """The primary that serves ``key``'s slot now."""
+        with redis.Redis(port=self.nodes[0].port, socket_timeout=2) as c:
+            slot = int(c.execute_command("CLUSTER", "KEYSLOT", key))
+            for start, end, primary, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                if int(start) <= slot <= int(end):
+                    port = int(primary[1])
+                    return next(n for n in self.nodes if n.port == port)
+        raise LookupError(f"no node serves slot {slot}")
+
+    def move_slot(self, key: str, to: RedisServer, batch: int = 100) -> int:
+        """Move ``key``'s slot to node ``to`` with its keys, as ``redis-cli --cluster reshard`` moves slots
+        (IMPORTING/MIGRATING, MIGRATE in batches, SETSLOT NODE on every node); returns the keys moved."""
+        src = self.node_of(key)
+        with redis.Redis(port=src.port, socket_timeout=10) as s, redis.Redis(port=to.port, socket_timeout=10) as d:
+            slot = int(s.execute_command("CLUSTER", "KEYSLOT", key))
+            src_id, dst_id = s.execute_command("CLUSTER", "MYID"), d.execute_command("CLUSTER", "MYID")
+            d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            moved = 0
+            while names := s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
+                s.execute_command("MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", *names)
+                moved += len(names)
+            for n in [to, src, *(n for n in self.nodes if n is not to and n is not src)]:
+                with redis.Redis(port=n.port, socket_timeout=10) as c:
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        return moved
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+
 @dataclass
 class SentinelServer:
     """A Redis Sentinel (``redis-server <conf> --sentinel``, the binary Debian's redis-sentinel runs) that

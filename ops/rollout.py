@@ -39,7 +39,6 @@ import redis
 from pydantic import BaseModel, Field, ValidationError
 
 from common.keys import Keys
-from common.lua import ROLLOUT_REQUEST, ROLLOUT_WRITE
 from common.redis_conn import sync_client
 from common.settings import ROLLOUT_FIELDS, ControlSettings, WorkerSettings
 
@@ -50,6 +49,42 @@ ACCEPT_TIMEOUT_S = 10.0  # how long the command waits for a supervisor to take i
 SUPERVISOR_TTL_MS = 5_000
 HISTORY = 20
 MAX_EVENTS = 200
+
+# A rollout request (ops.rollout): at most one rollout is requested or runs per namespace.  The lock
+# holds the rollout's id with a TTL that the supervisor running it renews, so a rollout whose
+# supervisor died stops blocking new ones once the TTL passes.
+# KEYS: lock, state   ARGV: rollout id, state_json, lock_ttl_ms
+# -> {1, ''} requested | {0, state_json of the rollout that holds the lock}
+ROLLOUT_REQUEST = """
+if redis.call('GET', KEYS[1]) then return {0, redis.call('GET', KEYS[2]) or ''} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2])
+return {1, ''}
+"""
+
+# Write a rollout's state, if it is still that rollout's: the state key holds its id, and the lock is
+# its own (a final write may also land after the lock passed).  A final write releases the lock and
+# adds the state to the history; any other renews the lock.
+# KEYS: lock, state, history   ARGV: rollout id, state_json, lock_ttl_ms, final('1'/'0'),
+#       expected current phase ('' for any), history length
+# -> 1 written | 0 not this rollout's any more, or not in the expected phase
+ROLLOUT_WRITE = """
+local holder = redis.call('GET', KEYS[1])
+if (holder and holder ~= ARGV[1]) or (not holder and ARGV[4] ~= '1') then return 0 end
+local cur = redis.call('GET', KEYS[2])
+if not cur then return 0 end
+local st = cjson.decode(cur)
+if st.id ~= ARGV[1] or (ARGV[5] ~= '' and st.phase ~= ARGV[5]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+if ARGV[4] == '1' then
+  if holder then redis.call('DEL', KEYS[1]) end
+  redis.call('LPUSH', KEYS[3], ARGV[2])
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[6]) - 1)
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+end
+return 1
+"""
 
 
 class RolloutOptions(BaseModel):

@@ -257,7 +257,7 @@ def test_queue_byte_limit_answers_429_and_the_count_returns_to_zero(stack: Stack
     full = next(c.payload for c in calls if c.status == 429)["error"]
     assert full["code"] == "queue_full" and "byte limit" in full["message"]
     wait_until(lambda: _field(stack, w, "in_flight") == 0, 10, "idle")
-    assert stack.r.get(stack.keys.queue_bytes("m")) is None and stack.r.get(stack.keys.queue_bytes_total) is None
+    assert stack.r.get(stack.keys.queue_bytes("m")) is None and stack.r.get(stack.keys.queue_bytes_total("m")) is None
     assert stack.r.get(stack.keys.queue_len("m")) is None
 
 

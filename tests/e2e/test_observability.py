@@ -369,7 +369,7 @@ def test_multiprocess_gateway_counts_add_up(stack: Stack) -> None:
             list(pool.map(one, range(k)))
 
     def reply_streams() -> dict[str, int]:
-        keys = [k.decode() for k in stack.r.scan_iter(match=stack.keys.replies("*"))]
+        keys = [k.decode() for k in stack.r.scan_iter(match=stack.keys.replies("*", ""))]
         return {k: int(stack.r.xinfo_stream(k)["entries-added"]) for k in keys}
 
     while len([n for n in reply_streams().values() if n]) < 2:  # until both processes served some

@@ -48,7 +48,7 @@ async def test_fencing_scripts(r: redis.Redis, redis_server: RedisServer) -> Non
     assert r.get(k.result("m", "req")) is None and r.xlen(s) == 1
     # the owner b can, once; a second result for the same request does not overwrite the first
     assert await scripts.finish(Entry(s, eid, "b", "m"), res, ReplyKind.FINAL, "gw", 60) == Finish.STORED
-    assert r.xlen(s) == 0 and r.xpending(s, GROUP)["pending"] == 0 and r.xlen(k.replies("gw")) == 1
+    assert r.xlen(s) == 0 and r.xpending(s, GROUP)["pending"] == 0 and r.xlen(k.replies("gw", "")) == 1
     eid2 = r.xadd(s, {"p": "{}"}).decode()
     r.xreadgroup(GROUP, "c", {s: ">"}, count=1)
     other = Result(id="req", model="other")
@@ -105,7 +105,7 @@ async def test_enqueue_push_falls_back_to_shared_unless_target_ready(redis_serve
     assert await enqueue("d3", wide, Limits(6, 1 << 30, 1 << 30)) == QueueFull("entries")
     assert int(r.get(k.queue_len("m")) or 0) == 6
     # and the bytes: every entry carries its size, counted per model and in all
-    assert int(r.get(k.queue_bytes("m")) or 0) == 6 == int(r.get(k.queue_bytes_total) or 0)  # a b c d d2
+    assert int(r.get(k.queue_bytes("m")) or 0) == 6 == int(r.get(k.queue_bytes_total("m")) or 0)  # a b c d d2
     assert await enqueue("e" * 100, wide, Limits(100, 50, 1 << 30)) == QueueFull("bytes")
     assert await enqueue("e" * 100, wide, Limits(100, 1 << 30, 50)) == QueueFull("total_bytes")
 

@@ -30,6 +30,9 @@ class FakePipe:
             return self
         return queue
 
+    def __len__(self) -> int:  # as redis-py's pipelines (the plain and the cluster one): commands queued
+        return len(self.command_stack)
+
     def execute(self) -> list[Any]:
         return [self.replies[cmd].pop(0) if self.replies.get(cmd) else True for cmd, _ in self.command_stack]
 
