@@ -76,7 +76,13 @@ class Feeder:
                     if rec is None or await run.step(rec):
                         if rec is None or rec.final:
                             await r.srem(keys.batches_active, bid)
+                        after = await batch_records.load(r, keys, bid)
+                        if after is not None and after.final:
+                            self.state.metrics.batches_finished.labels(str(after.status)).inc()
                         return
+                    self.state.metrics.batch_progress(bid, {
+                        "total": rec.total, "completed": rec.completed, "failed": rec.failed,
+                        "outstanding": await r.hlen(keys.batch_outstanding(bid))})
                     backoff.reset()
                     await asyncio.sleep(s.batch_poll_s)
                 except LeaseLost as exc:
@@ -90,6 +96,7 @@ class Feeder:
                     await backoff.wait()
         finally:
             self.tasks.pop(bid, None)
+            self.state.metrics.batch_progress(bid, None)
 
     async def close(self) -> None:
         """Stop every feeder (their leases expire and another replica takes the batches over)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import urllib.request
 from typing import Any
 
 import openai
@@ -94,6 +95,8 @@ def test_a_batch_runs_to_completed_and_answers_every_custom_id_once(stack: Stack
     assert r.xinfo_stream(stream)["entries-added"] == n  # each line submitted once
     assert 0 < peak[0] <= 6 and peak[1] <= 12  # the backlog stayed within the window
     assert client.files.retrieve(b.output_file_id).purpose == "batch_output"
+    with urllib.request.urlopen(stack.base_url + "/metrics", timeout=5) as resp:
+        assert 'mgpu_gateway_batches_finished_total{status="completed"} 1.0' in resp.read().decode()
     assert batch_id in [x.id for x in client.batches.list(limit=5).data]
     with pytest.raises(openai.ConflictError):
         client.batches.cancel(batch_id)
@@ -217,7 +220,7 @@ def test_a_feeders_gateway_and_a_worker_killed_mid_batch_answer_every_custom_id_
 
     def taken_over() -> bool:
         v = stack.r.get(stack.keys.batch_lease(batch_id))
-        return v is not None and not v.decode().startswith(first + ":") or \
+        return (v is not None and not v.decode().startswith(first + ":")) or \
             survivor.batches.retrieve(batch_id).status in FINAL
 
     wait_until(taken_over, 20, "the lease taken over")
