@@ -17,7 +17,7 @@ from common.batchjob import BatchRecord, BatchStatus
 from common.producer import BATCH_URLS
 from gateway import batch_records
 from gateway.admission import read_json
-from gateway.files_api import _caller, _state, owned_file
+from gateway.files_api import _caller, _state, int_param, owned_file
 from gateway.http import json_response
 
 router = APIRouter(include_in_schema=False)  # not in the OpenAPI document yet (docs/batch.md)
@@ -35,15 +35,6 @@ def _metadata(v: Any) -> dict[str, str] | None:
         raise errors.InvalidRequest("metadata: at most 16 string pairs (keys up to 64 characters, values up to 512)",
                                     param="metadata")
     return v
-
-
-def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        raise errors.InvalidRequest(f"{name}: an integer from {low} to {high}", param=name)
-    return int(raw)
 
 
 @router.post("/v1/batches", name="batches_create")

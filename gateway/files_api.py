@@ -30,6 +30,15 @@ async def _caller(request: Request) -> Caller:
     return await authenticate(request, s.settings.auth, s.api_keys, s.settings.retry_after_s)
 
 
+def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise errors.InvalidRequest(f"{name}: an integer from {low} to {high}", param=name)
+    return int(raw)
+
+
 async def owned_file(state: GatewayState, caller: Caller, file_id: str) -> FileRecord:
     """The caller's file ``file_id``; NotFound (404) when there is none (or it is another caller's)."""
     with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
@@ -81,11 +90,11 @@ async def create_file(request: Request) -> Response:
 
 
 @router.get("/v1/files", name="files_list")
-async def list_files(request: Request, limit: int = 100, after: str | None = None,
-                     purpose: str | None = None) -> Response:
+async def list_files(request: Request) -> Response:
+    """The caller's files, newest first (``limit``, ``after``, ``purpose``)."""
     state, caller = _state(request), await _caller(request)
-    if not 1 <= limit <= 10_000:
-        raise errors.InvalidRequest("limit: between 1 and 10000", param="limit")
+    limit = int_param(request, "limit", 100, 1, 10_000)
+    after, purpose = request.query_params.get("after"), request.query_params.get("purpose")
     with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
         recs, more = await state.files.list(limit, after)
     data = [r.to_openai() for r in recs if r.scope == caller.scope and (purpose is None or r.purpose == purpose)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -194,6 +195,10 @@ def test_bad_input_gets_openai_errors(stack: Stack) -> None:
         client.batches.create(input_file_id=fid, endpoint="/v1/images", completion_window="24h")  # type: ignore[arg-type]
     assert client.files.content(fid).text.strip() == _line(0)
     assert fid in [f.id for f in client.files.list()]
+    for path in ("/v1/files?limit=x", "/v1/batches?limit=0"):
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            urllib.request.urlopen(stack.base_url + path, timeout=5)
+        assert bad.value.code == 400 and json.loads(bad.value.read())["error"]["param"] == "limit"
     assert client.files.delete(fid).deleted
     with pytest.raises(openai.NotFoundError):
         client.files.content(fid)
