@@ -74,12 +74,22 @@ class Occupancy:
 def _phase(fleet: Fleet, args: argparse.Namespace, slots: int) -> dict[str, Any]:
     cfg = BenchConfig(url=fleet.base_url, model=MODEL, endpoint="chat", stream=True, max_tokens=args.max_tokens,
                       rate=args.rate, duration=args.duration, warmup=2.0, seed=3, client="aiohttp")
+    cpu0 = _cpu_times()
     with Occupancy(fleet, slots) as occ:
         res = asyncio.run(run_load(cfg))
+    cpu1 = _cpu_times()
     ttft = res.ttft_ms or {}
     return {"ok": res.ok, "errors": res.error_count, "fell_behind": res.fell_behind,
             "ttft_p50_ms": ttft.get("p50"), "ttft_p99_ms": ttft.get("p99"),
-            "occupancy": round(occ.mean, 4), "samples": len(occ.samples)}
+            "occupancy": round(occ.mean, 4), "samples": len(occ.samples),
+            "machine_cpu_busy": round(1 - (cpu1[1] - cpu0[1]) / max(1, cpu1[0] - cpu0[0]), 3)}
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(all, idle) jiffies of the machine (/proc/stat): how busy its cores were over a phase."""
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    return sum(vals), vals[3] + vals[4]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32, help="of each interactive request")
     p.add_argument("--batch-tokens", type=int, default=32, help="of each batch request")
     p.add_argument("--batch", type=int, default=12_000, help="batch requests written before the second phase")
+    p.add_argument("--decode-ms-per-seq", type=float, default=0.1,
+                   help="the sim's step time per running sequence (0: a step costs the same at any batch size)")
+    p.add_argument("--no-preempt", action="store_true", help="workers with batch_preempt off")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     slots = args.workers * args.slots
@@ -101,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         fleet = Fleet(tmp, srv)
         try:
             for _ in range(args.workers):
-                fleet.start_worker(model=MODEL, slots=args.slots, batch_reserve_slots=args.reserve, sim_decode_ms=10)
+                fleet.start_worker(model=MODEL, slots=args.slots, batch_reserve_slots=args.reserve, sim_decode_ms=10,
+                                   sim_decode_ms_per_seq=args.decode_ms_per_seq, batch_preempt=not args.no_preempt)
             fleet.start_gateway()
             alone = _phase(fleet, args, slots)
             print("alone:", json.dumps(alone), flush=True)
@@ -118,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             started = _entries_read(fleet, group) - read0
             with_batch["batch_started"] = started
             with_batch["batch_left"] = producer.backlog()
+            with_batch["preempted"] = sum(int(fleet.r.hget(fleet.keys.worker(str(w.worker_id)), "preempted") or 0)
+                                          for w in fleet.workers())
             print("with batch:", json.dumps(with_batch), flush=True)
         finally:
             fleet.stop()
@@ -126,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "setup": {"workers": args.workers, "slots": args.slots, "reserve": args.reserve, "rate": args.rate,
+                  "decode_ms_per_seq": args.decode_ms_per_seq, "preempt": not args.no_preempt,
                   "duration_s": args.duration, "max_tokens": args.max_tokens, "batch_tokens": args.batch_tokens,
                   "batch_requests": args.batch, "phase_s": round(elapsed, 1)},
         "alone": alone, "with_batch": with_batch,

@@ -14,6 +14,7 @@
     │   ├── MethodNotAllowed      405 (with ``Allow``)
     │   ├── ReadTimeout           408 the request's body did not arrive in time
     │   ├── PayloadTooLarge       413 body over the configured limit
+    │   ├── Conflict              409 not in a state that allows it (cancelling a finished batch)
     │   ├── IdempotencyMismatch   422 an Idempotency-Key reused for another request
     │   └── QueueFull             429 the model's backlog is over its limit (entries or bytes)
     ├── ServiceUnavailable        503 no live worker, Redis unreachable or near its memory limit
@@ -113,6 +114,10 @@ class ReadTimeout(RequestError, status=408, code="read_timeout"):
     pass
 
 
+class Conflict(RequestError, status=409, code="conflict"):
+    pass
+
+
 class IdempotencyMismatch(RequestError, status=422, code="idempotency_key_reused"):
     pass
 
@@ -159,7 +164,7 @@ class EngineDead(MgpuError, code="engine_dead"):
 
 _BY_CODE: dict[str | None, type[MgpuError]] = {
     cls.code: cls
-    for cls in (NotFound, ModelNotFound, MethodNotAllowed, ReadTimeout, PayloadTooLarge, IdempotencyMismatch,
+    for cls in (NotFound, ModelNotFound, MethodNotAllowed, ReadTimeout, PayloadTooLarge, IdempotencyMismatch, Conflict,
                 Unauthorized, Forbidden, UnsupportedMediaType, RateLimited,
                 QueueFull, ServiceUnavailable, RequestTimeout, RequestCancelled, BadResult, GenerationFailed,
                 DeadLettered, EngineDead)

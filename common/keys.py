@@ -43,6 +43,18 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
     {ns}:rollout:history          the last finished rollouts (list of JSON, newest first)
     {ns}:-                        never written: a script's "no key here" (an ACL user's patterns cover it)
     {ns}:rollout:abort            present: stop the running rollout with that id and roll it back (JSON, TTL)
+    {ns}:file:{id}                an uploaded or written file's record (JSON, common.filestore.FileRecord)
+    {ns}:file:{id}:c:{i}          the file's content, chunk i (bytes; a file is split so no value is huge)
+    {ns}:files                    sorted set: file id by creation time (GET /v1/files)
+    {ns}:files:bytes              bytes of every stored file (the file store's size cap)
+    {ns}:batch:{id}               a batch's record (JSON, common.batchjob.BatchRecord)
+    {ns}:batches                  sorted set: batch id by creation time (GET /v1/batches)
+    {ns}:batches:active           set of the batches not finished yet (what the feeders look for)
+    {ns}:batch:{id}:lease         the feeder lease of a batch: the holder's token (SET NX PX, renewed)
+    {ns}:batch:{id}:req           hash: line index -> the checked request (common.batchjob.BatchRequest JSON)
+    {ns}:batch:{id}:out           hash: line index -> model, for every line submitted and not yet answered
+    {ns}:batch:{id}:ok            list: the output file's lines collected so far
+    {ns}:batch:{id}:err           list: the error file's lines collected so far
 
 On a Redis Cluster (``Keys(cluster=True)``, a ``redis+cluster://`` URL) the names carry hash tags, so that every
 script and multi-key call stays in one slot (docs/deployment.md, "Redis Cluster"):
@@ -222,3 +234,43 @@ class Keys:
     @property
     def rollout_abort(self) -> str:
         return self._g("rollout:abort")
+
+    def file(self, file_id: str) -> str:
+        return self._g(f"file:{file_id}")
+
+    def file_chunk(self, file_id: str, index: int) -> str:
+        return self._g(f"file:{file_id}:c:{index}")
+
+    @property
+    def files(self) -> str:
+        return self._g("files")
+
+    @property
+    def files_bytes(self) -> str:
+        return self._g("files:bytes")
+
+    def batch(self, batch_id: str) -> str:
+        return self._g(f"batch:{batch_id}")
+
+    @property
+    def batches(self) -> str:
+        return self._g("batches")
+
+    @property
+    def batches_active(self) -> str:
+        return self._g("batches:active")
+
+    def batch_lease(self, batch_id: str) -> str:
+        return f"{self.batch(batch_id)}:lease"
+
+    def batch_requests(self, batch_id: str) -> str:
+        return f"{self.batch(batch_id)}:req"
+
+    def batch_outstanding(self, batch_id: str) -> str:
+        return f"{self.batch(batch_id)}:out"
+
+    def batch_output(self, batch_id: str) -> str:
+        return f"{self.batch(batch_id)}:ok"
+
+    def batch_errors(self, batch_id: str) -> str:
+        return f"{self.batch(batch_id)}:err"

@@ -36,44 +36,68 @@ class BatchLine:
     custom_id: str
     kind: Kind
     body: dict[str, Any]
+    line: int = 0  # its number in the file, from 1
 
 
-def parse_batch_lines(lines: Iterable[str], *, max_body_bytes: int = 1 << 20) -> tuple[list[BatchLine], list[str]]:
-    """The lines of an OpenAI batch JSONL file, and one message per line that is not valid (its number
-    first).  A file with any error should be refused whole, as OpenAI's Batch API does."""
+@dataclass(frozen=True)
+class LineProblem:
+    """Why one line of a batch file is not valid: its number (from 1), a code (OpenAI's batch error codes where
+    there is one) and a message."""
+
+    line: int
+    code: str
+    message: str
+    param: str | None = None
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}"
+
+
+def _check_line(n: int, raw: str, seen: set[str], max_body_bytes: int) -> BatchLine | LineProblem:
+    try:
+        d = json.loads(raw)
+    except ValueError as exc:
+        return LineProblem(n, "invalid_json_line", f"not JSON ({exc})")
+    if not isinstance(d, dict):
+        return LineProblem(n, "invalid_json_line", "not a JSON object")
+    cid, method, url, body = d.get("custom_id"), d.get("method"), d.get("url"), d.get("body")
+    if not isinstance(cid, str) or not cid:
+        return LineProblem(n, "missing_required_parameter", "custom_id: a non-empty string is required", "custom_id")
+    if cid in seen:
+        return LineProblem(n, "duplicate_custom_id", f"custom_id {cid!r} is not unique", "custom_id")
+    if method != "POST":
+        return LineProblem(n, "invalid_method", "method: must be POST", "method")
+    if url not in BATCH_URLS:
+        return LineProblem(n, "invalid_url", f"url: one of {', '.join(BATCH_URLS)}", "url")
+    if not isinstance(body, dict):
+        return LineProblem(n, "invalid_request", "body: a JSON object is required", "body")
+    if body.get("stream"):
+        return LineProblem(n, "invalid_request", "body.stream: a batch request cannot stream", "body.stream")
+    if len(json.dumps(body)) > max_body_bytes:
+        return LineProblem(n, "invalid_request", f"body: larger than {max_body_bytes} bytes", "body")
+    seen.add(cid)
+    return BatchLine(cid, BATCH_URLS[url], body, n)
+
+
+def check_batch_lines(lines: Iterable[str], *, max_body_bytes: int = 1 << 20) -> tuple[list[BatchLine],
+                                                                                          list[LineProblem]]:
+    """The valid lines of an OpenAI batch JSONL file, and what is wrong with each other line (blank lines are
+    skipped).  A file with any problem should be refused whole, as OpenAI's Batch API does."""
     out: list[BatchLine] = []
-    errors: list[str] = []
+    problems: list[LineProblem] = []
     seen: set[str] = set()
     for n, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
-        try:
-            d = json.loads(raw)
-        except ValueError as exc:
-            errors.append(f"line {n}: not JSON ({exc})")
-            continue
-        if not isinstance(d, dict):
-            errors.append(f"line {n}: not a JSON object")
-            continue
-        cid, method, url, body = d.get("custom_id"), d.get("method"), d.get("url"), d.get("body")
-        if not isinstance(cid, str) or not cid:
-            errors.append(f"line {n}: custom_id: a non-empty string is required")
-        elif cid in seen:
-            errors.append(f"line {n}: custom_id {cid!r} is not unique")
-        elif method != "POST":
-            errors.append(f"line {n}: method: must be POST")
-        elif url not in BATCH_URLS:
-            errors.append(f"line {n}: url: one of {', '.join(BATCH_URLS)}")
-        elif not isinstance(body, dict):
-            errors.append(f"line {n}: body: a JSON object is required")
-        elif body.get("stream"):
-            errors.append(f"line {n}: body.stream: a batch request cannot stream")
-        elif len(json.dumps(body)) > max_body_bytes:
-            errors.append(f"line {n}: body: larger than {max_body_bytes} bytes")
-        else:
-            seen.add(cid)
-            out.append(BatchLine(cid, BATCH_URLS[url], body))
-    return out, errors
+        got = _check_line(n, raw, seen, max_body_bytes)
+        (problems if isinstance(got, LineProblem) else out).append(got)  # type: ignore[arg-type]
+    return out, problems
+
+
+def parse_batch_lines(lines: Iterable[str], *, max_body_bytes: int = 1 << 20) -> tuple[list[BatchLine], list[str]]:
+    """:func:`check_batch_lines` with each problem as one message (its line number first)."""
+    out, problems = check_batch_lines(lines, max_body_bytes=max_body_bytes)
+    return out, [str(p) for p in problems]
 
 
 class Producer:

@@ -68,6 +68,7 @@ class WorkerRecord(BaseModel):
     skipped: int = 0
     reclaimed: int = 0
     fenced: int = 0
+    preempted: int = 0  # batch requests handed back for interactive ones (the worker's batch_preempt)
     dead_lettered: int = 0
     engine_aborts: int = 0
     exits: int = 0  # crash-loop records: exits within the window

@@ -329,6 +329,25 @@ class GatewaySettings(HttpSettings, CommonSettings):
     affinity_prefix_chars: int = Field(default=256, ge=1, description="prompt prefix that keys prefix_affinity")
     affinity_vnodes: int = Field(default=64, ge=1, le=4096, description="virtual nodes per worker on the hash "
                                  "ring")
+    file_max_bytes: int = Field(default=200 << 20, ge=1024, description="the largest file POST /v1/files takes "
+                                "(413 past it)")
+    file_max_lines: int = Field(default=50_000, ge=1, description="the most lines (requests) of a batch input file")
+    file_store_max_bytes: int = Field(default=2 << 30, ge=1 << 20, description="bytes of every file kept in Redis "
+                                      "together, uploads and batch outputs (413 past it)")
+    file_chunk_bytes: int = Field(default=1 << 20, ge=1024, description="a stored file is split into Redis values "
+                                  "of at most this many bytes")
+    batch_window: int = Field(default=256, ge=1, description="requests of one batch on its model's batch stream "
+                              "and not yet answered, at most")
+    batch_lease_ms: int = Field(default=10_000, ge=500, description="a batch's feeder lease: another gateway "
+                                "takes the batch over this long after its feeder stops renewing it")
+    batch_poll_s: float = Field(default=0.2, gt=0, description="how often a feeder reads its batch's results, "
+                                "and how often a gateway looks for batches without a feeder")
+    batch_completion_window_s: float | None = Field(default=None, gt=0, description="the completion window every "
+                                                    "batch gets, in seconds, whatever it asked for (tests, a "
+                                                    "shorter deadline); unset: what it asked for (24h)")
+    batch_cancel_grace_s: float = Field(default=10.0, ge=0, description="how long a cancelled or expired batch "
+                                        "waits for the requests already running before it lists them as "
+                                        "cancelled")
 
     @field_validator("allowed_hosts", "cors_origins", mode="before")
     @classmethod
@@ -394,6 +413,10 @@ class WorkerSettings(SimEngineSettings, CommonSettings):
                                            "to half the slots; unset: slots / 32, at least 1; 0: none")
     fair_window_s: float = Field(default=10.0, gt=0, description="how recently a lane must have had work here to "
                                  "count as active")
+    batch_preempt: bool = Field(default=True, description="when every slot is taken and some run batch work, "
+                                "an interactive request that arrives takes the slot of the batch request started "
+                                "last, which goes back to its batch stream (to run again later, on any worker): "
+                                "interactive work never waits behind batch work")
     batch_reserve_slots: int | None = Field(default=None, ge=0, description="free slots that batch work "
                                             "({ns}:q:{model}:batch) may never take, so that an interactive "
                                             "request starts at once while batch work fills the rest; unset: "

@@ -98,8 +98,8 @@ class _Fields(BaseModel):
     model: str | None = Field(default=None, min_length=1, max_length=256)
     stream: bool = False
     n: int = Field(default=1, ge=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     timeout: float | None = Field(default=None, ge=0.1)  # mgpu: this request's deadline, in seconds
     user: str | None = None
 

@@ -32,6 +32,9 @@ from common.redis_conn import make_client, redacted
 from common.scripts import Scripts
 from common.settings import GatewaySettings
 from gateway.auth import KeyCache, bootstrap_key
+from gateway.batches_api import router as batches_routes
+from gateway.feeder import Feeder
+from gateway.files_api import router as files_routes
 from gateway.guards import HostGuard, allowed_hosts
 from gateway.http import error_response, http_exception_error, unexpected_error_response
 from gateway.metrics import GatewayMetrics
@@ -53,7 +56,7 @@ def create_asgi(settings: GatewaySettings | None = None) -> Any:
     guarded = HostGuard(GenerationFastPath(create_app(settings)), allowed_hosts(settings))
     if not settings.cors_origins:
         return guarded
-    app = CORSMiddleware(guarded, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+    app = CORSMiddleware(guarded, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                          allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id"])
     app.fastapi = guarded.fastapi  # type: ignore[attr-defined]
     return app
@@ -111,7 +114,9 @@ def _lifespan(settings: GatewaySettings) -> Callable[[FastAPI], AbstractAsyncCon
         probe = ProbeServer(_probe_routes(state))
         port = probe.start(settings.host, settings.probe_port, reuse_port=settings.gateway_procs > 1)
         closed = [False]
+        feeder = Feeder(state)
         tasks = [asyncio.create_task(replies.run(), name="replies"),
+                 asyncio.create_task(feeder.run(), name="batch-feeder"),
                  asyncio.create_task(registry.run(client, settings.registry_refresh_s), name="registry"),
                  asyncio.create_task(metrics.run_monitor(client, settings.keys, settings.queue_metrics_interval_s),
                                      name="queue-metrics"),
@@ -124,6 +129,7 @@ def _lifespan(settings: GatewaySettings) -> Callable[[FastAPI], AbstractAsyncCon
             log.info("gateway %s shutting down", settings.gateway_id)
             replies.closed = registry.closed = metrics.closed = closed[0] = True
             probe.close()
+            await feeder.close()
             for t in tasks:
                 t.cancel()
             _, stuck = await asyncio.wait(tasks, timeout=3.0)
@@ -158,5 +164,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         return unexpected_error_response(exc)
 
     app.include_router(routes)
+    app.include_router(files_routes)
+    app.include_router(batches_routes)
     install_openapi(app, lambda: app.state.gw.registry.live_models() if hasattr(app.state, "gw") else [])
     return app

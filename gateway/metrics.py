@@ -14,6 +14,7 @@ Redis-derived gauges are not per process: the answering process reports its own 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -131,6 +132,11 @@ class GatewayMetrics:
                                     "outcome", ["key", "status"], registry=r)
         self.key_tokens = Counter("mgpu_key_tokens", "Tokens per API key (its name), prompt and completion",
                                   ["key", "kind"], registry=r)
+        self.batch_requests = Gauge("mgpu_gateway_batch_requests", "Requests of each batch this gateway feeds: "
+                                    "total, completed, failed, outstanding (on the batch stream, unanswered)",
+                                    ["batch", "state"], registry=r, multiprocess_mode="livesum")
+        self.batches_finished = Counter("mgpu_gateway_batches_finished", "Batches this gateway finished, by status",
+                                        ["status"], registry=r)
         self.cluster = ClusterCollector(self)
         if not self.multiprocess:
             r.register(self.cluster)
@@ -145,6 +151,15 @@ class GatewayMetrics:
             self.key_tokens.labels(key, "completion").inc(completion_tokens)
         if outcome == "success":
             self.latency.labels(model, endpoint).observe(duration_s)
+
+    def batch_progress(self, batch_id: str, counts: dict[str, int] | None) -> None:
+        """A fed batch's counts; None: it is no longer fed here (its series go)."""
+        for state in ("total", "completed", "failed", "outstanding"):
+            if counts is None:
+                with contextlib.suppress(KeyError):
+                    self.batch_requests.remove(batch_id, state)
+            else:
+                self.batch_requests.labels(batch_id, state).set(counts.get(state, 0))
 
     def exposition(self) -> bytes:
         if not self.multiprocess:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import redis
 import redis.asyncio as aioredis
 
+from common.filestore import RedisFileStore
 from common.schemas import IdempotencyRecord
 from common.scripts import Limits, Scripts
 from common.settings import GatewaySettings
@@ -41,6 +42,13 @@ class GatewayState:
         s = self.settings
         return Limits(s.max_queue_len, s.max_queue_bytes, s.max_queue_bytes_total, fair=s.fair_lanes,
                       key_share=max(1, int(s.max_queue_len * s.max_key_share)) if s.max_key_share else 0)
+
+    @functools.cached_property
+    def files(self) -> RedisFileStore:
+        """Where files are kept (the Files and Batches APIs): Redis, shared by every replica."""
+        s = self.settings
+        return RedisFileStore(self.redis, s.keys, chunk_bytes=s.file_chunk_bytes,
+                              max_total_bytes=s.file_store_max_bytes)
 
     @property
     def ready(self) -> bool:

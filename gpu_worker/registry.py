@@ -56,7 +56,7 @@ class Registry:
             heartbeat=round(time.time(), 3), max_model_len=engine.max_model_len, served=st.served,
             metrics_port=self.metrics_port, failed=st.failed, metrics_host=self._metrics_host,
             cancelled=st.cancelled, skipped=st.skipped, reclaimed=st.reclaimed, fenced=st.fenced,
-            dead_lettered=st.dead_lettered, engine_aborts=engine.aborts,
+            dead_lettered=st.dead_lettered, engine_aborts=engine.aborts, preempted=st.preempted,
             weight=self.s.weight or engine.slots, queued=st.own_queued,
             models=",".join(c.id for c in engine.models()) if st.state != WorkerState.STARTING else "")
 

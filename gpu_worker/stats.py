@@ -31,6 +31,7 @@ class WorkerStats:
     cancelled: int = 0  # jobs stopped by their client's cancel while they ran
     skipped: int = 0  # cancelled or expired before they reached the engine
     drains: int = 0  # drain requests taken (SIGTERM, ``mgpu drain``, an engine or GPU failure)
+    preempted: int = 0  # batch requests handed back to make room for interactive ones (batch_preempt)
 
     @property
     def loop_lag_s(self) -> float:

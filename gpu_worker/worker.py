@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -105,6 +107,7 @@ class Worker:
         self.batch_streams = [self.keys.batch_stream(self.model)]
         self.batch_reserve = 1
         self._batch_more = False  # the last batch read may have left entries
+        self._iread: asyncio.Task[None] | None = None  # an interactive read left waiting while batch work goes on
         self._stream_model = {s: self.model for s in self.streams}  # the model (or adapter) of each stream
         self.stats = WorkerStats()
         self.gpu = gpu or Gpu(settings.gpu)
@@ -267,6 +270,8 @@ class Worker:
         self.gpu.close()
 
     async def _drain(self) -> None:
+        if self._iread is not None:  # what it may still take is handed back with the rest below
+            self._iread.cancel()
         grace = 0.0 if not self.stats.healthy else self.s.drain_grace_s
         deadline = time.monotonic() + grace
         with contextlib.suppress(redis.RedisError, OSError):
@@ -349,6 +354,13 @@ class Worker:
                 await self._stop.wait()
                 break
             free = self.free_slots
+            try:
+                if self.stats.state != WorkerState.CANARY and await self._beside_interactive(free):
+                    continue
+            except TRANSIENT as exc:
+                log.warning("batch read failed (%s); retrying in %.2fs", exc, backoff.next_delay)
+                await backoff.wait()
+                continue
             if free <= 0:
                 self._slot_freed.clear()
                 if self.free_slots <= 0:
@@ -374,6 +386,72 @@ class Worker:
                 await backoff.wait()
                 continue
             await self._take(resp, free)
+
+    async def _beside_interactive(self, free: int) -> bool:
+        """Batch work while an interactive read waits (True: this turn of the pull loop was spent here).
+
+        One blocking read cannot serve both kinds: XREADGROUP's COUNT is per stream, and batch work may take only
+        the room beyond the reserve.  So when the room is gone but a batch backlog waits, or every slot is taken
+        and some run batch work (``batch_preempt``), the interactive read goes on in a task of its own
+        (:meth:`_interactive_read`), and this loop takes batch work as slots free up: a finished job's slot is
+        refilled at once, not after the read's BLOCK time.  That task's entries start at once, each one taking
+        the slot of the batch request started last when none is free (it goes back to its stream)."""
+        pending = self._iread is not None and not self._iread.done()
+        room = self.batch_room(free)
+        if not pending:
+            if free > 0 and (room > 0 or not self._batch_more):
+                return False  # one read covers both kinds of work
+            if free <= 0 and not (self.s.batch_preempt and self._preemptible()):
+                return False  # full, and nothing to preempt: wait for a slot
+            self._iread = asyncio.create_task(self._interactive_read(max(free, 1)), name="interactive-read")
+        if room > 0 and self._batch_more and not self._stop.is_set():
+            resp = await self.r.xreadgroup(GROUP, self.id, {s: ">" for s in self.batch_streams}, count=room)
+            self._batch_more = sum(len(entries) for _s, entries in resp or ()) >= room
+            await self._take(resp, free)
+            return True
+        self._slot_freed.clear()
+        freed = asyncio.ensure_future(self._slot_freed.wait())
+        try:
+            assert self._iread is not None
+            await asyncio.wait({self._iread, freed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            freed.cancel()
+        return True
+
+    async def _interactive_read(self, count: int) -> None:
+        """Read up to ``count`` interactive entries (blocking); start them, preempting batch work for those that
+        find no free slot."""
+        try:
+            resp = await self.r.xreadgroup(GROUP, self.id, {s: ">" for s in self.intake.streams}, count=count,
+                                           block=self.s.read_block_ms)
+        except (*TRANSIENT, redis.ResponseError) as exc:  # the pull loop's own reads report and handle these
+            log.debug("interactive read failed: %s", exc)
+            await asyncio.sleep(0.2)
+            return
+        n = sum(len(entries) for _s, entries in resp or ())
+        if not n:
+            return
+        short = n - self.free_slots
+        if short > 0 and self.s.batch_preempt:
+            self._preempt(short)
+        # the preempted jobs free their slots as their tasks end, a moment after: start these now
+        await self._take(resp, max(self.free_slots, n))
+
+    def _preemptible(self) -> bool:
+        return any(True for _ in self._batch_jobs())
+
+    def _batch_jobs(self) -> Iterator[Job]:
+        """Running batch jobs that may be preempted, the last started first."""
+        batch = set(self.batch_streams)
+        return (j for j in reversed(list(self.jobs.values()))
+                if j.stream in batch and j.stop_reason is None and not j.finishing)
+
+    def _preempt(self, k: int) -> None:
+        """Hand back up to ``k`` batch requests (the last started: the least work lost) for interactive ones."""
+        for job in list(itertools.islice(self._batch_jobs(), k)):
+            job.end_early("release")
+            self.stats.preempted += 1
+            log.info("batch request preempted", extra={"worker": self.id, "entry": job.entry_id})
 
     async def _read(self, free: int) -> Any:
         """Entries for ``free`` slots (gpu_worker.intake): PULL while the streams may hold more, else a

@@ -47,3 +47,46 @@ async def test_batch_work_waits_while_interactive_work_leaves_only_the_reserve(r
         assert (await r.result("b", timeout=30)).error is None  # once interactive work leaves room
         for i in range(3):
             assert (await r.client.exists(r.keys.result(MODEL, f"i{i}"))) == 1
+
+
+async def test_an_interactive_request_takes_a_batch_slot_when_every_slot_is_taken(redis_server: RedisServer) -> None:
+    """batch_preempt (the default): the batch request started last goes back to its stream and runs again later;
+    every batch request is answered once."""
+    async with rig(redis_server, decode_ms=20, slots=2, batch_reserve_slots=0) as r:
+        batch = r.keys.batch_stream(MODEL)
+        for i in range(3):
+            await r.add(item(f"b{i}", max_tokens=100), stream=batch)  # 2 s each
+        await until(lambda: r.worker.in_flight == 2, 5, "batch work in both slots")
+        await r.add(item("online", max_tokens=4))
+        assert (await r.result("online")).error is None
+        # it did not wait for a slot: one batch request was handed back for it before any had ended
+        ended = [await r.client.exists(r.keys.result(MODEL, f"b{i}")) for i in range(3)]
+        assert (r.worker.stats.preempted, ended) == (1, [0] * 3), r.worker.jobs
+        for i in range(3):
+            assert texts(await r.result(f"b{i}", timeout=30)) == [expected_text("one two three", max_tokens=100)]
+        await until(lambda: r.worker.in_flight == 0, 5, "idle")
+        assert (await r.client.xpending(batch, GROUP))["pending"] == 0 and await r.client.xlen(batch) == 0
+
+
+async def test_without_preemption_an_interactive_request_waits_for_a_batch_slot(redis_server: RedisServer) -> None:
+    async with rig(redis_server, decode_ms=20, slots=2, batch_reserve_slots=0, batch_preempt=False) as r:
+        batch = r.keys.batch_stream(MODEL)
+        for i in range(2):
+            await r.add(item(f"b{i}", max_tokens=40), stream=batch)
+        await until(lambda: r.worker.in_flight == 2, 5, "batch work in both slots")
+        await r.add(item("online", max_tokens=4))
+        assert (await r.result("online", timeout=30)).error is None
+        assert sum([await r.client.exists(r.keys.result(MODEL, f"b{i}")) for i in range(2)]) >= 1
+        assert r.worker.stats.preempted == 0
+
+
+async def test_a_freed_slot_takes_batch_work_at_once_while_an_interactive_read_waits(
+        redis_server: RedisServer) -> None:
+    """With the room beyond the reserve taken, the interactive read waits in a task of its own: a batch request
+    that ends hands its slot to the next one at once, not after the read's BLOCK time (here 20 s)."""
+    async with rig(redis_server, decode_ms=10, slots=2, batch_reserve_slots=1, read_block_ms=20_000) as r:
+        batch = r.keys.batch_stream(MODEL)
+        for i in range(4):
+            await r.add(item(f"b{i}", max_tokens=10), stream=batch)  # 0.1 s each, one at a time (room 1)
+        for i in range(4):
+            assert (await r.result(f"b{i}", timeout=15)).error is None

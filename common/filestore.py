@@ -1,0 +1,142 @@
+"""Files (OpenAI's Files API: batch inputs, batch outputs) where every gateway replica reaches them, behind one
+small interface, :class:`FileStore`; :class:`RedisFileStore` keeps them in Redis.
+
+Why Redis (docs/batch.md): the gateways already share it and nothing else, so no volume or object store is
+needed to run the Batch API; the price is Redis memory (a file's bytes live in RAM, and in the AOF and the
+replicas), so the store has a cap (``file_store_max_bytes``) and a file is split into values of at most
+``file_chunk_bytes`` (no single huge value to block Redis, or a replica's sync, while it moves).  A deployment
+with big batches would put an object store behind the same interface.
+
+Layout: the record ``Keys.file(id)`` (JSON, :class:`FileRecord`), the chunks ``Keys.file_chunk(id, i)``, the
+listing ``Keys.files`` (a sorted set by creation time) and the total ``Keys.files_bytes``.  A file is written
+chunks first, record last: a record that exists names a whole file.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, Field
+
+from common.keys import Keys
+
+PURPOSES_UPLOAD = frozenset({"batch"})  # what a client may upload
+PURPOSE_OUTPUT = "batch_output"  # what the gateway writes (a batch's output and error files)
+
+
+def new_file_id() -> str:
+    return "file-" + uuid.uuid4().hex
+
+
+class FileRecord(BaseModel):
+    """A stored file (OpenAI's ``FileObject`` less what mgpu does not keep), and who may read it."""
+
+    id: str
+    bytes: int
+    filename: str
+    purpose: str
+    scope: str
+    created_at: int = Field(default_factory=lambda: int(time.time()))
+    chunks: int = 0
+    lines: int = 0  # lines that are not blank
+
+    def to_openai(self) -> dict[str, object]:
+        return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
+                "filename": self.filename, "purpose": self.purpose, "status": "processed", "expires_at": None,
+                "status_details": None}
+
+
+class StoreFull(Exception):
+    """The store is at its cap (``file_store_max_bytes``)."""
+
+
+class FileStore(Protocol):
+    """Where files are kept: every gateway replica reads what any of them wrote."""
+
+    async def put(self, rec: FileRecord, data: bytes) -> FileRecord: ...
+
+    async def meta(self, file_id: str) -> FileRecord | None: ...
+
+    async def get(self, file_id: str) -> bytes | None: ...
+
+    async def delete(self, file_id: str) -> bool: ...
+
+    async def list(self, limit: int, after: str | None = None) -> tuple[list[FileRecord], bool]: ...
+
+
+class RedisFileStore:
+    """:class:`FileStore` in Redis (see the module doc)."""
+
+    def __init__(self, r: aioredis.Redis, keys: Keys, *, chunk_bytes: int, max_total_bytes: int) -> None:
+        self.r, self.keys, self.chunk_bytes, self.max_total = r, keys, chunk_bytes, max_total_bytes
+
+    async def put(self, rec: FileRecord, data: bytes) -> FileRecord:
+        """Store ``data`` as ``rec.id`` (replacing a file of that id: a batch's output written again after a
+        feeder's crash has the same id); StoreFull past the cap."""
+        old = await self.meta(rec.id)
+        grow = len(data) - (old.bytes if old else 0)
+        total = await self.r.incrby(self.keys.files_bytes, grow)
+        if grow > 0 and total > self.max_total:
+            await self.r.decrby(self.keys.files_bytes, grow)
+            raise StoreFull(f"the file store is at its limit of {self.max_total} bytes")
+        n = max(1, -(-len(data) // self.chunk_bytes))
+        rec = rec.model_copy(update={"bytes": len(data), "chunks": n})
+        for start in range(0, n, 16):  # a bounded pipeline: at most 16 chunks in one round trip
+            async with self.r.pipeline(transaction=False) as p:
+                for i in range(start, min(n, start + 16)):
+                    p.set(self.keys.file_chunk(rec.id, i), data[i * self.chunk_bytes:(i + 1) * self.chunk_bytes])
+                await p.execute()
+        async with self.r.pipeline(transaction=True) as p:
+            p.set(self.keys.file(rec.id), rec.model_dump_json())
+            p.zadd(self.keys.files, {rec.id: rec.created_at})
+            if old is not None and old.chunks > n:
+                p.delete(*(self.keys.file_chunk(rec.id, i) for i in range(n, old.chunks)))
+            await p.execute()
+        return rec
+
+    async def meta(self, file_id: str) -> FileRecord | None:
+        raw = await self.r.get(self.keys.file(file_id))
+        return None if raw is None else FileRecord.model_validate_json(raw)
+
+    async def get(self, file_id: str) -> bytes | None:
+        rec = await self.meta(file_id)
+        if rec is None:
+            return None
+        parts: list[bytes] = []
+        for start in range(0, rec.chunks, 16):
+            got = await self.r.mget([self.keys.file_chunk(file_id, i)
+                                     for i in range(start, min(rec.chunks, start + 16))])
+            if any(g is None for g in got):
+                return None  # deleted meanwhile
+            parts += got
+        return b"".join(parts)
+
+    async def delete(self, file_id: str) -> bool:
+        rec = await self.meta(file_id)
+        if rec is None:
+            return False
+        async with self.r.pipeline(transaction=True) as p:
+            p.delete(self.keys.file(file_id))
+            p.zrem(self.keys.files, file_id)
+            p.decrby(self.keys.files_bytes, rec.bytes)
+            await p.execute()
+        for start in range(0, rec.chunks, 256):
+            await self.r.delete(*(self.keys.file_chunk(file_id, i) for i in range(start, min(rec.chunks, start + 256))))
+        return True
+
+    async def list(self, limit: int, after: str | None = None) -> tuple[list[FileRecord], bool]:
+        """Files, newest first, from the one after ``after``; and whether there are more."""
+        start = 0
+        if after is not None:
+            rank = await self.r.zrevrank(self.keys.files, after)
+            start = 0 if rank is None else rank + 1
+        ids = await self.r.zrevrange(self.keys.files, start, start + limit)
+        recs = []
+        raws = await self.r.mget([self.keys.file(i.decode()) for i in ids[:limit]]) if ids else []
+        for raw in raws:
+            if raw is not None:
+                recs.append(FileRecord.model_validate_json(raw))
+        return recs, len(ids) > limit

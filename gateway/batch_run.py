@@ -1,0 +1,313 @@
+"""One step of a batch, run by its feeder (:mod:`gateway.feeder`) while it holds the batch's lease.
+
+    validating    the input file checked whole, each line as an online request is (``gateway.admission``: the
+                  fields, the model, the endpoint it is served on, the context length); the checked requests
+                  stored (``Keys.batch_requests``), or the batch ``failed`` with one error per bad line
+    in_progress   collect: the results of the submitted lines (``Keys.result``, read in chunks) appended to the
+                  output or error list; feed: the next lines, as WorkItems on the model's batch stream, while
+                  fewer than ``batch_window`` are unanswered; all answered: ``finalizing``
+    cancelling,   stop: the unanswered requests are cancelled (``Keys.cancels``), their results collected for
+    expiry        ``batch_cancel_grace_s``; then the files are written, what never ran listed in the error file
+                  (``batch_cancelled`` / ``batch_expired``)
+    finalizing    the output and error files written (ids derived from the batch's: writing them again after a
+                  crash replaces them), then the final status
+
+Exactly once: a line is submitted (``XADD``) in the same fenced transaction that moves ``next_line`` past it and
+records it as outstanding (``Keys.batch_outstanding``), so no line is submitted twice, by this feeder or the one
+that resumes after it.  A line's request id is ``{batch_id}-{line}``, and the first result stored for an id wins
+(a worker that dies mid-request has it run again, but one result is stored).  A line's answer is appended to the
+output in the same fenced transaction that removes it from the outstanding lines, so it is appended once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common import errors
+from common.batchjob import BatchRecord, BatchRequest, BatchStatus, LineError, error_line, request_id
+from common.filestore import PURPOSE_OUTPUT, FileRecord
+from common.producer import check_batch_lines, output_line
+from common.schemas import ANONYMOUS, PATHS, Result, WorkItem
+from gateway import admission
+from gateway.auth import ANONYMOUS_CALLER, Caller
+from gateway.batch_records import now_s, transact
+from gateway.state import GatewayState
+
+log = logging.getLogger("mgpu.gateway.batch")
+
+MAX_ERRORS = 1000  # per-line validation errors kept in a failed batch's record
+PAGE = 500
+
+
+class Run:
+    """The steps of one batch under one lease ``token``."""
+
+    def __init__(self, state: GatewayState, batch_id: str, token: str, renew: Any) -> None:
+        self.state, self.id, self.token, self.renew = state, batch_id, token, renew
+        self.s = state.settings
+        self.k = state.settings.keys
+        self.r: aioredis.Redis = state.redis
+        self.cancels_sent = False
+
+    async def _transact(self, change: Any, also: Any = None) -> BatchRecord | None:
+        return await transact(self.r, self.k, self.id, change, also=also, token=self.token)
+
+    async def step(self, rec: BatchRecord) -> bool:
+        """One step; True when the batch is finished (nothing more to do)."""
+        if rec.final:
+            return True
+        stopping = rec.status == BatchStatus.CANCELLING or rec.end_status in (BatchStatus.EXPIRED,
+                                                                              BatchStatus.CANCELLED)
+        if not stopping and time.time() >= rec.expires_at:
+            await self._transact(lambda x: None if x.final or x.status == BatchStatus.CANCELLING else x.model_copy(
+                update={"status": BatchStatus.FINALIZING, "finalizing_at": now_s(), "end_status": BatchStatus.EXPIRED,
+                        "stop_since": time.time()}))
+            return False
+        if rec.status == BatchStatus.VALIDATING:
+            await self.validate(rec)
+            return False
+        if stopping:
+            return await self.stop(rec)
+        if rec.status == BatchStatus.IN_PROGRESS:
+            await self.collect(rec)
+            fed = await self.feed(rec)
+            if not fed and rec.next_line >= rec.total and not await self.r.hlen(self.k.batch_outstanding(self.id)):
+                await self._transact(lambda x: x.model_copy(update={
+                    "status": BatchStatus.FINALIZING, "finalizing_at": now_s(), "end_status": BatchStatus.COMPLETED})
+                    if x.status == BatchStatus.IN_PROGRESS else None)
+            return False
+        if rec.status == BatchStatus.FINALIZING:
+            await self.finalize(rec)
+            return True
+        return False
+
+    # ------------------------------------------------------------------ validating
+
+    async def _caller(self, scope: str) -> Caller:
+        if scope == ANONYMOUS:
+            return ANONYMOUS_CALLER
+        return Caller(scope, await self.state.api_keys.get(scope))
+
+    async def validate(self, rec: BatchRecord) -> None:
+        """Check the input file whole (see the module doc).  ServiceUnavailable (no live worker, Redis near its
+        limit) leaves the batch validating, to be checked again."""
+        data = await self.state.files.get(rec.input_file_id)
+        problems: list[LineError] = []
+        if data is None:
+            problems.append(LineError(code="file_not_found", message=f"the input file {rec.input_file_id} is gone"))
+            data = b""
+        try:
+            lines = data.decode().splitlines()
+        except UnicodeDecodeError:
+            problems.append(LineError(code="invalid_file", message="the input file is not UTF-8 text"))
+            lines = []
+        good, bad = check_batch_lines(lines, max_body_bytes=self.s.max_body_bytes)
+        problems += [LineError(code=p.code, message=p.message, line=p.line, param=p.param) for p in bad]
+        if len(good) + len(bad) > self.s.file_max_lines:
+            problems.append(LineError(code="too_many_lines", message=f"at most {self.s.file_max_lines} lines"))
+        if not good and not problems:
+            problems.append(LineError(code="empty_file", message="the input file has no requests"))
+        caller = await self._caller(rec.scope)
+        for start in range(0, len(good), PAGE):
+            checked: dict[str, str] = {}
+            for i, bl in enumerate(good[start:start + PAGE], start=start):
+                got = self._check(rec, bl.kind, bl.body, bl.line, bl.custom_id, caller, i)
+                if isinstance(got, LineError):
+                    problems.append(got)
+                elif not problems:
+                    checked[str(i)] = got.model_dump_json()
+            if checked:
+                await self.r.hset(self.k.batch_requests(self.id), mapping=checked)  # type: ignore[arg-type]
+            await self.renew()
+            await asyncio.sleep(0)  # a big file does not hold the event loop
+        if problems:
+            problems.sort(key=lambda e: e.line or 0)
+            await self._transact(lambda x: x.model_copy(update={
+                "status": BatchStatus.FAILED, "failed_at": now_s(), "errors": problems[:MAX_ERRORS]}),
+                also=lambda p, _r: self._cleanup(p))
+            log.info("batch failed validation", extra={"batch": self.id, "errors": len(problems)})
+            return
+        await self._transact(lambda x: x.model_copy(update={
+            "total": len(good), "in_progress_at": now_s(),
+            "status": BatchStatus.IN_PROGRESS if x.status == BatchStatus.VALIDATING else x.status}))
+
+    def _check(self, rec: BatchRecord, kind: Any, body: dict[str, Any], line: int, custom_id: str, caller: Caller,
+               index: int) -> BatchRequest | LineError:
+        if PATHS[kind] != rec.endpoint:
+            return LineError(code="invalid_url", message=f"url: must be the batch's endpoint, {rec.endpoint}",
+                             line=line, param="url")
+        try:
+            f = admission.read_fields(kind, body)
+            item, _ = admission.build_item(self.state, kind, body, f, request_id(self.id, index), caller)
+        except errors.RequestError as exc:
+            return LineError(code=exc.code or "invalid_request", message=exc.message, line=line,
+                             param=f"body.{exc.param}" if exc.param else None)
+        return BatchRequest(custom_id=custom_id, kind=kind, model=item.model, body={**item.body, "model": item.model},
+                            n=item.n)
+
+    def _cleanup(self, p: Any) -> None:
+        """The batch's working keys, and its place among the active batches (in a finishing transaction)."""
+        p.srem(self.k.batches_active, self.id)
+        p.delete(self.k.batch_requests(self.id), self.k.batch_outstanding(self.id), self.k.batch_output(self.id),
+                 self.k.batch_errors(self.id))
+
+    # ------------------------------------------------------------------ in progress
+
+    async def feed(self, rec: BatchRecord) -> bool:
+        """Submit the next lines while fewer than ``batch_window`` are unanswered; whether any was submitted."""
+        room = self.s.batch_window - await self.r.hlen(self.k.batch_outstanding(self.id))
+        upto = min(rec.total, rec.next_line + room)
+        if room <= 0 or rec.next_line >= upto:
+            return False
+        idx = list(range(rec.next_line, upto))
+        raws = await self.r.hmget(self.k.batch_requests(self.id), [str(i) for i in idx])
+        reqs = [BatchRequest.model_validate_json(raw) for raw in raws if raw is not None]
+        if len(reqs) != len(idx):
+            raise RuntimeError(f"batch {self.id}: lines {idx[0]}..{idx[-1]} are missing from its checked requests")
+        first = rec.next_line
+
+        def change(x: BatchRecord) -> BatchRecord | None:
+            if x.next_line != first or x.status != BatchStatus.IN_PROGRESS:
+                return None  # changed meanwhile (cancelled): nothing submitted
+            return x.model_copy(update={"next_line": upto})
+
+        def items(x: BatchRecord) -> list[tuple[str, WorkItem]]:
+            return [(self.k.batch_stream(q.model), WorkItem(id=request_id(self.id, i), kind=q.kind, model=q.model,
+                                                            body=q.body, n=q.n, deadline=x.expires_at, scope=x.scope))
+                    for i, q in zip(idx, reqs, strict=True)]
+
+        def also(p: Any, x: BatchRecord) -> None:
+            if not self.k.cluster:
+                for stream, item in items(x):
+                    p.xadd(stream, item.to_fields())
+            p.hset(self.k.batch_outstanding(self.id), mapping={str(i): q.model for i, q in zip(idx, reqs, strict=True)})
+
+        if self.k.cluster:
+            # the models' streams are on other slots than the batch's keys: submit first, then record it.  A
+            # feeder that dies in between has the lines submitted again by the next one (the same request ids:
+            # run twice at worst, one result stored, one output line)
+            async with self.r.pipeline(transaction=False) as p:
+                for stream, item in items(rec):
+                    p.xadd(stream, item.to_fields())
+                await p.execute()
+        after = await self._transact(change, also)
+        return after is not None and after.next_line == upto
+
+    async def collect(self, rec: BatchRecord, stop_code: str | None = None) -> int:
+        """Append the results of outstanding lines to the output or error list; how many are still outstanding.
+        With ``stop_code`` (the batch is stopping), a request cancelled or past its deadline is listed as never
+        run, with that code."""
+        out = {int(i): m.decode() for i, m in (await self.r.hgetall(self.k.batch_outstanding(self.id))).items()}
+        if not out:
+            return 0
+        lines = sorted(out)
+        found: dict[int, Result] = {}
+        for start in range(0, len(lines), PAGE):
+            part = lines[start:start + PAGE]
+            names = [self.k.result(out[i], request_id(self.id, i)) for i in part]
+            raws = await (self.r.mget_nonatomic(names) if self.k.cluster  # type: ignore[attr-defined]
+                          else self.r.mget(names))
+            for i, raw in zip(part, raws, strict=True):
+                if raw is not None:
+                    found[i] = Result.model_validate_json(raw)
+        if not found:
+            return len(out)
+        raws = await self.r.hmget(self.k.batch_requests(self.id), [str(i) for i in found])
+        cids = {i: BatchRequest.model_validate_json(raw).custom_id for i, raw in zip(found, raws, strict=True)
+                if raw is not None}
+        ok: list[str] = []
+        bad: list[str] = []
+        failed = 0
+        for i, res in found.items():
+            rid = request_id(self.id, i)
+            code = res.error.code if res.error is not None else None
+            if stop_code is not None and code in ("cancelled", "deadline_exceeded"):
+                bad.append(json.dumps(error_line(cids[i], stop_code, _STOP_MESSAGES[stop_code])))
+            elif res.error is None and res.status == 200:
+                ok.append(json.dumps(output_line(cids[i], rid, res)))
+            else:
+                bad.append(json.dumps(output_line(cids[i], rid, res)))
+                failed += 1
+
+        def also(p: Any, _x: BatchRecord) -> None:
+            p.hdel(self.k.batch_outstanding(self.id), *(str(i) for i in found))
+            if ok:
+                p.rpush(self.k.batch_output(self.id), *ok)
+            if bad:
+                p.rpush(self.k.batch_errors(self.id), *bad)
+
+        await self._transact(lambda x: x.model_copy(update={"completed": x.completed + len(ok),
+                                                            "failed": x.failed + failed}), also)
+        return len(out) - len(found)
+
+    # ------------------------------------------------------------------ stopping and finishing
+
+    async def stop(self, rec: BatchRecord) -> bool:
+        """A cancelled or expired batch: cancel what is outstanding (once per feeder: a resumed one sends the
+        cancels again, which is harmless), collect until nothing is or the grace passed, then finish."""
+        code = "batch_expired" if rec.end_status == BatchStatus.EXPIRED else "batch_cancelled"
+        if not self.cancels_sent:
+            outstanding = await self.r.hkeys(self.k.batch_outstanding(self.id))
+            for start in range(0, len(outstanding), PAGE):
+                async with self.r.pipeline(transaction=False) as p:
+                    for i in outstanding[start:start + PAGE]:
+                        p.xadd(self.k.cancels, {"r": request_id(self.id, int(i))}, maxlen=10_000, approximate=True)
+                    await p.execute()
+            self.cancels_sent = True
+        left = await self.collect(rec, stop_code=code)
+        if left and time.time() < (rec.stop_since or 0) + self.s.batch_cancel_grace_s:
+            return False
+        await self.finalize(rec, code)
+        return True
+
+    async def _custom_ids(self, lines: list[int]) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(lines), PAGE):
+            raws = await self.r.hmget(self.k.batch_requests(self.id), [str(i) for i in lines[start:start + PAGE]])
+            out += [BatchRequest.model_validate_json(raw).custom_id for raw in raws if raw is not None]
+        return out
+
+    async def finalize(self, rec: BatchRecord, code: str | None = None) -> None:
+        """Write the output and error files, then the final status (see the module doc)."""
+        ok = await self.r.lrange(self.k.batch_output(self.id), 0, -1)
+        bad = await self.r.lrange(self.k.batch_errors(self.id), 0, -1)
+        never = sorted(int(i) for i in await self.r.hkeys(self.k.batch_outstanding(self.id)))
+        never += range(rec.next_line, rec.total)
+        code = code or "batch_expired"
+        bad += [json.dumps(error_line(c, code, _STOP_MESSAGES[code])).encode() for c in await self._custom_ids(never)]
+        await self.renew()
+        out_id = await self._write(rec, "output", ok)
+        err_id = await self._write(rec, "errors", bad)
+        end = rec.end_status or BatchStatus.CANCELLED
+        if rec.status == BatchStatus.CANCELLING:
+            end = BatchStatus.CANCELLED
+        stamp = {BatchStatus.COMPLETED: "completed_at", BatchStatus.EXPIRED: "expired_at",
+                 BatchStatus.CANCELLED: "cancelled_at"}[end]
+        await self._transact(lambda x: x.model_copy(update={
+            "status": end, stamp: now_s(), "output_file_id": out_id, "error_file_id": err_id}),
+            also=self._finish)
+        log.info("batch finished", extra={"batch": self.id, "status": str(end), "completed": rec.completed,
+                                          "failed": rec.failed})
+
+    def _finish(self, p: Any, _x: BatchRecord) -> None:
+        self._cleanup(p)
+        p.delete(self.k.batch_lease(self.id))
+
+    async def _write(self, rec: BatchRecord, what: str, lines: list[bytes]) -> str | None:
+        if not lines:
+            return None
+        fid = f"file-{rec.id.removeprefix('batch_')}-{what}"
+        data = b"".join(ln + b"\n" for ln in lines)
+        await self.state.files.put(FileRecord(id=fid, bytes=len(data), filename=f"{rec.id}_{what}.jsonl",
+                                              purpose=PURPOSE_OUTPUT, scope=rec.scope, lines=len(lines)), data)
+        return fid
+
+
+_STOP_MESSAGES = {"batch_expired": "This request could not be executed before the completion window expired.",
+                  "batch_cancelled": "This request was not executed: the batch was cancelled."}

@@ -1,0 +1,128 @@
+"""OpenAI's Files API, for batches: ``POST /v1/files`` (multipart: ``file``, ``purpose``), ``GET /v1/files``,
+``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``, ``DELETE /v1/files/{id}``.  Files are kept in the
+:class:`common.filestore.FileStore` every replica shares; each belongs to its caller's scope (another
+caller's file is as if absent: 404).  A client uploads only ``purpose="batch"``; the gateway writes the
+batches' output and error files (``batch_output``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.datastructures import UploadFile
+
+from common import errors
+from common.filestore import PURPOSES_UPLOAD, FileRecord, StoreFull, new_file_id
+from gateway.auth import Caller, authenticate
+from gateway.http import json_response
+from gateway.state import GatewayState
+
+router = APIRouter(include_in_schema=False)  # not in the OpenAPI document yet (docs/batch.md)
+
+_FORM_OVERHEAD = 64 << 10  # multipart boundaries and the purpose field, beyond the file's own bytes
+
+
+def _state(request: Request) -> GatewayState:
+    return request.app.state.gw  # type: ignore[no-any-return]
+
+
+async def _caller(request: Request) -> Caller:
+    s = _state(request)
+    return await authenticate(request, s.settings.auth, s.api_keys, s.settings.retry_after_s)
+
+
+def int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise errors.InvalidRequest(f"{name}: an integer from {low} to {high}", param=name)
+    return int(raw)
+
+
+async def owned_file(state: GatewayState, caller: Caller, file_id: str) -> FileRecord:
+    """The caller's file ``file_id``; NotFound (404) when there is none (or it is another caller's)."""
+    with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
+        rec = await state.files.meta(file_id)
+    if rec is None or rec.scope != caller.scope:
+        raise errors.NotFound(f"No such File object: {file_id}", param="file_id")
+    return rec
+
+
+async def _upload(request: Request, limit: int) -> tuple[bytes, str, str]:
+    """The multipart form's file (its bytes and name) and purpose; 413 past ``limit`` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit + _FORM_OVERHEAD:
+        raise errors.PayloadTooLarge(f"the file is over the {limit}-byte limit")
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype != "multipart/form-data":
+        raise errors.UnsupportedMediaType("upload a file as multipart/form-data (fields: file, purpose)")
+    async with request.form(max_files=1, max_fields=8) as form:
+        upload, purpose = form.get("file"), form.get("purpose")
+        if not isinstance(upload, UploadFile):
+            raise errors.InvalidRequest("file: a file is required", param="file")
+        if not isinstance(purpose, str) or not purpose:
+            raise errors.InvalidRequest("purpose: required", param="purpose")
+        data = await upload.read(limit + 1)
+        return data, upload.filename or "upload.jsonl", purpose
+
+
+@router.post("/v1/files", name="files_create")
+async def create_file(request: Request) -> Response:
+    state, caller = _state(request), await _caller(request)
+    s = state.settings
+    data, filename, purpose = await _upload(request, s.file_max_bytes)
+    if purpose not in PURPOSES_UPLOAD:
+        raise errors.InvalidRequest(f"purpose: '{purpose}' is not supported here; use 'batch'", param="purpose")
+    if len(data) > s.file_max_bytes:
+        raise errors.PayloadTooLarge(f"the file is over the {s.file_max_bytes}-byte limit")
+    lines = sum(1 for ln in data.splitlines() if ln.strip())
+    if lines > s.file_max_lines:
+        raise errors.InvalidRequest(f"the file has {lines} lines; a batch file may have at most {s.file_max_lines}",
+                                    param="file")
+    rec = FileRecord(id=new_file_id(), bytes=len(data), filename=filename, purpose=purpose, scope=caller.scope,
+                     lines=lines)
+    try:
+        with errors.redis_unavailable("could not store the file", retry_after=s.retry_after_s):
+            rec = await state.files.put(rec, data)
+    except StoreFull as exc:
+        raise errors.PayloadTooLarge(str(exc)) from None
+    return json_response(rec.to_openai())
+
+
+@router.get("/v1/files", name="files_list")
+async def list_files(request: Request) -> Response:
+    """The caller's files, newest first (``limit``, ``after``, ``purpose``)."""
+    state, caller = _state(request), await _caller(request)
+    limit = int_param(request, "limit", 100, 1, 10_000)
+    after, purpose = request.query_params.get("after"), request.query_params.get("purpose")
+    with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
+        recs, more = await state.files.list(limit, after)
+    data = [r.to_openai() for r in recs if r.scope == caller.scope and (purpose is None or r.purpose == purpose)]
+    return json_response({"object": "list", "data": data, "has_more": more,
+                          "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
+
+
+@router.get("/v1/files/{file_id}", name="files_retrieve")
+async def retrieve_file(request: Request, file_id: str) -> Response:
+    rec = await owned_file(_state(request), await _caller(request), file_id)
+    return json_response(rec.to_openai())
+
+
+@router.get("/v1/files/{file_id}/content", name="files_content")
+async def file_content(request: Request, file_id: str) -> Response:
+    state = _state(request)
+    await owned_file(state, await _caller(request), file_id)
+    with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
+        data = await state.files.get(file_id)
+    if data is None:
+        raise errors.NotFound(f"No such File object: {file_id}", param="file_id")
+    return Response(data, media_type="application/octet-stream")
+
+
+@router.delete("/v1/files/{file_id}", name="files_delete")
+async def delete_file(request: Request, file_id: str) -> Response:
+    state = _state(request)
+    await owned_file(state, await _caller(request), file_id)
+    with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
+        deleted = await state.files.delete(file_id)
+    return json_response({"id": file_id, "object": "file", "deleted": deleted})
