@@ -2,6 +2,7 @@
 of the idle slot-time does it fill?  Sim engine only (never a GPU figure).
 
     python -m bench.batchprio --json docs/batchprio.json
+    python -m bench.batchprio --plot docs/batchprio.png docs/batchprio-*.json   # the runs side by side
 
 One fleet (a redis-server, ``--workers`` sim workers with ``--slots`` slots and ``--reserve`` batch reserve
 each, one gateway).  Two phases, the same open-loop interactive load (streaming chat, ``--rate`` req/s,
@@ -106,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="the sim's step time per running sequence (0: a step costs the same at any batch size)")
     p.add_argument("--no-preempt", action="store_true", help="workers with batch_preempt off")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="plot the reports given as arguments, run nothing")
+    p.add_argument("reports", nargs="*", type=Path)
     args = p.parse_args(argv)
+    if args.plot:
+        plot([json.loads(f.read_text()) for f in args.reports], [f.stem for f in args.reports], args.plot)
+        return 0
     slots = args.workers * args.slots
     with tempfile.TemporaryDirectory(prefix="mgpu-batchprio-") as d:
         tmp = Path(d)
@@ -156,6 +162,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if with_batch["errors"] == 0 and alone["errors"] == 0 else 1
+
+
+def plot(reports: list[dict[str, Any]], names: list[str], out: Path) -> None:
+    """Per run: the p99 TTFT ratio, and the occupancy and the batch's share of idle slot-time, against the goals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = range(len(reports))
+    a1.bar(xs, [r["ratios"]["ttft_p99"] for r in reports], color="tab:blue")
+    a1.axhline(1.2, color="red", linestyle="--", label="goal <= 1.2x")
+    a1.set_title("interactive p99 TTFT, with batch / alone")
+    a2.bar([x - 0.2 for x in xs], [r["ratios"]["occupancy_with_batch"] for r in reports], 0.4, label="occupancy")
+    a2.bar([x + 0.2 for x in xs], [r["ratios"]["batch_share_of_idle"] for r in reports], 0.4,
+           label="batch share of idle slot-time")
+    a2.axhline(0.95, color="red", linestyle="--", label="occupancy goal 0.95")
+    a2.axhline(0.90, color="orange", linestyle=":", label="share goal 0.90")
+    a2.set_ylim(0.5, 1.02)
+    for ax in (a1, a2):
+        ax.set_xticks(list(xs), names, rotation=20, ha="right", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle("batch beside interactive, sim engine, 4 workers x 32 slots, 2-core machine (not a GPU figure)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 def _entries_read(fleet: Fleet, stream: str) -> int:

@@ -36,7 +36,10 @@ from gateway.state import GatewayState
 
 _TRACE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 _IDEM_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
-MGPU_FIELDS = ("timeout",)  # mgpu's own request fields: read here, not passed on to the engine
+# mgpu's own request fields: read here, not passed on to the engine.  ``priority`` is vLLM's (an integer, lower
+# runs sooner, 0 by default); mgpu honours it with its queues instead of the engine's scheduler: above 0, the
+# request waits on the model's batch stream (docs/batch.md, "Priority")
+MGPU_FIELDS = ("timeout", "priority")
 
 
 async def read_json(request: Request, limit: int, timeout_s: float) -> dict[str, Any]:
@@ -102,6 +105,7 @@ class _Fields(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     timeout: float | None = Field(default=None, ge=0.1)  # mgpu: this request's deadline, in seconds
     user: str | None = None
+    priority: int | None = None
 
 
 class _ChatFields(_Fields):
@@ -159,6 +163,13 @@ class Admission:
     record: IdempotencyRecord | None
     caller: Caller = ANONYMOUS_CALLER
     reserve: int = 0  # tokens the request reserves against its key's tokens per minute
+
+    @property
+    def background(self) -> bool:
+        """Batch class: ``priority`` above 0, or (no priority given) a key whose default priority is batch."""
+        if self.fields.priority is not None:
+            return self.fields.priority > 0
+        return self.caller.key is not None and self.caller.key.priority == "batch"
 
     @property
     def charge(self) -> Charge | None:

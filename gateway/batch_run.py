@@ -54,12 +54,15 @@ class Run:
         self.k = state.settings.keys
         self.r: aioredis.Redis = state.redis
         self.cancels_sent = False
+        self.progressed = False  # the last step collected or submitted something (its feeder goes on at once)
+        self.collected_from = 0  # lines outstanding when the last collect began
 
     async def _transact(self, change: Any, also: Any = None) -> BatchRecord | None:
         return await transact(self.r, self.k, self.id, change, also=also, token=self.token)
 
     async def step(self, rec: BatchRecord) -> bool:
         """One step; True when the batch is finished (nothing more to do)."""
+        self.progressed = False
         if rec.final:
             return True
         stopping = rec.status == BatchStatus.CANCELLING or rec.end_status in (BatchStatus.EXPIRED,
@@ -75,8 +78,9 @@ class Run:
         if stopping:
             return await self.stop(rec)
         if rec.status == BatchStatus.IN_PROGRESS:
-            await self.collect(rec)
+            left = await self.collect(rec)
             fed = await self.feed(rec)
+            self.progressed = fed or left < self.collected_from
             if not fed and rec.next_line >= rec.total and not await self.r.hlen(self.k.batch_outstanding(self.id)):
                 await self._transact(lambda x: x.model_copy(update={
                     "status": BatchStatus.FINALIZING, "finalizing_at": now_s(), "end_status": BatchStatus.COMPLETED})
@@ -204,6 +208,7 @@ class Run:
         With ``stop_code`` (the batch is stopping), a request cancelled or past its deadline is listed as never
         run, with that code."""
         out = {int(i): m.decode() for i, m in (await self.r.hgetall(self.k.batch_outstanding(self.id))).items()}
+        self.collected_from = len(out)
         if not out:
             return 0
         lines = sorted(out)
@@ -235,15 +240,24 @@ class Run:
                 bad.append(json.dumps(output_line(cids[i], rid, res)))
                 failed += 1
 
+        # what the collected lines leave behind goes with them, so that Redis holds a window's worth of a batch's
+        # work however long the batch (its files aside): their results, and their checked requests
+        results = [self.k.result(out[i], request_id(self.id, i)) for i in found]
+
         def also(p: Any, _x: BatchRecord) -> None:
             p.hdel(self.k.batch_outstanding(self.id), *(str(i) for i in found))
+            p.hdel(self.k.batch_requests(self.id), *(str(i) for i in found))
+            if not self.k.cluster:  # on a cluster the results are in their models' slots: deleted after
+                p.delete(*results)
             if ok:
                 p.rpush(self.k.batch_output(self.id), *ok)
             if bad:
                 p.rpush(self.k.batch_errors(self.id), *bad)
 
-        await self._transact(lambda x: x.model_copy(update={"completed": x.completed + len(ok),
-                                                            "failed": x.failed + failed}), also)
+        after = await self._transact(lambda x: x.model_copy(update={"completed": x.completed + len(ok),
+                                                                    "failed": x.failed + failed}), also)
+        if self.k.cluster and after is not None:
+            await self.r.delete(*results)  # redis-py splits it by slot
         return len(out) - len(found)
 
     # ------------------------------------------------------------------ stopping and finishing

@@ -84,7 +84,10 @@ class Feeder:
                         "total": rec.total, "completed": rec.completed, "failed": rec.failed,
                         "outstanding": await r.hlen(keys.batch_outstanding(bid))})
                     backoff.reset()
-                    await asyncio.sleep(s.batch_poll_s)
+                    if not run.progressed:  # nothing answered and nothing to submit: look again later
+                        await asyncio.sleep(s.batch_poll_s)
+                    else:
+                        await asyncio.sleep(0)
                 except LeaseLost as exc:
                     log.warning("lost the lease of batch %s: %s", bid, exc)
                     return

@@ -36,7 +36,7 @@ from common.outcomes import outcome_of
 from common.records import ReplyKind
 from common.responses import error_body
 from common.schemas import Chunk, IdempotencyRecord, Kind, Result, Usage, WorkItem
-from common.scripts import Duplicate, KeyRefused, KeyUsage, Queued, QueueFull, RateLimited
+from common.scripts import Duplicate, KeyRefused, KeyUsage, Queued, QueueFull, RateLimited, Target
 from gateway import admission
 from gateway.admission import Admission
 from gateway.auth import authenticate, rate_headers
@@ -363,6 +363,9 @@ async def handle(request: Request, kind: Kind) -> Response:
         s = state.settings
         route = state.balancer.plan(state.registry, s.keys, item.model, lambda: affinity_key(
             adm.fields.user, request.headers.get("x-session-id"), adm.affinity_text(), s.affinity_prefix_chars))
+        if adm.background:  # the batch stream: slots beyond the reserve, and handed back for interactive work
+            route = Route(route.strategy, None, Target(s.keys.batch_stream(item.model), "", s.keys.stream(item.model)),
+                          route.epoch)
         w = state.router.register(item.id, item.stream, item.model)
         try:
             queued = await enqueue(state, adm, route)

@@ -441,10 +441,12 @@ class Worker:
         return any(True for _ in self._batch_jobs())
 
     def _batch_jobs(self) -> Iterator[Job]:
-        """Running batch jobs that may be preempted, the last started first."""
+        """Running batch jobs that may be preempted, the last started first: not a streaming one (a request with
+        ``priority`` > 0 may stream; run again, it could send its client other text than it already has)."""
         batch = set(self.batch_streams)
         return (j for j in reversed(list(self.jobs.values()))
-                if j.stream in batch and j.stop_reason is None and not j.finishing)
+                if j.stream in batch and j.stop_reason is None and not j.finishing
+                and not (j.item is not None and j.item.stream))
 
     def _preempt(self, k: int) -> None:
         """Hand back up to ``k`` batch requests (the last started: the least work lost) for interactive ones."""

@@ -95,6 +95,9 @@ def test_a_batch_runs_to_completed_and_answers_every_custom_id_once(stack: Stack
             messages=[{"role": "user", "content": f"line {i}"}], max_tokens=8)
     assert r.xinfo_stream(stream)["entries-added"] == n  # each line submitted once
     assert 0 < peak[0] <= 6 and peak[1] <= 12  # the backlog stayed within the window
+    # nothing of the batch's work is left in Redis but its record and files: no result, no working hash
+    assert list(r.scan_iter(match=stack.keys.result(MODEL, f"{batch_id}-*"))) == []
+    assert list(r.scan_iter(match=stack.keys.batch(batch_id) + ":*")) == []
     assert client.files.retrieve(b.output_file_id).purpose == "batch_output"
     with urllib.request.urlopen(stack.base_url + "/metrics", timeout=5) as resp:
         assert 'mgpu_gateway_batches_finished_total{status="completed"} 1.0' in resp.read().decode()
