@@ -43,20 +43,75 @@ def worker_settings(args: argparse.Namespace) -> dict[str, Any]:
             "vllm_enforce_eager": True, "vllm_kv_cache_gb": args.kv_cache_gb}
 
 
-def run_client(base_url: str, model_path: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """``vllm bench serve`` against ``base_url``; its result JSON, trimmed to the figures we report."""
+def _proc_cpu() -> tuple[dict[int, int], dict[int, float]]:
+    """Every process's parent and CPU seconds (user + system), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu = {}, {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(d)] = int(fields[1])
+        cpu[int(d)] = (int(fields[11]) + int(fields[12])) / tick
+    return parent, cpu
+
+
+def tree_cpu(roots: dict[str, int]) -> dict[str, float]:
+    """CPU seconds of each named process and its descendants now (living ones: read before they exit)."""
+    parent, cpu = _proc_cpu()
+    out = {}
+    for name, root in roots.items():
+        members, grew = {root}, True
+        while grew:
+            more = {p for p, pp in parent.items() if pp in members} - members
+            members |= more
+            grew = bool(more)
+        out[name] = sum(cpu.get(p, 0.0) for p in members)
+    return out
+
+
+def machine_busy() -> tuple[int, int]:
+    """(all, idle) jiffies of the machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    return sum(vals), vals[3] + vals[4]
+
+
+def run_client(base_url: str, model_path: str, args: argparse.Namespace, out: Path,
+               roots: dict[str, int] | None = None) -> dict[str, Any]:
+    """``vllm bench serve`` against ``base_url``; its result JSON, trimmed to the figures we report, and where the
+    machine's CPU went meanwhile: each of ``roots`` (a serving process and its children), the client, idle."""
     cmd = [sys.executable, "-c", _CLIENT, "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
            "--base-url", base_url, "--model", model_path, "--served-model-name", MODEL, "--tokenizer", model_path,
            "--dataset-name", "random", "--random-input-len", str(args.input_len), "--random-output-len",
            str(args.output_len), "--num-prompts", str(args.prompts), "--ignore-eos", "--request-rate", "inf",
            "--seed", "0", "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
+    import resource
+
+    before, m0 = tree_cpu(roots or {}), machine_busy()
+    client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    wall = time.monotonic() - t0
+    after, m1 = tree_cpu(roots or {}), machine_busy()
+    client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     full = json.loads(out.read_text())
-    return {k: full.get(k) for k in _KEEP}
+    res = {k: full.get(k) for k in _KEEP}
+    cores = (m1[0] - m0[0]) / max(1e-9, wall) / os.sysconf("SC_CLK_TCK")
+    res["cpu_cores_used"] = {  # cores busy on average over the client's run, by process tree
+        **{name: round((after[name] - before[name]) / wall, 3) for name in after},
+        "benchmark client": round((client1.ru_utime + client1.ru_stime - client0.ru_utime - client0.ru_stime)
+                                  / wall, 3),
+        "machine": round((1 - (m1[1] - m0[1]) / max(1, m1[0] - m0[0])) * cores, 3), "of": round(cores, 1)}
+    return res
 
 
 @contextmanager
-def vllm_serve(model_path: str, argv: list[str], tmp: Path, kv_cache_gb: int) -> Iterator[str]:
+def vllm_serve(model_path: str, argv: list[str], tmp: Path, kv_cache_gb: int) -> Iterator[tuple[str, dict[str, int]]]:
     port = free_port()
     log = tmp / f"vllm-serve-{port}.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv, "--host", "127.0.0.1", "--port",
@@ -65,18 +120,20 @@ def vllm_serve(model_path: str, argv: list[str], tmp: Path, kv_cache_gb: int) ->
                                  log_path=log, die_with_parent=True), log, port=port)
     try:
         wait_http_ok(p, f"http://127.0.0.1:{port}/v1/models", 600)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", {"vllm serve (API server + engine core)": p.proc.pid}
     finally:
         terminate_all([p.proc], 30)
 
 
 @contextmanager
-def mgpu(model_path: str, settings: dict[str, Any], tmp: Path) -> Iterator[str]:
+def mgpu(model_path: str, settings: dict[str, Any], tmp: Path) -> Iterator[tuple[str, dict[str, int]]]:
     fleet = Fleet.launch(tmp / "mgpu", die_with_parent=True)
     try:
-        fleet.start_worker(**{**settings, "model_path": model_path}, timeout=600)
-        fleet.start_gateway()
-        yield fleet.base_url
+        w = fleet.start_worker(**{**settings, "model_path": model_path}, timeout=600)
+        gw = fleet.start_gateway()
+        assert fleet.redis_server.proc is not None
+        yield fleet.base_url, {"mgpu worker (+ engine core)": w.proc.pid, "mgpu gateway": gw.proc.pid,
+                               "redis-server": fleet.redis_server.proc.pid}
     finally:
         fleet.stop(30)
 
@@ -122,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             pair: dict[str, Any] = {"order": names[:2]}
             for i, name in enumerate(names):
                 t0 = time.monotonic()
-                with servers[name]() as url:
+                with servers[name]() as (url, roots):
                     started = time.monotonic() - t0
                     pair[name] = {"start_s": round(started, 1),
-                                  **run_client(url, model_path, args, tmp / f"r{rep}-{i}.json")}
+                                  **run_client(url, model_path, args, tmp / f"r{rep}-{i}.json", roots)}
                 print(f"[{rep + 1}/{args.repeats}] {name}: {json.dumps(pair[name])}", flush=True)
                 runs.setdefault(name, pair[name])
             pair["ratios"] = _ratios(pair[ours_name], pair[same_name])

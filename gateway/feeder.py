@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 
 import redis
@@ -82,7 +83,8 @@ class Feeder:
                         return
                     self.state.metrics.batch_progress(bid, {
                         "total": rec.total, "completed": rec.completed, "failed": rec.failed,
-                        "outstanding": await r.hlen(keys.batch_outstanding(bid))})
+                        "outstanding": await r.hlen(keys.batch_outstanding(bid))},
+                        expires_in_s=max(0.0, rec.expires_at - time.time()))
                     backoff.reset()
                     if not run.progressed:  # nothing answered and nothing to submit: look again later
                         await asyncio.sleep(s.batch_poll_s)

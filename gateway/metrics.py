@@ -135,6 +135,9 @@ class GatewayMetrics:
         self.batch_requests = Gauge("mgpu_gateway_batch_requests", "Requests of each batch this gateway feeds: "
                                     "total, completed, failed, outstanding (on the batch stream, unanswered)",
                                     ["batch", "state"], registry=r, multiprocess_mode="livesum")
+        self.batch_expires_in = Gauge("mgpu_gateway_batch_expires_in_seconds", "Seconds until each batch this "
+                                      "gateway feeds expires (its completion window ends)", ["batch"], registry=r,
+                                      multiprocess_mode="livemin")
         self.batches_finished = Counter("mgpu_gateway_batches_finished", "Batches this gateway finished, by status",
                                         ["status"], registry=r)
         self.cluster = ClusterCollector(self)
@@ -152,14 +155,19 @@ class GatewayMetrics:
         if outcome == "success":
             self.latency.labels(model, endpoint).observe(duration_s)
 
-    def batch_progress(self, batch_id: str, counts: dict[str, int] | None) -> None:
-        """A fed batch's counts; None: it is no longer fed here (its series go)."""
+    def batch_progress(self, batch_id: str, counts: dict[str, int] | None, expires_in_s: float = 0.0) -> None:
+        """A fed batch's counts and time left; None: it is no longer fed here (its series go)."""
         for state in ("total", "completed", "failed", "outstanding"):
             if counts is None:
                 with contextlib.suppress(KeyError):
                     self.batch_requests.remove(batch_id, state)
             else:
                 self.batch_requests.labels(batch_id, state).set(counts.get(state, 0))
+        if counts is None:
+            with contextlib.suppress(KeyError):
+                self.batch_expires_in.remove(batch_id)
+        else:
+            self.batch_expires_in.labels(batch_id).set(expires_in_s)
 
     def exposition(self) -> bytes:
         if not self.multiprocess:

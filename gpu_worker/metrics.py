@@ -112,6 +112,8 @@ class _StateCollector(Collector):
         yield counter("mgpu_worker_fenced_writes_total",
                       "Writes refused because another worker owns the entry now (zombie writes)", st.fenced)
         yield counter("mgpu_worker_drains_total", "Drain requests this worker received", st.drains)
+        yield counter("mgpu_worker_preempted_total", "Batch requests handed back to make room for interactive ones",
+                      st.preempted)
         yield counter("mgpu_worker_engine_aborts_total", "Sequences aborted in the engine", engine.aborts)
 
 

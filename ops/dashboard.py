@@ -167,6 +167,18 @@ def build() -> dict[str, Any]:
                      [("max by (worker) (increase(mgpu_registry_worker_starts_total[1h]))", "starts/1h {{worker}}"),
                       (f"sum by (worker) (mgpu_worker_drains_total{{{W}}})", "drains {{worker}}")], "short"), 12, 8)
 
+    L.row("Batch work")
+    L.add(timeseries("Batch streams: waiting and running",
+                     [(f'stream:mgpu_queue_lag:max{{{M}, stream=~".*:batch"}}', "waiting {{stream}}"),
+                      (f'max by (model, stream) (mgpu_queue_pending{{{M}, stream=~".*:batch"}})',
+                       "running {{stream}}"),
+                      (f"sum by (worker) (increase(mgpu_worker_preempted_total{{{W}}}[{RI}]))",
+                       "preempted {{worker}}")], "short"), 8, 8)
+    L.add(timeseries("Batches: requests by state",
+                     [("sum by (batch, state) (mgpu_gateway_batch_requests)", "{{batch}} {{state}}")], "short"), 8, 8)
+    L.add(timeseries("Batches: time to expiry",
+                     [("min by (batch) (mgpu_gateway_batch_expires_in_seconds)", "{{batch}}")], "s"), 8, 8)
+
     variables = [
         {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus",
          "current": {"text": "Prometheus", "value": "prometheus"}, "hide": 0},

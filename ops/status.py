@@ -18,6 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
+from common.batchjob import BatchRecord
 from common.keys import Keys
 from common.queues import ModelQueues, read_queues
 from common.records import WorkerRecord
@@ -57,6 +58,8 @@ class Snapshot:
     workers: list[WorkerRow] = field(default_factory=list)
     queues: list[ModelQueues] = field(default_factory=list)
     rollout: RolloutState | None = None  # the current or last rollout
+    batches: list[BatchRecord] = field(default_factory=list)  # the Batches API's batches not finished yet
+    preempted: int = 0  # batch requests the workers handed back for interactive ones
 
 
 async def take_snapshot(r: aioredis.Redis, keys: Keys) -> Snapshot:
@@ -68,7 +71,9 @@ async def take_snapshot(r: aioredis.Redis, keys: Keys) -> Snapshot:
         p.hkeys(keys.models)
         p.hgetall(keys.worker_starts)
         p.get(keys.rollout)
+        p.smembers(keys.batches_active)
         out = await p.execute()
+    active = sorted(_s(b) for b in out.pop())
     rollout_raw = out.pop()
     starts = {_s(k): int(v) for k, v in out[-1].items()}
     snap = Snapshot(at=now)
@@ -82,8 +87,12 @@ async def take_snapshot(r: aioredis.Redis, keys: Keys) -> Snapshot:
             id=wid, state=str(rec.state), gpu=rec.gpu or "-", model=rec.model, version=rec.version, slots=rec.slots,
             busy=rec.in_flight, heartbeat_age_s=max(0.0, now - rec.heartbeat), served=rec.served, failed=rec.failed,
             reclaimed=rec.reclaimed, starts=starts.get(wid, 0), revision=rec.revision))
+        snap.preempted += rec.preempted
     models = sorted({_s(m) for m in out[-2]} | {w.model for w in snap.workers})
     snap.queues = await read_queues(r, keys, models, now=now)
+    for raw in (await r.mget([keys.batch(b) for b in active]) if active else []):
+        with contextlib.suppress(ValidationError, TypeError):
+            snap.batches.append(BatchRecord.model_validate_json(raw))
     return snap
 
 
@@ -162,6 +171,16 @@ def render(snap: Snapshot, *, title: str = "", colour: bool = False, stale_s: fl
                             "red" if mq.dead_letters and q.kind == "requests" else None])
     out += _table(["MODEL", "STREAM", "LENGTH", "LAG", "PENDING", "CONSUMERS", "OLDEST WAIT", "DEAD LETTERS"],
                   rows, colours, colour)
+    if snap.batches or snap.preempted:
+        out += ["", f"BATCHES  {len(snap.batches)} running; {snap.preempted} batch requests preempted by "
+                    "interactive ones"]
+        rows, colours = [], []
+        for b in snap.batches:
+            left = b.expires_at - snap.at
+            rows.append([b.id, str(b.status), f"{b.completed + b.failed}/{b.total}", str(b.failed),
+                         _age(max(0.0, left))])
+            colours.append([None, None, None, "red" if b.failed else None, "yellow" if left < 3600 else None])
+        out += _table(["BATCH", "STATUS", "DONE", "FAILED", "EXPIRES IN"], rows, colours, colour)
     return "\n".join(out) + "\n"
 
 

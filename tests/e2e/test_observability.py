@@ -301,6 +301,13 @@ def test_dashboard_is_valid_and_queries_only_exported_metrics(stack: Stack) -> N
     list(c.completions.create(model=MODEL, prompt="x", max_tokens=3, stream=True))
     port = int(stack.r.hget(stack.keys.worker(w.worker_id or ""), "metrics_port") or 0)
     wait_until(lambda: "mgpu_queue_length" in httpx.get(stack.base_url + "/metrics").text, 10, "queue gauges")
+    # a batch in progress: its gauges exist while it is fed (the batch panels and the expiry alert read them)
+    lines = "".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+                                "body": {"model": MODEL, "prompt": "x", "max_tokens": 200}}) + "\n" for i in range(400))
+    f = c.files.create(file=("b.jsonl", lines.encode()), purpose="batch")
+    c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    wait_until(lambda: "mgpu_gateway_batch_expires_in_seconds{" in httpx.get(stack.base_url + "/metrics").text, 20,
+               "batch gauges")
     exported = (_scraped_names(stack.base_url + "/metrics") | _scraped_names(f"http://127.0.0.1:{port}/metrics")
                 | _gpu_metric_names() | recording_rule_names() | {"up"})
     used = set().union(*(promql_metric_names(e) for e in exprs))

@@ -90,3 +90,19 @@ async def test_a_freed_slot_takes_batch_work_at_once_while_an_interactive_read_w
             await r.add(item(f"b{i}", max_tokens=10), stream=batch)  # 0.1 s each, one at a time (room 1)
         for i in range(4):
             assert (await r.result(f"b{i}", timeout=15)).error is None
+
+
+async def test_a_malformed_entry_on_the_batch_stream_is_answered_and_acknowledged(redis_server: RedisServer) -> None:
+    """As on the interactive stream: an entry that is not a WorkItem is answered with an error result when it
+    names a request id, moved to the dead-letter stream, acknowledged; the batch work behind it runs."""
+    async with rig(redis_server, decode_ms=1, slots=4, batch_reserve_slots=0) as r:
+        batch = r.keys.batch_stream(MODEL)
+        await r.client.xadd(batch, {"p": '{"id": "bad-1", "kind": "completion", "model": 5}'})
+        await r.client.xadd(batch, {"p": "not json at all"})
+        await r.add(item("good", max_tokens=3), stream=batch)
+        assert texts(await r.result("good")) == [expected_text("one two three", max_tokens=3)]
+        bad = await r.result("bad-1")
+        assert bad.error is not None and bad.error.status == 400
+        await until(lambda: r.worker.stats.dead_lettered == 2, 5, "both dead-lettered")
+        assert await r.client.xlen(r.keys.dlq(MODEL)) == 2
+        assert (await r.client.xpending(batch, GROUP))["pending"] == 0
