@@ -50,6 +50,7 @@ TARGETS = {
     "base": K8S / "base",
     **{o: K8S / "overlays" / o for o in OVERLAYS},
     "example-redis-sentinel": K8S / "examples" / "redis-sentinel",
+    "example-redis-cluster": K8S / "examples" / "redis-cluster",
     "example-second-model": K8S / "examples" / "second-model",
 }
 KUBE_VERSION = "1.30"
@@ -215,12 +216,14 @@ def scaledobject_problems(so: Doc, docs: list[Doc]) -> list[str]:
     cmd, s = settings_of(deployments[0])
     if cmd != "worker" or not isinstance(s, WorkerSettings):
         return [f"{name}: scales `mgpu {cmd}`, not workers"]
-    keys, slots = Keys(s.namespace), str(s.slots)
+    triggers = spec.get("triggers", [])
+    # on a Redis Cluster the streams carry hash tags (common/keys.py): KEDA's cluster scaler reads those
+    keys = Keys(s.namespace, cluster={t.get("type") for t in triggers} == {"redis-cluster-streams"})
+    slots = str(s.slots)
     if name != f"mgpu-worker-{slug(s.model)}":
         p.append(f"{name}: a model's ScaledObject is named mgpu-worker-{slug(s.model)}")
     if spec.get("minReplicaCount") != 0:
         p.append(f"{name}: minReplicaCount {spec.get('minReplicaCount')}, not 0")
-    triggers = spec.get("triggers", [])
     types = {t.get("type") for t in triggers}
     if len(types) != 1 or not types <= STREAMS_TRIGGERS:
         p.append(f"{name}: trigger types {sorted(map(str, types))}: one of {sorted(STREAMS_TRIGGERS)}, all alike")
@@ -387,10 +390,11 @@ def test_each_model_has_a_scaledobject_on_its_streams(target: str) -> None:
         _, s = settings_of(w)
         assert isinstance(s, WorkerSettings)
         lane0 = [t for t in so["spec"]["triggers"] if t["name"] == "lag-lane-0"]
-        assert lane0[0]["metadata"]["stream"] == Keys(s.namespace).stream(s.model)
+        cluster = lane0[0]["type"] == "redis-cluster-streams"
+        assert lane0[0]["metadata"]["stream"] == Keys(s.namespace, cluster=cluster).stream(s.model)
     for ta in of_kind(docs, "TriggerAuthentication"):
         params = {r["parameter"] for r in ta["spec"]["secretTargetRef"]}
-        assert params <= REDIS_AUTH_PARAMS and {"address", "password"} <= params
+        assert params <= REDIS_AUTH_PARAMS and "password" in params and len(params & {"address", "addresses"}) == 1
         urls = {v["valueFrom"]["secretKeyRef"]["name"] for d in of_kind(docs, "Deployment")
                 for v in mgpu_container(d)["env"] if v["name"] == "MGPU_REDIS_URL"}
         assert {r["name"] for r in ta["spec"]["secretTargetRef"]} == urls  # the Redis mgpu itself uses
@@ -456,6 +460,25 @@ def test_the_sentinel_component_switches_every_trigger() -> None:
     assert {t["type"] for t in of_kind(render("sim"), "ScaledObject")[0]["spec"]["triggers"]} == {"redis-streams"}
     for d in of_kind(docs, "Deployment"):  # mgpu takes the Sentinel URL the component's Secret holds
         settings_of(d, url=SENTINEL_URL)
+
+
+@needs_kubectl
+def test_the_cluster_component_switches_every_trigger_to_the_tagged_streams() -> None:
+    docs = render("example-redis-cluster")
+    (so,) = of_kind(docs, "ScaledObject")
+    assert {t["type"] for t in so["spec"]["triggers"]} == {"redis-cluster-streams"}
+    (ta,) = of_kind(docs, "TriggerAuthentication")
+    assert {r["parameter"]: r["key"] for r in ta["spec"]["secretTargetRef"]} == {"addresses": "addresses",
+                                                                                  "password": "password"}
+    for d in of_kind(docs, "Deployment"):  # mgpu takes the Cluster URL the component's Secret holds
+        cmd, s = settings_of(d, url="redis+cluster://:placeholder@node-a.example:6379,node-b.example:6379")
+        assert s.keys.cluster  # type: ignore[attr-defined]
+        if cmd == "worker":
+            assert isinstance(s, WorkerSettings)
+            want = s.keys.lanes(s.model)
+            assert sorted(t["metadata"]["stream"] for t in so["spec"]["triggers"]) == sorted(want * 2)
+            assert all("{" + s.model + "}" in x for x in want)
+    assert scaledobject_problems(so, docs) == []
 
 
 @needs_kubectl
