@@ -3,7 +3,7 @@
 * :class:`BatchRecord`: one batch (``Keys.batch``): what it asked for, its status and timestamps, its counts,
   where its feeder is in its input (``next_line``), its per-line validation errors, its output files.
   :meth:`BatchRecord.to_openai` is the object ``GET /v1/batches/{id}`` answers (OpenAI's ``Batch``).
-* :class:`BatchRequest`: one checked line of its input file (``Keys.batch_requests``), what the feeder submits.
+* :class:`BatchRequest`: one checked line of its input file, what the feeder submits.
 * :class:`LineError`: one line's validation error (OpenAI's ``errors.data[]``).
 * :func:`error_line`: a line of the error file for a request that never got a response (``batch_expired``,
   ``batch_cancelled``); a request that got a non-200 response is listed there in the output line's shape.
@@ -81,6 +81,12 @@ class BatchRecord(BaseModel):
     completed: int = 0  # answered with status 200
     failed: int = 0  # answered with an error (not cancelled, not expired)
     next_line: int = 0  # lines before it were submitted (or are being answered)
+    next_offset: int = 0  # the byte offset in the input file where line ``next_line`` starts (or a blank before it)
+    output_bytes: int = 0  # the output file, appended as lines are collected (common.filestore.FileStore.append)
+    output_lines: int = 0
+    error_bytes: int = 0  # the error file, likewise
+    error_lines: int = 0
+    unanswered_listed: bool = False  # the lines that got no answer are in the error file (finalizing)
     errors: list[LineError] = Field(default_factory=list)
     output_file_id: str | None = None
     error_file_id: str | None = None

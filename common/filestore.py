@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
@@ -41,12 +41,23 @@ class FileRecord(BaseModel):
     scope: str
     created_at: int = Field(default_factory=lambda: int(time.time()))
     chunks: int = 0
+    chunk_bytes: int = 0  # the size of every chunk but the last (0: a file written before it was kept)
     lines: int = 0  # lines that are not blank
 
     def to_openai(self) -> dict[str, object]:
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
                 "filename": self.filename, "purpose": self.purpose, "status": "processed", "expires_at": None,
                 "status_details": None}
+
+
+# SET each key to its own value: the value is copied into an allocation of its exact size
+_REWRITE = """
+for _, k in ipairs(KEYS) do
+  local v = redis.call('GET', k)
+  if v then redis.call('SET', k, v) end
+end
+return 0
+"""
 
 
 class StoreFull(Exception):
@@ -61,6 +72,19 @@ class FileStore(Protocol):
     async def meta(self, file_id: str) -> FileRecord | None: ...
 
     async def get(self, file_id: str) -> bytes | None: ...
+
+    async def read(self, file_id: str, start: int, size: int) -> bytes | None:
+        """Bytes ``start`` to ``start + size`` of the file (fewer at its end); None: no such file."""
+        ...
+
+    def append(self, p: Any, file_id: str, at: int, data: bytes) -> None:
+        """Queue on pipeline ``p`` (a caller's transaction) the write of ``data`` at byte ``at`` of a file being
+        built, whose length the caller tracks (a batch's output, appended as its lines are collected)."""
+        ...
+
+    async def seal(self, rec: FileRecord) -> FileRecord:
+        """Make a file built with :meth:`append` (``rec.bytes`` long) a stored file; idempotent."""
+        ...
 
     async def delete(self, file_id: str) -> bool: ...
 
@@ -83,7 +107,7 @@ class RedisFileStore:
             await self.r.decrby(self.keys.files_bytes, grow)
             raise StoreFull(f"the file store is at its limit of {self.max_total} bytes")
         n = max(1, -(-len(data) // self.chunk_bytes))
-        rec = rec.model_copy(update={"bytes": len(data), "chunks": n})
+        rec = rec.model_copy(update={"bytes": len(data), "chunks": n, "chunk_bytes": self.chunk_bytes})
         for start in range(0, n, 16):  # a bounded pipeline: at most 16 chunks in one round trip
             async with self.r.pipeline(transaction=False) as p:
                 for i in range(start, min(n, start + 16)):
@@ -113,6 +137,48 @@ class RedisFileStore:
                 return None  # deleted meanwhile
             parts += got
         return b"".join(parts)
+
+    def append(self, p: Any, file_id: str, at: int, data: bytes) -> None:
+        """APPENDs to the chunks that bytes ``at`` .. ``at + len(data)`` fall in, each chunk rewritten whole once
+        full; the total counts them now (a batch's output is not refused at the cap half written)."""
+        cb, pos, i = self.chunk_bytes, at, 0
+        while i < len(data):
+            n = min(cb - pos % cb, len(data) - i)
+            key = self.keys.file_chunk(file_id, pos // cb)
+            p.append(key, data[i:i + n])
+            pos, i = pos + n, i + n
+            if pos % cb == 0:  # a chunk filled up: give back the room Redis kept for it to grow (see seal)
+                p.eval(_REWRITE, 1, key)
+        if data:
+            p.incrby(self.keys.files_bytes, len(data))
+
+    async def seal(self, rec: FileRecord) -> FileRecord:
+        """The record, after each chunk is rewritten whole in Redis: a value grown by APPEND keeps the spare room
+        Redis gave it to grow into (up to as much again as its length), which a plain SET does not."""
+        rec = rec.model_copy(update={"chunks": -(-rec.bytes // self.chunk_bytes), "chunk_bytes": self.chunk_bytes})
+        for start in range(0, rec.chunks, 16):
+            await self.r.eval(_REWRITE, min(rec.chunks, start + 16) - start,
+                              *(self.keys.file_chunk(rec.id, i) for i in range(start, min(rec.chunks, start + 16))))
+        async with self.r.pipeline(transaction=True) as p:
+            p.set(self.keys.file(rec.id), rec.model_dump_json())
+            p.zadd(self.keys.files, {rec.id: rec.created_at})
+            await p.execute()
+        return rec
+
+    async def read(self, file_id: str, start: int, size: int) -> bytes | None:
+        rec = await self.meta(file_id)
+        if rec is None:
+            return None
+        cb = rec.chunk_bytes or self.chunk_bytes
+        end = min(rec.bytes, start + size)
+        if start >= end:
+            return b""
+        first, last = start // cb, (end - 1) // cb
+        got = await self.r.mget([self.keys.file_chunk(file_id, i) for i in range(first, last + 1)])
+        if any(g is None for g in got):
+            return None  # deleted meanwhile
+        data = b"".join(got)
+        return data[start - first * cb:end - first * cb]
 
     async def delete(self, file_id: str) -> bool:
         rec = await self.meta(file_id)

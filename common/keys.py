@@ -51,10 +51,8 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
     {ns}:batches                  sorted set: batch id by creation time (GET /v1/batches)
     {ns}:batches:active           set of the batches not finished yet (what the feeders look for)
     {ns}:batch:{id}:lease         the feeder lease of a batch: the holder's token (SET NX PX, renewed)
-    {ns}:batch:{id}:req           hash: line index -> the checked request (common.batchjob.BatchRequest JSON)
-    {ns}:batch:{id}:out           hash: line index -> model, for every line submitted and not yet answered
-    {ns}:batch:{id}:ok            list: the output file's lines collected so far
-    {ns}:batch:{id}:err           list: the error file's lines collected so far
+    {ns}:batch:{id}:out           hash: line index -> {"m": model, "c": custom_id}, for every line submitted and
+                                  not yet answered
 
 On a Redis Cluster (``Keys(cluster=True)``, a ``redis+cluster://`` URL) the names carry hash tags, so that every
 script and multi-key call stays in one slot (docs/deployment.md, "Redis Cluster"):
@@ -263,14 +261,5 @@ class Keys:
     def batch_lease(self, batch_id: str) -> str:
         return f"{self.batch(batch_id)}:lease"
 
-    def batch_requests(self, batch_id: str) -> str:
-        return f"{self.batch(batch_id)}:req"
-
     def batch_outstanding(self, batch_id: str) -> str:
         return f"{self.batch(batch_id)}:out"
-
-    def batch_output(self, batch_id: str) -> str:
-        return f"{self.batch(batch_id)}:ok"
-
-    def batch_errors(self, batch_id: str) -> str:
-        return f"{self.batch(batch_id)}:err"

@@ -1,18 +1,21 @@
 """One step of a batch, run by its feeder (:mod:`gateway.feeder`) while it holds the batch's lease.
 
     validating    the input file checked whole, each line as an online request is (``gateway.admission``: the
-                  fields, the model, the endpoint it is served on, the context length); the checked requests
-                  stored (``Keys.batch_requests``), or the batch ``failed`` with one error per bad line
+                  fields, the model, the endpoint it is served on, the context length), nothing stored but the
+                  count; or the batch ``failed`` with one error per bad line
     in_progress   collect: the results of the submitted lines (``Keys.result``, read in chunks) appended to the
-                  output or error list; feed: the next lines, as WorkItems on the model's batch stream, while
-                  fewer than ``batch_window`` are unanswered; all answered: ``finalizing``
+                  output or error list; feed: the next lines, read again from the input file from the byte
+                  offset where the last feed stopped (``next_offset``) and checked again, as WorkItems on the
+                  model's batch stream, while fewer than ``batch_window`` are unanswered; all answered:
+                  ``finalizing``.  So Redis holds a window of the batch's work, whatever its length
     cancelling,   stop: the unanswered requests are cancelled (``Keys.cancels``), their results collected for
     expiry        ``batch_cancel_grace_s``; then the files are written, what never ran listed in the error file
                   (``batch_cancelled`` / ``batch_expired``)
     finalizing    the output and error files written (ids derived from the batch's: writing them again after a
                   crash replaces them), then the final status
 
-Exactly once: a line is submitted (``XADD``) in the same fenced transaction that moves ``next_line`` past it and
+Exactly once: a line is submitted (``XADD``) in the same fenced transaction that moves ``next_line`` (and
+``next_offset``) past it and
 records it as outstanding (``Keys.batch_outstanding``), so no line is submitted twice, by this feeder or the one
 that resumes after it.  A line's request id is ``{batch_id}-{line}``, and the first result stored for an id wins
 (a worker that dies mid-request has it run again, but one result is stored).  A line's answer is appended to the
@@ -32,7 +35,7 @@ import redis.asyncio as aioredis
 from common import errors
 from common.batchjob import BatchRecord, BatchRequest, BatchStatus, LineError, error_line, request_id
 from common.filestore import PURPOSE_OUTPUT, FileRecord
-from common.producer import check_batch_lines, output_line
+from common.producer import BatchLine, check_batch_lines, output_line
 from common.schemas import ANONYMOUS, PATHS, Result, WorkItem
 from gateway import admission
 from gateway.auth import ANONYMOUS_CALLER, Caller
@@ -53,6 +56,7 @@ class Run:
         self.s = state.settings
         self.k = state.settings.keys
         self.r: aioredis.Redis = state.redis
+        self.input_file_id = ""  # set at each step, from the record
         self.cancels_sent = False
         self.progressed = False  # the last step collected or submitted something (its feeder goes on at once)
         self.collected_from = 0  # lines outstanding when the last collect began
@@ -63,6 +67,7 @@ class Run:
     async def step(self, rec: BatchRecord) -> bool:
         """One step; True when the batch is finished (nothing more to do)."""
         self.progressed = False
+        self.input_file_id = rec.input_file_id
         if rec.final:
             return True
         stopping = rec.status == BatchStatus.CANCELLING or rec.end_status in (BatchStatus.EXPIRED,
@@ -107,7 +112,7 @@ class Run:
             problems.append(LineError(code="file_not_found", message=f"the input file {rec.input_file_id} is gone"))
             data = b""
         try:
-            lines = data.decode().splitlines()
+            lines = _lines(data)
         except UnicodeDecodeError:
             problems.append(LineError(code="invalid_file", message="the input file is not UTF-8 text"))
             lines = []
@@ -119,15 +124,10 @@ class Run:
             problems.append(LineError(code="empty_file", message="the input file has no requests"))
         caller = await self._caller(rec.scope)
         for start in range(0, len(good), PAGE):
-            checked: dict[str, str] = {}
             for i, bl in enumerate(good[start:start + PAGE], start=start):
                 got = self._check(rec, bl.kind, bl.body, bl.line, bl.custom_id, caller, i)
                 if isinstance(got, LineError):
                     problems.append(got)
-                elif not problems:
-                    checked[str(i)] = got.model_dump_json()
-            if checked:
-                await self.r.hset(self.k.batch_requests(self.id), mapping=checked)  # type: ignore[arg-type]
             await self.renew()
             await asyncio.sleep(0)  # a big file does not hold the event loop
         if problems:
@@ -140,6 +140,34 @@ class Run:
         await self._transact(lambda x: x.model_copy(update={
             "total": len(good), "in_progress_at": now_s(),
             "status": BatchStatus.IN_PROGRESS if x.status == BatchStatus.VALIDATING else x.status}))
+
+    async def _read_lines(self, offset: int, count: int) -> tuple[list[BatchLine], int]:
+        """Up to ``count`` request lines of the input file from byte ``offset`` (blank lines skipped, as the
+        validation skipped them), and the offset after the last one."""
+        out: list[BatchLine] = []
+        rec = await self.state.files.meta(self.input_file_id)
+        if rec is None:
+            raise errors.NotFound(f"the input file {self.input_file_id} is gone")
+        pos, block = offset, 1 << 20
+        while len(out) < count and pos < rec.bytes:
+            data = await self.state.files.read(self.input_file_id, pos, block)
+            if data is None:
+                raise errors.NotFound(f"the input file {self.input_file_id} is gone")
+            cut = data.rfind(b"\n") + 1 if pos + len(data) < rec.bytes else len(data)  # whole lines only
+            if cut == 0:  # a line longer than the block: read more at once
+                block *= 2
+                continue
+            start = 0
+            for raw in data[:cut].split(b"\n"):
+                start += len(raw) + 1
+                if not raw.strip():
+                    continue
+                good, _bad = check_batch_lines([raw.decode()], max_body_bytes=self.s.max_body_bytes)
+                out += good  # checked whole while validating: every one is good
+                if len(out) == count:
+                    return out, pos + min(start, cut)
+            pos += cut
+        return out, pos
 
     def _check(self, rec: BatchRecord, kind: Any, body: dict[str, Any], line: int, custom_id: str, caller: Caller,
                index: int) -> BatchRequest | LineError:
@@ -158,8 +186,7 @@ class Run:
     def _cleanup(self, p: Any) -> None:
         """The batch's working keys, and its place among the active batches (in a finishing transaction)."""
         p.srem(self.k.batches_active, self.id)
-        p.delete(self.k.batch_requests(self.id), self.k.batch_outstanding(self.id), self.k.batch_output(self.id),
-                 self.k.batch_errors(self.id))
+        p.delete(self.k.batch_outstanding(self.id))
 
     # ------------------------------------------------------------------ in progress
 
@@ -169,17 +196,25 @@ class Run:
         upto = min(rec.total, rec.next_line + room)
         if room <= 0 or rec.next_line >= upto:
             return False
-        idx = list(range(rec.next_line, upto))
-        raws = await self.r.hmget(self.k.batch_requests(self.id), [str(i) for i in idx])
-        reqs = [BatchRequest.model_validate_json(raw) for raw in raws if raw is not None]
-        if len(reqs) != len(idx):
-            raise RuntimeError(f"batch {self.id}: lines {idx[0]}..{idx[-1]} are missing from its checked requests")
+        lines, offset = await self._read_lines(rec.next_offset, upto - rec.next_line)
+        if len(lines) != upto - rec.next_line:
+            raise RuntimeError(f"batch {self.id}: the input file ends before line {upto} of {rec.total}")
+        caller = await self._caller(rec.scope)
+        checked = [(i, bl.custom_id, self._check(rec, bl.kind, bl.body, bl.line, bl.custom_id, caller, i))
+                   for i, bl in enumerate(lines, start=rec.next_line)]
+        # a line the fleet refuses now that it took while validating (its model's context changed): answered
+        # as failed at once, not submitted
+        refused = [json.dumps(error_line(cid, got.code, got.message)) for _i, cid, got in checked
+                   if isinstance(got, LineError)]
+        idx = [i for i, _cid, got in checked if not isinstance(got, LineError)]
+        reqs = [got for _i, _cid, got in checked if not isinstance(got, LineError)]
         first = rec.next_line
 
         def change(x: BatchRecord) -> BatchRecord | None:
             if x.next_line != first or x.status != BatchStatus.IN_PROGRESS:
                 return None  # changed meanwhile (cancelled): nothing submitted
-            return x.model_copy(update={"next_line": upto})
+            return x.model_copy(update={"next_line": upto, "next_offset": offset, "failed": x.failed + len(refused),
+                                        **self._grow(x, "error", refused)})
 
         def items(x: BatchRecord) -> list[tuple[str, WorkItem]]:
             return [(self.k.batch_stream(q.model), WorkItem(id=request_id(self.id, i), kind=q.kind, model=q.model,
@@ -190,7 +225,10 @@ class Run:
             if not self.k.cluster:
                 for stream, item in items(x):
                     p.xadd(stream, item.to_fields())
-            p.hset(self.k.batch_outstanding(self.id), mapping={str(i): q.model for i, q in zip(idx, reqs, strict=True)})
+            if idx:
+                p.hset(self.k.batch_outstanding(self.id), mapping={
+                    str(i): json.dumps({"m": q.model, "c": q.custom_id}) for i, q in zip(idx, reqs, strict=True)})
+            self._append(p, x, "error", refused)
 
         if self.k.cluster:
             # the models' streams are on other slots than the batch's keys: submit first, then record it.  A
@@ -207,7 +245,8 @@ class Run:
         """Append the results of outstanding lines to the output or error list; how many are still outstanding.
         With ``stop_code`` (the batch is stopping), a request cancelled or past its deadline is listed as never
         run, with that code."""
-        out = {int(i): m.decode() for i, m in (await self.r.hgetall(self.k.batch_outstanding(self.id))).items()}
+        held = {int(i): json.loads(v) for i, v in (await self.r.hgetall(self.k.batch_outstanding(self.id))).items()}
+        out = {i: str(v["m"]) for i, v in held.items()}
         self.collected_from = len(out)
         if not out:
             return 0
@@ -223,9 +262,7 @@ class Run:
                     found[i] = Result.model_validate_json(raw)
         if not found:
             return len(out)
-        raws = await self.r.hmget(self.k.batch_requests(self.id), [str(i) for i in found])
-        cids = {i: BatchRequest.model_validate_json(raw).custom_id for i, raw in zip(found, raws, strict=True)
-                if raw is not None}
+        cids = {i: str(held[i]["c"]) for i in found}
         ok: list[str] = []
         bad: list[str] = []
         failed = 0
@@ -241,21 +278,19 @@ class Run:
                 failed += 1
 
         # what the collected lines leave behind goes with them, so that Redis holds a window's worth of a batch's
-        # work however long the batch (its files aside): their results, and their checked requests
+        # work however long the batch (its files aside): their results
         results = [self.k.result(out[i], request_id(self.id, i)) for i in found]
 
         def also(p: Any, _x: BatchRecord) -> None:
             p.hdel(self.k.batch_outstanding(self.id), *(str(i) for i in found))
-            p.hdel(self.k.batch_requests(self.id), *(str(i) for i in found))
             if not self.k.cluster:  # on a cluster the results are in their models' slots: deleted after
                 p.delete(*results)
-            if ok:
-                p.rpush(self.k.batch_output(self.id), *ok)
-            if bad:
-                p.rpush(self.k.batch_errors(self.id), *bad)
+            self._append(p, _x, "output", ok)
+            self._append(p, _x, "error", bad)
 
-        after = await self._transact(lambda x: x.model_copy(update={"completed": x.completed + len(ok),
-                                                                    "failed": x.failed + failed}), also)
+        after = await self._transact(lambda x: x.model_copy(update={
+            "completed": x.completed + len(ok), "failed": x.failed + failed, **self._grow(x, "output", ok),
+            **self._grow(x, "error", bad)}), also)
         if self.k.cluster and after is not None:
             await self.r.delete(*results)  # redis-py splits it by slot
         return len(out) - len(found)
@@ -280,24 +315,45 @@ class Run:
         await self.finalize(rec, code)
         return True
 
-    async def _custom_ids(self, lines: list[int]) -> list[str]:
-        out: list[str] = []
-        for start in range(0, len(lines), PAGE):
-            raws = await self.r.hmget(self.k.batch_requests(self.id), [str(i) for i in lines[start:start + PAGE]])
-            out += [BatchRequest.model_validate_json(raw).custom_id for raw in raws if raw is not None]
-        return out
+    async def _never_ran(self, rec: BatchRecord) -> list[str]:
+        """The custom ids of the lines that got no answer: outstanding ones, and those never submitted."""
+        held = [json.loads(v) for _i, v in sorted((int(i), v) for i, v in
+                                                   (await self.r.hgetall(self.k.batch_outstanding(self.id))).items())]
+        rest = rec.total - rec.next_line
+        lines, _ = await self._read_lines(rec.next_offset, rest) if rest > 0 else ([], 0)
+        return [str(v["c"]) for v in held] + [bl.custom_id for bl in lines]
+
+    # ------------------------------------------------------------------ the output and error files
+    # Collected lines are appended to the output and error files in the fenced transaction that takes them off
+    # the outstanding lines (the record tracks each file's length), so the files are built as the batch runs and
+    # never held twice, in Redis or in the gateway; finalizing only lists the unanswered lines and seals them.
+
+    def _file_id(self, what: str) -> str:
+        return f"file-{self.id.removeprefix('batch_')}-{'output' if what == 'output' else 'errors'}"
+
+    @staticmethod
+    def _grow(x: BatchRecord, what: str, lines: list[str]) -> dict[str, int]:
+        """The record's new length of the ``what`` file with ``lines`` appended."""
+        return {f"{what}_bytes": getattr(x, f"{what}_bytes") + sum(len(ln.encode()) + 1 for ln in lines),
+                f"{what}_lines": getattr(x, f"{what}_lines") + len(lines)}
+
+    def _append(self, p: Any, new: BatchRecord, what: str, lines: list[str]) -> None:
+        """Queue the append of ``lines`` to the ``what`` file; ``new`` is the record with them counted."""
+        if lines:
+            data = "".join(ln + "\n" for ln in lines).encode()
+            self.state.files.append(p, self._file_id(what), getattr(new, f"{what}_bytes") - len(data), data)
 
     async def finalize(self, rec: BatchRecord, code: str | None = None) -> None:
-        """Write the output and error files, then the final status (see the module doc)."""
-        ok = await self.r.lrange(self.k.batch_output(self.id), 0, -1)
-        bad = await self.r.lrange(self.k.batch_errors(self.id), 0, -1)
-        never = sorted(int(i) for i in await self.r.hkeys(self.k.batch_outstanding(self.id)))
-        never += range(rec.next_line, rec.total)
-        code = code or "batch_expired"
-        bad += [json.dumps(error_line(c, code, _STOP_MESSAGES[code])).encode() for c in await self._custom_ids(never)]
-        await self.renew()
-        out_id = await self._write(rec, "output", ok)
-        err_id = await self._write(rec, "errors", bad)
+        """List what got no answer in the error file (once), seal the files, then the final status."""
+        if not rec.unanswered_listed:
+            code = code or "batch_expired"
+            never = [json.dumps(error_line(c, code, _STOP_MESSAGES[code])) for c in await self._never_ran(rec)]
+            await self.renew()
+            rec = await self._transact(lambda x: None if x.unanswered_listed else x.model_copy(
+                update={"unanswered_listed": True, **self._grow(x, "error", never)}),
+                also=lambda p, x: self._append(p, x, "error", never)) or rec
+        out_id = await self._seal(rec, "output")
+        err_id = await self._seal(rec, "error")
         end = rec.end_status or BatchStatus.CANCELLED
         if rec.status == BatchStatus.CANCELLING:
             end = BatchStatus.CANCELLED
@@ -313,14 +369,20 @@ class Run:
         self._cleanup(p)
         p.delete(self.k.batch_lease(self.id))
 
-    async def _write(self, rec: BatchRecord, what: str, lines: list[bytes]) -> str | None:
+    async def _seal(self, rec: BatchRecord, what: str) -> str | None:
+        size, lines = getattr(rec, f"{what}_bytes"), getattr(rec, f"{what}_lines")
         if not lines:
             return None
-        fid = f"file-{rec.id.removeprefix('batch_')}-{what}"
-        data = b"".join(ln + b"\n" for ln in lines)
-        await self.state.files.put(FileRecord(id=fid, bytes=len(data), filename=f"{rec.id}_{what}.jsonl",
-                                              purpose=PURPOSE_OUTPUT, scope=rec.scope, lines=len(lines)), data)
+        fid = self._file_id(what)
+        name = f"{rec.id}_{'output' if what == 'output' else 'errors'}.jsonl"
+        await self.state.files.seal(FileRecord(id=fid, bytes=size, filename=name, purpose=PURPOSE_OUTPUT,
+                                               scope=rec.scope, lines=lines))
         return fid
+
+
+def _lines(data: bytes) -> list[str]:
+    """A JSONL file's lines, split at newlines only (as the feeder reads them again, by byte offset)."""
+    return [ln.decode() for ln in data.split(b"\n")]
 
 
 _STOP_MESSAGES = {"batch_expired": "This request could not be executed before the completion window expired.",

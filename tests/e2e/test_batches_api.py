@@ -239,3 +239,26 @@ def test_a_feeders_gateway_and_a_worker_killed_mid_batch_answer_every_custom_id_
     assert sorted(out) == sorted(f"c{i}" for i in range(n)) and not err
     assert b.request_counts.completed == n and b.request_counts.failed == 0
     assert stack.r.xinfo_stream(stack.keys.batch_stream(MODEL))["entries-added"] == n  # no line submitted twice
+
+
+def test_the_feeder_reads_lines_again_by_offset_across_blocks_blank_lines_and_crlf(stack: Stack) -> None:
+    """The feeder keeps no copy of the lines: it reads each window again from the input file, from the byte
+    offset where the last one ended (1 KiB chunks here, so lines straddle chunks), skipping blank lines as the
+    validation did; CRLF line ends and a U+2028 inside a string (a line separator to str.splitlines, not to
+    JSONL) are one line each."""
+    stack.start_worker(model=MODEL, slots=4, sim_decode_ms=1)
+    stack.start_gateway(batch_window=3, file_chunk_bytes=1024)
+    client = stack.openai()
+    lines = [_line(i) for i in range(25)]
+    lines[7] = json.dumps({"custom_id": "c7", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "line\u2028seven"}]}},
+        ensure_ascii=False)
+    text = "\r\n".join(lines[:10]) + "\r\n\r\n   \n" + "\n".join(lines[10:]) + "\n\n"
+    f = client.files.create(file=("in.jsonl", text.encode()), purpose="batch")
+    b = _wait(client, _create(client, f.id))
+    assert b.status == "completed" and (b.request_counts.completed, b.request_counts.total) == (25, 25)
+    out = {ln["custom_id"]: ln for ln in _jsonl(client, b.output_file_id)}
+    assert sorted(out) == sorted(f"c{i}" for i in range(25))
+    assert out["c7"]["response"]["body"]["choices"][0]["message"]["content"] == expected_text(
+        messages=[{"role": "user", "content": "line\u2028seven"}], max_tokens=8)
+    assert list(stack.r.scan_iter(match=stack.keys.batch(b.id) + ":*")) == []
