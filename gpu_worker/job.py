@@ -21,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Container
+from collections.abc import Awaitable, Callable, Collection, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -76,6 +77,23 @@ class Job:
         self.stop_reason = reason
         if self.running and self.task is not None:
             self.task.cancel()
+
+
+def preemptible(jobs: Iterable[Job], batch_streams: Collection[str]) -> Iterator[Job]:
+    """Running batch jobs that may be preempted, the last started first: not a streaming one (a request with
+    ``priority`` > 0 may stream; run again, it could send its client other text than it already has)."""
+    return (j for j in reversed(list(jobs))
+            if j.stream in batch_streams and j.stop_reason is None and not j.finishing
+            and not (j.item is not None and j.item.stream))
+
+
+def preempt(jobs: Iterable[Job], batch_streams: Collection[str], k: int) -> list[Job]:
+    """Hand back up to ``k`` batch requests (the last started: the least work lost) for interactive ones: each
+    ends early and releases its entry, to run again on whichever worker next has batch room."""
+    out = list(itertools.islice(preemptible(jobs, batch_streams), k))
+    for job in out:
+        job.end_early("release")
+    return out
 
 
 @dataclass(frozen=True)

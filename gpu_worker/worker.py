@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import socket
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -49,7 +47,7 @@ from common.schemas import WorkItem
 from common.scripts import Claimed, Scripts
 from common.settings import SettingsError, WorkerSettings
 from gpu_worker.intake import FairIntake
-from gpu_worker.job import Job, JobContext, JobRunner
+from gpu_worker.job import Job, JobContext, JobRunner, preempt, preemptible
 from gpu_worker.liveness import Keeper, Leases, LoopHooks, Lost
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.nvml import Gpu
@@ -156,10 +154,13 @@ class Worker:
         return self.stats.free_slots(self.server.slots)
 
     def _leases(self) -> Leases:
-        """In-flight entries by stream.  Called from the keeper thread: ``dict.copy`` is atomic."""
+        """In-flight entries by stream, but those being handed back (a renewal would take a released entry's idle
+        time back to 0, and it would wait a lease before it ran again).  Called from the keeper thread:
+        ``dict.copy`` is atomic."""
         by_stream: dict[str, list[str]] = {}
         for j in self.jobs.copy().values():
-            by_stream.setdefault(j.stream, []).append(j.entry_id)
+            if j.stop_reason != "release":
+                by_stream.setdefault(j.stream, []).append(j.entry_id)
         return list(by_stream.items())
 
     # ------------------------------------------------------------------ lifecycle
@@ -401,7 +402,7 @@ class Worker:
         if not pending:
             if free > 0 and (room > 0 or not self._batch_more):
                 return False  # one read covers both kinds of work
-            if free <= 0 and not (self.s.batch_preempt and self._preemptible()):
+            if free <= 0 and not (self.s.batch_preempt and any(preemptible(self.jobs.values(), self.batch_streams))):
                 return False  # full, and nothing to preempt: wait for a slot
             self._iread = asyncio.create_task(self._interactive_read(max(free, 1)), name="interactive-read")
         if room > 0 and self._batch_more and not self._stop.is_set():
@@ -433,27 +434,11 @@ class Worker:
             return
         short = n - self.free_slots
         if short > 0 and self.s.batch_preempt:
-            self._preempt(short)
+            for job in preempt(self.jobs.values(), self.batch_streams, short):
+                self.stats.preempted += 1
+                log.info("batch request preempted", extra={"worker": self.id, "entry": job.entry_id})
         # the preempted jobs free their slots as their tasks end, a moment after: start these now
         await self._take(resp, max(self.free_slots, n))
-
-    def _preemptible(self) -> bool:
-        return any(True for _ in self._batch_jobs())
-
-    def _batch_jobs(self) -> Iterator[Job]:
-        """Running batch jobs that may be preempted, the last started first: not a streaming one (a request with
-        ``priority`` > 0 may stream; run again, it could send its client other text than it already has)."""
-        batch = set(self.batch_streams)
-        return (j for j in reversed(list(self.jobs.values()))
-                if j.stream in batch and j.stop_reason is None and not j.finishing
-                and not (j.item is not None and j.item.stream))
-
-    def _preempt(self, k: int) -> None:
-        """Hand back up to ``k`` batch requests (the last started: the least work lost) for interactive ones."""
-        for job in list(itertools.islice(self._batch_jobs(), k)):
-            job.end_early("release")
-            self.stats.preempted += 1
-            log.info("batch request preempted", extra={"worker": self.id, "entry": job.entry_id})
 
     async def _read(self, free: int) -> Any:
         """Entries for ``free`` slots (gpu_worker.intake): PULL while the streams may hold more, else a

@@ -157,14 +157,15 @@ def test_an_expired_batch_keeps_its_finished_results(stack: Stack) -> None:
 
 def test_an_invalid_file_fails_the_batch_with_one_error_per_line(stack: Stack) -> None:
     stack.start_worker(model=MODEL, slots=4, sim_decode_ms=1, max_model_len=256)
-    stack.start_gateway()
+    stack.start_gateway(max_body_bytes=4096)
     client = stack.openai()
     lines = [_line(0), "{not json", _line(0), _line(3, url="/v1/completions"), _line(4, max_tokens=-1),
-             _line(5, model="no-such-model"), _line(6, max_tokens=10_000), _line(7)]
+             _line(5, model="no-such-model"), _line(6, max_tokens=10_000), _line(7), _line(8, user="x" * 5000)]
     b = _wait(client, _create(client, _upload(client, lines)))
     assert b.status == "failed" and b.failed_at and b.output_file_id is None, b
     got = {e.line: e.code for e in b.errors.data}
-    assert set(got) == {2, 3, 4, 5, 6, 7}, b.errors
+    assert set(got) == {2, 3, 4, 5, 6, 7, 9}, b.errors
+    assert "larger than 4096 bytes" in next(e.message for e in b.errors.data if e.line == 9)  # a body too large
     assert got[2] == "invalid_json_line" and got[3] == "duplicate_custom_id" and got[4] == "invalid_url"
     assert got[6] == "model_not_found"
     assert "max_tokens" in next(e.message for e in b.errors.data if e.line == 5)
