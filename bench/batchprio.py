@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.fleet import Fleet
 from bench.loadgen import run_load
-from bench.report import machine
+from bench.report import machine, machine_cpu
 from bench.workload import BenchConfig
 from common.producer import Producer
 from common.schemas import WorkItem
@@ -75,22 +75,16 @@ class Occupancy:
 def _phase(fleet: Fleet, args: argparse.Namespace, slots: int) -> dict[str, Any]:
     cfg = BenchConfig(url=fleet.base_url, model=MODEL, endpoint="chat", stream=True, max_tokens=args.max_tokens,
                       rate=args.rate, duration=args.duration, warmup=2.0, seed=3, client="aiohttp")
-    cpu0 = _cpu_times()
+    cpu0 = machine_cpu()
     with Occupancy(fleet, slots) as occ:
         res = asyncio.run(run_load(cfg))
-    cpu1 = _cpu_times()
+    cpu1 = machine_cpu()
     ttft = res.ttft_ms or {}
     return {"ok": res.ok, "errors": res.error_count, "fell_behind": res.fell_behind,
             "ttft_p50_ms": ttft.get("p50"), "ttft_p99_ms": ttft.get("p99"),
             "occupancy": round(occ.mean, 4), "samples": len(occ.samples),
             "machine_cpu_busy": round(1 - (cpu1[1] - cpu0[1]) / max(1, cpu1[0] - cpu0[0]), 3)}
 
-
-def _cpu_times() -> tuple[int, int]:
-    """(all, idle) jiffies of the machine (/proc/stat): how busy its cores were over a phase."""
-    with open("/proc/stat") as f:
-        vals = [int(v) for v in f.readline().split()[1:]]
-    return sum(vals), vals[3] + vals[4]
 
 
 def main(argv: list[str] | None = None) -> int:

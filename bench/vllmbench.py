@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.fleet import Fleet, Proc, terminate_all, wait_http_ok
+from bench.report import machine_cpu
 from ops.procs import free_port, spawn
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -74,12 +75,6 @@ def tree_cpu(roots: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def machine_busy() -> tuple[int, int]:
-    """(all, idle) jiffies of the machine, from /proc/stat."""
-    with open("/proc/stat") as f:
-        vals = [int(v) for v in f.readline().split()[1:]]
-    return sum(vals), vals[3] + vals[4]
-
 
 def run_client(base_url: str, model_path: str, args: argparse.Namespace, out: Path,
                roots: dict[str, int] | None = None) -> dict[str, Any]:
@@ -92,12 +87,12 @@ def run_client(base_url: str, model_path: str, args: argparse.Namespace, out: Pa
            "--seed", "0", "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
     import resource
 
-    before, m0 = tree_cpu(roots or {}), machine_busy()
+    before, m0 = tree_cpu(roots or {}), machine_cpu()
     client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
     wall = time.monotonic() - t0
-    after, m1 = tree_cpu(roots or {}), machine_busy()
+    after, m1 = tree_cpu(roots or {}), machine_cpu()
     client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     full = json.loads(out.read_text())
     res = {k: full.get(k) for k in _KEEP}
