@@ -66,7 +66,11 @@ class _Reader:
 
     stream: str
     model: str | None  # a cluster's per-model stream; None: the gateway's one stream, for every model
-    last_id: str = "$"
+    # From the stream's start: a request may be accepted, and its reply added, before the reader's first read
+    # (a reader that began at "$", or at the server's clock when it first ran, missed such a reply and its
+    # request hung: seen in CI on a process that had just started).  Entries without a waiter are skipped;
+    # the stream is trimmed behind the reader, so what is read again after a restart under the same id is small.
+    last_id: str = "0-0"
     healthy: bool = False
     resync_needed: bool = False
 
@@ -100,10 +104,7 @@ class ReplyRouter:
                    queue=asyncio.Queue() if streaming else None, model=model)
         self.waiters.setdefault(request_id, []).append(w)
         if self._main is None and model not in self._per_model:
-            # from the stream's start: a reply may land before the reader's first read (entries without a
-            # waiter are skipped; the stream is trimmed behind the reader)
-            rd = self._per_model[model] = _Reader(self.keys.replies(self.gateway_id, model), model, last_id="0-0",
-                                                  healthy=True)
+            rd = self._per_model[model] = _Reader(self.keys.replies(self.gateway_id, model), model, healthy=True)
             task = asyncio.create_task(self._read(rd), name=f"replies:{model}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -136,11 +137,6 @@ class ReplyRouter:
         loop = asyncio.get_running_loop()
         while not self.closed:
             try:
-                if rd.last_id == "$":
-                    # pin a concrete position (the server's clock, a millisecond back) so that nothing
-                    # added between two reads is missed; older entries have no waiter and are skipped
-                    sec, usec = await self.r.time()
-                    rd.last_id = f"{int(sec) * 1000 + int(usec) // 1000 - 1}-0"
                 if rd.resync_needed:
                     await self._resync(rd)
                 rd.healthy = True

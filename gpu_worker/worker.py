@@ -113,7 +113,8 @@ class Worker:
                                  gpu_name=self.gpu.name, version=version)
         self.metrics = WorkerMetrics(settings, self.stats, server, self.gpu, worker_id=self.id, version=version)
         self.exit_code = 0
-        self.jobs: dict[str, Job] = {}  # entry id -> job
+        # (stream, entry id) -> job: an id is unique in its stream only (two streams' entries of one ms: "<ms>-0")
+        self.jobs: dict[tuple[str, str], Job] = {}
         self._by_request: dict[str, Job] = {}
         self._cancelled = RecentIds(settings.result_ttl_s)
         self.runner = JobRunner(JobContext(
@@ -311,8 +312,8 @@ class Worker:
 
     # ------------------------------------------------------------------ health
     def _on_lost(self, lost: Lost) -> None:
-        for _stream, entry_id in lost:
-            job = self.jobs.get(entry_id)
+        for stream, entry_id in lost:
+            job = self.jobs.get((stream, entry_id))
             if job is not None and not job.finishing and job.stop_reason is None:
                 log.warning("lease lost; aborting", extra={"worker": self.id, "entry": entry_id})
                 job.end_early("lost")
@@ -531,7 +532,7 @@ class Worker:
                                            "from": c.previous_owner})
         if c.deliveries > self.s.max_deliveries:
             await self.runner.dead_letter(stream, self._model_of(stream), c.entry_id, c.fields, c.deliveries,
-                                          reason="max_deliveries", job=self.jobs.get(c.entry_id))
+                                          reason="max_deliveries", job=self.jobs.get((stream, c.entry_id)))
         else:
             limit = self.batch_room(self.free_slots) if stream in self.batch_streams else None
             if self._start(stream, c.entry_id, c.fields, deliveries=c.deliveries, limit=limit) is None:
@@ -565,7 +566,7 @@ class Worker:
                limit: int | None = None) -> int | None:
         """Start a job for an entry this worker now holds; the slots it takes (0: it runs already); None: not
         started, it needs more than ``limit`` slots (batch work beyond its room: the caller hands it back)."""
-        if entry_id in self.jobs:
+        if (stream, entry_id) in self.jobs:
             return 0
         job = Job(stream=stream, entry_id=entry_id, fields=fields, deliveries=deliveries, model=self._model_of(stream))
         try:
@@ -576,7 +577,7 @@ class Worker:
         if limit is not None and job.slots > limit:
             return None
         self.intake.taken(stream)
-        self.jobs[entry_id] = job
+        self.jobs[stream, entry_id] = job
         self.stats.job_started(job.slots)
         if job.item is not None:
             self._by_request[job.item.id] = job
@@ -591,8 +592,8 @@ class Worker:
 
     def _forget(self, job: Job) -> None:
         """The job's task is done, however it ended: free its slot (idempotent)."""
-        if self.jobs.get(job.entry_id) is job:
-            del self.jobs[job.entry_id]
+        if self.jobs.get((job.stream, job.entry_id)) is job:
+            del self.jobs[job.stream, job.entry_id]
             self.stats.job_ended(job.slots)
         if job.item is not None and self._by_request.get(job.item.id) is job:
             del self._by_request[job.item.id]

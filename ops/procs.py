@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,16 +23,34 @@ from urllib.parse import quote
 import redis
 
 
-def free_port() -> int:
-    """A port free now whose next one is free too: a gateway's probe listener takes port + 1 by default (a
-    test's gateway crash-looped on a port + 1 that another process held)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port < 65535 and port_free(port + 1):
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel gives to outgoing connections (``ip_local_port_range``)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_handed_out: set[int] = set()
+
+
+def free_port(gap: int = 1) -> int:
+    """A port free now with ``port + gap`` free too (a gateway's probe listener takes port + 1 by default; a
+    cluster node's bus, port + 10000), both below the kernel's ephemeral range: a port from that range (what
+    binding port 0 gives) can be taken as the local end of any outgoing connection before our server binds
+    it, which CI saw once ("address already in use" at a gateway's start).  Not one handed out before by this
+    process."""
+    low, high = _ephemeral_range()
+    first, last = (10000, low - 1 - gap) if low - gap > 12000 else (high + 1, 65535 - gap)
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randint(first, last)
+        pair = (port, port + gap)
+        if not _handed_out.intersection(pair) and port_free(port) and port_free(port + gap):
+            _handed_out.update(pair)
             return port
-    return port
+    raise RuntimeError(f"no free port pair ({gap} apart) in {first}-{last + gap}")
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -145,17 +164,6 @@ class RedisServer:
         self.start()
 
 
-def _cluster_port() -> int:
-    """A free port for a cluster node: at most 55535, and its bus port (10000 above) free too."""
-    import random
-
-    for _ in range(1000):
-        port = random.randint(20000, 55535)
-        if port_free(port) and port_free(port + 10000):
-            return port
-    raise RuntimeError("no free port pair for a cluster node")
-
-
 @dataclass
 class ClusterServers:
     """A real Redis Cluster of ``primaries`` redis-servers (``--cluster-enabled yes``, AOF on), its slots
@@ -168,7 +176,7 @@ class ClusterServers:
     def start(self, timeout: float = 30.0) -> ClusterServers:
         for i in range(self.primaries):
             d = self.data_dir / f"node{i}"
-            self.nodes.append(RedisServer(d, port=_cluster_port(), extra_args=[
+            self.nodes.append(RedisServer(d, port=free_port(gap=10000), extra_args=[
                 "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
                 "--cluster-node-timeout", "2000"]).start())
         cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"

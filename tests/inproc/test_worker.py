@@ -205,7 +205,7 @@ async def test_cancel_before_the_first_step_answers_without_the_engine(redis_ser
         entry_id = await r.add(item("rc0", max_tokens=50))
         resp = await r.client.xreadgroup(GROUP, r.worker.id, {r.stream: ">"}, count=1)
         r.worker._start(r.stream, entry_id, resp[0][1][0][1], deliveries=1)
-        job = r.worker.jobs[entry_id]
+        job = r.worker.jobs[r.stream, entry_id]
         r.worker.on_cancel("rc0", time.monotonic())  # same loop turn: the task has not run yet
         assert job.stop_reason == "cancelled" and not job.running and job.task is not None
         assert not job.task.cancelled()  # a task cancelled before its first step would skip its body
