@@ -75,14 +75,15 @@ class Occupancy:
 def _phase(fleet: Fleet, args: argparse.Namespace, slots: int) -> dict[str, Any]:
     cfg = BenchConfig(url=fleet.base_url, model=MODEL, endpoint="chat", stream=True, max_tokens=args.max_tokens,
                       rate=args.rate, duration=args.duration, warmup=2.0, seed=3, client="aiohttp")
-    cpu0 = machine_cpu()
+    cpu0, forks0 = machine_cpu(), int(fleet.r.info("stats").get("total_forks", 0))
     with Occupancy(fleet, slots) as occ:
         res = asyncio.run(run_load(cfg))
-    cpu1 = machine_cpu()
+    cpu1, forks1 = machine_cpu(), int(fleet.r.info("stats").get("total_forks", 0))
     ttft = res.ttft_ms or {}
     return {"ok": res.ok, "errors": res.error_count, "fell_behind": res.fell_behind,
             "ttft_p50_ms": ttft.get("p50"), "ttft_p99_ms": ttft.get("p99"),
             "occupancy": round(occ.mean, 4), "samples": len(occ.samples),
+            "redis_forks": forks1 - forks0,  # AOF rewrites in the phase (each a fork beside the serving)
             "machine_cpu_busy": round(1 - (cpu1[1] - cpu0[1]) / max(1, cpu1[0] - cpu0[0]), 3)}
 
 

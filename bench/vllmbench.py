@@ -76,8 +76,41 @@ def tree_cpu(roots: dict[str, int]) -> dict[str, float]:
 
 
 
+_ENGINE = {"steps": ("vllm:iteration_tokens_total", "_count"), "step_tokens": ("vllm:iteration_tokens_total", "_sum"),
+           **{f"{k}_{x}": (name, "_count" if x == "n" else "_sum")
+              for k, name in (("ttft", "vllm:time_to_first_token_seconds"),
+                              ("queue", "vllm:request_queue_time_seconds"),
+                              ("prefill", "vllm:request_prefill_time_seconds")) for x in ("n", "s")}}
+
+
+def engine_counters(metrics_url: str) -> dict[str, float]:
+    """vLLM's own counters (``vllm:*``) from a /metrics: ``vllm serve``'s, or an mgpu worker's, which carries them."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = dict.fromkeys(_ENGINE, 0.0)
+    for fam in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+        for key, (name, suffix) in _ENGINE.items():
+            if fam.name == name:
+                out[key] += sum(x.value for x in fam.samples if x.name == name + suffix)
+    return out
+
+
+def engine_view(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """What the engine saw over a run: its steps and tokens per step, and its own TTFT, queue and prefill times
+    (means, in ms: from the request's arrival at vLLM's input processing, so the client's TTFT minus this TTFT is
+    the time before the engine and after it: HTTP, and for mgpu the gateway, Redis and the worker's pull)."""
+    d = {k: after[k] - before[k] for k in _ENGINE}
+
+    def mean_ms(k: str) -> float | None:
+        return round(1000 * d[k + "_s"] / d[k + "_n"], 1) if d[k + "_n"] else None
+
+    return {"steps": d["steps"], "tokens_per_step": round(d["step_tokens"] / d["steps"], 1) if d["steps"] else None,
+            "ttft_mean_ms": mean_ms("ttft"), "queue_mean_ms": mean_ms("queue"), "prefill_mean_ms": mean_ms("prefill")}
+
+
 def run_client(base_url: str, model_path: str, args: argparse.Namespace, out: Path,
-               roots: dict[str, int] | None = None) -> dict[str, Any]:
+               roots: dict[str, int] | None = None, metrics_url: str | None = None) -> dict[str, Any]:
     """``vllm bench serve`` against ``base_url``; its result JSON, trimmed to the figures we report, and where the
     machine's CPU went meanwhile: each of ``roots`` (a serving process and its children), the client, idle."""
     cmd = [sys.executable, "-c", _CLIENT, "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
@@ -87,6 +120,7 @@ def run_client(base_url: str, model_path: str, args: argparse.Namespace, out: Pa
            "--seed", "0", "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
     import resource
 
+    engine0 = engine_counters(metrics_url) if metrics_url else None
     before, m0 = tree_cpu(roots or {}), machine_cpu()
     client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
@@ -96,6 +130,8 @@ def run_client(base_url: str, model_path: str, args: argparse.Namespace, out: Pa
     client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     full = json.loads(out.read_text())
     res = {k: full.get(k) for k in _KEEP}
+    if metrics_url and engine0 is not None:
+        res["engine"] = engine_view(engine0, engine_counters(metrics_url))
     cores = (m1[0] - m0[0]) / max(1e-9, wall) / os.sysconf("SC_CLK_TCK")
     res["cpu_cores_used"] = {  # cores busy on average over the client's run, by process tree
         **{name: round((after[name] - before[name]) / wall, 3) for name in after},
@@ -106,7 +142,8 @@ def run_client(base_url: str, model_path: str, args: argparse.Namespace, out: Pa
 
 
 @contextmanager
-def vllm_serve(model_path: str, argv: list[str], tmp: Path, kv_cache_gb: int) -> Iterator[tuple[str, dict[str, int]]]:
+def vllm_serve(model_path: str, argv: list[str], tmp: Path,
+               kv_cache_gb: int) -> Iterator[tuple[str, dict[str, int], str]]:
     port = free_port()
     log = tmp / f"vllm-serve-{port}.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv, "--host", "127.0.0.1", "--port",
@@ -115,20 +152,22 @@ def vllm_serve(model_path: str, argv: list[str], tmp: Path, kv_cache_gb: int) ->
                                  log_path=log, die_with_parent=True), log, port=port)
     try:
         wait_http_ok(p, f"http://127.0.0.1:{port}/v1/models", 600)
-        yield f"http://127.0.0.1:{port}", {"vllm serve (API server + engine core)": p.proc.pid}
+        yield (f"http://127.0.0.1:{port}", {"vllm serve (API server + engine core)": p.proc.pid},
+               f"http://127.0.0.1:{port}/metrics")
     finally:
         terminate_all([p.proc], 30)
 
 
 @contextmanager
-def mgpu(model_path: str, settings: dict[str, Any], tmp: Path) -> Iterator[tuple[str, dict[str, int]]]:
+def mgpu(model_path: str, settings: dict[str, Any], tmp: Path) -> Iterator[tuple[str, dict[str, int], str]]:
     fleet = Fleet.launch(tmp / "mgpu", die_with_parent=True)
     try:
         w = fleet.start_worker(**{**settings, "model_path": model_path}, timeout=600)
         gw = fleet.start_gateway()
         assert fleet.redis_server.proc is not None
+        port = int(fleet.r.hget(fleet.keys.worker(str(w.worker_id)), "metrics_port") or 0)
         yield fleet.base_url, {"mgpu worker (+ engine core)": w.proc.pid, "mgpu gateway": gw.proc.pid,
-                               "redis-server": fleet.redis_server.proc.pid}
+                               "redis-server": fleet.redis_server.proc.pid}, f"http://127.0.0.1:{port}/metrics"
     finally:
         fleet.stop(30)
 
@@ -174,10 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             pair: dict[str, Any] = {"order": names[:2]}
             for i, name in enumerate(names):
                 t0 = time.monotonic()
-                with servers[name]() as (url, roots):
+                with servers[name]() as (url, roots, metrics_url):
                     started = time.monotonic() - t0
                     pair[name] = {"start_s": round(started, 1),
-                                  **run_client(url, model_path, args, tmp / f"r{rep}-{i}.json", roots)}
+                                  **run_client(url, model_path, args, tmp / f"r{rep}-{i}.json", roots, metrics_url)}
                 print(f"[{rep + 1}/{args.repeats}] {name}: {json.dumps(pair[name])}", flush=True)
                 runs.setdefault(name, pair[name])
             pair["ratios"] = _ratios(pair[ours_name], pair[same_name])

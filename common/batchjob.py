@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from common.batch_api import Batch, BatchErrorData, BatchErrors, BatchRequestCounts
 from common.schemas import Kind
 
 
@@ -98,17 +99,20 @@ class BatchRecord(BaseModel):
         return self.status in FINAL
 
     def to_openai(self) -> dict[str, Any]:
+        return self.to_object().model_dump(mode="json")
+
+    def to_object(self) -> Batch:
         """OpenAI's ``Batch`` object."""
-        return {"id": self.id, "object": "batch", "endpoint": self.endpoint, "input_file_id": self.input_file_id,
-                "completion_window": self.completion_window, "status": str(self.status),
-                "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
-                "created_at": self.created_at, "in_progress_at": self.in_progress_at,
-                "expires_at": int(self.expires_at), "finalizing_at": self.finalizing_at,
-                "completed_at": self.completed_at, "failed_at": self.failed_at, "expired_at": self.expired_at,
-                "cancelling_at": self.cancelling_at, "cancelled_at": self.cancelled_at,
-                "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
-                "errors": {"object": "list", "data": [e.model_dump() for e in self.errors]} if self.errors else None,
-                "metadata": self.metadata}
+        return Batch(
+            id=self.id, endpoint=self.endpoint, input_file_id=self.input_file_id,
+            completion_window=self.completion_window, status=self.status.value, output_file_id=self.output_file_id,
+            error_file_id=self.error_file_id, created_at=self.created_at, in_progress_at=self.in_progress_at,
+            expires_at=int(self.expires_at), finalizing_at=self.finalizing_at, completed_at=self.completed_at,
+            failed_at=self.failed_at, expired_at=self.expired_at, cancelling_at=self.cancelling_at,
+            cancelled_at=self.cancelled_at,
+            request_counts=BatchRequestCounts(total=self.total, completed=self.completed, failed=self.failed),
+            errors=BatchErrors(data=[BatchErrorData(**e.model_dump()) for e in self.errors]) if self.errors else None,
+            metadata=self.metadata)
 
 
 def request_id(batch_id: str, line: int) -> str:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
+from common.batch_api import FileObject
 from common.keys import Keys
 
 PURPOSES_UPLOAD = frozenset({"batch"})  # what a client may upload
@@ -44,10 +45,13 @@ class FileRecord(BaseModel):
     chunk_bytes: int = 0  # the size of every chunk but the last (0: a file written before it was kept)
     lines: int = 0  # lines that are not blank
 
-    def to_openai(self) -> dict[str, object]:
-        return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
-                "filename": self.filename, "purpose": self.purpose, "status": "processed", "expires_at": None,
-                "status_details": None}
+    def to_object(self) -> FileObject:
+        """OpenAI's ``FileObject``."""
+        return FileObject(id=self.id, bytes=self.bytes, created_at=self.created_at, filename=self.filename,
+                          purpose=self.purpose)
+
+    def to_openai(self) -> dict[str, Any]:
+        return self.to_object().model_dump(mode="json")
 
 
 # SET each key to its own value: the value is copied into an allocation of its exact size

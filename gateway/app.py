@@ -36,7 +36,7 @@ from gateway.batches_api import router as batches_routes
 from gateway.feeder import Feeder
 from gateway.files_api import router as files_routes
 from gateway.guards import HostGuard, allowed_hosts
-from gateway.http import error_response, http_exception_error, unexpected_error_response
+from gateway.http import allowed_methods, error_response, http_exception_error, unexpected_error_response
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import install_openapi
 from gateway.registry import RegistryView
@@ -156,7 +156,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 405:  # every route of the path, not only the first one the router tried
+            exc.headers = {**(exc.headers or {}), "Allow": allowed_methods(request)}
         return error_response(http_exception_error(exc))
 
     @app.exception_handler(Exception)

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from common import errors
+from common.batch_api import Batch, BatchList
 from common.batchjob import BatchRecord, BatchStatus
 from common.producer import BATCH_URLS
 from gateway import batch_records
@@ -20,9 +21,10 @@ from gateway.admission import read_json
 from gateway.files_api import _caller, _state, int_param, owned_file
 from gateway.http import json_response
 
-router = APIRouter(include_in_schema=False)  # not in the OpenAPI document yet (docs/batch.md)
+router = APIRouter()  # its OpenAPI operations: gateway/openapi.py
 
 WINDOWS = {"24h": 24 * 3600.0}  # OpenAI's only completion window
+_CREATE_FIELDS = ("input_file_id", "endpoint", "completion_window", "metadata")
 
 
 def _metadata(v: Any) -> dict[str, str] | None:
@@ -42,6 +44,10 @@ async def create_batch(request: Request) -> Response:
     state, caller = _state(request), await _caller(request)
     s = state.settings
     body = await read_json(request, s.max_body_bytes, s.http_read_timeout_s)
+    for name in body:
+        if name not in _CREATE_FIELDS:  # not dropped silently: the caller meant something by it
+            raise errors.InvalidRequest(f"{name}: not a field of a batch this server takes (it takes "
+                                        f"{', '.join(_CREATE_FIELDS)})", param=name)
     file_id, endpoint, window = body.get("input_file_id"), body.get("endpoint"), body.get("completion_window")
     if not isinstance(file_id, str) or not file_id:
         raise errors.InvalidRequest("input_file_id: required", param="input_file_id")
@@ -89,7 +95,7 @@ async def list_batches(request: Request) -> Response:
     limit = int_param(request, "limit", 20, 1, 100)
     after = request.query_params.get("after")
     k = state.settings.keys
-    out: list[dict[str, Any]] = []
+    out: list[Batch] = []
     more = False
     with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
         start = 0
@@ -108,9 +114,9 @@ async def list_batches(request: Request) -> Response:
                 if len(out) == limit:
                     more = True
                     break
-                out.append(rec.to_openai())
-    return json_response({"object": "list", "data": out, "has_more": more,
-                          "first_id": out[0]["id"] if out else None, "last_id": out[-1]["id"] if out else None})
+                out.append(rec.to_object())
+    return json_response(BatchList(data=out, has_more=more, first_id=out[0].id if out else None,
+                                   last_id=out[-1].id if out else None).model_dump(mode="json"))
 
 
 @router.post("/v1/batches/{batch_id}/cancel", name="batches_cancel")

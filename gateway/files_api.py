@@ -11,12 +11,13 @@ from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
 from common import errors
+from common.batch_api import FileDeleted, FileList
 from common.filestore import PURPOSES_UPLOAD, FileRecord, StoreFull, new_file_id
 from gateway.auth import Caller, authenticate
 from gateway.http import json_response
 from gateway.state import GatewayState
 
-router = APIRouter(include_in_schema=False)  # not in the OpenAPI document yet (docs/batch.md)
+router = APIRouter()  # its OpenAPI operations: gateway/openapi.py
 
 _FORM_OVERHEAD = 64 << 10  # multipart boundaries and the purpose field, beyond the file's own bytes
 
@@ -57,6 +58,10 @@ async def _upload(request: Request, limit: int) -> tuple[bytes, str, str]:
     if ctype != "multipart/form-data":
         raise errors.UnsupportedMediaType("upload a file as multipart/form-data (fields: file, purpose)")
     async with request.form(max_files=1, max_fields=8) as form:
+        for name in form:
+            if name not in ("file", "purpose"):  # not dropped silently (expires_after: files are kept until deleted)
+                raise errors.InvalidRequest(f"{name}: not a field this server takes (it takes file and purpose; "
+                                            "files are kept until deleted)", param=name)
         upload, purpose = form.get("file"), form.get("purpose")
         if not isinstance(upload, UploadFile):
             raise errors.InvalidRequest("file: a file is required", param="file")
@@ -97,9 +102,9 @@ async def list_files(request: Request) -> Response:
     after, purpose = request.query_params.get("after"), request.query_params.get("purpose")
     with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
         recs, more = await state.files.list(limit, after)
-    data = [r.to_openai() for r in recs if r.scope == caller.scope and (purpose is None or r.purpose == purpose)]
-    return json_response({"object": "list", "data": data, "has_more": more,
-                          "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
+    data = [r.to_object() for r in recs if r.scope == caller.scope and (purpose is None or r.purpose == purpose)]
+    return json_response(FileList(data=data, has_more=more, first_id=data[0].id if data else None,
+                                  last_id=data[-1].id if data else None).model_dump(mode="json"))
 
 
 @router.get("/v1/files/{file_id}", name="files_retrieve")
@@ -125,4 +130,4 @@ async def delete_file(request: Request, file_id: str) -> Response:
     await owned_file(state, await _caller(request), file_id)
     with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
         deleted = await state.files.delete(file_id)
-    return json_response({"id": file_id, "object": "file", "deleted": deleted})
+    return json_response(FileDeleted(id=file_id, deleted=deleted).model_dump(mode="json"))

@@ -9,7 +9,9 @@ from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 
 from common import errors
 from common.responses import error_body
@@ -32,6 +34,16 @@ def error_response(exc: errors.MgpuError) -> Response:
 def unexpected_error_response(exc: Exception) -> Response:
     log.error("unexpected error", exc_info=exc)
     return json_response(error_body(errors.MgpuError("internal error")), status=500)
+
+
+def allowed_methods(request: Request) -> str:
+    """The methods of every route of the request's path (``/v1/files`` has a GET route and a POST route)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
 
 
 def http_exception_error(exc: StarletteHTTPException) -> errors.MgpuError:

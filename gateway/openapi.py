@@ -14,12 +14,14 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from common.batch_api import Batch, BatchList, FileDeleted, FileList, FileObject
+from common.producer import BATCH_URLS
 from common.protocol import ChatCompletionRequest, CompletionRequest
 from common.responses import ChatCompletionResponse, CompletionResponse, ErrorResponse, Health, ModelList, Readiness
 
 _REQUESTS: list[type[BaseModel]] = [CompletionRequest, ChatCompletionRequest]
 _RESPONSES: list[type[BaseModel]] = [ErrorResponse, CompletionResponse, ChatCompletionResponse, ModelList, Readiness,
-                                     Health]
+                                     Health, FileObject, FileList, FileDeleted, Batch, BatchList]
 
 _ERRORS = {
     "400": "Invalid request: a field, its value, or a context-length violation (the error names the field)",
@@ -27,6 +29,7 @@ _ERRORS = {
     "403": "With API keys: the key may not use this model, or the endpoint needs an admin key",
     "404": "No such model, route or stored request",
     "405": "Method not allowed (see the Allow header)",
+    "409": "The batch has finished already: it cannot be cancelled",
     "408": "The request's headers or body did not arrive in time",
     "413": "The body is over the size limit",
     "415": "The body is not sent as Content-Type: application/json",
@@ -142,6 +145,7 @@ def build_openapi(app: FastAPI, models: list[str]) -> dict[str, Any]:
     paths["/workers"]["get"]["responses"] = {"200": {"description": "The worker registry as this gateway sees it",
                                                      "content": {"application/json": {"schema": {"type": "object"}}}},
                                              **_errors("401", "403")}
+    _files_and_batches(paths)
     schema["components"]["securitySchemes"] = {"apiKey": {
         "type": "http", "scheme": "bearer", "description": "an API key (mgpu keys create), as the OpenAI client's "
         "api_key"}}
@@ -153,6 +157,66 @@ def build_openapi(app: FastAPI, models: list[str]) -> dict[str, Any]:
                                                      "content": {"text/plain": {"schema": {"type": "string"}}}},
                                              **_errors("401", "403")}
     return schema
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+_AFTER = _query("after", {"type": "string"}, "the id of the last object of the previous page")
+_FILE_ID = {"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_UPLOAD = {"type": "object", "required": ["file", "purpose"], "properties": {
+    "file": {"type": "string", "format": "binary", "description": "a JSONL file, one request per line"},
+    "purpose": {"type": "string", "enum": ["batch"]}}}
+_CREATE_BATCH = {"type": "object", "required": ["input_file_id", "endpoint", "completion_window"],
+                 "additionalProperties": False, "properties": {
+                     "input_file_id": {"type": "string"}, "endpoint": {"type": "string", "enum": list(BATCH_URLS)},
+                     "completion_window": {"type": "string", "enum": ["24h"]},
+                     "metadata": {"type": ["object", "null"], "maxProperties": 16,
+                                  "additionalProperties": {"type": "string", "maxLength": 512}}}}
+_BYTES = {"description": "The file's content",
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+
+
+def _op(summary: str, ok: dict[str, Any], codes: tuple[str, ...], params: list[dict[str, Any]] | None = None,
+        body: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One operation: its 200 (``ok``), its errors, its parameters and its body (a media type and its schema)."""
+    op: dict[str, Any] = {"summary": summary, "responses": {"200": ok, **_errors(*codes)}}
+    if params is not None:
+        op["parameters"] = params
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {body[0]: {"schema": body[1]}}}
+    return op
+
+
+def _files_and_batches(paths: dict[str, Any]) -> None:
+    """OpenAI's Files and Batches API (gateway/files_api.py, gateway/batches_api.py; docs/batch.md)."""
+    one, page = ("401", "404", "503"), ("400", "401", "503")
+    limit = {"type": "integer", "minimum": 1}
+    ops = {
+        ("/v1/files", "post"): _op("Upload a batch input file (JSONL; checked line by line when a batch uses it)",
+                                   _json(FileObject, "The stored file"), ("400", "401", "413", "415", "503"),
+                                   body=("multipart/form-data", _UPLOAD)),
+        ("/v1/files", "get"): _op("The caller's files, newest first", _json(FileList, "A page of files"), page, [
+            _query("limit", {**limit, "maximum": 10_000, "default": 100}, "at most this many"), _AFTER,
+            _query("purpose", {"type": "string"}, "only files of this purpose")]),
+        ("/v1/files/{file_id}", "get"): _op("A file's object", _json(FileObject, "The file"), one, [_FILE_ID]),
+        ("/v1/files/{file_id}", "delete"): _op("Delete a file", _json(FileDeleted, "Deleted"), one, [_FILE_ID]),
+        ("/v1/files/{file_id}/content", "get"): _op("A file's bytes", _BYTES, one, [_FILE_ID]),
+        ("/v1/batches", "post"): _op("Create a batch from an uploaded file", _json(Batch, "The batch, validating"),
+                                     ("400", "401", "404", "408", "413", "415", "499", "503"),
+                                     body=("application/json", _CREATE_BATCH)),
+        ("/v1/batches", "get"): _op("The caller's batches, newest first", _json(BatchList, "A page of batches"), page,
+                                    [_query("limit", {**limit, "maximum": 100, "default": 20}, "at most this many"),
+                                     _AFTER]),
+        ("/v1/batches/{batch_id}", "get"): _op("A batch's object", _json(Batch, "The batch"), one, [_BATCH_ID]),
+        ("/v1/batches/{batch_id}/cancel", "post"): _op(
+            "Cancel a batch: cancelling at once, cancelled once what runs has ended",
+            _json(Batch, "The batch, cancelling"), ("401", "404", "409", "503"), [_BATCH_ID]),
+    }
+    for (path, method), op in ops.items():
+        paths[path][method].update(op)
 
 
 def install_openapi(app: FastAPI, live_models: Callable[[], list[str]]) -> None:

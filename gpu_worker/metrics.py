@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -160,6 +160,16 @@ class _GpuCollector(Collector):
         yield info
 
 
+class _EngineCollector(Collector):
+    """vLLM's own metrics (``vllm:*``: steps and tokens per step, its queue, TTFT, KV-cache use, preemptions), which
+    it registers in the process's default registry, so that the worker's /metrics has what ``vllm serve``'s has."""
+
+    def collect(self) -> Iterator[Metric]:
+        for fam in REGISTRY.collect():
+            if fam.name.startswith("vllm:"):
+                yield fam
+
+
 class WorkerMetrics:
     def __init__(self, settings: WorkerSettings, stats: WorkerStats, engine: OpenAIServer, gpu: Gpu, *, worker_id: str,
                  version: str) -> None:
@@ -197,6 +207,7 @@ class WorkerMetrics:
                                names, registry=r).labels(*lv)
         r.register(_StateCollector(self))
         r.register(_GpuCollector(self, gpu))  # reads nothing without a GPU
+        r.register(_EngineCollector())  # vLLM's own (nothing on the sim engine)
         self.server: ProbeServer | None = None
         self.port = 0
 

@@ -187,6 +187,9 @@ def test_bad_input_gets_openai_errors(stack: Stack) -> None:
         client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
     with pytest.raises(openai.BadRequestError, match="purpose"):
         client.files.create(file=("x.jsonl", _line(0).encode()), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError, match="expires_after"):  # not supported, and not dropped silently
+        client.files.create(file=("x.jsonl", _line(0).encode()), purpose="batch",
+                            expires_after={"anchor": "created_at", "seconds": 3600})
     with pytest.raises(openai.BadRequestError, match="at most 5"):
         client.files.create(file=("x.jsonl", "\n".join(_line(i) for i in range(6)).encode()), purpose="batch")
     with pytest.raises(openai.APIStatusError) as big:
@@ -197,6 +200,10 @@ def test_bad_input_gets_openai_errors(stack: Stack) -> None:
         client.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="1h")  # type: ignore[arg-type]
     with pytest.raises(openai.BadRequestError, match="endpoint"):
         client.batches.create(input_file_id=fid, endpoint="/v1/images", completion_window="24h")  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="output_expires_after") as unknown:  # not dropped silently
+        client.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h",
+                              extra_body={"output_expires_after": {"anchor": "created_at", "seconds": 3600}})
+    assert unknown.value.body["param"] == "output_expires_after"  # type: ignore[index]
     assert client.files.content(fid).text.strip() == _line(0)
     assert fid in [f.id for f in client.files.list()]
     for path in ("/v1/files?limit=x", "/v1/batches?limit=0"):

@@ -376,12 +376,22 @@ def test_openapi_documents_bodies_responses_and_metrics(shared_stack: Stack) -> 
         assert {"200", "400", "404", "413", "429", "503", "504"} <= set(op["responses"])
         assert set(op["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
     assert set(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    # the Files and Batches API, its objects' schemas those the answers are built from (common/batch_api.py)
+    files, batches = doc["paths"]["/v1/files"], doc["paths"]["/v1/batches"]
+    assert set(files["post"]["requestBody"]["content"]) == {"multipart/form-data"}
+    assert files["post"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/FileObject")
+    assert batches["post"]["requestBody"]["content"]["application/json"]["schema"]["additionalProperties"] is False
+    assert {"Batch", "BatchList", "FileObject", "FileList", "FileDeleted"} <= set(schemas)
+    assert "409" in doc["paths"]["/v1/batches/{batch_id}/cancel"]["post"]["responses"]
+    assert set(doc["paths"]["/v1/files/{file_id}"]) == {"get", "delete"}
 
 
 def test_405_names_the_allowed_methods_and_no_redirect_uses_the_host_header(shared_stack: Stack) -> None:
     r = httpx.get(shared_stack.base_url + "/v1/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     assert r.json()["error"]["code"] == "method_not_allowed"
+    r = httpx.put(shared_stack.base_url + "/v1/files")  # two routes (GET, POST) on one path: both named
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
     r = httpx.get(shared_stack.base_url + "/v1/models/")
     assert r.status_code == 404 and "location" not in r.headers
     assert r.json()["error"]["code"] == "not_found"

@@ -141,3 +141,27 @@ def test_overlong_prompt_refused_before_queueing(vllm_stack: Stack) -> None:
     # the worker refuses it exactly; once the gateway has loaded the model's tokenizer (in the
     # background, on first sight of the model) it is refused before anything is queued
     wait_until(refused_at_gateway, 30, "gateway-side refusal", interval=0.5)
+
+
+def test_the_workers_metrics_carry_vllms_own(vllm_stack: Stack) -> None:
+    """As `vllm serve`'s /metrics: the engine's steps (tokens per step), its TTFT and queue time, beside mgpu's."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    s = vllm_stack
+    (wid,) = [p.worker_id for p in s.workers()]
+    port = int(s.r.hget(s.keys.worker(str(wid)), "metrics_port") or 0)
+
+    def steps() -> tuple[float, set[str]]:
+        fams = list(text_string_to_metric_families(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text))
+        count = sum(x.value for f in fams if f.name == "vllm:iteration_tokens_total" for x in f.samples
+                    if x.name.endswith("_count"))
+        return count, {f.name for f in fams}
+
+    before, names = steps()
+    s.openai(timeout=120).completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
+                                             extra_body={"ignore_eos": True})
+    after, _ = steps()
+    assert after >= before + 4  # a prefill step and three decode steps at least
+    assert {"vllm:time_to_first_token_seconds", "vllm:request_queue_time_seconds",
+            "mgpu_worker_time_to_first_token_seconds"} <= names
