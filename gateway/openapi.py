@@ -29,10 +29,10 @@ _ERRORS = {
     "403": "With API keys: the key may not use this model, or the endpoint needs an admin key",
     "404": "No such model, route or stored request",
     "405": "Method not allowed (see the Allow header)",
-    "409": "The batch has finished already: it cannot be cancelled",
     "408": "The request's headers or body did not arrive in time",
+    "409": "The batch has finished already: it cannot be cancelled",
     "413": "The body is over the size limit",
-    "415": "The body is not sent as Content-Type: application/json",
+    "415": "The body is not sent as Content-Type: application/json (multipart/form-data for a file upload)",
     "422": "An Idempotency-Key reused with another endpoint, stream flag or body",
     "429": "The model's queue is full (entries or bytes, or the API key's share of it), or the API key is at its "
            "requests or tokens per minute or requests in flight; see Retry-After and the x-ratelimit-* headers",
