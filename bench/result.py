@@ -52,6 +52,7 @@ class BenchResult:
     completion_tokens: int  # all ok measured requests
     latency_ms: dict[str, float] | None  # scheduled -> last byte, ok requests
     ttft_ms: dict[str, float] | None  # scheduled -> first content chunk
+    ttft_from_send_ms: dict[str, float] | None  # sent -> first content chunk (without the generator's lateness)
     service_ms: dict[str, float] | None  # sent -> last byte
     lateness_ms: dict[str, float] | None  # sent - scheduled (open loop)
     chunks_mean: float
@@ -128,6 +129,8 @@ def summarize(
         completion_tokens=sum(s.tokens for s in ok),
         latency_ms=dist_ms([s.end - s.sched for s in ok]),
         ttft_ms=dist_ms([s.first - s.sched for s in ok if s.first is not None]) if stream_like else None,
+        ttft_from_send_ms=dist_ms([s.first - s.sent for s in ok if s.first is not None and s.sent is not None])
+        if stream_like else None,
         service_ms=dist_ms([s.end - s.sent for s in ok if s.sent is not None]),
         lateness_ms=dist_ms([s.sent - s.sched for s in sent if s.sent is not None]) if is_open else None,
         chunks_mean=sum(s.chunks for s in ok) / len(ok) if ok else 0.0,

@@ -75,7 +75,6 @@ def tree_cpu(roots: dict[str, int]) -> dict[str, float]:
     return out
 
 
-
 _ENGINE = {"steps": ("vllm:iteration_tokens_total", "_count"), "step_tokens": ("vllm:iteration_tokens_total", "_sum"),
            **{f"{k}_{x}": (name, "_count" if x == "n" else "_sum")
               for k, name in (("ttft", "vllm:time_to_first_token_seconds"),

@@ -122,7 +122,7 @@ def test_summarize_counts_only_the_window() -> None:
     assert r.latency_ms["p50"] == pytest.approx(500.0)  # from the schedule: 500, 250, 500 ms
     assert r.service_ms is not None and r.service_ms["p50"] == pytest.approx(300.0)
     assert r.lateness_ms is not None and r.lateness_ms["max"] == pytest.approx(200.0)
-    assert r.ttft_ms is None  # not streaming
+    assert r.ttft_ms is None and r.ttft_from_send_ms is None  # not streaming
 
 
 def test_summarize_latency_counts_from_the_schedule() -> None:
@@ -132,6 +132,7 @@ def test_summarize_latency_counts_from_the_schedule() -> None:
     assert r.latency_ms is not None and r.latency_ms["p50"] == pytest.approx(500.0)
     assert r.service_ms is not None and r.service_ms["p50"] == pytest.approx(100.0)
     assert r.ttft_ms is not None and r.ttft_ms["p50"] == pytest.approx(450.0)
+    assert r.ttft_from_send_ms is not None and r.ttft_from_send_ms["p50"] == pytest.approx(50.0)
     assert r.fell_behind
 
 
