@@ -8,10 +8,12 @@ One fleet (a redis-server, ``--workers`` sim workers with ``--slots`` slots and 
 each, one gateway).  Two phases, the same open-loop interactive load (streaming chat, ``--rate`` req/s,
 ``--duration`` s, measured by ``bench.loadgen``): first alone, then with a batch backlog larger than the
 fleet can finish in the phase, written to the model's batch stream by ``common.producer`` before the load
-starts.  Slot occupancy is sampled from the workers' registry (``in_flight`` / slots, every 0.25 s); the
-batch's share of the slot-time that interactive traffic leaves idle is (occupancy with − occupancy alone) /
-(1 − occupancy alone).  On this 2-core machine the batch work's own CPU (the sim engine, its results) also
-competes with the interactive requests for the same cores, which a GPU fleet would not see.
+starts.  With ``--timeline`` each phase also splits the TTFT by the fleet's request logs
+(:mod:`bench.timeline`: the wait for a worker, the engine's first step, the way back).  Slot occupancy is
+sampled from the workers' registry (``in_flight`` / slots, every 0.25 s); the batch's share of the slot-time
+that interactive traffic leaves idle is (occupancy with − occupancy alone) / (1 − occupancy alone).  On this
+2-core machine the batch work's own CPU (the sim engine, its results) also competes with the interactive
+requests for the same cores, which a GPU fleet would not see.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 from bench.fleet import Fleet
 from bench.loadgen import run_load
 from bench.report import machine, machine_cpu
+from bench.timeline import ttft_parts
 from bench.workload import BenchConfig
 from common.producer import Producer
 from common.schemas import WorkItem
@@ -76,9 +79,14 @@ def _phase(fleet: Fleet, args: argparse.Namespace, slots: int) -> dict[str, Any]
     cfg = BenchConfig(url=fleet.base_url, model=MODEL, endpoint="chat", stream=True, max_tokens=args.max_tokens,
                       rate=args.rate, duration=args.duration, warmup=2.0, seed=3, client="aiohttp")
     cpu0, forks0 = machine_cpu(), int(fleet.r.info("stats").get("total_forks", 0))
+    since = time.time() + cfg.warmup
     with Occupancy(fleet, slots) as occ:
         res = asyncio.run(run_load(cfg))
     cpu1, forks1 = machine_cpu(), int(fleet.r.info("stats").get("total_forks", 0))
+    procs = [p for p in fleet.procs if p.worker_id is None], fleet.workers()
+    # with --timeline, the request logs' view: where each streamed request's TTFT went (bench.timeline)
+    parts = ttft_parts([p.output() for p in procs[0]], [p.output() for p in procs[1]], since, time.time(),
+                       skip_streams=[fleet.keys.batch_stream(MODEL)]) if args.timeline else None
     # TTFT from the scheduled arrival, and from the send (without the load generator's own lateness: a saturated
     # machine delays the sending too)
     ttft, sent = res.ttft_ms or {}, res.ttft_from_send_ms or {}
@@ -88,7 +96,8 @@ def _phase(fleet: Fleet, args: argparse.Namespace, slots: int) -> dict[str, Any]
             "lateness_p99_ms": (res.lateness_ms or {}).get("p99"),
             "occupancy": round(occ.mean, 4), "samples": len(occ.samples),
             "redis_forks": forks1 - forks0,  # AOF rewrites in the phase (each a fork beside the serving)
-            "machine_cpu_busy": round(1 - (cpu1[1] - cpu0[1]) / max(1, cpu1[0] - cpu0[0]), 3)}
+            "machine_cpu_busy": round(1 - (cpu1[1] - cpu0[1]) / max(1, cpu1[0] - cpu0[0]), 3),
+            "ttft_parts": parts}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-ms-per-seq", type=float, default=0.1,
                    help="the sim's step time per running sequence (0: a step costs the same at any batch size)")
     p.add_argument("--no-preempt", action="store_true", help="workers with batch_preempt off")
+    p.add_argument("--timeline", action="store_true",
+                   help="log every request (INFO, JSON) and split each phase's TTFT by those logs (bench.timeline)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="plot the reports given as arguments, run nothing")
     p.add_argument("reports", nargs="*", type=Path)
@@ -112,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         plot([json.loads(f.read_text()) for f in args.reports], [f.stem for f in args.reports], args.plot)
         return 0
     slots = args.workers * args.slots
+    # the request logs (INFO, JSON) only with --timeline: a line per request costs CPU on this machine too
+    logs: dict[str, Any] = {"log_level": "INFO", "log_json": True} if args.timeline else {}
     with tempfile.TemporaryDirectory(prefix="mgpu-batchprio-") as d:
         tmp = Path(d)
         srv = RedisServer(tmp / "redis").start()
@@ -119,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for _ in range(args.workers):
                 fleet.start_worker(model=MODEL, slots=args.slots, batch_reserve_slots=args.reserve, sim_decode_ms=10,
-                                   sim_decode_ms_per_seq=args.decode_ms_per_seq, batch_preempt=not args.no_preempt)
-            fleet.start_gateway()
+                                   sim_decode_ms_per_seq=args.decode_ms_per_seq, batch_preempt=not args.no_preempt,
+                                   **logs)
+            fleet.start_gateway(**logs)
             alone = _phase(fleet, args, slots)
             print("alone:", json.dumps(alone), flush=True)
             producer = Producer(fleet.r, fleet.keys, MODEL)
@@ -145,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     idle = 1 - alone["occupancy"]
     report = {
         "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "setup": {"workers": args.workers, "slots": args.slots, "reserve": args.reserve, "rate": args.rate,
+        "setup": {"timeline": args.timeline, "workers": args.workers, "slots": args.slots, "reserve": args.reserve,
+                  "rate": args.rate,
                   "decode_ms_per_seq": args.decode_ms_per_seq, "preempt": not args.no_preempt,
                   "duration_s": args.duration, "max_tokens": args.max_tokens, "batch_tokens": args.batch_tokens,
                   "batch_requests": args.batch, "phase_s": round(elapsed, 1)},

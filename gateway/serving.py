@@ -334,6 +334,7 @@ class Access:
     status: int = 200
     key: str = "anon"  # the API key's name (a bounded label: keys are created by an admin)
     usage: Usage | None = None  # of a request that was answered
+    first_token_at: float | None = None  # a stream's first token written (perf_counter)
 
 
 def _account(state: GatewayState, a: Access, ended: float | None = None) -> None:
@@ -344,6 +345,8 @@ def _account(state: GatewayState, a: Access, ended: float | None = None) -> None
     if state.settings.log_requests:
         extra: dict[str, Any] = {"request_id": a.request_id, "model": a.model, "endpoint": a.endpoint,
                                  "outcome": a.outcome, "code": a.status, "duration_ms": round(duration * 1000, 1)}
+        if a.first_token_at is not None:
+            extra["ttft_ms"] = round((a.first_token_at - a.started) * 1000, 1)
         if a.trace is not None:
             extra["trace_id"] = a.trace
         log.info("request done", extra=extra)
@@ -502,7 +505,7 @@ async def _stream(state: GatewayState, request: Request, events: AsyncIterator[E
         finally:
             if end.first_token_at is not None:
                 state.metrics.ttft.labels(a.model).observe(end.first_token_at - a.started)
-            a.outcome, a.status, a.usage = end.outcome, end.status, end.usage
+            a.outcome, a.status, a.usage, a.first_token_at = end.outcome, end.status, end.usage, end.first_token_at
             _account(state, a)
             await done(*([state.cancel(request_id)] if not end.got_result and cancel else []))
 

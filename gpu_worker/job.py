@@ -67,6 +67,8 @@ class Job:
     running: bool = False  # its task has taken its first step (before that, cancel() would skip its body)
     started: float = field(default_factory=time.monotonic)
     started_at: float = field(default_factory=time.time)  # the same, as unix time (the result's queue_s)
+    first_token_at: float | None = None  # unix time of its first generated token (the request log's ttft_ms)
+    preempted: int = 0  # batch requests handed back so that this one could start (the request log's)
 
     def end_early(self, reason: str) -> None:
         """End the job early for ``reason``.  A job whose task has not taken its first step is not
@@ -217,6 +219,8 @@ class JobRunner:
         timers: dict[int, TokenTimer] = {}
 
         def on_tokens(choice: int, tokens: int, prompt_tokens: int) -> None:
+            if job.first_token_at is None:
+                job.first_token_at = time.time()
             timer = timers.get(choice)
             if timer is None:
                 timer = timers[choice] = self.ctx.metrics.token_timer(item, choice)

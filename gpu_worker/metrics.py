@@ -42,8 +42,12 @@ class JobFacts(Protocol):
     """What the request hooks read of a job (:class:`gpu_worker.job.Job`)."""
 
     item: WorkItem | None
+    stream: str
     deliveries: int
     started: float  # monotonic
+    started_at: float  # unix time
+    first_token_at: float | None  # unix time
+    preempted: int
 
 
 class TokenTimer:
@@ -232,8 +236,14 @@ class WorkerMetrics:
             extra: dict[str, Any] = {
                 "request_id": result.id, "worker": self.worker_id, "model": result.model, "outcome": outcome,
                 "attempts": job.deliveries, "completion_tokens": result.usage.completion_tokens,
-                "run_ms": round((time.monotonic() - job.started) * 1000, 1),
-                "total_ms": round((now - item.enqueued_at) * 1000, 1) if item is not None else None}
+                "run_ms": round((time.monotonic() - job.started) * 1000, 1), "stream": job.stream}
+            if item is not None:  # from the gateway's enqueue: to this start, to the first token, to the end
+                extra["queue_ms"] = round(max(0.0, job.started_at - item.enqueued_at) * 1000, 1)
+                if job.first_token_at is not None:
+                    extra["ttft_ms"] = round(max(0.0, job.first_token_at - item.enqueued_at) * 1000, 1)
+                extra["total_ms"] = round((now - item.enqueued_at) * 1000, 1)
+            if job.preempted:
+                extra["preempted"] = job.preempted
             if item is not None and item.trace_id is not None:
                 extra["trace_id"] = item.trace_id
             log.info("request finished", extra=extra)

@@ -31,7 +31,7 @@ import logging
 import os
 import socket
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Any
 
 import redis
@@ -52,6 +52,7 @@ from gpu_worker.liveness import Keeper, Leases, LoopHooks, Lost
 from gpu_worker.metrics import WorkerMetrics
 from gpu_worker.nvml import Gpu
 from gpu_worker.orphans import OwnStreams
+from gpu_worker.recent import RecentIds
 from gpu_worker.registry import Registry
 from gpu_worker.serving.base import OpenAIServer
 from gpu_worker.stats import WorkerStats
@@ -61,28 +62,6 @@ log = logging.getLogger("mgpu.worker")
 
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
-
-
-class RecentIds:
-    """Request ids seen in the last ``ttl_s`` seconds (at most ``cap``): O(1) to add, test and expire."""
-
-    def __init__(self, ttl_s: float, cap: int = 200_000) -> None:
-        self.ttl_s = ttl_s
-        self.cap = cap
-        self._seen: OrderedDict[str, float] = OrderedDict()
-
-    def add(self, request_id: str, now: float) -> None:
-        self._seen[request_id] = now
-        self._seen.move_to_end(request_id)
-        horizon = now - self.ttl_s
-        while self._seen and (len(self._seen) > self.cap or next(iter(self._seen.values())) < horizon):
-            self._seen.popitem(last=False)
-
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self._seen
-
-    def __len__(self) -> int:
-        return len(self._seen)
 
 
 class Worker:
@@ -387,7 +366,7 @@ class Worker:
                 log.warning("read failed (%s); retrying in %.2fs", exc, backoff.next_delay)
                 await backoff.wait()
                 continue
-            await self._take(resp, free)
+            await self._take(resp, self.free_slots)  # not ``free``: reclaims may have started jobs meanwhile
 
     async def _beside_interactive(self, free: int) -> bool:
         """Batch work while an interactive read waits (True: this turn of the pull loop was spent here).
@@ -409,7 +388,8 @@ class Worker:
         if room > 0 and self._batch_more and not self._stop.is_set():
             resp = await self.r.xreadgroup(GROUP, self.id, {s: ">" for s in self.batch_streams}, count=room)
             self._batch_more = sum(len(entries) for _s, entries in resp or ()) >= room
-            await self._take(resp, free)
+            # the slots free now: the interactive read may have started requests while this one waited
+            await self._take(resp, self.free_slots)
             return True
         self._slot_freed.clear()
         freed = asyncio.ensure_future(self._slot_freed.wait())
@@ -434,12 +414,16 @@ class Worker:
         if not n:
             return
         short = n - self.free_slots
-        if short > 0 and self.s.batch_preempt:
-            for job in preempt(self.jobs.values(), self.batch_streams, short):
-                self.stats.preempted += 1
-                log.info("batch request preempted", extra={"worker": self.id, "entry": job.entry_id})
+        out = preempt(self.jobs.values(), self.batch_streams, short) if short > 0 and self.s.batch_preempt else []
+        for job in out:
+            self.stats.preempted += 1
+            log.info("batch request preempted", extra={"worker": self.id, "entry": job.entry_id})
         # the preempted jobs free their slots as their tasks end, a moment after: start these now
         await self._take(resp, max(self.free_slots, n))
+        for stream, entries in resp if out else ():  # the request log tells which requests preempted
+            for entry_id, _fields in entries:
+                if (started := self.jobs.get((_s(stream), _s(entry_id)))) is not None:
+                    started.preempted = len(out)
 
     async def _read(self, free: int) -> Any:
         """Entries for ``free`` slots (gpu_worker.intake): PULL while the streams may hold more, else a

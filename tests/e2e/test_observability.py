@@ -357,6 +357,17 @@ def test_request_id_in_gateway_and_worker_json_logs(stack: Stack) -> None:
         "request finished", "success", w.worker_id, 3, rid)
     wait_until(lambda: lines(gw, "req-log-43"), 10, "the rejected request's line")
     assert lines(gw, "req-log-43")[0]["outcome"] == "client_error"
+    # the timings: the worker's from the gateway's enqueue (to its start, its first token, its end); a stream's
+    # time to first token at the gateway too
+    assert 0 <= wl["queue_ms"] <= wl["ttft_ms"] <= wl["total_ms"] and MODEL in wl["stream"]
+    assert "ttft_ms" not in g  # not a stream
+    with httpx.stream("POST", stack.base_url + "/v1/completions", timeout=10, headers={"X-Request-Id": "req-log-44"},
+                      json={"model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": True}) as s:
+        assert s.status_code == 200 and "[DONE]" in s.read().decode()
+    wait_until(lambda: lines(gw, "req-log-44") and lines(w, "req-log-44"), 10, "the stream's log lines")
+    (g,) = lines(gw, "req-log-44")
+    assert 0 < g["ttft_ms"] <= g["duration_ms"]
+    assert lines(w, "req-log-44")[0]["ttft_ms"] <= lines(w, "req-log-44")[0]["total_ms"]
 
 
 def test_multiprocess_gateway_counts_add_up(stack: Stack) -> None:

@@ -4,6 +4,12 @@ a batch backlog keeps the rest busy.  A real redis-server, a worker on the sim e
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
 from common.keys import GROUP
 from gpu_worker.engine.sim import expected_text
 from ops.procs import RedisServer
@@ -49,10 +55,13 @@ async def test_batch_work_waits_while_interactive_work_leaves_only_the_reserve(r
             assert (await r.client.exists(r.keys.result(MODEL, f"i{i}"))) == 1
 
 
-async def test_an_interactive_request_takes_a_batch_slot_when_every_slot_is_taken(redis_server: RedisServer) -> None:
+async def test_an_interactive_request_takes_a_batch_slot_when_every_slot_is_taken(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     """batch_preempt (the default): the batch request started last goes back to its stream and runs again later;
-    the interactive request ends before any batch request; every batch request is answered once."""
-    async with rig(redis_server, decode_ms=20, slots=2, batch_reserve_slots=0) as r:
+    the interactive request ends before any batch request; every batch request is answered once.  The request
+    log says which request preempted, and how long it took from the enqueue to its start and first token."""
+    caplog.set_level(logging.INFO, "mgpu.worker")
+    async with rig(redis_server, decode_ms=20, slots=2, batch_reserve_slots=0, log_requests=True) as r:
         batch = r.keys.batch_stream(MODEL)
         for i in range(3):
             await r.add(item(f"b{i}", max_tokens=100), stream=batch)  # 2 s each
@@ -62,10 +71,17 @@ async def test_an_interactive_request_takes_a_batch_slot_when_every_slot_is_take
         # it did not wait for a slot: one batch request was handed back for it before any had ended
         ended = [await r.client.exists(r.keys.result(MODEL, f"b{i}")) for i in range(3)]
         assert (r.worker.stats.preempted, ended) == (1, [0] * 3), r.worker.jobs
+        logged = {x.request_id: x for x in caplog.records if x.getMessage() == "request finished"}  # type: ignore[attr-defined]
+        online = logged["online"]
+        assert (online.preempted, online.stream) == (1, r.stream)  # type: ignore[attr-defined]
+        assert 0 <= online.queue_ms <= online.ttft_ms <= online.total_ms  # type: ignore[attr-defined]
         for i in range(3):
             assert texts(await r.result(f"b{i}", timeout=30)) == [expected_text("one two three", max_tokens=100)]
         await until(lambda: r.worker.in_flight == 0, 5, "idle")
         assert (await r.client.xpending(batch, GROUP))["pending"] == 0 and await r.client.xlen(batch) == 0
+        logged = {x.request_id: x for x in caplog.records if x.getMessage() == "request finished"}  # type: ignore[attr-defined]
+        assert [getattr(logged[f"b{i}"], "preempted", 0) for i in range(3)] == [0] * 3  # none of them preempted
+        assert {logged[f"b{i}"].stream for i in range(3)} == {batch}  # type: ignore[attr-defined]
 
 
 async def test_entries_of_two_streams_with_the_same_id_both_run(redis_server: RedisServer) -> None:
@@ -121,3 +137,37 @@ async def test_a_malformed_entry_on_the_batch_stream_is_answered_and_acknowledge
         await until(lambda: r.worker.stats.dead_lettered == 2, 5, "both dead-lettered")
         assert await r.client.xlen(r.keys.dlq(MODEL)) == 2
         assert (await r.client.xpending(batch, GROUP))["pending"] == 0
+
+
+async def test_batch_read_beside_a_pending_interactive_read_counts_the_slots_it_started(
+        redis_server: RedisServer) -> None:
+    """The pull loop reads batch work while the interactive read waits in a task of its own; if that task starts a
+    request meanwhile, the batch entries read must fit the slots free after it, not before.  (It once used the
+    count from before its read: a worker ran more requests than its slots, the engine queued the excess, and an
+    interactive request that preempted next could wait for a batch request to end: 150-270 ms in bench runs.)"""
+    async with rig(redis_server, decode_ms=20, slots=2, batch_reserve_slots=0) as r:
+        batch = r.keys.batch_stream(MODEL)
+        worker = r.worker
+        real_read = worker.r.xreadgroup
+        raced = asyncio.Event()
+
+        async def read(*a: Any, **kw: Any) -> Any:  # a batch read while the interactive read is pending
+            streams = a[2] if len(a) > 2 else kw.get("streams", {})
+            if (kw.get("block") is None and batch in streams and not raced.is_set()
+                    and worker._iread is not None and not worker._iread.done()):
+                raced.set()
+                await r.add(item("online", max_tokens=100))  # the interactive task takes it now, into the free slot
+                await until(lambda: any(j.stream == r.stream for j in worker.jobs.values()), 5, "online started")
+            return await real_read(*a, **kw)
+
+        worker.r.xreadgroup = read  # type: ignore[method-assign]
+        await r.add(item("short", max_tokens=5), stream=batch)  # ends first, freeing a slot beside the long one
+        for i in range(4):
+            await r.add(item(f"b{i}", max_tokens=100), stream=batch)
+        await until(raced.is_set, 10, "a batch read beside the pending interactive read")
+        await until(lambda: r.worker.in_flight >= 2, 5, "both slots taken")
+        running = [j for j in worker.jobs.values() if j.stop_reason is None]
+        assert len(running) <= 2, [(j.stream, j.item.id if j.item else None) for j in running]
+        assert (await r.result("online", timeout=30)).error is None
+        for i in range(4):
+            assert (await r.result(f"b{i}", timeout=30)).error is None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpu_worker.worker import RecentIds
+from gpu_worker.recent import RecentIds
 
 
 def test_recent_ids_expire_by_age_and_by_count() -> None:
