@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("reports", nargs="*", type=Path)
     args = p.parse_args(argv)
     if args.plot:
-        plot([json.loads(f.read_text()) for f in args.reports], [f.stem for f in args.reports], args.plot)
+        plot([json.loads(f.read_text()) for f in args.reports],
+             [f.stem.removeprefix("batchprio-") for f in args.reports], args.plot)
         return 0
     slots = args.workers * args.slots
     # the request logs (INFO, JSON) only with --timeline: a line per request costs CPU on this machine too
@@ -185,7 +186,7 @@ def plot(reports: list[dict[str, Any]], names: list[str], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(15, 5.5))
     xs = range(len(reports))
     a1.bar(xs, [r["ratios"]["ttft_p99"] for r in reports], color="tab:blue")
     a1.axhline(1.2, color="red", linestyle="--", label="goal <= 1.2x")
@@ -197,7 +198,7 @@ def plot(reports: list[dict[str, Any]], names: list[str], out: Path) -> None:
     a2.axhline(0.90, color="orange", linestyle=":", label="share goal 0.90")
     a2.set_ylim(0.5, 1.02)
     for ax in (a1, a2):
-        ax.set_xticks(list(xs), names, rotation=20, ha="right", fontsize=8)
+        ax.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=8)
         ax.legend(fontsize=7)
     fig.suptitle("batch beside interactive, sim engine, 4 workers x 32 slots, 2-core machine (not a GPU figure)")
     fig.tight_layout()
