@@ -83,10 +83,11 @@ def _phase(fleet: Fleet, args: argparse.Namespace, slots: int) -> dict[str, Any]
     with Occupancy(fleet, slots) as occ:
         res = asyncio.run(run_load(cfg))
     cpu1, forks1 = machine_cpu(), int(fleet.r.info("stats").get("total_forks", 0))
-    procs = [p for p in fleet.procs if p.worker_id is None], fleet.workers()
-    # with --timeline, the request logs' view: where each streamed request's TTFT went (bench.timeline)
-    parts = ttft_parts([p.output() for p in procs[0]], [p.output() for p in procs[1]], since, time.time(),
-                       skip_streams=[fleet.keys.batch_stream(MODEL)]) if args.timeline else None
+    parts = None
+    if args.timeline:  # the request logs' view: where each streamed request's TTFT went (bench.timeline)
+        parts = ttft_parts([p.output() for p in fleet.procs if p.worker_id is None],
+                           [p.output() for p in fleet.workers()], since, time.time(),
+                           skip_streams=[fleet.keys.batch_stream(MODEL)])
     # TTFT from the scheduled arrival, and from the send (without the load generator's own lateness: a saturated
     # machine delays the sending too)
     ttft, sent = res.ttft_ms or {}, res.ttft_from_send_ms or {}

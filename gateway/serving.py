@@ -342,11 +342,14 @@ def _account(state: GatewayState, a: Access, ended: float | None = None) -> None
     u = a.usage
     state.metrics.observe(a.model, a.endpoint, a.outcome, a.status, duration, key=a.key,
                           prompt_tokens=u.prompt_tokens if u else 0, completion_tokens=u.completion_tokens if u else 0)
-    if state.settings.log_requests:
+    ttft = None if a.first_token_at is None else a.first_token_at - a.started
+    if ttft is not None:
+        state.metrics.ttft.labels(a.model).observe(ttft)
+    if state.settings.log_requests and log.isEnabledFor(logging.INFO):  # built only to be written
         extra: dict[str, Any] = {"request_id": a.request_id, "model": a.model, "endpoint": a.endpoint,
                                  "outcome": a.outcome, "code": a.status, "duration_ms": round(duration * 1000, 1)}
-        if a.first_token_at is not None:
-            extra["ttft_ms"] = round((a.first_token_at - a.started) * 1000, 1)
+        if ttft is not None:
+            extra["ttft_ms"] = round(ttft * 1000, 1)
         if a.trace is not None:
             extra["trace_id"] = a.trace
         log.info("request done", extra=extra)
@@ -503,8 +506,6 @@ async def _stream(state: GatewayState, request: Request, events: AsyncIterator[E
                 async for part in parts:
                     yield part
         finally:
-            if end.first_token_at is not None:
-                state.metrics.ttft.labels(a.model).observe(end.first_token_at - a.started)
             a.outcome, a.status, a.usage, a.first_token_at = end.outcome, end.status, end.usage, end.first_token_at
             _account(state, a)
             await done(*([state.cancel(request_id)] if not end.got_result and cancel else []))

@@ -232,7 +232,7 @@ class WorkerMetrics:
         now = time.time()
         if outcome == "success" and item is not None:
             self.latency.observe(max(0.0, now - item.enqueued_at))
-        if self.s.log_requests:
+        if self.s.log_requests and log.isEnabledFor(logging.INFO):  # built only to be written
             extra: dict[str, Any] = {
                 "request_id": result.id, "worker": self.worker_id, "model": result.model, "outcome": outcome,
                 "attempts": job.deliveries, "completion_tokens": result.usage.completion_tokens,
@@ -242,10 +242,10 @@ class WorkerMetrics:
                 if job.first_token_at is not None:
                     extra["ttft_ms"] = round(max(0.0, job.first_token_at - item.enqueued_at) * 1000, 1)
                 extra["total_ms"] = round((now - item.enqueued_at) * 1000, 1)
+                if item.trace_id is not None:
+                    extra["trace_id"] = item.trace_id
             if job.preempted:
                 extra["preempted"] = job.preempted
-            if item is not None and item.trace_id is not None:
-                extra["trace_id"] = item.trace_id
             log.info("request finished", extra=extra)
 
     def dead_lettered(self) -> None:

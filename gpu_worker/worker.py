@@ -419,11 +419,7 @@ class Worker:
             self.stats.preempted += 1
             log.info("batch request preempted", extra={"worker": self.id, "entry": job.entry_id})
         # the preempted jobs free their slots as their tasks end, a moment after: start these now
-        await self._take(resp, max(self.free_slots, n))
-        for stream, entries in resp if out else ():  # the request log tells which requests preempted
-            for entry_id, _fields in entries:
-                if (started := self.jobs.get((_s(stream), _s(entry_id)))) is not None:
-                    started.preempted = len(out)
+        await self._take(resp, max(self.free_slots, n), preempted=len(out))
 
     async def _read(self, free: int) -> Any:
         """Entries for ``free`` slots (gpu_worker.intake): PULL while the streams may hold more, else a
@@ -453,9 +449,10 @@ class Worker:
         self._batch_more = any(len(entries) >= count for s, entries in resp or () if _s(s) in batch)
         return resp
 
-    async def _take(self, resp: Any, free: int) -> None:
+    async def _take(self, resp: Any, free: int, *, preempted: int = 0) -> None:
         """Start what a read returned, up to ``free`` slots, batch entries only in the batch room (interactive
-        entries first); hand back the rest (several streams answered at once, or a drain began)."""
+        entries first); hand back the rest (several streams answered at once, or a drain began).  ``preempted``:
+        the batch requests handed back to make room for this read's interactive entries (their request log's)."""
         excess: dict[str, list[str]] = {}
         batch = set(self.batch_streams)
         room = self.batch_room(free)
@@ -466,7 +463,8 @@ class Worker:
                 entry_id = _s(entry_id_b)
                 took = None
                 if free > 0 and (not is_batch or room > 0) and not self._stop.is_set():
-                    took = self._start(stream, entry_id, fields or {}, deliveries=1, limit=room if is_batch else None)
+                    took = self._start(stream, entry_id, fields or {}, deliveries=1,
+                                       limit=room if is_batch else None, preempted=0 if is_batch else preempted)
                 if took is None:
                     excess.setdefault(stream, []).append(entry_id)
                 else:
@@ -547,12 +545,13 @@ class Worker:
 
     # ------------------------------------------------------------------ jobs
     def _start(self, stream: str, entry_id: str, fields: dict[Any, Any], *, deliveries: int,
-               limit: int | None = None) -> int | None:
+               limit: int | None = None, preempted: int = 0) -> int | None:
         """Start a job for an entry this worker now holds; the slots it takes (0: it runs already); None: not
         started, it needs more than ``limit`` slots (batch work beyond its room: the caller hands it back)."""
         if (stream, entry_id) in self.jobs:
             return 0
-        job = Job(stream=stream, entry_id=entry_id, fields=fields, deliveries=deliveries, model=self._model_of(stream))
+        job = Job(stream=stream, entry_id=entry_id, fields=fields, deliveries=deliveries, model=self._model_of(stream),
+                  preempted=preempted)
         try:
             job.item = WorkItem.from_fields(fields)
             job.slots = job.item.n

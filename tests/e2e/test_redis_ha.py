@@ -47,7 +47,8 @@ class HA:
 
 
 def _link_up(replica: RedisServer, primary_port: int | None = None) -> bool:
-    info = redis.Redis(port=replica.port, socket_timeout=1).info("replication")
+    with redis.Redis(port=replica.port, socket_timeout=1) as c:
+        info = c.info("replication")
     return (info.get("role") == "slave" and info.get("master_link_status") == "up"
             and primary_port in (None, info.get("master_port")))
 
@@ -71,6 +72,14 @@ def _whole_again(ha: HA) -> bool:
 _EVENTS = ("tilt", "sdown", "odown", "convert-to-slave", "switch-master", "+slave ")
 
 
+def _wait_whole(ha: HA, timeout: float) -> None:
+    """Until :func:`_whole_again`; a timeout's message says what the sentinels and servers saw."""
+    try:
+        wait_until(lambda: _whole_again(ha), timeout, "one primary and its replica again", interval=0.1)
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}\n{_why_not_whole(ha)}") from None
+
+
 def _why_not_whole(ha: HA) -> str:
     """What the sentinels and the restarted primary say, for a timeout's message."""
     lines = []
@@ -84,7 +93,8 @@ def _why_not_whole(ha: HA) -> str:
             lines.append(f"sentinel {s.port}: {exc!r}")
     for name, server in (("old primary", ha.primary), ("old replica", ha.replica)):
         try:
-            info = redis.Redis(port=server.port, socket_timeout=1, decode_responses=True).info("replication")
+            with redis.Redis(port=server.port, socket_timeout=1, decode_responses=True) as c:
+                info = c.info("replication")
             lines.append(f"{name}: {info}")
         except redis.RedisError as exc:
             lines.append(f"{name}: {exc!r}")
@@ -202,10 +212,7 @@ def test_sentinel_failover_under_load(ha: HA, tmp_path: Path, wait_replicas: int
             # the old primary comes back (as a restarted pod would) and Sentinel makes it the new replica (it
             # demotes it after 8 s of it reporting itself primary, seen by INFO every 10 s; then a sync)
             ha.primary.start()
-            try:
-                wait_until(lambda: _whole_again(ha), 90, "one primary and its replica again", interval=0.1)
-            except TimeoutError as exc:
-                raise TimeoutError(f"{exc}\n{_why_not_whole(ha)}") from None
+            _wait_whole(ha, 90)
             back_at = time.monotonic()
             wait_until(lambda: load.answered(after=back_at) >= 50, 60, "50 answers after the failover")
     finally:
@@ -271,10 +278,7 @@ def test_a_manual_failover_demotes_the_primary_under_load(ha: HA, tmp_path: Path
             with ha.sentinels[0].client() as c:
                 assert c.execute_command("SENTINEL", "FAILOVER", "mymaster")
             wait_until(lambda: ha.named() == {("127.0.0.1", ha.replica.port)}, 60, "the switch", interval=0.1)
-            try:  # the old primary a replica of the new one (or, after a second failover, the other way round)
-                wait_until(lambda: _whole_again(ha), 60, "one primary and its replica again", interval=0.1)
-            except TimeoutError as exc:
-                raise TimeoutError(f"{exc}\n{_why_not_whole(ha)}") from None
+            _wait_whole(ha, 60)  # the old primary a replica (or, after a second failover, the primary)
             wait_until(lambda: load.answered(after=switched_at) >= 30, 60, "30 answers after the failover")
             never_restarted = all(p.alive for p in stack.procs) and gw.alive
     finally:
