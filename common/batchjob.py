@@ -67,6 +67,7 @@ class BatchRecord(BaseModel):
     endpoint: str
     completion_window: str = "24h"
     metadata: dict[str, str] | None = None
+    output_expires_after_s: int | None = None  # the output and error files expire this long after they are written
     scope: str  # the caller's scope: only it sees the batch
     status: BatchStatus = BatchStatus.VALIDATING
     created_at: int = Field(default_factory=lambda: int(time.time()))

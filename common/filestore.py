@@ -9,11 +9,14 @@ with big batches would put an object store behind the same interface.
 
 Layout: the record ``Keys.file(id)`` (JSON, :class:`FileRecord`), the chunks ``Keys.file_chunk(id, i)``, the
 listing ``Keys.files`` (a sorted set by creation time) and the total ``Keys.files_bytes``.  A file is written
-chunks first, record last: a record that exists names a whole file.
+chunks first, record last: a record that exists names a whole file.  A file that expires (OpenAI's
+``expires_after``: its record's ``expires_at``) is also in ``Keys.files_expiry`` by that time; the API treats it as
+gone from then on, and a gateway's sweep (:mod:`gateway.file_expiry`) deletes it.
 """
 
 from __future__ import annotations
 
+import builtins
 import time
 import uuid
 from typing import Any, Protocol
@@ -44,11 +47,15 @@ class FileRecord(BaseModel):
     chunks: int = 0
     chunk_bytes: int = 0  # the size of every chunk but the last (0: a file written before it was kept)
     lines: int = 0  # lines that are not blank
+    expires_at: int | None = None  # unix seconds; None: kept until deleted
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
 
     def to_object(self) -> FileObject:
         """OpenAI's ``FileObject``."""
         return FileObject(id=self.id, bytes=self.bytes, created_at=self.created_at, filename=self.filename,
-                          purpose=self.purpose)
+                          purpose=self.purpose, expires_at=self.expires_at)
 
     def to_openai(self) -> dict[str, Any]:
         return self.to_object().model_dump(mode="json")
@@ -61,6 +68,20 @@ for _, k in ipairs(KEYS) do
   if v then redis.call('SET', k, v) end
 end
 return 0
+"""
+
+# Take a file's record off the store, with its places in the listing and the expiry index and its bytes off the
+# total, once however many callers race (a DELETE and a sweep, two sweeping replicas); its chunk count, or -1 when
+# there is no such file.  Its chunks are deleted after, by the caller that got the count.
+_DELETE = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return -1 end
+local rec = cjson.decode(raw)
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('DECRBY', KEYS[4], rec['bytes'])
+return rec['chunks']
 """
 
 
@@ -90,9 +111,15 @@ class FileStore(Protocol):
         """Make a file built with :meth:`append` (``rec.bytes`` long) a stored file; idempotent."""
         ...
 
-    async def delete(self, file_id: str) -> bool: ...
+    async def delete(self, file_id: str) -> bool:
+        """Remove the file; False when there was none (or another caller removed it first)."""
+        ...
 
     async def list(self, limit: int, after: str | None = None) -> tuple[list[FileRecord], bool]: ...
+
+    async def expired(self, now: float, limit: int) -> builtins.list[str]:
+        """Up to ``limit`` ids of files whose ``expires_at`` is at or before ``now``, the oldest expiry first."""
+        ...
 
 
 class RedisFileStore:
@@ -100,6 +127,16 @@ class RedisFileStore:
 
     def __init__(self, r: aioredis.Redis, keys: Keys, *, chunk_bytes: int, max_total_bytes: int) -> None:
         self.r, self.keys, self.chunk_bytes, self.max_total = r, keys, chunk_bytes, max_total_bytes
+        self._delete = r.register_script(_DELETE)
+
+    def _index(self, p: Any, rec: FileRecord) -> None:
+        """Queue on ``p`` the record and its places in the listing and the expiry index."""
+        p.set(self.keys.file(rec.id), rec.model_dump_json())
+        p.zadd(self.keys.files, {rec.id: rec.created_at})
+        if rec.expires_at is not None:
+            p.zadd(self.keys.files_expiry, {rec.id: rec.expires_at})
+        else:
+            p.zrem(self.keys.files_expiry, rec.id)
 
     async def put(self, rec: FileRecord, data: bytes) -> FileRecord:
         """Store ``data`` as ``rec.id`` (replacing a file of that id: a batch's output written again after a
@@ -118,8 +155,7 @@ class RedisFileStore:
                     p.set(self.keys.file_chunk(rec.id, i), data[i * self.chunk_bytes:(i + 1) * self.chunk_bytes])
                 await p.execute()
         async with self.r.pipeline(transaction=True) as p:
-            p.set(self.keys.file(rec.id), rec.model_dump_json())
-            p.zadd(self.keys.files, {rec.id: rec.created_at})
+            self._index(p, rec)
             if old is not None and old.chunks > n:
                 p.delete(*(self.keys.file_chunk(rec.id, i) for i in range(n, old.chunks)))
             await p.execute()
@@ -164,8 +200,7 @@ class RedisFileStore:
             await self.r.eval(_REWRITE, min(rec.chunks, start + 16) - start,
                               *(self.keys.file_chunk(rec.id, i) for i in range(start, min(rec.chunks, start + 16))))
         async with self.r.pipeline(transaction=True) as p:
-            p.set(self.keys.file(rec.id), rec.model_dump_json())
-            p.zadd(self.keys.files, {rec.id: rec.created_at})
+            self._index(p, rec)
             await p.execute()
         return rec
 
@@ -185,17 +220,18 @@ class RedisFileStore:
         return data[start - first * cb:end - first * cb]
 
     async def delete(self, file_id: str) -> bool:
-        rec = await self.meta(file_id)
-        if rec is None:
+        k = self.keys
+        chunks = int(await self._delete(keys=[k.file(file_id), k.files, k.files_expiry, k.files_bytes],
+                                        args=[file_id]))
+        if chunks < 0:
             return False
-        async with self.r.pipeline(transaction=True) as p:
-            p.delete(self.keys.file(file_id))
-            p.zrem(self.keys.files, file_id)
-            p.decrby(self.keys.files_bytes, rec.bytes)
-            await p.execute()
-        for start in range(0, rec.chunks, 256):
-            await self.r.delete(*(self.keys.file_chunk(file_id, i) for i in range(start, min(rec.chunks, start + 256))))
+        for start in range(0, chunks, 256):
+            await self.r.delete(*(k.file_chunk(file_id, i) for i in range(start, min(chunks, start + 256))))
         return True
+
+    async def expired(self, now: float, limit: int) -> builtins.list[str]:
+        ids = await self.r.zrangebyscore(self.keys.files_expiry, "-inf", now, start=0, num=limit)
+        return [i.decode() for i in ids]
 
     async def list(self, limit: int, after: str | None = None) -> tuple[list[FileRecord], bool]:
         """Files, newest first, from the one after ``after``; and whether there are more."""

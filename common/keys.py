@@ -47,6 +47,7 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
     {ns}:file:{id}:c:{i}          the file's content, chunk i (bytes; a file is split so no value is huge)
     {ns}:files                    sorted set: file id by creation time (GET /v1/files)
     {ns}:files:bytes              bytes of every stored file (the file store's size cap)
+    {ns}:files:expiry             sorted set: file id by its expires_at (the files that expire; gateway.file_expiry)
     {ns}:batch:{id}               a batch's record (JSON, common.batchjob.BatchRecord)
     {ns}:batches                  sorted set: batch id by creation time (GET /v1/batches)
     {ns}:batches:active           set of the batches not finished yet (what the feeders look for)
@@ -246,6 +247,10 @@ class Keys:
     @property
     def files_bytes(self) -> str:
         return self._g("files:bytes")
+
+    @property
+    def files_expiry(self) -> str:
+        return self._g("files:expiry")
 
     def batch(self, batch_id: str) -> str:
         return self._g(f"batch:{batch_id}")

@@ -79,14 +79,15 @@ def _check_line(n: int, raw: str, seen: set[str], max_body_bytes: int) -> BatchL
     return BatchLine(cid, BATCH_URLS[url], body, n)
 
 
-def check_batch_lines(lines: Iterable[str], *, max_body_bytes: int = 1 << 20) -> tuple[list[BatchLine],
-                                                                                          list[LineProblem]]:
+def check_batch_lines(lines: Iterable[str], *, max_body_bytes: int = 1 << 20, seen: set[str] | None = None,
+                      first: int = 1) -> tuple[list[BatchLine], list[LineProblem]]:
     """The valid lines of an OpenAI batch JSONL file, and what is wrong with each other line (blank lines are
-    skipped).  A file with any problem should be refused whole, as OpenAI's Batch API does."""
+    skipped; ``lines`` is line ``first`` on).  A file with any problem should be refused whole, as OpenAI's Batch
+    API does.  ``seen``: the custom_ids of the lines before (a file checked in parts), added to."""
     out: list[BatchLine] = []
     problems: list[LineProblem] = []
-    seen: set[str] = set()
-    for n, raw in enumerate(lines, start=1):
+    seen = set() if seen is None else seen
+    for n, raw in enumerate(lines, start=first):
         if not raw.strip():
             continue
         got = _check_line(n, raw, seen, max_body_bytes)

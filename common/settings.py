@@ -336,6 +336,14 @@ class GatewaySettings(HttpSettings, CommonSettings):
                                       "together, uploads and batch outputs (413 past it)")
     file_chunk_bytes: int = Field(default=1 << 20, ge=1024, description="a stored file is split into Redis values "
                                   "of at most this many bytes")
+    file_expiry_default_s: int = Field(default=30 * 24 * 3600, ge=0, description="how long an uploaded batch file "
+                                       "is kept when its upload names no expires_after (OpenAI's 30 days); 0: "
+                                       "until deleted")
+    file_expiry_min_s: int = Field(default=3600, ge=1, le=30 * 24 * 3600, description="the shortest expires_after "
+                                   "and output_expires_after a client may ask for (OpenAI's 1 hour; tests lower "
+                                   "it); the longest is OpenAI's 30 days")
+    file_sweep_interval_s: float = Field(default=30.0, gt=0, description="how often a gateway deletes the files "
+                                         "past their expires_at (the API hides them from that second on)")
     batch_window: int = Field(default=256, ge=1, description="requests of one batch on its model's batch stream "
                               "and not yet answered, at most")
     batch_lease_ms: int = Field(default=10_000, ge=500, description="a batch's feeder lease: another gateway "

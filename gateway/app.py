@@ -31,6 +31,7 @@ from common.probe_http import ProbeServer
 from common.redis_conn import make_client, redacted
 from common.scripts import Scripts
 from common.settings import GatewaySettings
+from gateway import file_expiry
 from gateway.auth import KeyCache, bootstrap_key
 from gateway.batches_api import router as batches_routes
 from gateway.feeder import Feeder
@@ -117,6 +118,7 @@ def _lifespan(settings: GatewaySettings) -> Callable[[FastAPI], AbstractAsyncCon
         feeder = Feeder(state)
         tasks = [asyncio.create_task(replies.run(), name="replies"),
                  asyncio.create_task(feeder.run(), name="batch-feeder"),
+                 asyncio.create_task(file_expiry.run(state, closed), name="file-expiry"),
                  asyncio.create_task(registry.run(client, settings.registry_refresh_s), name="registry"),
                  asyncio.create_task(metrics.run_monitor(client, settings.keys, settings.queue_metrics_interval_s),
                                      name="queue-metrics"),

@@ -1,8 +1,8 @@
 """One step of a batch, run by its feeder (:mod:`gateway.feeder`) while it holds the batch's lease.
 
-    validating    the input file checked whole, each line as an online request is (``gateway.admission``: the
-                  fields, the model, the endpoint it is served on, the context length), nothing stored but the
-                  count; or the batch ``failed`` with one error per bad line
+    validating    the input file checked whole, a block at a time, each line as an online request is
+                  (``gateway.admission``: the fields, the model, the endpoint it is served on, the context
+                  length), nothing stored but the count; or the batch ``failed`` with one error per bad line
     in_progress   collect: the results of the submitted lines (``Keys.result``, read in chunks) appended to the
                   output or error list; feed: the next lines, read again from the input file from the byte
                   offset where the last feed stopped (``next_offset``) and checked again, as WorkItems on the
@@ -25,9 +25,11 @@ output in the same fenced transaction that removes it from the outstanding lines
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -104,52 +106,67 @@ class Run:
         return Caller(scope, await self.state.api_keys.get(scope))
 
     async def validate(self, rec: BatchRecord) -> None:
-        """Check the input file whole (see the module doc).  ServiceUnavailable (no live worker, Redis near its
-        limit) leaves the batch validating, to be checked again."""
-        data = await self.state.files.get(rec.input_file_id)
+        """Check the input file whole, read a block at a time (see the module doc): what the gateway holds is a
+        block, the custom_ids seen and the first errors, whatever the file's size.  ServiceUnavailable (no live
+        worker, Redis near its limit) leaves the batch validating, to be checked again."""
         problems: list[LineError] = []
-        if data is None:
-            problems.append(LineError(code="file_not_found", message=f"the input file {rec.input_file_id} is gone"))
-            data = b""
+        found = 0  # errors found, of which ``problems`` keeps the first MAX_ERRORS by line
+
+        def problem(e: LineError) -> None:
+            nonlocal found
+            found += 1
+            if len(problems) < MAX_ERRORS or e.line is None:  # lines come in order: the first ones are kept
+                problems.append(e)
+
+        requests, seen, caller, n, nonblank = 0, set[str](), await self._caller(rec.scope), 0, 0
         try:
-            lines = _lines(data)
-        except UnicodeDecodeError:
-            problems.append(LineError(code="invalid_file", message="the input file is not UTF-8 text"))
-            lines = []
-        good, bad = check_batch_lines(lines, max_body_bytes=self.s.max_body_bytes)
-        problems += [LineError(code=p.code, message=p.message, line=p.line, param=p.param) for p in bad]
-        if len(good) + len(bad) > self.s.file_max_lines:
-            problems.append(LineError(code="too_many_lines", message=f"at most {self.s.file_max_lines} lines"))
-        if not good and not problems:
-            problems.append(LineError(code="empty_file", message="the input file has no requests"))
-        caller = await self._caller(rec.scope)
-        for start in range(0, len(good), PAGE):
-            for i, bl in enumerate(good[start:start + PAGE], start=start):
-                got = self._check(rec, bl.kind, bl.body, bl.line, bl.custom_id, caller, i)
-                if isinstance(got, LineError):
-                    problems.append(got)
-            await self.renew()
-            await asyncio.sleep(0)  # a big file does not hold the event loop
+            async with contextlib.aclosing(self._file_lines(0)) as lines:
+                async for raw, _after in lines:
+                    n += 1
+                    if n % PAGE == 0:
+                        await self.renew()
+                        await asyncio.sleep(0)  # a big file does not hold the event loop
+                    if not raw.strip():
+                        continue
+                    nonblank += 1
+                    try:
+                        text = raw.decode()
+                    except UnicodeDecodeError:
+                        problem(LineError(code="invalid_file", message="the line is not UTF-8 text", line=n))
+                        continue
+                    good, bad = check_batch_lines([text], max_body_bytes=self.s.max_body_bytes, seen=seen, first=n)
+                    for p in bad:
+                        problem(LineError(code=p.code, message=p.message, line=p.line, param=p.param))
+                    for bl in good:
+                        got = self._check(rec, bl.kind, bl.body, bl.line, bl.custom_id, caller, requests)
+                        requests += 1
+                        if isinstance(got, LineError):
+                            problem(got)
+        except errors.NotFound:
+            problem(LineError(code="file_not_found", message=f"the input file {rec.input_file_id} is gone"))
+        if nonblank > self.s.file_max_lines:
+            problem(LineError(code="too_many_lines", message=f"at most {self.s.file_max_lines} lines"))
+        if not requests and not found:
+            problem(LineError(code="empty_file", message="the input file has no requests"))
         if problems:
             problems.sort(key=lambda e: e.line or 0)
             await self._transact(lambda x: x.model_copy(update={
                 "status": BatchStatus.FAILED, "failed_at": now_s(), "errors": problems[:MAX_ERRORS]}),
                 also=lambda p, _r: self._cleanup(p))
-            log.info("batch failed validation", extra={"batch": self.id, "errors": len(problems)})
+            log.info("batch failed validation", extra={"batch": self.id, "errors": found})
             return
         await self._transact(lambda x: x.model_copy(update={
-            "total": len(good), "in_progress_at": now_s(),
+            "total": requests, "in_progress_at": now_s(),
             "status": BatchStatus.IN_PROGRESS if x.status == BatchStatus.VALIDATING else x.status}))
 
-    async def _read_lines(self, offset: int, count: int) -> tuple[list[BatchLine], int]:
-        """Up to ``count`` request lines of the input file from byte ``offset`` (blank lines skipped, as the
-        validation skipped them), and the offset after the last one."""
-        out: list[BatchLine] = []
+    async def _file_lines(self, offset: int) -> AsyncGenerator[tuple[bytes, int], None]:
+        """The input file's lines from byte ``offset`` (split at newlines only, blank ones too), each with the
+        offset after it, read a block at a time; NotFound when the file is gone."""
         rec = await self.state.files.meta(self.input_file_id)
         if rec is None:
             raise errors.NotFound(f"the input file {self.input_file_id} is gone")
         pos, block = offset, 1 << 20
-        while len(out) < count and pos < rec.bytes:
+        while pos < rec.bytes:
             data = await self.state.files.read(self.input_file_id, pos, block)
             if data is None:
                 raise errors.NotFound(f"the input file {self.input_file_id} is gone")
@@ -157,17 +174,28 @@ class Run:
             if cut == 0:  # a line longer than the block: read more at once
                 block *= 2
                 continue
-            start = 0
-            for raw in data[:cut].split(b"\n"):
-                start += len(raw) + 1
+            body = data[:cut]
+            at = pos
+            for raw in (body[:-1] if body.endswith(b"\n") else body).split(b"\n"):
+                at += len(raw) + 1
+                yield raw, min(at, rec.bytes)
+            pos += cut
+
+    async def _read_lines(self, offset: int, count: int) -> tuple[list[BatchLine], int]:
+        """Up to ``count`` request lines of the input file from byte ``offset`` (blank lines skipped, as the
+        validation skipped them), and the offset after the last one."""
+        out: list[BatchLine] = []
+        end = offset
+        async with contextlib.aclosing(self._file_lines(offset)) as lines:
+            async for raw, after in lines:
+                end = after
                 if not raw.strip():
                     continue
                 good, _bad = check_batch_lines([raw.decode()], max_body_bytes=self.s.max_body_bytes)
                 out += good  # checked whole while validating: every one is good
                 if len(out) == count:
-                    return out, pos + min(start, cut)
-            pos += cut
-        return out, pos
+                    break
+        return out, end
 
     def _check(self, rec: BatchRecord, kind: Any, body: dict[str, Any], line: int, custom_id: str, caller: Caller,
                index: int) -> BatchRequest | LineError:
@@ -375,14 +403,11 @@ class Run:
             return None
         fid = self._file_id(what)
         name = f"{rec.id}_{'output' if what == 'output' else 'errors'}.jsonl"
+        now = int(time.time())  # the anchor of output_expires_after: the file's creation (OpenAI's)
+        expires = now + rec.output_expires_after_s if rec.output_expires_after_s else None
         await self.state.files.seal(FileRecord(id=fid, bytes=size, filename=name, purpose=PURPOSE_OUTPUT,
-                                               scope=rec.scope, lines=lines))
+                                               scope=rec.scope, lines=lines, created_at=now, expires_at=expires))
         return fid
-
-
-def _lines(data: bytes) -> list[str]:
-    """A JSONL file's lines, split at newlines only (as the feeder reads them again, by byte offset)."""
-    return [ln.decode() for ln in data.split(b"\n")]
 
 
 _STOP_MESSAGES = {"batch_expired": "This request could not be executed before the completion window expired.",

@@ -18,13 +18,13 @@ from common.batchjob import BatchRecord, BatchStatus
 from common.producer import BATCH_URLS
 from gateway import batch_records
 from gateway.admission import read_json
-from gateway.files_api import _caller, _state, int_param, owned_file
+from gateway.files_api import _caller, _state, expiry_seconds, int_param, owned_file
 from gateway.http import json_response
 
 router = APIRouter()  # its OpenAPI operations: gateway/openapi.py
 
 WINDOWS = {"24h": 24 * 3600.0}  # OpenAI's only completion window
-_CREATE_FIELDS = ("input_file_id", "endpoint", "completion_window", "metadata")
+_CREATE_FIELDS = ("input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after")
 
 
 def _metadata(v: Any) -> dict[str, str] | None:
@@ -56,13 +56,21 @@ async def create_batch(request: Request) -> Response:
     if window not in WINDOWS:
         raise errors.InvalidRequest("completion_window: must be '24h'", param="completion_window")
     metadata = _metadata(body.get("metadata"))
+    out_expiry = body.get("output_expires_after")
+    if out_expiry is not None:
+        if not isinstance(out_expiry, dict) or set(out_expiry) - {"anchor", "seconds"}:
+            raise errors.InvalidRequest("output_expires_after: an object {anchor: 'created_at', seconds}",
+                                        param="output_expires_after")
+        out_expiry = expiry_seconds(out_expiry.get("anchor"), out_expiry.get("seconds"), "output_expires_after",
+                                    s.file_expiry_min_s)
     f = await owned_file(state, caller, file_id)
     if f.purpose != "batch":
         raise errors.InvalidRequest(f"input_file_id: the file {file_id} has purpose '{f.purpose}', not 'batch'",
                                     param="input_file_id")
     now = time.time()
     rec = BatchRecord(id="batch_" + uuid.uuid4().hex, input_file_id=file_id, endpoint=endpoint,
-                      completion_window=window, metadata=metadata, scope=caller.scope, created_at=int(now),
+                      completion_window=window, metadata=metadata, output_expires_after_s=out_expiry,
+                      scope=caller.scope, created_at=int(now),
                       expires_at=now + (s.batch_completion_window_s or WINDOWS[window]))
     k = s.keys
     with errors.redis_unavailable("could not create the batch", retry_after=s.retry_after_s):

@@ -2,9 +2,15 @@
 ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``, ``DELETE /v1/files/{id}``.  Files are kept in the
 :class:`common.filestore.FileStore` every replica shares; each belongs to its caller's scope (another
 caller's file is as if absent: 404).  A client uploads only ``purpose="batch"``; the gateway writes the
-batches' output and error files (``batch_output``)."""
+batches' output and error files (``batch_output``).  A file with an ``expires_at`` (OpenAI's ``expires_after``:
+an upload's, ``file_expiry_default_s`` by default; a batch's ``output_expires_after`` for its output) is as if
+absent from that second on, and a gateway's sweep deletes it (:mod:`gateway.file_expiry`)."""
 
 from __future__ import annotations
+
+import re
+import time
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -14,12 +20,16 @@ from common import errors
 from common.batch_api import FileDeleted, FileList
 from common.filestore import PURPOSES_UPLOAD, FileRecord, StoreFull, new_file_id
 from gateway.auth import Caller, authenticate
+from gateway.file_expiry import inputs_in_use
 from gateway.http import json_response
 from gateway.state import GatewayState
 
 router = APIRouter()  # its OpenAPI operations: gateway/openapi.py
 
 _FORM_OVERHEAD = 64 << 10  # multipart boundaries and the purpose field, beyond the file's own bytes
+_NONBLANK = re.compile(rb"(?m)^[ \t\r\f\v]*[^ \t\n\r\f\v]")  # a line (split at newlines) that is not blank
+EXPIRY_MAX_S = 30 * 24 * 3600  # OpenAI's longest expires_after
+_FORM_FIELDS = ("file", "purpose", "expires_after[anchor]", "expires_after[seconds]")
 
 
 def _state(request: Request) -> GatewayState:
@@ -41,16 +51,28 @@ def int_param(request: Request, name: str, default: int, low: int, high: int) ->
 
 
 async def owned_file(state: GatewayState, caller: Caller, file_id: str) -> FileRecord:
-    """The caller's file ``file_id``; NotFound (404) when there is none (or it is another caller's)."""
+    """The caller's file ``file_id``; NotFound (404) when there is none (or it is another caller's, or expired)."""
     with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
         rec = await state.files.meta(file_id)
-    if rec is None or rec.scope != caller.scope:
+    if rec is None or rec.scope != caller.scope or rec.expired(time.time()):
         raise errors.NotFound(f"No such File object: {file_id}", param="file_id")
     return rec
 
 
-async def _upload(request: Request, limit: int) -> tuple[bytes, str, str]:
-    """The multipart form's file (its bytes and name) and purpose; 413 past ``limit`` bytes."""
+def expiry_seconds(anchor: Any, seconds: Any, param: str, low: int) -> int:
+    """OpenAI's expiration policy (``{anchor: "created_at", seconds}``): its seconds, from ``low`` (OpenAI's 1 hour
+    unless the settings lower it) to 30 days; 400 naming ``param`` otherwise."""
+    if anchor != "created_at":
+        raise errors.InvalidRequest(f"{param}.anchor: must be 'created_at'", param=f"{param}.anchor")
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not low <= seconds <= EXPIRY_MAX_S:
+        raise errors.InvalidRequest(f"{param}.seconds: an integer from {low} to {EXPIRY_MAX_S}",
+                                    param=f"{param}.seconds")
+    return seconds
+
+
+async def _upload(request: Request, limit: int, expiry_min: int) -> tuple[bytes, str, str, int | None]:
+    """The multipart form's file (its bytes and name), purpose and ``expires_after`` seconds (None: not given);
+    413 past ``limit`` bytes."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit + _FORM_OVERHEAD:
         raise errors.PayloadTooLarge(f"the file is over the {limit}-byte limit")
@@ -59,33 +81,42 @@ async def _upload(request: Request, limit: int) -> tuple[bytes, str, str]:
         raise errors.UnsupportedMediaType("upload a file as multipart/form-data (fields: file, purpose)")
     async with request.form(max_files=1, max_fields=8) as form:
         for name in form:
-            if name not in ("file", "purpose"):  # not dropped silently (expires_after: files are kept until deleted)
-                raise errors.InvalidRequest(f"{name}: not a field this server takes (it takes file and purpose; "
-                                            "files are kept until deleted)", param=name)
+            if name not in _FORM_FIELDS:  # not dropped silently: the caller meant something by it
+                raise errors.InvalidRequest(f"{name}: not a field this server takes (it takes "
+                                            f"{', '.join(_FORM_FIELDS)})", param=name)
+        expiry = None
+        if "expires_after[anchor]" in form or "expires_after[seconds]" in form:
+            seconds = form.get("expires_after[seconds]")  # a form's values are text
+            if isinstance(seconds, str) and seconds.isascii() and seconds.isdigit():
+                seconds = int(seconds)  # type: ignore[assignment]
+            expiry = expiry_seconds(form.get("expires_after[anchor]"), seconds, "expires_after", expiry_min)
         upload, purpose = form.get("file"), form.get("purpose")
         if not isinstance(upload, UploadFile):
             raise errors.InvalidRequest("file: a file is required", param="file")
         if not isinstance(purpose, str) or not purpose:
             raise errors.InvalidRequest("purpose: required", param="purpose")
         data = await upload.read(limit + 1)
-        return data, upload.filename or "upload.jsonl", purpose
+        return data, upload.filename or "upload.jsonl", purpose, expiry
 
 
 @router.post("/v1/files", name="files_create")
 async def create_file(request: Request) -> Response:
     state, caller = _state(request), await _caller(request)
     s = state.settings
-    data, filename, purpose = await _upload(request, s.file_max_bytes)
+    data, filename, purpose, expiry = await _upload(request, s.file_max_bytes, s.file_expiry_min_s)
     if purpose not in PURPOSES_UPLOAD:
         raise errors.InvalidRequest(f"purpose: '{purpose}' is not supported here; use 'batch'", param="purpose")
     if len(data) > s.file_max_bytes:
         raise errors.PayloadTooLarge(f"the file is over the {s.file_max_bytes}-byte limit")
-    lines = sum(1 for ln in data.splitlines() if ln.strip())
+    lines = sum(1 for _ in _NONBLANK.finditer(data))  # not a list of the file's lines: it may be 200 MB
     if lines > s.file_max_lines:
         raise errors.InvalidRequest(f"the file has {lines} lines; a batch file may have at most {s.file_max_lines}",
                                     param="file")
+    now = int(time.time())
+    if expiry is None:  # OpenAI's default for a batch file: 30 days (0: until deleted)
+        expiry = s.file_expiry_default_s or None
     rec = FileRecord(id=new_file_id(), bytes=len(data), filename=filename, purpose=purpose, scope=caller.scope,
-                     lines=lines)
+                     lines=lines, created_at=now, expires_at=now + expiry if expiry else None)
     try:
         with errors.redis_unavailable("could not store the file", retry_after=s.retry_after_s):
             rec = await state.files.put(rec, data)
@@ -102,7 +133,9 @@ async def list_files(request: Request) -> Response:
     after, purpose = request.query_params.get("after"), request.query_params.get("purpose")
     with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
         recs, more = await state.files.list(limit, after)
-    data = [r.to_object() for r in recs if r.scope == caller.scope and (purpose is None or r.purpose == purpose)]
+    now = time.time()
+    data = [r.to_object() for r in recs
+            if r.scope == caller.scope and (purpose is None or r.purpose == purpose) and not r.expired(now)]
     return json_response(FileList(data=data, has_more=more, first_id=data[0].id if data else None,
                                   last_id=data[-1].id if data else None).model_dump(mode="json"))
 
@@ -129,5 +162,8 @@ async def delete_file(request: Request, file_id: str) -> Response:
     state = _state(request)
     await owned_file(state, await _caller(request), file_id)
     with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
+        if file_id in await inputs_in_use(state):  # its feeder reads it until the last line is submitted
+            raise errors.Conflict(f"The file {file_id} is the input of a batch that has not finished; cancel the "
+                                  "batch or wait for it to end.")
         deleted = await state.files.delete(file_id)
     return json_response(FileDeleted(id=file_id, deleted=deleted).model_dump(mode="json"))

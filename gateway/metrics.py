@@ -140,6 +140,8 @@ class GatewayMetrics:
                                       multiprocess_mode="livemin")
         self.batches_finished = Counter("mgpu_gateway_batches_finished", "Batches this gateway finished, by status",
                                         ["status"], registry=r)
+        self.files_expired = Counter("mgpu_gateway_files_expired", "Files this gateway deleted past their "
+                                     "expires_at (OpenAI's expires_after)", registry=r)
         self.cluster = ClusterCollector(self)
         if not self.multiprocess:
             r.register(self.cluster)

@@ -168,13 +168,22 @@ _FILE_ID = {"name": "file_id", "in": "path", "required": True, "schema": {"type"
 _BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _UPLOAD = {"type": "object", "required": ["file", "purpose"], "properties": {
     "file": {"type": "string", "format": "binary", "description": "a JSONL file, one request per line"},
-    "purpose": {"type": "string", "enum": ["batch"]}}}
+    "purpose": {"type": "string", "enum": ["batch"]},
+    "expires_after[anchor]": {"type": "string", "enum": ["created_at"], "description": "OpenAI's expires_after "
+                              "(with expires_after[seconds]); without it a batch file expires after "
+                              "file_expiry_default_s (30 days)"},
+    "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000}}}
+_EXPIRY = {"type": "object", "required": ["anchor", "seconds"], "additionalProperties": False, "properties": {
+    "anchor": {"type": "string", "enum": ["created_at"]},
+    "seconds": {"type": "integer", "minimum": 3600, "maximum": 2592000}}}
 _CREATE_BATCH = {"type": "object", "required": ["input_file_id", "endpoint", "completion_window"],
                  "additionalProperties": False, "properties": {
                      "input_file_id": {"type": "string"}, "endpoint": {"type": "string", "enum": list(BATCH_URLS)},
                      "completion_window": {"type": "string", "enum": ["24h"]},
                      "metadata": {"type": ["object", "null"], "maxProperties": 16,
-                                  "additionalProperties": {"type": "string", "maxLength": 512}}}}
+                                  "additionalProperties": {"type": "string", "maxLength": 512}},
+                     "output_expires_after": {**_EXPIRY, "description": "the output and error files expire this "
+                                              "long after they are written"}}}
 _BYTES = {"description": "The file's content",
           "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
 
@@ -202,7 +211,8 @@ def _files_and_batches(paths: dict[str, Any]) -> None:
             _query("limit", {**limit, "maximum": 10_000, "default": 100}, "at most this many"), _AFTER,
             _query("purpose", {"type": "string"}, "only files of this purpose")]),
         ("/v1/files/{file_id}", "get"): _op("A file's object", _json(FileObject, "The file"), one, [_FILE_ID]),
-        ("/v1/files/{file_id}", "delete"): _op("Delete a file", _json(FileDeleted, "Deleted"), one, [_FILE_ID]),
+        ("/v1/files/{file_id}", "delete"): _op("Delete a file (409: the input of a batch not finished)",
+                                                _json(FileDeleted, "Deleted"), (*one, "409"), [_FILE_ID]),
         ("/v1/files/{file_id}/content", "get"): _op("A file's bytes", _BYTES, one, [_FILE_ID]),
         ("/v1/batches", "post"): _op("Create a batch from an uploaded file", _json(Batch, "The batch, validating"),
                                      ("400", "401", "404", "408", "413", "415", "499", "503"),

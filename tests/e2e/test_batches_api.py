@@ -173,6 +173,26 @@ def test_an_invalid_file_fails_the_batch_with_one_error_per_line(stack: Stack) -
     assert not stack.r.exists(stream) or stack.r.xinfo_stream(stream)["entries-added"] == 0  # nothing submitted
 
 
+def test_validation_reads_the_file_in_blocks_and_names_lines_across_them(stack: Stack) -> None:
+    stack.start_worker(model=MODEL, slots=64, sim_decode_ms=1, sim_decode_ms_per_seq=0)
+    stack.start_gateway(batch_window=512, batch_poll_s=0.05)
+    client = stack.openai()
+    pad = "p" * 200
+    lines = [_line(i, user=pad).encode() for i in range(6000)]  # ~1.6 MB: the check reads 1 MiB blocks
+    lines[2999] = b"   "  # line 3000: blank, skipped but counted
+    lines[4499] = b"\xff\xfe not text"  # line 4500
+    lines[5999] = _line(0).encode()  # line 6000: custom_id c0 again, 1.6 MB after the first
+    data = b"\n".join(lines) + b"\n"
+    assert len(data) > 1 << 20
+    f = client.files.create(file=("big.jsonl", data), purpose="batch")
+    b = _wait(client, _create(client, f.id))
+    assert b.status == "failed", b
+    assert {(e.line, e.code) for e in b.errors.data} == {(4500, "invalid_file"), (6000, "duplicate_custom_id")}
+    good = b"\r\n".join(_line(i, user=pad).encode() for i in range(6000))  # CRLF, no final newline
+    b = _wait(client, _create(client, client.files.create(file=("ok.jsonl", good), purpose="batch").id))
+    assert b.status == "completed" and b.request_counts.total == 6000, b
+
+
 def test_bad_input_gets_openai_errors(stack: Stack) -> None:
     stack.start_worker(model=MODEL, slots=4, sim_decode_ms=1)
     stack.start_gateway(file_max_lines=5, file_max_bytes=4096)
@@ -187,9 +207,12 @@ def test_bad_input_gets_openai_errors(stack: Stack) -> None:
         client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
     with pytest.raises(openai.BadRequestError, match="purpose"):
         client.files.create(file=("x.jsonl", _line(0).encode()), purpose="fine-tune")
-    with pytest.raises(openai.BadRequestError, match="expires_after"):  # not supported, and not dropped silently
-        client.files.create(file=("x.jsonl", _line(0).encode()), purpose="batch",
-                            expires_after={"anchor": "created_at", "seconds": 3600})
+    for policy, param in (({"anchor": "last_active_at", "seconds": 3600}, "expires_after.anchor"),
+                          ({"anchor": "created_at", "seconds": 3599}, "expires_after.seconds"),
+                          ({"anchor": "created_at", "seconds": 2592001}, "expires_after.seconds")):
+        with pytest.raises(openai.BadRequestError) as bad_expiry:
+            client.files.create(file=("x.jsonl", _line(0).encode()), purpose="batch", expires_after=policy)  # type: ignore[arg-type]
+        assert bad_expiry.value.body["param"] == param  # type: ignore[index]
     with pytest.raises(openai.BadRequestError, match="at most 5"):
         client.files.create(file=("x.jsonl", "\n".join(_line(i) for i in range(6)).encode()), purpose="batch")
     with pytest.raises(openai.APIStatusError) as big:
@@ -200,10 +223,18 @@ def test_bad_input_gets_openai_errors(stack: Stack) -> None:
         client.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="1h")  # type: ignore[arg-type]
     with pytest.raises(openai.BadRequestError, match="endpoint"):
         client.batches.create(input_file_id=fid, endpoint="/v1/images", completion_window="24h")  # type: ignore[arg-type]
-    with pytest.raises(openai.BadRequestError, match="output_expires_after") as unknown:  # not dropped silently
+    with pytest.raises(openai.BadRequestError, match="output_format") as unknown:  # not dropped silently
         client.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h",
-                              extra_body={"output_expires_after": {"anchor": "created_at", "seconds": 3600}})
-    assert unknown.value.body["param"] == "output_expires_after"  # type: ignore[index]
+                              extra_body={"output_format": "jsonl"})
+    assert unknown.value.body["param"] == "output_format"  # type: ignore[index]
+    for policy, param in (({"anchor": "created_at", "seconds": 60}, "output_expires_after.seconds"),
+                          ({"anchor": "created_at", "seconds": "3600"}, "output_expires_after.seconds"),
+                          ({"seconds": 3600}, "output_expires_after.anchor"),
+                          ({"anchor": "created_at", "seconds": 3600, "x": 1}, "output_expires_after")):
+        with pytest.raises(openai.BadRequestError) as bad_expiry:
+            client.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h",
+                                  output_expires_after=policy)  # type: ignore[arg-type]
+        assert bad_expiry.value.body["param"] == param  # type: ignore[index]
     assert client.files.content(fid).text.strip() == _line(0)
     assert fid in [f.id for f in client.files.list()]
     for path in ("/v1/files?limit=x", "/v1/batches?limit=0"):
@@ -213,6 +244,53 @@ def test_bad_input_gets_openai_errors(stack: Stack) -> None:
     assert client.files.delete(fid).deleted
     with pytest.raises(openai.NotFoundError):
         client.files.content(fid)
+
+
+def test_files_expire_and_a_running_batch_keeps_its_input_until_it_ends(stack: Stack) -> None:
+    stack.start_worker(model=MODEL, slots=2, sim_decode_ms=20)
+    stack.start_gateway(batch_window=4, batch_poll_s=0.05, file_expiry_min_s=1, file_sweep_interval_s=0.2)
+    client, r, k = stack.openai(), stack.r, stack.keys
+    plain = client.files.create(file=("p.jsonl", _line(0).encode()), purpose="batch")
+    assert plain.expires_at == plain.created_at + 30 * 24 * 3600  # OpenAI's default for a batch file
+    short = client.files.create(file=("s.jsonl", _line(0).encode()), purpose="batch",
+                                expires_after={"anchor": "created_at", "seconds": 1})
+    assert short.expires_at == short.created_at + 1
+    n = 30  # 15 rounds of 2 slots x 16 steps x 20 ms: the batch runs ~5 s, past its input's expiry
+    f = client.files.create(file=("in.jsonl", ("\n".join(_line(i, max_tokens=16) for i in range(n)) + "\n").encode()),
+                            purpose="batch", expires_after={"anchor": "created_at", "seconds": 2})
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                              output_expires_after={"anchor": "created_at", "seconds": 3})
+    with pytest.raises(openai.ConflictError, match="has not finished"):  # its feeder still reads it
+        client.files.delete(f.id)
+
+    def gone(fid: str) -> bool:
+        try:
+            client.files.retrieve(fid)
+        except openai.NotFoundError:
+            return True
+        return False
+
+    wait_until(lambda: gone(short.id), 10, "the 1 s file hidden")
+    wait_until(lambda: not r.exists(k.file(short.id)), 10, "the 1 s file swept")
+    assert short.id not in [x.id for x in client.files.list()] and plain.id in [x.id for x in client.files.list()]
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(short.id)
+    wait_until(lambda: gone(f.id), 10, "the input hidden at its expiry")
+    with pytest.raises(openai.NotFoundError):  # a new batch cannot use an expired file
+        client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert client.batches.retrieve(b.id).status not in FINAL and r.exists(k.file(f.id))  # kept: the batch runs
+    b = _wait(client, b.id)
+    assert b.status == "completed" and b.completed_at > f.expires_at, b  # the feeder read its input past expiry
+    out, err = _answers(client, b)
+    assert sorted(out) == sorted(f"c{i}" for i in range(n)) and not err
+    output = client.files.retrieve(b.output_file_id)
+    assert output.expires_at == output.created_at + 3 and output.created_at >= b.finalizing_at
+    wait_until(lambda: not r.exists(k.file(f.id)), 10, "the input swept once its batch ended")
+    wait_until(lambda: not r.exists(k.file(b.output_file_id)), 10, "the output swept at its expiry")
+    assert gone(b.output_file_id) and not gone(plain.id)
+    assert int(r.get(k.files_bytes)) == plain.bytes  # every expired file's bytes are off the store's total
+    with urllib.request.urlopen(stack.base_url + "/metrics", timeout=5) as resp:
+        assert "mgpu_gateway_files_expired_total 3.0" in resp.read().decode()
 
 
 def test_a_feeders_gateway_and_a_worker_killed_mid_batch_answer_every_custom_id_once(stack: Stack) -> None:

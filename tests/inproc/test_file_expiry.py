@@ -1,0 +1,89 @@
+"""The file store's expiry and deletion against a real redis-server: the expiry index, a deletion that counts a
+file's bytes off the store's total once however many callers race, and the sweep that deletes expired files but
+keeps the input file of a batch that has not finished."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+
+from common.batchjob import BatchRecord
+from common.filestore import FileRecord, RedisFileStore
+from common.keys import Keys
+from common.redis_conn import make_client
+from gateway import file_expiry
+from ops.procs import RedisServer
+
+K = Keys("fx")
+
+
+def _rec(fid: str, expires_at: int | None, created_at: int = 1_000) -> FileRecord:
+    return FileRecord(id=fid, bytes=0, filename=f"{fid}.jsonl", purpose="batch", scope="s", created_at=created_at,
+                      expires_at=expires_at)
+
+
+def _state(client: Any, store: RedisFileStore) -> Any:
+    """What the sweep uses of a gateway's state."""
+    counter = Counter("files_expired", "test", registry=CollectorRegistry())
+    return SimpleNamespace(settings=SimpleNamespace(keys=K), redis=client, files=store,
+                           metrics=SimpleNamespace(files_expired=counter))
+
+
+async def test_racing_deletes_take_a_files_bytes_off_the_total_once(redis_server: RedisServer) -> None:
+    client = make_client(redis_server.url)
+    store = RedisFileStore(client, K, chunk_bytes=1024, max_total_bytes=1 << 20)
+    await store.put(_rec("file-a", 2_000), b"x" * 5000)  # 5 chunks
+    await store.put(_rec("file-b", None), b"y" * 10)
+    assert int(await client.get(K.files_bytes)) == 5010
+    got = await asyncio.gather(*(store.delete("file-a") for _ in range(8)))
+    assert sorted(got) == [False] * 7 + [True]
+    assert int(await client.get(K.files_bytes)) == 10
+    assert await client.exists(*(K.file_chunk("file-a", i) for i in range(5))) == 0
+    assert await client.zscore(K.files_expiry, "file-a") is None and await client.zscore(K.files, "file-a") is None
+    assert await store.meta("file-b") is not None
+    await client.aclose()
+
+
+async def test_the_expiry_index_follows_the_record(redis_server: RedisServer) -> None:
+    client = make_client(redis_server.url)
+    store = RedisFileStore(client, K, chunk_bytes=1024, max_total_bytes=1 << 20)
+    await store.put(_rec("file-late", 3_000), b"1")
+    await store.put(_rec("file-early", 2_000), b"2")
+    await store.put(_rec("file-never", None), b"3")
+    assert await store.expired(1_999, 10) == []
+    assert await store.expired(2_500, 10) == ["file-early"]
+    assert await store.expired(3_000, 10) == ["file-early", "file-late"]
+    assert await store.expired(3_000, 1) == ["file-early"]
+    await store.put(_rec("file-early", None), b"2")  # stored again without an expiry: out of the index
+    assert await store.expired(9_999, 10) == ["file-late"]
+    sealed = await store.seal(_rec("file-out", 2_500).model_copy(update={"bytes": 0}))
+    assert sealed.expires_at == 2_500 and await store.expired(9_999, 10) == ["file-out", "file-late"]
+    await client.aclose()
+
+
+async def test_the_sweep_deletes_expired_files_but_a_running_batchs_input(redis_server: RedisServer) -> None:
+    client = make_client(redis_server.url)
+    store = RedisFileStore(client, K, chunk_bytes=1024, max_total_bytes=1 << 20)
+    state = _state(client, store)
+    for fid, exp in (("file-in", 2_000), ("file-old", 2_000), ("file-new", 5_000), ("file-kept", None)):
+        await store.put(_rec(fid, exp), b"z" * 100)
+    batch = BatchRecord(id="batch_1", input_file_id="file-in", endpoint="/v1/chat/completions", scope="s",
+                        expires_at=9e9)
+    await client.set(K.batch(batch.id), batch.model_dump_json())
+    await client.sadd(K.batches_active, batch.id)
+
+    assert await file_expiry.sweep(state, now=1_999) == 0
+    assert await file_expiry.sweep(state, now=3_000) == 1  # file-old; file-in is the running batch's
+    assert await store.meta("file-old") is None and await store.meta("file-in") is not None
+    assert int(await client.get(K.files_bytes)) == 300
+    assert await file_expiry.sweep(state, now=3_000) == 0
+
+    await client.srem(K.batches_active, batch.id)  # the batch finished: its input goes at the next sweep
+    assert await file_expiry.sweep(state, now=6_000) == 2  # file-in, file-new
+    assert [r.id for r in (await store.list(10))[0]] == ["file-kept"]
+    assert int(await client.get(K.files_bytes)) == 100
+    assert state.metrics.files_expired._value.get() == 3
+    await client.aclose()
