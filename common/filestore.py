@@ -72,14 +72,18 @@ return 0
 
 # Take a file's record off the store, with its places in the listing and the expiry index and its bytes off the
 # total, once however many callers race (a DELETE and a sweep, two sweeping replicas); its chunk count, or -1 when
-# there is no such file.  Its chunks are deleted after, by the caller that got the count.
+# there is no such file (its index entries are removed all the same: one left without a record, by an older
+# gateway's DELETE, would come back at the head of every sweep).  Its chunks are deleted after, by the caller that
+# got the count.  -2, and nothing removed, while a batch that has not finished reads it (``Keys.file_batches``: the
+# batch's creation adds itself in the transaction that checks the file is there, its end removes it).
 _DELETE = """
+if redis.call('SCARD', KEYS[5]) > 0 then return -2 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
 local raw = redis.call('GET', KEYS[1])
 if not raw then return -1 end
 local rec = cjson.decode(raw)
 redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('DECRBY', KEYS[4], rec['bytes'])
 return rec['chunks']
 """
@@ -87,6 +91,10 @@ return rec['chunks']
 
 class StoreFull(Exception):
     """The store is at its cap (``file_store_max_bytes``)."""
+
+
+class FileInUse(Exception):
+    """The file is the input of a batch that has not finished (its feeder still reads it)."""
 
 
 class FileStore(Protocol):
@@ -112,7 +120,8 @@ class FileStore(Protocol):
         ...
 
     async def delete(self, file_id: str) -> bool:
-        """Remove the file; False when there was none (or another caller removed it first)."""
+        """Remove the file; False when there was none (or another caller removed it first); FileInUse while a batch
+        that has not finished reads it."""
         ...
 
     async def list(self, limit: int, after: str | None = None) -> tuple[list[FileRecord], bool]: ...
@@ -221,8 +230,10 @@ class RedisFileStore:
 
     async def delete(self, file_id: str) -> bool:
         k = self.keys
-        chunks = int(await self._delete(keys=[k.file(file_id), k.files, k.files_expiry, k.files_bytes],
-                                        args=[file_id]))
+        chunks = int(await self._delete(keys=[k.file(file_id), k.files, k.files_expiry, k.files_bytes,
+                                              k.file_batches(file_id)], args=[file_id]))
+        if chunks == -2:
+            raise FileInUse(file_id)
         if chunks < 0:
             return False
         for start in range(0, chunks, 256):

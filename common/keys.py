@@ -48,6 +48,7 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
     {ns}:files                    sorted set: file id by creation time (GET /v1/files)
     {ns}:files:bytes              bytes of every stored file (the file store's size cap)
     {ns}:files:expiry             sorted set: file id by its expires_at (the files that expire; gateway.file_expiry)
+    {ns}:file:{id}:batches        set of the batches not finished that read the file (their input: not deleted)
     {ns}:batch:{id}               a batch's record (JSON, common.batchjob.BatchRecord)
     {ns}:batches                  sorted set: batch id by creation time (GET /v1/batches)
     {ns}:batches:active           set of the batches not finished yet (what the feeders look for)
@@ -236,6 +237,9 @@ class Keys:
 
     def file(self, file_id: str) -> str:
         return self._g(f"file:{file_id}")
+
+    def file_batches(self, file_id: str) -> str:
+        return self._g(f"file:{file_id}:batches")
 
     def file_chunk(self, file_id: str, index: int) -> str:
         return self._g(f"file:{file_id}:c:{index}")

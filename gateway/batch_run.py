@@ -168,7 +168,7 @@ class Run:
         pos, block = offset, 1 << 20
         while pos < rec.bytes:
             data = await self.state.files.read(self.input_file_id, pos, block)
-            if data is None:
+            if not data:  # gone, or shorter than its record says
                 raise errors.NotFound(f"the input file {self.input_file_id} is gone")
             cut = data.rfind(b"\n") + 1 if pos + len(data) < rec.bytes else len(data)  # whole lines only
             if cut == 0:  # a line longer than the block: read more at once
@@ -214,6 +214,7 @@ class Run:
     def _cleanup(self, p: Any) -> None:
         """The batch's working keys, and its place among the active batches (in a finishing transaction)."""
         p.srem(self.k.batches_active, self.id)
+        p.srem(self.k.file_batches(self.input_file_id), self.id)  # its input may be deleted (or expire) now
         p.delete(self.k.batch_outstanding(self.id))
 
     # ------------------------------------------------------------------ in progress

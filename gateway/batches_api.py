@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import Any
 
+import redis
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -73,12 +74,23 @@ async def create_batch(request: Request) -> Response:
                       scope=caller.scope, created_at=int(now),
                       expires_at=now + (s.batch_completion_window_s or WINDOWS[window]))
     k = s.keys
+    gone = errors.NotFound(f"No such File object: {file_id}", param="input_file_id")
     with errors.redis_unavailable("could not create the batch", retry_after=s.retry_after_s):
         async with state.redis.pipeline(transaction=True) as p:
+            # the file is there when the batch is written, and marked as its input in the same transaction: a
+            # deletion (a DELETE, an expiry's sweep) either comes first (404 here) or is refused until it ends
+            await p.watch(k.file(file_id))
+            if not await p.exists(k.file(file_id)):
+                raise gone
+            p.multi()
             p.set(k.batch(rec.id), rec.model_dump_json())
             p.zadd(k.batches, {rec.id: now})
             p.sadd(k.batches_active, rec.id)
-            await p.execute()
+            p.sadd(k.file_batches(file_id), rec.id)
+            try:
+                await p.execute()
+            except redis.WatchError:
+                raise gone from None
     return json_response(rec.to_openai())
 
 

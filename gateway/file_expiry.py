@@ -3,8 +3,11 @@
 file from its ``expires_at`` on (gateway/files_api.py), whether or not a sweep has run.
 
 The input file of a batch that has not finished is kept past its expiry, until the batch ends: its feeder reads
-the file again, a window at a time, until the last line is submitted.  Replicas may sweep at once: a file's
-deletion is one script (``FileStore.delete``), so its bytes leave the store's total once."""
+the file again, a window at a time, until the last line is submitted.  The deletion script itself refuses such a
+file (``Keys.file_batches``, set by the batch's creation in the transaction that checks the file is there), so a
+batch created while a sweep runs keeps its input too; the sweep skips the inputs it knows of
+(``Keys.batches_active``) only so that they do not fill its page.  Replicas may sweep at once: a file's deletion
+is one script (``FileStore.delete``), so its bytes leave the store's total once."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import redis
 
 from common.backoff import Backoff
 from common.batchjob import BatchRecord
+from common.filestore import FileInUse
 from gateway.state import GatewayState
 
 log = logging.getLogger("mgpu.gateway.files")
@@ -33,29 +37,39 @@ async def inputs_in_use(state: GatewayState) -> set[str]:
     return {BatchRecord.model_validate_json(raw).input_file_id for raw in raws if raw is not None}
 
 
-async def sweep(state: GatewayState, now: float | None = None) -> int:
-    """Delete the files expired by ``now`` except the inputs of running batches; how many this call deleted."""
+async def sweep(state: GatewayState, now: float | None = None) -> tuple[int, bool]:
+    """Delete the files expired by ``now`` except the inputs of running batches: how many this call deleted, and
+    whether it found a full page (more may be due: sweep again at once)."""
     now = time.time() if now is None else now
     keep = await inputs_in_use(state)
+    due = await state.files.expired(now, _PAGE + len(keep))
     deleted = 0
-    for fid in await state.files.expired(now, _PAGE + len(keep)):
-        if fid not in keep and await state.files.delete(fid):
-            deleted += 1
+    for fid in due:
+        if fid in keep:
+            continue
+        try:
+            deleted += await state.files.delete(fid)
+        except FileInUse:  # a batch created since ``keep`` was read: kept until it ends
+            pass
     if deleted:
         state.metrics.files_expired.inc(deleted)
         log.info("deleted expired files", extra={"files": deleted})
-    return deleted
+    return deleted, len(due) >= _PAGE + len(keep)
 
 
 async def run(state: GatewayState, closed: list[bool]) -> None:
-    """The lifespan's task: a sweep every ``file_sweep_interval_s`` (a full page: the next one at once)."""
+    """The lifespan's task: a sweep every ``file_sweep_interval_s`` (after a full page, the next one at once)."""
     backoff = Backoff(0.5, 10.0)
     while not closed[0]:
         try:
-            full = await sweep(state) >= _PAGE
+            _, full = await sweep(state)
             backoff.reset()
         except (redis.RedisError, OSError) as exc:
             log.warning("the expired files' sweep failed: %r", exc)
+            await backoff.wait()
+            continue
+        except Exception:  # a record it cannot read, say: logged, and the sweeps go on
+            log.exception("the expired files' sweep failed")
             await backoff.wait()
             continue
         if not full:

@@ -18,9 +18,8 @@ from starlette.datastructures import UploadFile
 
 from common import errors
 from common.batch_api import FileDeleted, FileList
-from common.filestore import PURPOSES_UPLOAD, FileRecord, StoreFull, new_file_id
+from common.filestore import PURPOSES_UPLOAD, FileInUse, FileRecord, StoreFull, new_file_id
 from gateway.auth import Caller, authenticate
-from gateway.file_expiry import inputs_in_use
 from gateway.http import json_response
 from gateway.state import GatewayState
 
@@ -45,7 +44,7 @@ def int_param(request: Request, name: str, default: int, low: int, high: int) ->
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 12) or not low <= int(raw) <= high:
         raise errors.InvalidRequest(f"{name}: an integer from {low} to {high}", param=name)
     return int(raw)
 
@@ -87,7 +86,7 @@ async def _upload(request: Request, limit: int, expiry_min: int) -> tuple[bytes,
         expiry = None
         if "expires_after[anchor]" in form or "expires_after[seconds]" in form:
             seconds = form.get("expires_after[seconds]")  # a form's values are text
-            if isinstance(seconds, str) and seconds.isascii() and seconds.isdigit():
+            if isinstance(seconds, str) and seconds.isascii() and seconds.isdigit() and len(seconds) <= 12:
                 seconds = int(seconds)  # type: ignore[assignment]
             expiry = expiry_seconds(form.get("expires_after[anchor]"), seconds, "expires_after", expiry_min)
         upload, purpose = form.get("file"), form.get("purpose")
@@ -161,9 +160,10 @@ async def file_content(request: Request, file_id: str) -> Response:
 async def delete_file(request: Request, file_id: str) -> Response:
     state = _state(request)
     await owned_file(state, await _caller(request), file_id)
-    with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
-        if file_id in await inputs_in_use(state):  # its feeder reads it until the last line is submitted
-            raise errors.Conflict(f"The file {file_id} is the input of a batch that has not finished; cancel the "
-                                  "batch or wait for it to end.")
-        deleted = await state.files.delete(file_id)
+    try:
+        with errors.redis_unavailable(retry_after=state.settings.retry_after_s):
+            deleted = await state.files.delete(file_id)
+    except FileInUse:  # its feeder reads it until the last line is submitted
+        raise errors.Conflict(f"The file {file_id} is the input of a batch that has not finished; cancel the "
+                              "batch or wait for it to end.") from None
     return json_response(FileDeleted(id=file_id, deleted=deleted).model_dump(mode="json"))

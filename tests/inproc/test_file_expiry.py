@@ -1,6 +1,6 @@
 """The file store's expiry and deletion against a real redis-server: the expiry index, a deletion that counts a
-file's bytes off the store's total once however many callers race, and the sweep that deletes expired files but
-keeps the input file of a batch that has not finished."""
+file's bytes off the store's total once however many callers race and refuses the input of a batch that has not
+finished, and the sweep that deletes expired files but keeps such inputs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from common.batchjob import BatchRecord
-from common.filestore import FileRecord, RedisFileStore
+from common.filestore import FileInUse, FileRecord, RedisFileStore
 from common.keys import Keys
 from common.redis_conn import make_client
 from gateway import file_expiry
@@ -44,6 +44,28 @@ async def test_racing_deletes_take_a_files_bytes_off_the_total_once(redis_server
     assert await client.exists(*(K.file_chunk("file-a", i) for i in range(5))) == 0
     assert await client.zscore(K.files_expiry, "file-a") is None and await client.zscore(K.files, "file-a") is None
     assert await store.meta("file-b") is not None
+    # an index entry left without a record (an older gateway's DELETE did not know the expiry index) is removed
+    await client.zadd(K.files_expiry, {"file-orphan": 1_500})
+    assert await store.expired(9_999, 10) == ["file-orphan"]
+    assert not await store.delete("file-orphan") and await store.expired(9_999, 10) == []
+    await client.aclose()
+
+
+async def test_a_running_batchs_input_is_not_deleted(redis_server: RedisServer) -> None:
+    client = make_client(redis_server.url)
+    store = RedisFileStore(client, K, chunk_bytes=1024, max_total_bytes=1 << 20)
+    await store.put(_rec("file-in", 2_000), b"x" * 100)
+    await client.sadd(K.file_batches("file-in"), "batch_1", "batch_2")  # two batches read one input
+    for ended in ("batch_1", "batch_2"):
+        try:
+            await store.delete("file-in")
+            raise AssertionError("deleted while batches read it")
+        except FileInUse:
+            pass
+        assert await store.meta("file-in") is not None and int(await client.get(K.files_bytes)) == 100
+        assert await store.expired(9_999, 10) == ["file-in"]  # still due: a later sweep deletes it
+        await client.srem(K.file_batches("file-in"), ended)
+    assert await store.delete("file-in") and int(await client.get(K.files_bytes)) == 0
     await client.aclose()
 
 
@@ -72,18 +94,33 @@ async def test_the_sweep_deletes_expired_files_but_a_running_batchs_input(redis_
         await store.put(_rec(fid, exp), b"z" * 100)
     batch = BatchRecord(id="batch_1", input_file_id="file-in", endpoint="/v1/chat/completions", scope="s",
                         expires_at=9e9)
-    await client.set(K.batch(batch.id), batch.model_dump_json())
+    await client.set(K.batch(batch.id), batch.model_dump_json())  # as POST /v1/batches writes it
     await client.sadd(K.batches_active, batch.id)
+    await client.sadd(K.file_batches("file-in"), batch.id)
 
-    assert await file_expiry.sweep(state, now=1_999) == 0
-    assert await file_expiry.sweep(state, now=3_000) == 1  # file-old; file-in is the running batch's
+    assert await file_expiry.sweep(state, now=1_999) == (0, False)
+    assert await file_expiry.sweep(state, now=3_000) == (1, False)  # file-old; file-in is the running batch's
     assert await store.meta("file-old") is None and await store.meta("file-in") is not None
     assert int(await client.get(K.files_bytes)) == 300
-    assert await file_expiry.sweep(state, now=3_000) == 0
+    assert await file_expiry.sweep(state, now=3_000) == (0, False)
 
-    await client.srem(K.batches_active, batch.id)  # the batch finished: its input goes at the next sweep
-    assert await file_expiry.sweep(state, now=6_000) == 2  # file-in, file-new
+    await client.srem(K.batches_active, batch.id)  # not among the active any more, but still marked: kept
+    assert await file_expiry.sweep(state, now=3_000) == (0, False) and await store.meta("file-in") is not None
+    await client.srem(K.file_batches("file-in"), batch.id)  # the batch ended: its input goes at the next sweep
+    assert await file_expiry.sweep(state, now=6_000) == (2, False)  # file-in, file-new
     assert [r.id for r in (await store.list(10))[0]] == ["file-kept"]
     assert int(await client.get(K.files_bytes)) == 100
     assert state.metrics.files_expired._value.get() == 3
+    await client.aclose()
+
+
+async def test_a_full_page_asks_for_another_sweep_at_once(redis_server: RedisServer, monkeypatch: Any) -> None:
+    client = make_client(redis_server.url)
+    store = RedisFileStore(client, K, chunk_bytes=1024, max_total_bytes=1 << 20)
+    state = _state(client, store)
+    monkeypatch.setattr(file_expiry, "_PAGE", 3)
+    for i in range(5):
+        await store.put(_rec(f"file-{i}", 2_000 + i), b"q")
+    assert await file_expiry.sweep(state, now=9_000) == (3, True)
+    assert await file_expiry.sweep(state, now=9_000) == (2, False)
     await client.aclose()
