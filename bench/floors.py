@@ -8,13 +8,16 @@ Python client, and what one HTTP request costs the ASGI server the gateway runs 
    of redis-server and of the client process, from /proc.
 2. HTTP: uvicorn with the gateway's options (uvloop, httptools) serving a pure ASGI app that reads the body
    and answers a fixed chat completion, loaded by ``python -m bench`` (the same open loop as every other
-   benchmark): CPU per request of the server.
+   benchmark): CPU per request of the server.  ``--servers uvicorn,granian`` measures Granian (a Rust HTTP
+   server running the same ASGI app on uvloop, one worker: its CPU is its whole process tree) beside it,
+   alternating, ``--repeats`` times each, in the open loop and in a closed loop of 64 clients.
 
 mgpu's gateway makes one HTTP exchange and two Redis round trips per request (ENQUEUE, its share of the
 reply read); a worker two (its read, FINISH); redis-server serves four.  These floors, times those counts,
 are the least this design can cost in Python and Redis on this machine.
 
     python -m bench.floors --json docs/floors.json
+    python -m bench.floors --http-only --servers uvicorn,granian --repeats 2 --json docs/floors-servers.json
 """
 
 from __future__ import annotations
@@ -93,38 +96,72 @@ def redis_floor(tmp: Path, n: int) -> dict[str, dict[str, float]]:
         server.stop()
 
 
-def http_floor(tmp: Path, rate: float, requests: int) -> dict[str, float]:
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its children (Granian serves from a worker process)."""
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    total = 0.0
+    for p in [pid, *map(int, kids)]:
+        try:
+            total += cpu_s(p)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def _server_cmd(server: str, port: int) -> list[str]:
+    if server == "granian":
+        return [sys.executable, "-m", "granian", "--interface", "asgi", "--loop", "uvloop", "--workers", "1",
+                "--runtime-threads", "1", "--runtime-mode", "st", "--host", "127.0.0.1", "--port", str(port),
+                "--no-log", "bench.floors:app"]
+    return [sys.executable, "-c", f"import uvicorn, bench.floors as f; uvicorn.run(f.app, host='127.0.0.1', "
+            f"port={port}, loop='uvloop', http='httptools', log_level='warning', access_log=False)"]
+
+
+def http_floor(tmp: Path, rate: float, requests: int, server: str = "uvicorn") -> dict[str, Any]:
+    """CPU per request of ``server`` with the bare ASGI app: open loop at ``rate`` (0: closed loop, 64 clients)."""
     port = free_port()
-    code = (f"import uvicorn, bench.floors as f; uvicorn.run(f.app, host='127.0.0.1', port={port}, loop='uvloop', "
-            "http='httptools', log_level='warning', access_log=False)")
-    proc = spawn([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, log_path=tmp / "http.log")
+    log = tmp / f"http-{server}.log"
+    proc = spawn(_server_cmd(server, port), env={**os.environ, "PYTHONPATH": str(ROOT)}, log_path=log,
+                 cwd=str(ROOT))
     try:
-        wait_http_ok(Proc("ASGI server", proc, tmp / "http.log", port=port), f"http://127.0.0.1:{port}/", 30)
+        wait_http_ok(Proc("ASGI server", proc, log, port=port), f"http://127.0.0.1:{port}/", 30)
+        time.sleep(0.5)  # a worker process's start-up is not counted
         out = tmp / "load.json"
+        load = ["--rate", str(rate)] if rate else ["--concurrency", "64"]
         cmd = [sys.executable, "-m", "bench", "--url", f"http://127.0.0.1:{port}", "--model", "m", "--max-tokens", "16",
-               "--rate", str(rate), "--requests", str(requests), "--duration", "600", "--json", str(out)]
-        c0 = cpu_s(proc.pid)
+               *load, "--requests", str(requests), "--duration", "600", "--json", str(out)]
+        c0 = tree_cpu_s(proc.pid)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
         res = json.loads(out.read_text())["results"][0]
-        return {"server_us_per_req": 1e6 * (cpu_s(proc.pid) - c0) / max(1, res["ok"]), "ok": res["ok"],
+        return {"server": server, "load": f"{rate:.0f} req/s" if rate else "closed loop, 64 clients",
+                "server_us_per_req": 1e6 * (tree_cpu_s(proc.pid) - c0) / max(1, res["ok"]), "ok": res["ok"],
                 "p50_ms": res["latency_ms"]["p50"], "p99_ms": res["latency_ms"]["p99"]}
     finally:
         terminate(proc)
 
 
 def measure(a: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = [{"kind": "redis", "call": name, **v} for name, v in redis_floor(tmp, a.calls).items()]
-    return [*rows, {"kind": "http", **http_floor(tmp, a.rate, a.requests)}]
+    rows: list[dict[str, Any]] = []
+    if not a.http_only:
+        rows = [{"kind": "redis", "call": name, **v} for name, v in redis_floor(tmp, a.calls).items()]
+    servers = a.servers.split(",")
+    for rate, n in ((a.rate, a.requests), *(((0.0, 4 * a.requests),) if len(servers) > 1 else ())):
+        for _ in range(a.repeats):
+            rows += [{"kind": "http", **http_floor(tmp, rate, n, server)} for server in servers]
+    return rows
 
 
 def table(rows: list[dict[str, Any]], rate: float) -> str:
-    out = ["| Redis call, one at a time | redis-server µs/call | client µs/call | wall µs/call |",
-           "|---|---:|---:|---:|"]
-    out += [f"| {r['call']} | {r['server_us']:.1f} | {r['client_us']:.1f} | {r['wall_us']:.1f} |"
-            for r in rows if r["kind"] == "redis"]
-    http = next(r for r in rows if r["kind"] == "http")
-    out.append(f"\nASGI server floor (uvicorn + uvloop + httptools, a fixed chat completion) at {rate:.0f} req/s: "
-               f"{http['server_us_per_req']:.0f} µs/request, p50 {http['p50_ms']:.2f} ms, p99 {http['p99_ms']:.2f} ms")
+    out = []
+    if any(r["kind"] == "redis" for r in rows):
+        out = ["| Redis call, one at a time | redis-server µs/call | client µs/call | wall µs/call |",
+               "|---|---:|---:|---:|"]
+        out += [f"| {r['call']} | {r['server_us']:.1f} | {r['client_us']:.1f} | {r['wall_us']:.1f} |"
+                for r in rows if r["kind"] == "redis"]
+    out += ["", "| ASGI server (uvloop; a fixed chat completion) | load | CPU µs/request | p50 ms | p99 ms |",
+            "|---|---|---:|---:|---:|"]
+    out += [f"| {r['server']} | {r['load']} | {r['server_us_per_req']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
+            for r in rows if r["kind"] == "http"]
     return "\n".join(out)
 
 
@@ -133,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.floors", description=__doc__, formatter_class=fmt)
     for flag, kind, default in (("--calls", int, 20_000), ("--rate", float, 400.0), ("--requests", int, 6000)):
         p.add_argument(flag, type=kind, default=default)
+    p.add_argument("--servers", default="uvicorn", help="ASGI servers to measure, comma-separated: uvicorn, granian")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each server, alternating")
+    p.add_argument("--http-only", action="store_true", help="skip the Redis floors")
     p.add_argument("--json", dest="json_path")
     return run_and_report("floors", p.parse_args(argv), measure, table)
 

