@@ -1,12 +1,16 @@
 """A large batch through the Files and Batches APIs, end to end, on the sim engine (never a GPU figure).
 
     python -m bench.batch50k --lines 50000 --json docs/batch50k.json
+    python -m bench.batch50k --lines 10000 --pad 10000 --code /path/to/old/checkout   # 100 MB, another checkout
 
 One fleet (a redis-server, ``--workers`` sim workers, one gateway).  A JSONL of ``--lines`` chat requests is
 uploaded with the official ``openai`` client, a batch created on it and polled until it ends; then the output
 file is read back and every ``custom_id`` must be in it exactly once.  Sampled every 0.25 s meanwhile: Redis's
 ``used_memory`` and the batch stream's length, the gateway's RSS (``/proc``).  Reported: the time of each
-stage, the peaks, and Redis's memory before the upload, after it, and at the end.
+stage, the peaks, and Redis's memory before the upload, after it, and at the end.  ``--pad N`` gives each request
+an ``x_pad`` field of N characters (a larger file, the same work: the engines ignore a field they do not know, as
+vLLM does); ``--code DIR`` runs the fleet from another checkout
+of mgpu (a before and after with the same load).
 """
 
 from __future__ import annotations
@@ -73,18 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--pad", type=int, default=0, help="characters of an x_pad field in each request")
+    p.add_argument("--code", type=Path, default=None, help="the checkout the fleet runs (default: this one)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    pad = {"x_pad": "p" * args.pad} if args.pad else {}
     body = io.BytesIO()
     for i in range(args.lines):
         body.write(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": {
             "model": MODEL, "max_tokens": args.max_tokens,
-            "messages": [{"role": "user", "content": f"line {i} of a large batch"}]}}).encode() + b"\n")
+            "messages": [{"role": "user", "content": f"line {i} of a large batch"}], **pad}}).encode() + b"\n")
     data = body.getvalue()
     with tempfile.TemporaryDirectory(prefix="mgpu-batch50k-") as d:
         tmp = Path(d)
         srv = RedisServer(tmp / "redis").start()
-        fleet = Fleet(tmp, srv)
+        fleet = Fleet(tmp, srv, **({"code": args.code.resolve()} if args.code else {}))
         try:
             for _ in range(args.workers):
                 fleet.start_worker(model=MODEL, slots=args.slots, sim_decode_ms=2, sim_decode_ms_per_seq=0)
@@ -110,11 +117,13 @@ def main(argv: list[str] | None = None) -> int:
             report: dict[str, Any] = {
                 "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "setup": {"lines": args.lines, "workers": args.workers, "slots": args.slots,
-                          "max_tokens": args.max_tokens, "file_bytes": len(data)},
+                          "max_tokens": args.max_tokens, "file_bytes": len(data), "pad": args.pad,
+                          "code": str(args.code.resolve()) if args.code else "."},
                 "status": b.status, "request_counts": b.request_counts.model_dump() if b.request_counts else None,
                 "output_lines": len(ids), "unique_custom_ids": len(set(ids)),
                 "every_custom_id_once": sorted(ids) == sorted(f"req-{i}" for i in range(args.lines)),
                 "upload_s": round(t_upload, 2), "batch_s": round(t_batch, 1),
+                "validating_s": (b.in_progress_at - b.created_at) if b.in_progress_at else None,  # whole seconds
                 "requests_per_s": round(args.lines / t_batch, 1),
                 "redis_used_memory_mb": {"before": _mb(mem0), "after_upload": _mb(mem_uploaded),
                                          "peak": _mb(sampler.peak["redis_used_memory"]), "end": _mb(mem_end)},

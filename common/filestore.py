@@ -17,10 +17,13 @@ gone from then on, and a gateway's sweep (:mod:`gateway.file_expiry`) deletes it
 from __future__ import annotations
 
 import builtins
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any, Protocol
 
+import redis
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
@@ -89,6 +92,14 @@ return rec['chunks']
 """
 
 
+async def _pieces(data: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    if isinstance(data, bytes):
+        yield data
+    else:
+        async for piece in data:
+            yield piece
+
+
 class StoreFull(Exception):
     """The store is at its cap (``file_store_max_bytes``)."""
 
@@ -100,7 +111,10 @@ class FileInUse(Exception):
 class FileStore(Protocol):
     """Where files are kept: every gateway replica reads what any of them wrote."""
 
-    async def put(self, rec: FileRecord, data: bytes) -> FileRecord: ...
+    async def put(self, rec: FileRecord, data: bytes | AsyncIterable[bytes]) -> FileRecord:
+        """Store a new file, given whole or in pieces of any size (an upload read from its spool: ``rec.bytes``
+        long), holding no more than a chunk of it at a time; StoreFull past the cap, before a byte is written."""
+        ...
 
     async def meta(self, file_id: str) -> FileRecord | None: ...
 
@@ -147,28 +161,52 @@ class RedisFileStore:
         else:
             p.zrem(self.keys.files_expiry, rec.id)
 
-    async def put(self, rec: FileRecord, data: bytes) -> FileRecord:
-        """Store ``data`` as ``rec.id`` (replacing a file of that id: a batch's output written again after a
-        feeder's crash has the same id); StoreFull past the cap."""
-        old = await self.meta(rec.id)
-        grow = len(data) - (old.bytes if old else 0)
-        total = await self.r.incrby(self.keys.files_bytes, grow)
-        if grow > 0 and total > self.max_total:
-            await self.r.decrby(self.keys.files_bytes, grow)
+    async def put(self, rec: FileRecord, data: bytes | AsyncIterable[bytes]) -> FileRecord:
+        """See :meth:`FileStore.put`.  The chunks are written first and the record last (a record names a whole
+        file); a failure part way (Redis, the client gone, a short read) removes what was written."""
+        if isinstance(data, bytes):
+            rec = rec.model_copy(update={"bytes": len(data)})
+        total = await self.r.incrby(self.keys.files_bytes, rec.bytes)
+        if total > self.max_total:
+            await self.r.decrby(self.keys.files_bytes, rec.bytes)
             raise StoreFull(f"the file store is at its limit of {self.max_total} bytes")
-        n = max(1, -(-len(data) // self.chunk_bytes))
-        rec = rec.model_copy(update={"bytes": len(data), "chunks": n, "chunk_bytes": self.chunk_bytes})
-        for start in range(0, n, 16):  # a bounded pipeline: at most 16 chunks in one round trip
-            async with self.r.pipeline(transaction=False) as p:
-                for i in range(start, min(n, start + 16)):
-                    p.set(self.keys.file_chunk(rec.id, i), data[i * self.chunk_bytes:(i + 1) * self.chunk_bytes])
+        cb, n, got = self.chunk_bytes, 0, 0
+        try:
+            buf = bytearray()
+            async for piece in _pieces(data):
+                got += len(piece)
+                buf += piece
+                while len(buf) >= cb:
+                    await self.r.set(self.keys.file_chunk(rec.id, n), bytes(buf[:cb]))
+                    del buf[:cb]
+                    n += 1
+            if buf or n == 0:  # the last, short chunk (an empty file is one empty chunk)
+                await self.r.set(self.keys.file_chunk(rec.id, n), bytes(buf))
+                n += 1
+            if got != rec.bytes:
+                raise ValueError(f"file {rec.id}: {got} bytes read, {rec.bytes} announced")
+            rec = rec.model_copy(update={"chunks": n, "chunk_bytes": cb})
+            async with self.r.pipeline(transaction=True) as p:
+                self._index(p, rec)
                 await p.execute()
-        async with self.r.pipeline(transaction=True) as p:
-            self._index(p, rec)
-            if old is not None and old.chunks > n:
-                p.delete(*(self.keys.file_chunk(rec.id, i) for i in range(n, old.chunks)))
-            await p.execute()
+        except BaseException:
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self._discard(rec, n + 1)
+            raise
         return rec
+
+    async def _discard(self, rec: FileRecord, chunks: int) -> None:
+        """Undo a :meth:`put` that failed part way: its bytes off the total, its chunks, and its record in case the
+        last transaction went through unseen (a new id: nobody else's)."""
+        k = self.keys
+        async with self.r.pipeline(transaction=True) as p:
+            p.decrby(k.files_bytes, rec.bytes)
+            p.delete(k.file(rec.id))
+            p.zrem(k.files, rec.id)
+            p.zrem(k.files_expiry, rec.id)
+            await p.execute()
+        for start in range(0, chunks, 256):
+            await self.r.delete(*(k.file_chunk(rec.id, i) for i in range(start, min(chunks, start + 256))))
 
     async def meta(self, file_id: str) -> FileRecord | None:
         raw = await self.r.get(self.keys.file(file_id))

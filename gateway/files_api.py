@@ -8,8 +8,8 @@ absent from that second on, and a gateway's sweep deletes it (:mod:`gateway.file
 
 from __future__ import annotations
 
-import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -26,7 +26,7 @@ from gateway.state import GatewayState
 router = APIRouter()  # its OpenAPI operations: gateway/openapi.py
 
 _FORM_OVERHEAD = 64 << 10  # multipart boundaries and the purpose field, beyond the file's own bytes
-_NONBLANK = re.compile(rb"(?m)^[ \t\r\f\v]*[^ \t\n\r\f\v]")  # a line (split at newlines) that is not blank
+_BLOCK = 1 << 20  # an upload is read a block at a time
 EXPIRY_MAX_S = 30 * 24 * 3600  # OpenAI's longest expires_after
 _FORM_FIELDS = ("file", "purpose", "expires_after[anchor]", "expires_after[seconds]")
 
@@ -69,58 +69,86 @@ def expiry_seconds(anchor: Any, seconds: Any, param: str, low: int) -> int:
     return seconds
 
 
-async def _upload(request: Request, limit: int, expiry_min: int) -> tuple[bytes, str, str, int | None]:
-    """The multipart form's file (its bytes and name), purpose and ``expires_after`` seconds (None: not given);
-    413 past ``limit`` bytes."""
+def _form_fields(form: Any, expiry_min: int) -> tuple[UploadFile, str, int | None]:
+    """The multipart form's file, purpose and ``expires_after`` seconds (None: not given); 400 for anything else."""
+    for name in form:
+        if name not in _FORM_FIELDS:  # not dropped silently: the caller meant something by it
+            raise errors.InvalidRequest(f"{name}: not a field this server takes (it takes "
+                                        f"{', '.join(_FORM_FIELDS)})", param=name)
+    expiry = None
+    if "expires_after[anchor]" in form or "expires_after[seconds]" in form:
+        seconds = form.get("expires_after[seconds]")  # a form's values are text
+        if isinstance(seconds, str) and seconds.isascii() and seconds.isdigit() and len(seconds) <= 12:
+            seconds = int(seconds)
+        expiry = expiry_seconds(form.get("expires_after[anchor]"), seconds, "expires_after", expiry_min)
+    upload, purpose = form.get("file"), form.get("purpose")
+    if not isinstance(upload, UploadFile):
+        raise errors.InvalidRequest("file: a file is required", param="file")
+    if not isinstance(purpose, str) or not purpose:
+        raise errors.InvalidRequest("purpose: required", param="purpose")
+    if purpose not in PURPOSES_UPLOAD:
+        raise errors.InvalidRequest(f"purpose: '{purpose}' is not supported here; use 'batch'", param="purpose")
+    return upload, purpose, expiry
+
+
+async def _spooled(upload: UploadFile) -> AsyncIterator[bytes]:
+    """The upload from its start, a block at a time (Starlette spools a file part to disk past 1 MB)."""
+    await upload.seek(0)
+    while piece := await upload.read(_BLOCK):
+        yield piece
+
+
+class NonBlankLines:
+    """Counts the lines (split at newlines, as the feeder splits them) that are not blank, fed in pieces."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._counted = False  # the line under way has a byte that is not blank (and is counted)
+
+    def feed(self, data: bytes) -> None:
+        for i, part in enumerate(data.split(b"\n")):
+            if i:
+                self._counted = False  # a newline ended the line under way
+            if not self._counted and part.strip():
+                self.count += 1
+                self._counted = True
+
+
+@router.post("/v1/files", name="files_create")
+async def create_file(request: Request) -> Response:
+    """Store an upload; the gateway holds a block of it at a time (the form's file is spooled to disk), not the
+    file: its lines are counted in one pass and it is stored in a second."""
+    state, caller = _state(request), await _caller(request)
+    s = state.settings
+    limit = s.file_max_bytes
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit + _FORM_OVERHEAD:
+    if length is not None and length.isascii() and length.isdigit() and int(length) > limit + _FORM_OVERHEAD:
         raise errors.PayloadTooLarge(f"the file is over the {limit}-byte limit")
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype != "multipart/form-data":
         raise errors.UnsupportedMediaType("upload a file as multipart/form-data (fields: file, purpose)")
     async with request.form(max_files=1, max_fields=8) as form:
-        for name in form:
-            if name not in _FORM_FIELDS:  # not dropped silently: the caller meant something by it
-                raise errors.InvalidRequest(f"{name}: not a field this server takes (it takes "
-                                            f"{', '.join(_FORM_FIELDS)})", param=name)
-        expiry = None
-        if "expires_after[anchor]" in form or "expires_after[seconds]" in form:
-            seconds = form.get("expires_after[seconds]")  # a form's values are text
-            if isinstance(seconds, str) and seconds.isascii() and seconds.isdigit() and len(seconds) <= 12:
-                seconds = int(seconds)  # type: ignore[assignment]
-            expiry = expiry_seconds(form.get("expires_after[anchor]"), seconds, "expires_after", expiry_min)
-        upload, purpose = form.get("file"), form.get("purpose")
-        if not isinstance(upload, UploadFile):
-            raise errors.InvalidRequest("file: a file is required", param="file")
-        if not isinstance(purpose, str) or not purpose:
-            raise errors.InvalidRequest("purpose: required", param="purpose")
-        data = await upload.read(limit + 1)
-        return data, upload.filename or "upload.jsonl", purpose, expiry
-
-
-@router.post("/v1/files", name="files_create")
-async def create_file(request: Request) -> Response:
-    state, caller = _state(request), await _caller(request)
-    s = state.settings
-    data, filename, purpose, expiry = await _upload(request, s.file_max_bytes, s.file_expiry_min_s)
-    if purpose not in PURPOSES_UPLOAD:
-        raise errors.InvalidRequest(f"purpose: '{purpose}' is not supported here; use 'batch'", param="purpose")
-    if len(data) > s.file_max_bytes:
-        raise errors.PayloadTooLarge(f"the file is over the {s.file_max_bytes}-byte limit")
-    lines = sum(1 for _ in _NONBLANK.finditer(data))  # not a list of the file's lines: it may be 200 MB
-    if lines > s.file_max_lines:
-        raise errors.InvalidRequest(f"the file has {lines} lines; a batch file may have at most {s.file_max_lines}",
-                                    param="file")
-    now = int(time.time())
-    if expiry is None:  # OpenAI's default for a batch file: 30 days (0: until deleted)
-        expiry = s.file_expiry_default_s or None
-    rec = FileRecord(id=new_file_id(), bytes=len(data), filename=filename, purpose=purpose, scope=caller.scope,
-                     lines=lines, created_at=now, expires_at=now + expiry if expiry else None)
-    try:
-        with errors.redis_unavailable("could not store the file", retry_after=s.retry_after_s):
-            rec = await state.files.put(rec, data)
-    except StoreFull as exc:
-        raise errors.PayloadTooLarge(str(exc)) from None
+        upload, purpose, expiry = _form_fields(form, s.file_expiry_min_s)
+        lines, size = NonBlankLines(), 0
+        async for piece in _spooled(upload):
+            size += len(piece)
+            if size > limit:
+                raise errors.PayloadTooLarge(f"the file is over the {limit}-byte limit")
+            lines.feed(piece)
+        if lines.count > s.file_max_lines:
+            raise errors.InvalidRequest(f"the file has {lines.count} lines; a batch file may have at most "
+                                        f"{s.file_max_lines}", param="file")
+        now = int(time.time())
+        if expiry is None:  # OpenAI's default for a batch file: 30 days (0: until deleted)
+            expiry = s.file_expiry_default_s or None
+        rec = FileRecord(id=new_file_id(), bytes=size, filename=upload.filename or "upload.jsonl", purpose=purpose,
+                         scope=caller.scope, lines=lines.count, created_at=now,
+                         expires_at=now + expiry if expiry else None)
+        try:
+            with errors.redis_unavailable("could not store the file", retry_after=s.retry_after_s):
+                rec = await state.files.put(rec, _spooled(upload))
+        except StoreFull as exc:
+            raise errors.PayloadTooLarge(str(exc)) from None
     return json_response(rec.to_openai())
 
 

@@ -1,6 +1,7 @@
-"""The file store's expiry and deletion against a real redis-server: the expiry index, a deletion that counts a
-file's bytes off the store's total once however many callers race and refuses the input of a batch that has not
-finished, and the sweep that deletes expired files but keeps such inputs."""
+"""The file store against a real redis-server: a file stored from pieces a chunk at a time (and nothing left of
+one that fails part way), the expiry index, a deletion that counts a file's bytes off the store's total once
+however many callers race and refuses the input of a batch that has not finished, and the sweep that deletes
+expired files but keeps such inputs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from common.batchjob import BatchRecord
-from common.filestore import FileInUse, FileRecord, RedisFileStore
+from common.filestore import FileInUse, FileRecord, RedisFileStore, StoreFull
 from common.keys import Keys
 from common.redis_conn import make_client
 from gateway import file_expiry
@@ -30,6 +31,55 @@ def _state(client: Any, store: RedisFileStore) -> Any:
     counter = Counter("files_expired", "test", registry=CollectorRegistry())
     return SimpleNamespace(settings=SimpleNamespace(keys=K), redis=client, files=store,
                            metrics=SimpleNamespace(files_expired=counter))
+
+
+async def test_a_file_stored_from_pieces_reads_back_whole(redis_server: RedisServer) -> None:
+    client = make_client(redis_server.url)
+    store = RedisFileStore(client, K, chunk_bytes=1024, max_total_bytes=1 << 20)
+    data = bytes(range(256)) * 17  # 4,352 bytes: 4 whole chunks and a short one
+
+    async def pieces(sizes: list[int]) -> Any:
+        at = 0
+        for n in sizes:
+            yield data[at:at + n]
+            at += n
+
+    for i, sizes in enumerate(([4352], [1, 1023, 1024, 2000, 304], [700] * 6 + [152], [1024] * 4 + [256])):
+        rec = await store.put(_rec(f"file-{i}", None).model_copy(update={"bytes": len(data)}), pieces(sizes))
+        assert (rec.chunks, rec.chunk_bytes) == (5, 1024) and await store.get(rec.id) == data
+        assert await store.read(rec.id, 1000, 100) == data[1000:1100]
+    assert int(await client.get(K.files_bytes)) == 4 * len(data)
+    empty = await store.put(_rec("file-empty", None), b"")
+    assert empty.chunks == 1 and await store.get(empty.id) == b""
+    await client.aclose()
+
+
+async def test_a_put_that_fails_part_way_leaves_nothing(redis_server: RedisServer) -> None:
+    client = make_client(redis_server.url)
+    store = RedisFileStore(client, K, chunk_bytes=1024, max_total_bytes=10_000)
+
+    async def broken() -> Any:
+        yield b"a" * 3000
+        raise ConnectionResetError("the client went away")
+
+    async def short() -> Any:
+        yield b"b" * 100
+
+    for data, error in ((broken(), ConnectionResetError), (short(), ValueError)):  # ValueError: 100 != 5000
+        try:
+            await store.put(_rec("file-x", 9_000).model_copy(update={"bytes": 5000}), data)
+            raise AssertionError("stored")
+        except error:
+            pass
+        assert int(await client.get(K.files_bytes)) == 0 and await client.keys(f"{K.file('file-x')}*") == []
+        assert await store.expired(99_999, 10) == [] and await store.list(10) == ([], False)
+    try:  # past the cap: refused before a byte is written
+        await store.put(_rec("file-big", None).model_copy(update={"bytes": 10_001}), b"c" * 10_001)
+        raise AssertionError("stored")
+    except StoreFull:
+        pass
+    assert int(await client.get(K.files_bytes)) == 0 and await client.keys(f"{K.file('file-big')}*") == []
+    await client.aclose()
 
 
 async def test_racing_deletes_take_a_files_bytes_off_the_total_once(redis_server: RedisServer) -> None:
@@ -79,7 +129,7 @@ async def test_the_expiry_index_follows_the_record(redis_server: RedisServer) ->
     assert await store.expired(2_500, 10) == ["file-early"]
     assert await store.expired(3_000, 10) == ["file-early", "file-late"]
     assert await store.expired(3_000, 1) == ["file-early"]
-    await store.put(_rec("file-early", None), b"2")  # stored again without an expiry: out of the index
+    await store.seal(_rec("file-early", None).model_copy(update={"bytes": 1}))  # written again, no expiry: out
     assert await store.expired(9_999, 10) == ["file-late"]
     sealed = await store.seal(_rec("file-out", 2_500).model_copy(update={"bytes": 0}))
     assert sealed.expires_at == 2_500 and await store.expired(9_999, 10) == ["file-out", "file-late"]
