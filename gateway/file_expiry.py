@@ -39,7 +39,7 @@ async def inputs_in_use(state: GatewayState) -> set[str]:
 
 async def sweep(state: GatewayState, now: float | None = None) -> tuple[int, bool]:
     """Delete the files expired by ``now`` except the inputs of running batches: how many this call deleted, and
-    whether it found a full page (more may be due: sweep again at once)."""
+    whether it found a full page and deleted from it (more may be due: sweep again at once)."""
     now = time.time() if now is None else now
     keep = await inputs_in_use(state)
     due = await state.files.expired(now, _PAGE + len(keep))
@@ -54,7 +54,9 @@ async def sweep(state: GatewayState, now: float | None = None) -> tuple[int, boo
     if deleted:
         state.metrics.files_expired.inc(deleted)
         log.info("deleted expired files", extra={"files": deleted})
-    return deleted, len(due) >= _PAGE + len(keep)
+    # a full page that deleted nothing (every file on it refused: marked by batches not among the active) waits
+    # for the next interval rather than spinning
+    return deleted, deleted > 0 and len(due) >= _PAGE + len(keep)
 
 
 async def run(state: GatewayState, closed: list[bool]) -> None:

@@ -173,4 +173,8 @@ async def test_a_full_page_asks_for_another_sweep_at_once(redis_server: RedisSer
         await store.put(_rec(f"file-{i}", 2_000 + i), b"q")
     assert await file_expiry.sweep(state, now=9_000) == (3, True)
     assert await file_expiry.sweep(state, now=9_000) == (2, False)
+    for i in range(5):  # a full page of files that batches still mark: nothing deleted, no sweep at once
+        await store.put(_rec(f"file-m{i}", 3_000 + i), b"q")
+        await client.sadd(K.file_batches(f"file-m{i}"), "batch_gone")
+    assert await file_expiry.sweep(state, now=9_000) == (0, False)
     await client.aclose()
