@@ -39,6 +39,7 @@ from common.schemas import WorkItem
 from ops.procs import RedisServer
 
 MODEL = "prio-sim"
+SIM_DECODE_MS = 10.0  # the workers' step cost before the per-sequence part (bench.priomodel models it)
 
 
 class Occupancy:
@@ -133,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         fleet = Fleet(tmp, srv)
         try:
             for _ in range(args.workers):
-                fleet.start_worker(model=MODEL, slots=args.slots, batch_reserve_slots=args.reserve, sim_decode_ms=10,
-                                   sim_decode_ms_per_seq=args.decode_ms_per_seq, batch_preempt=not args.no_preempt,
-                                   **logs)
+                fleet.start_worker(model=MODEL, slots=args.slots, batch_reserve_slots=args.reserve,
+                                   sim_decode_ms=SIM_DECODE_MS, sim_decode_ms_per_seq=args.decode_ms_per_seq,
+                                   batch_preempt=not args.no_preempt, **logs)
             fleet.start_gateway(**logs)
             alone = _phase(fleet, args, slots)
             print("alone:", json.dumps(alone), flush=True)

@@ -35,6 +35,7 @@ import redis.asyncio as aredis
 
 from bench.cpucost import cpu_s, run_and_report
 from bench.fleet import ROOT, Proc, wait_http_ok
+from bench.report import tree_cpu
 from ops.procs import RedisServer, free_port, spawn, terminate
 
 REPLY = json.dumps({"id": "chatcmpl-x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
@@ -96,18 +97,6 @@ def redis_floor(tmp: Path, n: int) -> dict[str, dict[str, float]]:
         server.stop()
 
 
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds of a process and its children (Granian serves from a worker process)."""
-    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    total = 0.0
-    for p in [pid, *map(int, kids)]:
-        try:
-            total += cpu_s(p)
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return total
-
-
 def _server_cmd(server: str, port: int) -> list[str]:
     if server == "granian":
         return [sys.executable, "-m", "granian", "--interface", "asgi", "--loop", "uvloop", "--workers", "1",
@@ -130,11 +119,11 @@ def http_floor(tmp: Path, rate: float, requests: int, server: str = "uvicorn") -
         load = ["--rate", str(rate)] if rate else ["--concurrency", "64"]
         cmd = [sys.executable, "-m", "bench", "--url", f"http://127.0.0.1:{port}", "--model", "m", "--max-tokens", "16",
                *load, "--requests", str(requests), "--duration", "600", "--json", str(out)]
-        c0 = tree_cpu_s(proc.pid)
+        c0 = tree_cpu({"s": proc.pid})["s"]  # Granian serves from a child process
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
         res = json.loads(out.read_text())["results"][0]
         return {"server": server, "load": f"{rate:.0f} req/s" if rate else "closed loop, 64 clients",
-                "server_us_per_req": 1e6 * (tree_cpu_s(proc.pid) - c0) / max(1, res["ok"]), "ok": res["ok"],
+                "server_us_per_req": 1e6 * (tree_cpu({"s": proc.pid})["s"] - c0) / max(1, res["ok"]), "ok": res["ok"],
                 "p50_ms": res["latency_ms"]["p50"], "p99_ms": res["latency_ms"]["p99"]}
     finally:
         terminate(proc)

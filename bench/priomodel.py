@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DECODE_MS = 10.0  # bench.batchprio's sim workers
+from bench.batchprio import SIM_DECODE_MS as DECODE_MS
 
 
 def step_ms(occupancy: float, slots: int, per_seq: float, decode_ms: float = DECODE_MS) -> float:
@@ -48,7 +48,7 @@ def row(name: str, rep: dict[str, Any]) -> dict[str, Any]:
     per_seq, slots = float(s.get("decode_ms_per_seq", 0.1)), int(s["slots"])
     occ_a, occ_w = float(a["occupancy"]), float(rep["ratios"]["occupancy_with_batch"])
     out: dict[str, Any] = {
-        "run": name, "reserve": s.get("reserve"), "per_seq_ms": per_seq, "occupancy_alone": occ_a,
+        "run": name, "reserve": s.get("reserve"), "slots": slots, "per_seq_ms": per_seq, "occupancy_alone": occ_a,
         "occupancy_with": occ_w, "model_engine_ratio": round(engine_ratio(occ_w, occ_a, slots, per_seq), 3),
         "constant_needed_ms": round(constant_needed(occ_w, occ_a, slots, per_seq), 1),
         "ttft_p99_ratio": rep["ratios"]["ttft_p99"]}
@@ -74,7 +74,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
             continue
         occ_a = sum(r["occupancy_alone"] for r in mine) / len(mine)
         xs = [0.5 + i / 100 for i in range(51)]
-        ax.plot(xs, [engine_ratio(x, occ_a, 32, per_seq) for x in xs], color=colour, linestyle="-",
+        ax.plot(xs, [engine_ratio(x, occ_a, mine[0]["slots"], per_seq) for x in xs], color=colour, linestyle="-",
                 label=f"model: engine part, {per_seq} ms per running seq")
         ax.scatter([r["occupancy_with"] for r in mine if "measured_engine_ratio" in r],
                    [r["measured_engine_ratio"] for r in mine if "measured_engine_ratio" in r], color=colour,

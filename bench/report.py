@@ -99,3 +99,34 @@ def machine_cpu() -> tuple[int, int]:
     with open("/proc/stat") as f:
         vals = [int(v) for v in f.readline().split()[1:]]
     return sum(vals), vals[3] + vals[4]
+
+
+def _proc_cpu() -> tuple[dict[int, int], dict[int, float]]:
+    """Every process's parent and CPU seconds (user + system), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu = {}, {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(d)] = int(fields[1])
+        cpu[int(d)] = (int(fields[11]) + int(fields[12])) / tick
+    return parent, cpu
+
+
+def tree_cpu(roots: dict[str, int]) -> dict[str, float]:
+    """CPU seconds of each named process and its descendants now (living ones: read before they exit)."""
+    parent, cpu = _proc_cpu()
+    out = {}
+    for name, root in roots.items():
+        members, grew = {root}, True
+        while grew:
+            more = {p for p, pp in parent.items() if pp in members} - members
+            members |= more
+            grew = bool(more)
+        out[name] = sum(cpu.get(p, 0.0) for p in members)
+    return out

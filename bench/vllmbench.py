@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.fleet import Fleet, Proc, terminate_all, wait_http_ok
-from bench.report import machine_cpu
+from bench.report import machine_cpu, tree_cpu
 from ops.procs import free_port, spawn
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -42,37 +42,6 @@ _KEEP = ("completed", "failed", "duration", "total_input_tokens", "total_output_
 def worker_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"engine": "vllm", "model": MODEL, "slots": args.slots, "max_model_len": args.max_model_len,
             "vllm_enforce_eager": True, "vllm_kv_cache_gb": args.kv_cache_gb}
-
-
-def _proc_cpu() -> tuple[dict[int, int], dict[int, float]]:
-    """Every process's parent and CPU seconds (user + system), from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parent, cpu = {}, {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(d)] = int(fields[1])
-        cpu[int(d)] = (int(fields[11]) + int(fields[12])) / tick
-    return parent, cpu
-
-
-def tree_cpu(roots: dict[str, int]) -> dict[str, float]:
-    """CPU seconds of each named process and its descendants now (living ones: read before they exit)."""
-    parent, cpu = _proc_cpu()
-    out = {}
-    for name, root in roots.items():
-        members, grew = {root}, True
-        while grew:
-            more = {p for p, pp in parent.items() if pp in members} - members
-            members |= more
-            grew = bool(more)
-        out[name] = sum(cpu.get(p, 0.0) for p in members)
-    return out
 
 
 _ENGINE = {"steps": ("vllm:iteration_tokens_total", "_count"), "step_tokens": ("vllm:iteration_tokens_total", "_sum"),

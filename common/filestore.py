@@ -10,8 +10,9 @@ with big batches would put an object store behind the same interface.
 Layout: the record ``Keys.file(id)`` (JSON, :class:`FileRecord`), the chunks ``Keys.file_chunk(id, i)``, the
 listing ``Keys.files`` (a sorted set by creation time) and the total ``Keys.files_bytes``.  A file is written
 chunks first, record last: a record that exists names a whole file.  A file that expires (OpenAI's
-``expires_after``: its record's ``expires_at``) is also in ``Keys.files_expiry`` by that time; the API treats it as
-gone from then on, and a gateway's sweep (:mod:`gateway.file_expiry`) deletes it.
+``expires_after``: its record's ``expires_at``) is also in ``Keys.files_expiry`` by that time (later, once a sweep
+found it still read by a batch); the API treats it as gone from its ``expires_at``, and a gateway's sweep
+(:mod:`gateway.file_expiry`) deletes it.
 """
 
 from __future__ import annotations
@@ -141,7 +142,12 @@ class FileStore(Protocol):
     async def list(self, limit: int, after: str | None = None) -> tuple[list[FileRecord], bool]: ...
 
     async def expired(self, now: float, limit: int) -> builtins.list[str]:
-        """Up to ``limit`` ids of files whose ``expires_at`` is at or before ``now``, the oldest expiry first."""
+        """Up to ``limit`` ids of files due for deletion by ``now`` (their ``expires_at``, or a later time
+        :meth:`postpone` set), the earliest first."""
+        ...
+
+    async def postpone(self, file_id: str, at: float) -> None:
+        """Make a file that could not be deleted yet (:class:`FileInUse`) due again at ``at``."""
         ...
 
 
@@ -277,6 +283,9 @@ class RedisFileStore:
         for start in range(0, chunks, 256):
             await self.r.delete(*(k.file_chunk(file_id, i) for i in range(start, min(chunks, start + 256))))
         return True
+
+    async def postpone(self, file_id: str, at: float) -> None:
+        await self.r.zadd(self.keys.files_expiry, {file_id: at}, xx=True)
 
     async def expired(self, now: float, limit: int) -> builtins.list[str]:
         ids = await self.r.zrangebyscore(self.keys.files_expiry, "-inf", now, start=0, num=limit)

@@ -47,7 +47,8 @@ Layout (``ns`` is the namespace, ``mgpu`` by default)::
     {ns}:file:{id}:c:{i}          the file's content, chunk i (bytes; a file is split so no value is huge)
     {ns}:files                    sorted set: file id by creation time (GET /v1/files)
     {ns}:files:bytes              bytes of every stored file (the file store's size cap)
-    {ns}:files:expiry             sorted set: file id by its expires_at (the files that expire; gateway.file_expiry)
+    {ns}:files:expiry             sorted set: file id by when a sweep deletes it (its expires_at, or later while a
+                                  batch reads it; gateway.file_expiry)
     {ns}:file:{id}:batches        set of the batches not finished that read the file (their input: not deleted)
     {ns}:batch:{id}               a batch's record (JSON, common.batchjob.BatchRecord)
     {ns}:batches                  sorted set: batch id by creation time (GET /v1/batches)

@@ -64,24 +64,22 @@ async def create_batch(request: Request) -> Response:
                                         param="output_expires_after")
         out_expiry = expiry_seconds(out_expiry.get("anchor"), out_expiry.get("seconds"), "output_expires_after",
                                     s.file_expiry_min_s)
-    f = await owned_file(state, caller, file_id)
-    if f.purpose != "batch":
-        raise errors.InvalidRequest(f"input_file_id: the file {file_id} has purpose '{f.purpose}', not 'batch'",
-                                    param="input_file_id")
-    now = time.time()
-    rec = BatchRecord(id="batch_" + uuid.uuid4().hex, input_file_id=file_id, endpoint=endpoint,
-                      completion_window=window, metadata=metadata, output_expires_after_s=out_expiry,
-                      scope=caller.scope, created_at=int(now),
-                      expires_at=now + (s.batch_completion_window_s or WINDOWS[window]))
     k = s.keys
-    gone = errors.NotFound(f"No such File object: {file_id}", param="input_file_id")
     with errors.redis_unavailable("could not create the batch", retry_after=s.retry_after_s):
         async with state.redis.pipeline(transaction=True) as p:
-            # the file is there when the batch is written, and marked as its input in the same transaction: a
-            # deletion (a DELETE, an expiry's sweep) either comes first (404 here) or is refused until it ends
+            # the file is read after its record is WATCHed and marked as the batch's input in the transaction that
+            # writes the batch: a deletion (a DELETE, an expiry's sweep) either comes first (404 here) or is
+            # refused until the batch ends
             await p.watch(k.file(file_id))
-            if not await p.exists(k.file(file_id)):
-                raise gone
+            f = await owned_file(state, caller, file_id)
+            if f.purpose != "batch":
+                raise errors.InvalidRequest(f"input_file_id: the file {file_id} has purpose '{f.purpose}', not "
+                                            "'batch'", param="input_file_id")
+            now = time.time()
+            rec = BatchRecord(id="batch_" + uuid.uuid4().hex, input_file_id=file_id, endpoint=endpoint,
+                              completion_window=window, metadata=metadata, output_expires_after_s=out_expiry,
+                              scope=caller.scope, created_at=int(now),
+                              expires_at=now + (s.batch_completion_window_s or WINDOWS[window]))
             p.multi()
             p.set(k.batch(rec.id), rec.model_dump_json())
             p.zadd(k.batches, {rec.id: now})
@@ -90,7 +88,7 @@ async def create_batch(request: Request) -> Response:
             try:
                 await p.execute()
             except redis.WatchError:
-                raise gone from None
+                raise errors.NotFound(f"No such File object: {file_id}", param="input_file_id") from None
     return json_response(rec.to_openai())
 
 

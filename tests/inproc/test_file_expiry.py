@@ -11,7 +11,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from common.batchjob import BatchRecord
 from common.filestore import FileInUse, FileRecord, RedisFileStore, StoreFull
 from common.keys import Keys
 from common.redis_conn import make_client
@@ -29,7 +28,7 @@ def _rec(fid: str, expires_at: int | None, created_at: int = 1_000) -> FileRecor
 def _state(client: Any, store: RedisFileStore) -> Any:
     """What the sweep uses of a gateway's state."""
     counter = Counter("files_expired", "test", registry=CollectorRegistry())
-    return SimpleNamespace(settings=SimpleNamespace(keys=K), redis=client, files=store,
+    return SimpleNamespace(settings=SimpleNamespace(keys=K, file_sweep_interval_s=30), redis=client, files=store,
                            metrics=SimpleNamespace(files_expired=counter))
 
 
@@ -142,21 +141,17 @@ async def test_the_sweep_deletes_expired_files_but_a_running_batchs_input(redis_
     state = _state(client, store)
     for fid, exp in (("file-in", 2_000), ("file-old", 2_000), ("file-new", 5_000), ("file-kept", None)):
         await store.put(_rec(fid, exp), b"z" * 100)
-    batch = BatchRecord(id="batch_1", input_file_id="file-in", endpoint="/v1/chat/completions", scope="s",
-                        expires_at=9e9)
-    await client.set(K.batch(batch.id), batch.model_dump_json())  # as POST /v1/batches writes it
-    await client.sadd(K.batches_active, batch.id)
-    await client.sadd(K.file_batches("file-in"), batch.id)
+    await client.sadd(K.file_batches("file-in"), "batch_1")  # as POST /v1/batches marks its input
 
     assert await file_expiry.sweep(state, now=1_999) == (0, False)
     assert await file_expiry.sweep(state, now=3_000) == (1, False)  # file-old; file-in is the running batch's
     assert await store.meta("file-old") is None and await store.meta("file-in") is not None
     assert int(await client.get(K.files_bytes)) == 300
+    assert await client.zscore(K.files_expiry, "file-in") == 3_030  # looked at again an interval later
     assert await file_expiry.sweep(state, now=3_000) == (0, False)
+    assert await file_expiry.sweep(state, now=3_030) == (0, False) and await store.meta("file-in") is not None
 
-    await client.srem(K.batches_active, batch.id)  # not among the active any more, but still marked: kept
-    assert await file_expiry.sweep(state, now=3_000) == (0, False) and await store.meta("file-in") is not None
-    await client.srem(K.file_batches("file-in"), batch.id)  # the batch ended: its input goes at the next sweep
+    await client.srem(K.file_batches("file-in"), "batch_1")  # the batch ended: its input goes at the next sweep
     assert await file_expiry.sweep(state, now=6_000) == (2, False)  # file-in, file-new
     assert [r.id for r in (await store.list(10))[0]] == ["file-kept"]
     assert int(await client.get(K.files_bytes)) == 100
@@ -173,8 +168,11 @@ async def test_a_full_page_asks_for_another_sweep_at_once(redis_server: RedisSer
         await store.put(_rec(f"file-{i}", 2_000 + i), b"q")
     assert await file_expiry.sweep(state, now=9_000) == (3, True)
     assert await file_expiry.sweep(state, now=9_000) == (2, False)
-    for i in range(5):  # a full page of files that batches still mark: nothing deleted, no sweep at once
+    for i in range(5):  # files that batches still mark: moved out of the way, so the sweeps do not spin on them
         await store.put(_rec(f"file-m{i}", 3_000 + i), b"q")
-        await client.sadd(K.file_batches(f"file-m{i}"), "batch_gone")
+        await client.sadd(K.file_batches(f"file-m{i}"), "batch_running")
+    assert await file_expiry.sweep(state, now=9_000) == (0, True)
     assert await file_expiry.sweep(state, now=9_000) == (0, False)
+    assert await file_expiry.sweep(state, now=9_000) == (0, False)
+    assert await store.expired(9_029, 10) == [] and len(await store.expired(9_030, 10)) == 5
     await client.aclose()
