@@ -5,7 +5,8 @@ Python client, and what one HTTP request costs the ASGI server the gateway runs 
    uvloop (the gateway's and the worker's client), calling one command at a time: ``PING``, ``SET``,
    ``XADD``, ``EVALSHA`` of a script that does nothing, and ``XREADGROUP`` over 1 and over 9 streams (a
    worker's read: its own stream, the shared one and 7 fair lanes) that each find one entry.  CPU per call
-   of redis-server and of the client process, from /proc.
+   of redis-server and of the client process, from /proc.  Then the same through mgpu's pooled client
+   (``common.redis_conn.make_client``) and through the hot path's pipelined connection (``common.redis_pipe``).
 2. HTTP: uvicorn with the gateway's options (uvloop, httptools) serving a pure ASGI app that reads the body
    and answers a fixed chat completion, loaded by ``python -m bench`` (the same open loop as every other
    benchmark): CPU per request of the server.  ``--servers uvicorn,granian`` measures Granian (a Rust HTTP
@@ -17,6 +18,7 @@ reply read); a worker two (its read, FINISH); redis-server serves four.  These f
 are the least this design can cost in Python and Redis on this machine.
 
     python -m bench.floors --json docs/floors.json
+    python -m bench.floors --redis-only --json docs/floors-pipe.json
     python -m bench.floors --http-only --servers uvicorn,granian --repeats 2 --json docs/floors-servers.json
 """
 
@@ -36,6 +38,8 @@ import redis.asyncio as aredis
 from bench.cpucost import cpu_s, run_and_report
 from bench.fleet import ROOT, Proc, wait_http_ok
 from bench.report import tree_cpu
+from common.redis_conn import make_client
+from common.redis_pipe import RedisPipe
 from ops.procs import RedisServer, free_port, spawn, terminate
 
 REPLY = json.dumps({"id": "chatcmpl-x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
@@ -70,10 +74,21 @@ async def _redis_calls(url: str, n: int) -> dict[str, dict[str, float]]:
         await r.xadd(streams[-1], {"p": "x"})  # untimed below: subtracted with an XADD-only run
         await r.xreadgroup("g", "c", {s: ">" for s in streams}, count=1)
 
+    pooled = make_client(url)  # the gateway's and the worker's client: a blocking pool
+    pipe = RedisPipe.of(pooled)
+    assert pipe is not None
+
+    async def piped_xread(streams: list[str]) -> None:
+        await r.xadd(streams[-1], {"p": "x"})
+        await pipe.call("XREADGROUP", "GROUP", "g", "c", "COUNT", 1, "STREAMS", *streams, *(">" for _ in streams))
+
     calls = {"PING": lambda: r.ping(), "SET": lambda: r.set("k", "v"), "XADD": lambda: r.xadd("x", {"p": "x"}),
              "EVALSHA (noop script)": lambda: r.evalsha(noop, 0),
              "XADD + XREADGROUP, 1 stream": lambda: xread(lanes[:1]),
-             "XADD + XREADGROUP, 9 streams": lambda: xread(lanes)}
+             "XADD + XREADGROUP, 9 streams": lambda: xread(lanes),
+             "EVALSHA (noop), mgpu's pooled client (make_client)": lambda: pooled.evalsha(noop, 0),
+             "EVALSHA (noop), common.redis_pipe": lambda: pipe.call("EVALSHA", noop, 0),
+             "XADD + XREADGROUP, 9 streams, the XREADGROUP through common.redis_pipe": lambda: piped_xread(lanes)}
     pid = int((await r.info("server"))["process_id"])
     out: dict[str, dict[str, float]] = {}
     for name, call in calls.items():
@@ -84,6 +99,8 @@ async def _redis_calls(url: str, n: int) -> dict[str, dict[str, float]]:
             await call()
         out[name] = {"server_us": 1e6 * (cpu_s(pid) - s0) / n, "client_us": 1e6 * (time.process_time() - c0) / n,
                      "wall_us": 1e6 * (time.perf_counter() - t0) / n}
+    pipe.close()
+    await pooled.aclose()
     await r.aclose()
     return out
 
@@ -133,7 +150,7 @@ def measure(a: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if not a.http_only:
         rows = [{"kind": "redis", "call": name, **v} for name, v in redis_floor(tmp, a.calls).items()]
-    servers = a.servers.split(",")
+    servers = a.servers.split(",") if not a.redis_only else []
     for rate, n in ((a.rate, a.requests), *(((0.0, 4 * a.requests),) if len(servers) > 1 else ())):
         for _ in range(a.repeats):
             rows += [{"kind": "http", **http_floor(tmp, rate, n, server)} for server in servers]
@@ -147,6 +164,8 @@ def table(rows: list[dict[str, Any]], rate: float) -> str:
                "|---|---:|---:|---:|"]
         out += [f"| {r['call']} | {r['server_us']:.1f} | {r['client_us']:.1f} | {r['wall_us']:.1f} |"
                 for r in rows if r["kind"] == "redis"]
+    if not any(r["kind"] == "http" for r in rows):
+        return "\n".join(out)
     out += ["", "| ASGI server (uvloop; a fixed chat completion) | load | CPU µs/request | p50 ms | p99 ms |",
             "|---|---|---:|---:|---:|"]
     out += [f"| {r['server']} | {r['load']} | {r['server_us_per_req']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
@@ -162,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", default="uvicorn", help="ASGI servers to measure, comma-separated: uvicorn, granian")
     p.add_argument("--repeats", type=int, default=1, help="runs of each server, alternating")
     p.add_argument("--http-only", action="store_true", help="skip the Redis floors")
+    p.add_argument("--redis-only", action="store_true", help="skip the HTTP floors")
     p.add_argument("--json", dest="json_path")
     return run_and_report("floors", p.parse_args(argv), measure, table)
 

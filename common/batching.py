@@ -8,6 +8,9 @@ load a round trip carries hundreds of calls.
 With ``wait=(replicas, timeout_ms)`` every round trip ends in ``WAIT replicas timeout_ms`` on the same
 connection, and each caller gets ``(result, replicas that confirmed)``: the writes are on that many
 replicas before the caller goes on (docs/deployment.md, "Redis high availability").
+
+Given a :class:`common.redis_pipe.RedisPipe` (every client but a cluster's), the round trips go through it
+rather than through redis-py's command path: the same replies for about half the caller's CPU.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from common.redis_pipe import RedisPipe
+
 
 class ScriptBatcher:
     def __init__(self, client: aioredis.Redis, script: str, *, max_batch: int = 512,
-                 wait: tuple[int, int] | None = None) -> None:
+                 wait: tuple[int, int] | None = None, pipe: RedisPipe | None = None) -> None:
         self.client = client
+        self.pipe = pipe
         self.wait = wait
         self.source = script
         self.script = client.register_script(script)
@@ -35,7 +41,7 @@ class ScriptBatcher:
         if not self._busy:
             self._busy = True
             try:
-                if self.wait is not None:
+                if self.wait is not None or self.pipe is not None:
                     (res,) = await self._round_trip([(keys, args, None)])
                     if isinstance(res, Exception):
                         raise res
@@ -58,6 +64,12 @@ class ScriptBatcher:
     __call__ = call
 
     async def _evalsha_all(self, batch: list[tuple[list[str], list[Any], Any]]) -> list[Any]:
+        if self.pipe is not None:
+            sha = self.script.sha
+            cmds: list[tuple[Any, ...]] = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch]
+            if self.wait is not None:
+                cmds.append(("WAIT", *self.wait))
+            return await self.pipe.execute(cmds)
         async with self.client.pipeline(transaction=False) as p:
             for keys, args, _ in batch:
                 p.evalsha(self.script.sha, len(keys), *keys, *args)
@@ -88,7 +100,7 @@ class ScriptBatcher:
         while self._queue:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
             try:
-                if len(batch) == 1 and self.wait is None:
+                if len(batch) == 1 and self.wait is None and self.pipe is None:
                     keys, args, fut = batch[0]
                     res = await self.script(keys=keys, args=args)
                     if not fut.done():

@@ -29,6 +29,7 @@ from common import lua
 from common.batching import ScriptBatcher
 from common.keys import GROUP, LANES, Keys
 from common.records import ReplyKind
+from common.redis_pipe import RedisPipe
 from common.schemas import Chunk, IdempotencyRecord, Result
 
 
@@ -160,9 +161,10 @@ class Scripts:
         """``enqueue_wait``: (replicas, timeout ms) that every enqueue's round trip WAITs for."""
         self.r = client
         self.keys = keys
-        self._enqueue = ScriptBatcher(client, lua.ENQUEUE, wait=enqueue_wait)
-        self._emit = ScriptBatcher(client, lua.EMIT_CHUNK)
-        self._finish = ScriptBatcher(client, lua.FINISH)
+        self.pipe = RedisPipe.of(client)  # the hot path's round trips (common.redis_pipe); None on a cluster
+        self._enqueue = ScriptBatcher(client, lua.ENQUEUE, wait=enqueue_wait, pipe=self.pipe)
+        self._emit = ScriptBatcher(client, lua.EMIT_CHUNK, pipe=self.pipe)
+        self._finish = ScriptBatcher(client, lua.FINISH, pipe=self.pipe)
         self._dead_letter = client.register_script(lua.DEAD_LETTER)
         self._reclaim = client.register_script(lua.RECLAIM)
         self._release = client.register_script(lua.RELEASE)
@@ -172,6 +174,11 @@ class Scripts:
             self._admit_key = client.register_script(lua.ADMIT_KEY)
             self._refund = client.register_script(lua.REFUND)
             self._settle = client.register_script(lua.SETTLE)
+
+    def close(self) -> None:
+        """Close the pipe (the client's pool is its owner's to close)."""
+        if self.pipe is not None:
+            self.pipe.close()
 
     async def enqueue(self, model: str, target: Target, payload: str, limits: Limits, *,
                       idempotency_key: str | None = None, record: IdempotencyRecord | None = None,

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 import redis
+import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -137,15 +138,21 @@ def _lifespan(settings: GatewaySettings) -> Callable[[FastAPI], AbstractAsyncCon
             _, stuck = await asyncio.wait(tasks, timeout=3.0)
             for t in stuck:
                 log.error("background task %s did not stop: %s", t.get_name(), t.get_stack(limit=5))
-            for c in (client, listener):
-                try:
-                    await asyncio.wait_for(c.aclose(), 3.0)
-                except (TimeoutError, redis.RedisError, OSError) as exc:
-                    log.warning("closing a Redis pool failed: %r", exc)
+            state.scripts.close()
+            replies.close()
+            await _close_pools(client, listener)
             metrics.close()
             log.info("gateway %s stopped", settings.gateway_id)
 
     return lifespan
+
+
+async def _close_pools(*clients: aioredis.Redis) -> None:
+    for c in clients:
+        try:
+            await asyncio.wait_for(c.aclose(), 3.0)
+        except (TimeoutError, redis.RedisError, OSError) as exc:
+            log.warning("closing a Redis pool failed: %r", exc)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:

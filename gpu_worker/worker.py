@@ -43,6 +43,7 @@ from common.backoff import Backoff
 from common.keys import GROUP
 from common.records import WorkerState
 from common.redis_conn import TRANSIENT
+from common.redis_pipe import RedisPipe, stream_entries
 from common.schemas import WorkItem
 from common.scripts import Claimed, Scripts
 from common.settings import SettingsError, WorkerSettings
@@ -74,6 +75,7 @@ class Worker:
         self.id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.model = settings.model
         self.scripts = Scripts(client, self.keys)
+        self._read_pipe = RedisPipe.of(client)  # the pull loop's blocking read (the one task that uses it)
         self.own = OwnStreams(client, self.scripts, self.keys, self.model, self.id)
         # read in priority order: what a push strategy sent to this worker, then the model's fair lanes in turn
         # (and, once the server has started, those of the adapters it serves)
@@ -249,6 +251,9 @@ class Worker:
             self.stats.state = WorkerState.GONE
         self.metrics.close()
         self.gpu.close()
+        self.scripts.close()
+        if self._read_pipe is not None:
+            self._read_pipe.close()
 
     async def _drain(self) -> None:
         if self._iread is not None:  # what it may still take is handed back with the rest below
@@ -443,7 +448,12 @@ class Worker:
         streams, count, block = fair.blocking_read(plan, free, self.s.read_block_ms)
         if room > 0:  # batch entries wake the read too, while there is room for them (COUNT is per stream)
             streams, count = [*streams, *self.batch_streams], min(count, room)
-        resp = await self.r.xreadgroup(GROUP, self.id, {s: ">" for s in streams}, count=count, block=block)
+        if self._read_pipe is not None:  # the loop's own connection (common.redis_pipe): half redis-py's CPU
+            resp = stream_entries(await self._read_pipe.call(
+                "XREADGROUP", "GROUP", GROUP, self.id, "COUNT", count, "BLOCK", block, "STREAMS", *streams,
+                *(">" for _ in streams)))
+        else:
+            resp = await self.r.xreadgroup(GROUP, self.id, {s: ">" for s in streams}, count=count, block=block)
         batch = set(self.batch_streams)
         fair.more = any(len(entries) >= count for s, entries in resp or () if _s(s) not in batch)
         self._batch_more = any(len(entries) >= count for s, entries in resp or () if _s(s) in batch)

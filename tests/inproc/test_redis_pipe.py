@@ -1,0 +1,144 @@
+"""The hot path's pipelined connection (common.redis_pipe) against a real redis-server: replies go back to the
+right callers in order, error replies become redis-py's exceptions in their place, redis-py's handshake (ACL user,
+client name) is the connection's, and a lost, silent or demoted server fails the round trips in flight and is
+connected to again on the next call."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import redis
+
+from common.redis_conn import make_client
+from common.redis_pipe import RedisPipe, stream_entries
+from ops.procs import RedisServer, free_port
+
+
+async def test_concurrent_callers_get_their_own_replies_and_errors_in_place(redis_server: RedisServer) -> None:
+    client = make_client(redis_server.url, name="piped")
+    pipe = RedisPipe.of(client)
+    assert pipe is not None
+    try:
+        await client.set("s", "x")
+        outs = await asyncio.gather(*(pipe.execute([("INCR", f"n{i % 7}"), ("GET", "s")]) for i in range(200)))
+        assert sorted(o[0] for o in outs) == sorted(k + 1 for i in range(7) for k in range(len(range(i, 200, 7))))
+        assert all(o[1] == b"x" for o in outs)
+        got = await pipe.execute([("EVALSHA", "0" * 40, 0), ("INCR", "s"), ("CLIENT", "GETNAME"), ("PING",)])
+        assert isinstance(got[0], redis.exceptions.NoScriptError)
+        assert isinstance(got[1], redis.ResponseError) and "not an integer" in str(got[1])
+        assert got[2:] == [b"piped", b"PONG"]  # redis-py's handshake named the connection
+    finally:
+        pipe.close()
+        await client.aclose()
+
+
+async def test_an_acl_users_connection_and_its_refusals(tmp_path: Path) -> None:
+    srv = RedisServer(tmp_path, port=free_port(), password="pw",
+                      acl=["user app on >apppw ~app:* +@all -flushall"]).start()
+    try:
+        client = make_client(srv.url_for("app", "apppw"))
+        pipe = RedisPipe.of(client)
+        assert pipe is not None
+        out = await pipe.execute([("ACL", "WHOAMI"), ("SET", "app:k", "v"), ("SET", "other", "v")])
+        assert out[:2] == [b"app", b"OK"]
+        assert isinstance(out[2], redis.exceptions.NoPermissionError)
+        pipe.close()
+        await client.aclose()
+    finally:
+        srv.stop()
+
+
+async def test_a_killed_server_fails_the_round_trips_in_flight_and_the_next_call_connects_again(
+        redis_server: RedisServer) -> None:
+    client = make_client(redis_server.url)
+    pipe = RedisPipe.of(client)
+    assert pipe is not None
+    try:
+        assert await pipe.execute([("PING",)]) == [b"PONG"]
+        blocked = asyncio.create_task(pipe.execute([("BLPOP", "never", 0)]))
+        while int((await client.info("clients"))["blocked_clients"]) < 1:
+            await asyncio.sleep(0.01)  # polling Redis's own count: no event to await from another client
+        redis_server.kill()
+        with pytest.raises(redis.ConnectionError):
+            await blocked
+        with pytest.raises(redis.ConnectionError):  # down: the connect fails, as redis-py's would
+            await pipe.execute([("PING",)])
+        redis_server.start()
+        assert await pipe.execute([("SET", "k", "v"), ("GET", "k")]) == [b"OK", b"v"]
+    finally:
+        pipe.close()
+        await client.aclose()
+
+
+async def test_a_round_trip_without_a_reply_times_out_and_a_cancelled_callers_reply_goes_to_nobody(
+        redis_server: RedisServer) -> None:
+    client = make_client(redis_server.url)
+    pipe = RedisPipe.of(client)
+    assert pipe is not None
+    try:
+        pipe.timeout_s = 0.3
+        with pytest.raises(redis.TimeoutError):
+            await pipe.execute([("BLPOP", "never", 0)])
+        assert await pipe.execute([("PING",)]) == [b"PONG"]  # a new socket
+        pipe.timeout_s = 30.0
+        cancelled = asyncio.create_task(pipe.execute([("BLPOP", "q", 0)]))
+        while int((await client.info("clients"))["blocked_clients"]) < 1:
+            await asyncio.sleep(0.01)
+        cancelled.cancel()
+        await client.set("a", "mine")
+        after = asyncio.create_task(pipe.execute([("GET", "a")]))  # queued behind the BLPOP on the server
+        await client.rpush("q", "its")
+        assert await after == [b"mine"]  # not the BLPOP's reply
+        assert cancelled.cancelled()
+    finally:
+        pipe.close()
+        await client.aclose()
+
+
+async def test_a_demoted_primary_is_a_connection_error_and_the_socket_is_dropped(redis_server: RedisServer) -> None:
+    client = make_client(redis_server.url)
+    pipe = RedisPipe.of(client)
+    assert pipe is not None
+    try:
+        await client.replicaof("127.0.0.1", free_port())  # nobody there: it stays a read-only replica
+        with pytest.raises(redis.ConnectionError, match="replica"):
+            await pipe.execute([("SET", "k", "v")])
+        await client.replicaof("NO", "ONE")
+        assert await pipe.execute([("SET", "k", "v")]) == [b"OK"]
+        with pytest.raises(redis.ConnectionError):
+            pipe.close()
+            await pipe.execute([("PING",)])
+    finally:
+        pipe.close()
+        await client.aclose()
+
+
+def test_no_pipe_for_a_cluster_client_or_fakeredis() -> None:
+    import fakeredis
+    import redis.asyncio.cluster as aiocluster
+
+    assert RedisPipe.of(fakeredis.FakeAsyncRedis()) is None
+    assert RedisPipe.of(aiocluster.RedisCluster.__new__(aiocluster.RedisCluster)) is None
+
+
+async def test_stream_reads_come_back_as_redis_py_gives_them(redis_server: RedisServer) -> None:
+    client = make_client(redis_server.url)
+    pipe = RedisPipe.of(client)
+    assert pipe is not None
+    try:
+        eid = await client.xadd("s", {"a": "1", "b": "2"})
+        await client.xadd("t", {"c": "3"})
+        await client.xgroup_create("s", "g", id="0")
+        want = await client.xread({"s": "0", "t": "0"})
+        assert stream_entries(await pipe.call("XREAD", "STREAMS", "s", "t", "0", "0")) == want
+        assert stream_entries(await pipe.call("XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">")) == [
+            [b"s", [(eid, {b"a": b"1", b"b": b"2"})]]]
+        await client.xdel("s", eid)  # deleted while pending: its fields are None
+        assert stream_entries(await pipe.call("XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", "0")) == [
+            [b"s", [(eid, None)]]]
+        assert stream_entries(await pipe.call("XREAD", "BLOCK", 10, "STREAMS", "s", "$")) == []
+    finally:
+        pipe.close()
+        await client.aclose()
