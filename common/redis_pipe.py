@@ -58,6 +58,8 @@ class _Protocol(asyncio.Protocol):
         self.reader.feed(data)
         in_flight = self.in_flight
         while (reply := self.reader.gets()) is not False:
+            if isinstance(reply, hiredis.PushNotification):
+                continue  # RESP3 pushes (e.g. a server's maintenance notices) answer no command of the pipe's
             if isinstance(reply, hiredis.ReplyError):
                 reply = BaseParser.parse_error(str(reply))
                 if isinstance(reply, redis.exceptions.ReadOnlyError):

@@ -142,3 +142,20 @@ async def test_stream_reads_come_back_as_redis_py_gives_them(redis_server: Redis
     finally:
         pipe.close()
         await client.aclose()
+
+
+async def test_resp3_pushes_between_replies_answer_nobody() -> None:
+    from common.redis_pipe import _Protocol, _RoundTrip
+
+    class Transport:
+        def abort(self) -> None:
+            raise AssertionError("not dropped")
+
+    proto = _Protocol(Transport(), lambda _p: None)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    first, second = (_RoundTrip(n, loop.create_future(), 0.0) for n in (2, 1))
+    proto.in_flight.extend([first, second])
+    proto.data_received(b"+OK\r\n>2\r\n$10\r\ninvalidate\r\n*0\r\n:7")  # a push between two replies, a split one
+    proto.data_received(b"\r\n$1\r\nx\r\n")
+    assert await first.future == [b"OK", 7]
+    assert await second.future == [b"x"]
