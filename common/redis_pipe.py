@@ -14,7 +14,10 @@ reply as redis-py's exception (``NoScriptError``, ``ResponseError``, ...) in its
 every round trip in flight with ``redis.ConnectionError``, and one that gets no reply within the pool's socket
 timeout with ``redis.TimeoutError`` (the socket is then dropped); the next call connects again.  A ``READONLY``
 reply (a primary that became a replica in a failover) is a ``ConnectionError`` too, and drops the socket so that
-the next connection asks the sentinels again, as redis-py's Sentinel connections do.
+the next connection asks the sentinels again, as redis-py's Sentinel connections do.  A caller cancelled while
+its command is in flight leaves the command to run (its reply goes to nobody), unless the pipe is made with
+``drop_on_cancel``: then the socket is dropped, as redis-py drops its connection, so that a blocking read ends
+on the server instead of taking entries for a reader that has gone.
 
 Not for a Redis Cluster (redis-py's cluster client routes each command to its slot's node): :meth:`RedisPipe.of`
 gives ``None`` there, and the callers keep redis-py's path.
@@ -48,7 +51,7 @@ class _Protocol(asyncio.Protocol):
 
     def __init__(self, transport: asyncio.Transport, on_lost: Any) -> None:
         self.transport = transport
-        self.reader = hiredis.Reader()
+        self.reader = hiredis.Reader(replyError=BaseParser.parse_error)  # error replies as redis-py's exceptions
         self.in_flight: collections.deque[_RoundTrip] = collections.deque()
         self.on_lost = on_lost
         self.failure: Exception | None = None  # why it was dropped, when the pipe dropped it
@@ -60,12 +63,9 @@ class _Protocol(asyncio.Protocol):
         while (reply := self.reader.gets()) is not False:
             if isinstance(reply, hiredis.PushNotification):
                 continue  # RESP3 pushes (e.g. a server's maintenance notices) answer no command of the pipe's
-            if isinstance(reply, hiredis.ReplyError):
-                reply = BaseParser.parse_error(str(reply))
-                if isinstance(reply, redis.exceptions.ReadOnlyError):
-                    reply = redis.ConnectionError(f"the primary became a replica ({reply})")
-                    self.drop(reply)
-                    return
+            if isinstance(reply, redis.exceptions.ReadOnlyError):
+                self.drop(redis.ConnectionError(f"the primary became a replica ({reply})"))
+                return
             rt = in_flight[0]
             rt.replies.append(reply)
             if len(rt.replies) == rt.expected:
@@ -93,8 +93,12 @@ class _Protocol(asyncio.Protocol):
 
 
 class RedisPipe:
-    def __init__(self, pool: aioredis.ConnectionPool) -> None:
+    def __init__(self, pool: aioredis.ConnectionPool, *, drop_on_cancel: bool = False) -> None:
+        """``drop_on_cancel``: a caller cancelled before its reply drops the socket, so that Redis ends what the
+        command still does (a blocking XREADGROUP would otherwise take entries for a reader that has gone, as
+        redis-py's own path does by closing its connection); for a pipe that one task uses for blocking reads."""
         self.pool = pool
+        self.drop_on_cancel = drop_on_cancel
         self.timeout_s = float(pool.connection_kwargs.get("socket_timeout") or 5.0)
         self._proto: _Protocol | None = None
         self._lock = asyncio.Lock()
@@ -102,7 +106,7 @@ class RedisPipe:
         self.closed = False
 
     @classmethod
-    def of(cls, client: Any) -> RedisPipe | None:
+    def of(cls, client: Any, *, drop_on_cancel: bool = False) -> RedisPipe | None:
         """A pipe on ``client``'s pool; ``None`` for a client that is not redis-py's asyncio client over a socket
         (a cluster client; fakeredis)."""
         pool = getattr(client, "connection_pool", None)
@@ -110,7 +114,7 @@ class RedisPipe:
             return None
         if not issubclass(pool.connection_class, (aioredis.Connection, aioredis.UnixDomainSocketConnection)):
             return None
-        return cls(pool)
+        return cls(pool, drop_on_cancel=drop_on_cancel)
 
     async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send ``commands`` in one write and return their replies (an error reply as its exception)."""
@@ -122,10 +126,18 @@ class RedisPipe:
             [hiredis.pack_command(tuple(c)) for c in commands])
         rt = _RoundTrip(len(commands), loop.create_future(), loop.time())
         proto.in_flight.append(rt)
-        proto.transport.write(data)
         if self._timer is None:
             self._timer = loop.call_later(self.timeout_s, self._watch)
-        return await rt.future
+        try:
+            proto.transport.write(data)
+        except Exception as exc:  # a transport closed under the pipe (uvloop raises here): start again
+            proto.drop(redis.ConnectionError(f"Redis connection lost: {exc!r}"))
+        try:
+            return await rt.future
+        except asyncio.CancelledError:
+            if self.drop_on_cancel and rt in proto.in_flight:  # its reply has not come: Redis is still at it
+                proto.drop(redis.ConnectionError("a blocking read was cancelled"))
+            raise
 
     async def call(self, *command: Any) -> Any:
         """One command's reply; an error reply raised."""
@@ -138,6 +150,8 @@ class RedisPipe:
         async with self._lock:
             if self._proto is not None:
                 return self._proto
+            if self.closed:
+                raise redis.ConnectionError("the pipe is closed")
             conn = self.pool.make_connection()
             await conn.connect()  # redis-py's handshake: TLS, AUTH, SELECT, CLIENT SETNAME; Sentinel's primary
             writer = conn._writer
@@ -146,9 +160,9 @@ class RedisPipe:
             proto = _Protocol(transport, self._lost)  # type: ignore[arg-type]
             proto.writer = writer  # held: asyncio's StreamWriter closes its transport when it is collected
             transport.set_protocol(proto)
-            if self.closed:
-                transport.close()
-                raise redis.ConnectionError("the pipe is closed")
+            if self.closed or transport.is_closing():  # closed while redis-py's handshake ended: its loss went
+                transport.abort()                       # to redis-py's protocol, not to this one
+                raise redis.ConnectionError("the pipe is closed" if self.closed else "Redis closed the connection")
             self._proto = proto
             return proto
 

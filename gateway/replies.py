@@ -87,7 +87,7 @@ class ReplyRouter:
         self.waiters: dict[str, list[Waiter]] = {}
         self.closed = False  # set at shutdown: the loop ends even if a cancellation got lost
         self._main = None if keys.cluster else _Reader(keys.replies(gateway_id, ""), None)
-        self.pipe = RedisPipe.of(client) if self._main is not None else None
+        self.pipe = RedisPipe.of(client, drop_on_cancel=True) if self._main is not None else None
         self._per_model: dict[str, _Reader] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 

@@ -75,7 +75,7 @@ class Worker:
         self.id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.model = settings.model
         self.scripts = Scripts(client, self.keys)
-        self._read_pipe = RedisPipe.of(client)  # the pull loop's blocking read (the one task that uses it)
+        self._read_pipe = RedisPipe.of(client, drop_on_cancel=True)  # the pull loop's blocking read (its one user)
         self.own = OwnStreams(client, self.scripts, self.keys, self.model, self.id)
         # read in priority order: what a push strategy sent to this worker, then the model's fair lanes in turn
         # (and, once the server has started, those of the adapters it serves)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -159,3 +160,70 @@ async def test_resp3_pushes_between_replies_answer_nobody() -> None:
     proto.data_received(b"\r\n$1\r\nx\r\n")
     assert await first.future == [b"OK", 7]
     assert await second.future == [b"x"]
+
+
+async def test_a_cancelled_blocking_read_takes_nothing_afterwards(redis_server: RedisServer) -> None:
+    client = make_client(redis_server.url)
+    pipe = RedisPipe.of(client, drop_on_cancel=True)
+    assert pipe is not None
+    try:
+        await client.xgroup_create("s", "g", id="$", mkstream=True)
+        read = asyncio.create_task(pipe.call("XREADGROUP", "GROUP", "g", "w1", "BLOCK", 30000, "STREAMS", "s", ">"))
+        while int((await client.info("clients"))["blocked_clients"]) < 1:
+            await asyncio.sleep(0.01)
+        read.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await read
+        while int((await client.info("clients"))["blocked_clients"]) > 0:
+            await asyncio.sleep(0.01)  # the dropped socket's read ends on the server
+        await client.xadd("s", {"p": "x"})
+        assert (await client.xpending("s", "g"))["pending"] == 0  # nobody took it: the next reader will
+        assert stream_entries(await pipe.call("XREADGROUP", "GROUP", "g", "w2", "STREAMS", "s", ">"))[0][1][0][1] == {
+            b"p": b"x"}
+    finally:
+        pipe.close()
+        await client.aclose()
+
+
+async def test_errors_inside_an_array_reply_are_redis_py_exceptions(redis_server: RedisServer) -> None:
+    client = make_client(redis_server.url)
+    pipe = RedisPipe.of(client)
+    assert pipe is not None
+    try:
+        one, boom = await pipe.call("EVAL", "return {1, redis.error_reply('ERR boom')}", 0)
+        assert one == 1 and isinstance(boom, redis.ResponseError) and "boom" in str(boom)
+    finally:
+        pipe.close()
+        await client.aclose()
+
+
+async def test_a_socket_closed_as_the_handshake_ends_is_a_connection_error_and_the_next_call_works(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = make_client(redis_server.url)
+    pipe = RedisPipe.of(client)
+    assert pipe is not None
+    made = pipe.pool.make_connection
+    first = [True]
+
+    def make() -> Any:
+        conn = made()
+        handshake = conn.connect
+
+        async def connect() -> None:
+            await handshake()
+            if first[0]:  # the peer resets the socket just after redis-py's handshake
+                first[0] = False
+                conn._writer.transport.abort()
+                await asyncio.sleep(0)  # the loop tells redis-py's protocol, not the pipe's
+
+        conn.connect = connect
+        return conn
+
+    monkeypatch.setattr(pipe.pool, "make_connection", make)
+    try:
+        with pytest.raises(redis.ConnectionError):
+            await pipe.execute([("PING",)])
+        assert await pipe.execute([("PING",)]) == [b"PONG"]
+    finally:
+        pipe.close()
+        await client.aclose()
