@@ -6,6 +6,8 @@ connected to again on the next call."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,22 @@ from common.redis_pipe import RedisPipe, stream_entries
 from ops.procs import RedisServer, free_port
 
 
-async def test_concurrent_callers_get_their_own_replies_and_errors_in_place(redis_server: RedisServer) -> None:
-    client = make_client(redis_server.url, name="piped")
-    pipe = RedisPipe.of(client)
+@contextlib.asynccontextmanager
+async def piped(url: str, *, name: str | None = None, drop_on_cancel: bool = False
+                ) -> AsyncIterator[tuple[redis.asyncio.Redis, RedisPipe]]:
+    """mgpu's pooled client of ``url`` and a pipe on its pool; both closed after."""
+    client = make_client(url, name=name)
+    pipe = RedisPipe.of(client, drop_on_cancel=drop_on_cancel)
     assert pipe is not None
     try:
+        yield client, pipe
+    finally:
+        pipe.close()
+        await client.aclose()
+
+
+async def test_concurrent_callers_get_their_own_replies_and_errors_in_place(redis_server: RedisServer) -> None:
+    async with piped(redis_server.url, name="piped") as (client, pipe):
         await client.set("s", "x")
         outs = await asyncio.gather(*(pipe.execute([("INCR", f"n{i % 7}"), ("GET", "s")]) for i in range(200)))
         assert sorted(o[0] for o in outs) == sorted(k + 1 for i in range(7) for k in range(len(range(i, 200, 7))))
@@ -30,33 +43,23 @@ async def test_concurrent_callers_get_their_own_replies_and_errors_in_place(redi
         assert isinstance(got[0], redis.exceptions.NoScriptError)
         assert isinstance(got[1], redis.ResponseError) and "not an integer" in str(got[1])
         assert got[2:] == [b"piped", b"PONG"]  # redis-py's handshake named the connection
-    finally:
-        pipe.close()
-        await client.aclose()
 
 
 async def test_an_acl_users_connection_and_its_refusals(tmp_path: Path) -> None:
     srv = RedisServer(tmp_path, port=free_port(), password="pw",
                       acl=["user app on >apppw ~app:* +@all -flushall"]).start()
     try:
-        client = make_client(srv.url_for("app", "apppw"))
-        pipe = RedisPipe.of(client)
-        assert pipe is not None
-        out = await pipe.execute([("ACL", "WHOAMI"), ("SET", "app:k", "v"), ("SET", "other", "v")])
-        assert out[:2] == [b"app", b"OK"]
-        assert isinstance(out[2], redis.exceptions.NoPermissionError)
-        pipe.close()
-        await client.aclose()
+        async with piped(srv.url_for("app", "apppw")) as (_client, pipe):
+            out = await pipe.execute([("ACL", "WHOAMI"), ("SET", "app:k", "v"), ("SET", "other", "v")])
+            assert out[:2] == [b"app", b"OK"]
+            assert isinstance(out[2], redis.exceptions.NoPermissionError)
     finally:
         srv.stop()
 
 
 async def test_a_killed_server_fails_the_round_trips_in_flight_and_the_next_call_connects_again(
         redis_server: RedisServer) -> None:
-    client = make_client(redis_server.url)
-    pipe = RedisPipe.of(client)
-    assert pipe is not None
-    try:
+    async with piped(redis_server.url) as (client, pipe):
         assert await pipe.execute([("PING",)]) == [b"PONG"]
         blocked = asyncio.create_task(pipe.execute([("BLPOP", "never", 0)]))
         while int((await client.info("clients"))["blocked_clients"]) < 1:
@@ -68,17 +71,11 @@ async def test_a_killed_server_fails_the_round_trips_in_flight_and_the_next_call
             await pipe.execute([("PING",)])
         redis_server.start()
         assert await pipe.execute([("SET", "k", "v"), ("GET", "k")]) == [b"OK", b"v"]
-    finally:
-        pipe.close()
-        await client.aclose()
 
 
 async def test_a_round_trip_without_a_reply_times_out_and_a_cancelled_callers_reply_goes_to_nobody(
         redis_server: RedisServer) -> None:
-    client = make_client(redis_server.url)
-    pipe = RedisPipe.of(client)
-    assert pipe is not None
-    try:
+    async with piped(redis_server.url) as (client, pipe):
         pipe.timeout_s = 0.3
         with pytest.raises(redis.TimeoutError):
             await pipe.execute([("BLPOP", "never", 0)])
@@ -93,16 +90,10 @@ async def test_a_round_trip_without_a_reply_times_out_and_a_cancelled_callers_re
         await client.rpush("q", "its")
         assert await after == [b"mine"]  # not the BLPOP's reply
         assert cancelled.cancelled()
-    finally:
-        pipe.close()
-        await client.aclose()
 
 
 async def test_a_demoted_primary_is_a_connection_error_and_the_socket_is_dropped(redis_server: RedisServer) -> None:
-    client = make_client(redis_server.url)
-    pipe = RedisPipe.of(client)
-    assert pipe is not None
-    try:
+    async with piped(redis_server.url) as (client, pipe):
         await client.replicaof("127.0.0.1", free_port())  # nobody there: it stays a read-only replica
         with pytest.raises(redis.ConnectionError, match="replica"):
             await pipe.execute([("SET", "k", "v")])
@@ -111,9 +102,6 @@ async def test_a_demoted_primary_is_a_connection_error_and_the_socket_is_dropped
         with pytest.raises(redis.ConnectionError):
             pipe.close()
             await pipe.execute([("PING",)])
-    finally:
-        pipe.close()
-        await client.aclose()
 
 
 def test_no_pipe_for_a_cluster_client_or_fakeredis() -> None:
@@ -125,10 +113,7 @@ def test_no_pipe_for_a_cluster_client_or_fakeredis() -> None:
 
 
 async def test_stream_reads_come_back_as_redis_py_gives_them(redis_server: RedisServer) -> None:
-    client = make_client(redis_server.url)
-    pipe = RedisPipe.of(client)
-    assert pipe is not None
-    try:
+    async with piped(redis_server.url) as (client, pipe):
         eid = await client.xadd("s", {"a": "1", "b": "2"})
         await client.xadd("t", {"c": "3"})
         await client.xgroup_create("s", "g", id="0")
@@ -140,9 +125,6 @@ async def test_stream_reads_come_back_as_redis_py_gives_them(redis_server: Redis
         assert stream_entries(await pipe.call("XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", "0")) == [
             [b"s", [(eid, None)]]]
         assert stream_entries(await pipe.call("XREAD", "BLOCK", 10, "STREAMS", "s", "$")) == []
-    finally:
-        pipe.close()
-        await client.aclose()
 
 
 async def test_resp3_pushes_between_replies_answer_nobody() -> None:
@@ -163,10 +145,7 @@ async def test_resp3_pushes_between_replies_answer_nobody() -> None:
 
 
 async def test_a_cancelled_blocking_read_takes_nothing_afterwards(redis_server: RedisServer) -> None:
-    client = make_client(redis_server.url)
-    pipe = RedisPipe.of(client, drop_on_cancel=True)
-    assert pipe is not None
-    try:
+    async with piped(redis_server.url, drop_on_cancel=True) as (client, pipe):
         await client.xgroup_create("s", "g", id="$", mkstream=True)
         read = asyncio.create_task(pipe.call("XREADGROUP", "GROUP", "g", "w1", "BLOCK", 30000, "STREAMS", "s", ">"))
         while int((await client.info("clients"))["blocked_clients"]) < 1:
@@ -180,29 +159,16 @@ async def test_a_cancelled_blocking_read_takes_nothing_afterwards(redis_server: 
         assert (await client.xpending("s", "g"))["pending"] == 0  # nobody took it: the next reader will
         assert stream_entries(await pipe.call("XREADGROUP", "GROUP", "g", "w2", "STREAMS", "s", ">"))[0][1][0][1] == {
             b"p": b"x"}
-    finally:
-        pipe.close()
-        await client.aclose()
 
 
 async def test_errors_inside_an_array_reply_are_redis_py_exceptions(redis_server: RedisServer) -> None:
-    client = make_client(redis_server.url)
-    pipe = RedisPipe.of(client)
-    assert pipe is not None
-    try:
+    async with piped(redis_server.url) as (_client, pipe):
         one, boom = await pipe.call("EVAL", "return {1, redis.error_reply('ERR boom')}", 0)
         assert one == 1 and isinstance(boom, redis.ResponseError) and "boom" in str(boom)
-    finally:
-        pipe.close()
-        await client.aclose()
 
 
 async def test_a_socket_closed_as_the_handshake_ends_is_a_connection_error_and_the_next_call_works(
         redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    client = make_client(redis_server.url)
-    pipe = RedisPipe.of(client)
-    assert pipe is not None
-    made = pipe.pool.make_connection
     first = [True]
 
     def make() -> Any:
@@ -219,11 +185,9 @@ async def test_a_socket_closed_as_the_handshake_ends_is_a_connection_error_and_t
         conn.connect = connect
         return conn
 
-    monkeypatch.setattr(pipe.pool, "make_connection", make)
-    try:
+    async with piped(redis_server.url) as (_client, pipe):
+        made = pipe.pool.make_connection
+        monkeypatch.setattr(pipe.pool, "make_connection", make)
         with pytest.raises(redis.ConnectionError):
             await pipe.execute([("PING",)])
         assert await pipe.execute([("PING",)]) == [b"PONG"]
-    finally:
-        pipe.close()
-        await client.aclose()
