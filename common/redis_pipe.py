@@ -34,6 +34,7 @@ import hiredis
 import redis
 import redis.asyncio as aioredis
 from redis._parsers.base import BaseParser
+from redis._parsers.helpers import parse_stream_list
 
 
 class _RoundTrip:
@@ -196,9 +197,8 @@ StreamReply = list[list[Any]]  # [[stream, [(id, fields), ...]], ...]
 
 
 def stream_entries(reply: Any) -> StreamReply:
-    """An XREAD or XREADGROUP reply as redis-py gives it: ``[[stream, [(id, fields), ...]], ...]``, fields as a
-    dict (``None`` for an entry deleted while pending), ``[]`` for a read that timed out.  The reply is a map
-    where the connection speaks RESP3 (redis-py's handshake asks for it), a list of pairs in RESP2."""
+    """An XREAD or XREADGROUP reply as redis-py's client gives it (its own ``parse_stream_list``):
+    ``[[stream, [(id, fields), ...]], ...]``, ``[]`` for a read that timed out.  The reply is a map where the
+    connection speaks RESP3 (redis-py's handshake asks for it), a list of pairs in RESP2."""
     pairs = reply.items() if isinstance(reply, dict) else reply or ()
-    return [[stream, [(eid, None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True)))
-                      for eid, flat in entries]] for stream, entries in pairs]
+    return [[stream, parse_stream_list(entries)] for stream, entries in pairs]

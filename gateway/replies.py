@@ -162,8 +162,7 @@ class ReplyRouter:
             for _stream, entries in resp or ():
                 for entry_id, f in entries:
                     rd.last_id = entry_id.decode()
-                    rid = f.get(b"r") if f else None
-                    if f is None or rid is None:
+                    if not f or (rid := f.get(b"r")) is None:
                         continue
                     for w in self.waiters.get(rid.decode(), ()):
                         self._deliver(w, ReplyKind(f[b"k"].decode()), f[b"p"])
