@@ -151,10 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-defaults-run", action="store_true", help="skip vllm serve with vLLM's own defaults")
     p.add_argument("--repeats", type=int, default=1, help="run vllm serve and mgpu this many times each, "
                    "alternating which goes first (A B, B A, ...); the ratios are per pair, then their median")
+    p.add_argument("--variant", action="append", default=[], metavar="SETTING=VALUE",
+                   help="one more mgpu target, its worker with this setting (e.g. queue_ahead=0), in every repeat; "
+                   "its ratios to vllm serve are reported beside mgpu's")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats: at least 1")
+    variants = {}
+    for v in args.variant:
+        name, sep, value = v.partition("=")
+        if not sep or not name:
+            p.error(f"--variant {v!r}: SETTING=VALUE")
+        variants[f"mgpu, {name}={value}"] = {name: value}
 
     from common.settings import WorkerSettings
     from gpu_worker.model_store import default_cache_dir, ensure_embedded_model
@@ -170,15 +179,19 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(d)
         servers: dict[str, Any] = {same_name: lambda: vllm_serve(model_path, argv_same, tmp, args.kv_cache_gb),
                                    ours_name: lambda: mgpu(model_path, settings, tmp)}
+        for vname, extra in variants.items():
+            servers[vname] = lambda extra=extra: mgpu(model_path, {**settings, **extra}, tmp)
         if not args.no_defaults_run:
             servers["vllm serve (vLLM's defaults)"] = lambda: vllm_serve(
                 model_path, ["--model", model_path, "--served-model-name", MODEL, "--max-model-len",
                              str(args.max_model_len)], tmp, args.kv_cache_gb)
+        rotated = [same_name, ours_name, *variants]  # each repeat starts one further along: no fixed order
         for rep in range(args.repeats):
-            names = [same_name, ours_name] if rep % 2 == 0 else [ours_name, same_name]
+            k = rep % len(rotated)
+            names = rotated[k:] + rotated[:k]
             if rep == 0:
-                names += [n for n in servers if n not in (same_name, ours_name)]
-            pair: dict[str, Any] = {"order": names[:2]}
+                names += [n for n in servers if n not in rotated]
+            pair: dict[str, Any] = {"order": names[:len(rotated)]}
             for i, name in enumerate(names):
                 t0 = time.monotonic()
                 with servers[name]() as (url, roots, metrics_url):
@@ -188,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{rep + 1}/{args.repeats}] {name}: {json.dumps(pair[name])}", flush=True)
                 runs.setdefault(name, pair[name])
             pair["ratios"] = _ratios(pair[ours_name], pair[same_name])
+            for vname in variants:
+                pair["ratios"].update({f"{key} ({vname})": v for key, v in
+                                       _ratios(pair[vname], pair[same_name]).items()})
             pairs.append(pair)
     expected = args.prompts * args.output_len
     report: dict[str, Any] = {
