@@ -48,7 +48,8 @@ _ENGINE = {"steps": ("vllm:iteration_tokens_total", "_count"), "step_tokens": ("
            **{f"{k}_{x}": (name, "_count" if x == "n" else "_sum")
               for k, name in (("ttft", "vllm:time_to_first_token_seconds"),
                               ("queue", "vllm:request_queue_time_seconds"),
-                              ("prefill", "vllm:request_prefill_time_seconds")) for x in ("n", "s")}}
+                              ("prefill", "vllm:request_prefill_time_seconds"),
+                              ("redis_queue", "mgpu_worker_queue_wait_seconds")) for x in ("n", "s")}}
 
 
 def engine_counters(metrics_url: str) -> dict[str, float]:
@@ -67,14 +68,16 @@ def engine_counters(metrics_url: str) -> dict[str, float]:
 def engine_view(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
     """What the engine saw over a run: its steps and tokens per step, and its own TTFT, queue and prefill times
     (means, in ms: from the request's arrival at vLLM's input processing, so the client's TTFT minus this TTFT is
-    the time before the engine and after it: HTTP, and for mgpu the gateway, Redis and the worker's pull)."""
+    the time before the engine and after it: HTTP, and for mgpu the gateway, Redis and the worker's pull); for
+    mgpu also the mean wait in Redis (enqueue to the worker's start of the request: its queue_ms)."""
     d = {k: after[k] - before[k] for k in _ENGINE}
 
     def mean_ms(k: str) -> float | None:
         return round(1000 * d[k + "_s"] / d[k + "_n"], 1) if d[k + "_n"] else None
 
     return {"steps": d["steps"], "tokens_per_step": round(d["step_tokens"] / d["steps"], 1) if d["steps"] else None,
-            "ttft_mean_ms": mean_ms("ttft"), "queue_mean_ms": mean_ms("queue"), "prefill_mean_ms": mean_ms("prefill")}
+            "ttft_mean_ms": mean_ms("ttft"), "queue_mean_ms": mean_ms("queue"), "prefill_mean_ms": mean_ms("prefill"),
+            "redis_queue_mean_ms": mean_ms("redis_queue")}
 
 
 def run_client(base_url: str, model_path: str, args: argparse.Namespace, out: Path,

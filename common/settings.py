@@ -57,8 +57,7 @@ def _names(v: Any) -> Any:
 # the model it serves, which clients address (see docs/rollouts.md).
 ROLLOUT_FIELDS: tuple[str, ...] = (
     "engine", "model_path", "slots", "weight", "max_model_len", "heartbeat_interval_s", "worker_ttl_s", "lease_ms",
-    "loop_stall_s", "reclaim_interval_s", "max_deliveries", "drain_grace_s", "read_block_ms", "queue_ahead",
-    "log_level",
+    "loop_stall_s", "reclaim_interval_s", "max_deliveries", "drain_grace_s", "read_block_ms", "log_level",
     "log_json", "log_requests", "result_ttl_s", "sim_prefill_ms_per_token", "sim_decode_ms", "sim_decode_ms_per_seq",
     "vllm_gpu_memory_utilization", "vllm_enforce_eager", "vllm_kv_cache_gb", "vllm_dtype", "engine_args", "revision",
 )
@@ -430,11 +429,6 @@ class WorkerSettings(SimEngineSettings, CommonSettings):
                                             "({ns}:q:{model}:batch) may never take, so that an interactive "
                                             "request starts at once while batch work fills the rest; unset: "
                                             "slots / 8, at least 1")
-    queue_ahead: int | None = Field(default=None, ge=0, description="requests handed to the engine beyond its "
-                                    "slots, taken only from a backlog (a read that returned all it asked for): "
-                                    "they wait in the engine's own queue, so that a slot that frees is refilled "
-                                    "at the engine's next step, not after a read and the request's input "
-                                    "processing; unset: slots / 4; 0: none")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="/metrics and /health; 0: a free port")
     metrics_host: str = Field(default="127.0.0.1", description="0.0.0.0 to be scraped from other hosts")
     revision: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:+-]{1,64}$", description="what the worker "

@@ -77,12 +77,6 @@ class FairIntake:
         """Lanes that had work here in the last ``window_s``."""
         return {lane for lane, t in self._seen.items() if now - t < self.window_s}
 
-    def may_read_ahead(self, now: float | None = None) -> bool:
-        """Whether a worker with every slot busy may take more, for its engine's own queue (``queue_ahead``): only
-        while the last read left a backlog, and with one lane at most active here (an engine's queue is first come,
-        first served: what one lane queued ahead there would start before another lane's request read after it)."""
-        return self.more and len(self.active(time.monotonic() if now is None else now)) <= 1
-
     def keep(self, running: Counter[str], now: float) -> int:
         if self.reserve <= 0:
             return 0

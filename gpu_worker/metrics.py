@@ -97,8 +97,7 @@ class _StateCollector(Collector):
             return c
 
         yield gauge("mgpu_worker_in_flight_requests", "Requests running on this worker", st.requests)
-        yield gauge("mgpu_worker_busy_slots", "Batch slots in use (a request with n choices takes n; beyond "
-                    "mgpu_worker_slots: requests waiting in the engine's own queue, queue_ahead)", st.busy_slots)
+        yield gauge("mgpu_worker_busy_slots", "Batch slots in use (a request with n choices takes n)", st.busy_slots)
         yield gauge("mgpu_worker_slots", "Batch slots of this worker's engine", engine.slots)
         yield gauge("mgpu_worker_healthy", "1 while the engine passes its health checks", 1 if st.healthy else 0)
         yield gauge("mgpu_worker_event_loop_lag_seconds", "Seconds since the worker's event loop last ticked",

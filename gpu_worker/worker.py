@@ -85,7 +85,6 @@ class Worker:
         # leaves free beyond a reserve (batch_reserve_slots), read after the interactive streams
         self.batch_streams = [self.keys.batch_stream(self.model)]
         self.batch_reserve = 1
-        self.capacity = 1  # the most requests handed to the engine: its slots, and queue_ahead more from a backlog
         self._batch_more = False  # the last batch read may have left entries
         self._iread: asyncio.Task[None] | None = None  # an interactive read left waiting while batch work goes on
         self._stream_model = {s: self.model for s in self.streams}  # the model (or adapter) of each stream
@@ -220,8 +219,6 @@ class Worker:
         self.intake.slots = self.server.slots
         batch_reserve = self.s.batch_reserve_slots
         self.batch_reserve = max(1, self.server.slots // 8) if batch_reserve is None else batch_reserve
-        ahead = self.s.queue_ahead
-        self.capacity = self.server.slots + (self.server.slots // 4 if ahead is None else ahead)
         for card in self.server.models():  # adapters: their streams too
             if self.keys.cluster and card.id != self.model:
                 raise SettingsError(f"the adapter {card.id!r}: LoRA adapters on a Redis Cluster are not supported "
@@ -350,9 +347,7 @@ class Worker:
                 log.warning("batch read failed (%s); retrying in %.2fs", exc, backoff.next_delay)
                 await backoff.wait()
                 continue
-            ahead = self.stats.free_slots(self.capacity) if free <= 0 and self.intake.may_read_ahead() else 0
-            ahead = ahead if self.stats.state == WorkerState.READY else 0  # (a canary reads its own stream only)
-            if free <= 0 and ahead <= 0:
+            if free <= 0:
                 self._slot_freed.clear()
                 if self.free_slots <= 0:
                     await self._slot_freed.wait()
@@ -362,7 +357,7 @@ class Worker:
                     resp = await self.r.xreadgroup(GROUP, self.id, {self.own.own: ">"}, count=free,
                                                    block=self.s.read_block_ms)
                 else:
-                    resp = await self._read(free or ahead, backlog_only=free <= 0)
+                    resp = await self._read(free)
                 backoff.reset()
             except redis.ResponseError as exc:
                 if "NOGROUP" in str(exc):
@@ -376,8 +371,7 @@ class Worker:
                 log.warning("read failed (%s); retrying in %.2fs", exc, backoff.next_delay)
                 await backoff.wait()
                 continue
-            # reclaims may have started jobs meanwhile
-            await self._take(resp, self.free_slots if free > 0 else self.stats.free_slots(self.capacity))
+            await self._take(resp, self.free_slots)  # not ``free``: reclaims may have started jobs meanwhile
 
     async def _beside_interactive(self, free: int) -> bool:
         """Batch work while an interactive read waits (True: this turn of the pull loop was spent here).
@@ -432,17 +426,17 @@ class Worker:
         # the preempted jobs free their slots as their tasks end, a moment after: start these now
         await self._take(resp, max(self.free_slots, n), preempted=len(out))
 
-    async def _read(self, free: int, *, backlog_only: bool = False) -> Any:
+    async def _read(self, free: int) -> Any:
         """Entries for ``free`` slots (gpu_worker.intake): PULL while the streams may hold more, else a
-        blocking read (``backlog_only``: none).  Returns them as XREADGROUP does."""
+        blocking read.  Returns them as XREADGROUP does."""
         fair = self.intake
         plan = fair.plan(Counter(j.stream for j in self.jobs.values()))
         if fair.more:
             fair.first, pulled = await self.scripts.pull(
-                plan.streams, self.id, free, before=1, lanes=len(fair.lanes), first=fair.first,
-                keep=0 if backlog_only else plan.keep, running=plan.running, share=plan.share)  # keep: real slots
+                plan.streams, self.id, free, before=1, lanes=len(fair.lanes), first=fair.first, keep=plan.keep,
+                running=plan.running, share=plan.share)
             fair.more = len(pulled) >= free
-            if pulled or backlog_only:  # backlog_only: fair.more is set (Worker._pull_loop)
+            if pulled:
                 return [(p.stream, [(p.entry_id, p.fields)]) for p in pulled]
         room = self.batch_room(free)
         if room > 0 and self._batch_more:  # a batch backlog: take it without waiting on the interactive streams

@@ -107,18 +107,6 @@ def test_intake_keeps_slots_for_lanes_below_their_share() -> None:
     assert FairIntake("own", ["a"], reserve=0, window_s=10, slots=8).plan(Counter({"a": 8})).keep == 0
 
 
-def test_intake_reads_ahead_only_from_a_backlog_of_one_lane() -> None:
-    fair = FairIntake("own", ["a", "b"], reserve=1, window_s=10, slots=8)
-    assert not fair.may_read_ahead(now=100)  # the last read did not fill up: no backlog seen
-    fair.more = True
-    assert fair.may_read_ahead(now=100)  # no lane active yet (its own stream only)
-    fair.taken("a", now=100)
-    assert fair.may_read_ahead(now=101)
-    fair.taken("b", now=101)
-    assert not fair.may_read_ahead(now=102)  # two lanes: what a queued ahead would start before b's next
-    assert fair.may_read_ahead(now=110.5)  # a's work is past the window
-
-
 async def test_a_light_key_is_served_through_a_flood(redis_server: RedisServer) -> None:
     """One worker with 4 slots; a key floods it with 24 requests, then another key sends one: under first
     come first served it would wait for 20; it is taken at the next free slot.  Its second request, while

@@ -233,55 +233,29 @@ async def test_cancel_while_running_aborts_in_the_engine(redis_server: RedisServ
         assert r.engine.aborts == 1
 
 
-def _record_busiest(w: Worker) -> list[int]:
-    """The most slots the worker's jobs have taken at once (its stats' job_started, wrapped)."""
-    busiest = [0]
-    started = w.stats.job_started
+async def test_a_backlog_never_takes_the_worker_past_its_slots(redis_server: RedisServer) -> None:
+    """Ten requests at once (one transaction: every read sees them all) for 4 slots: the worker holds 4 at
+    most, the rest wait in Redis where any worker may take them, and each is answered once."""
+    async with rig(redis_server, decode_ms=5) as r:
+        busiest = [0]
+        started = r.worker.stats.job_started
 
-    def job_started(slots: int) -> None:
-        started(slots)
-        busiest[0] = max(busiest[0], w.stats.busy_slots)
+        def job_started(slots: int) -> None:
+            started(slots)
+            busiest[0] = max(busiest[0], r.worker.stats.busy_slots)
 
-    w.stats.job_started = job_started  # type: ignore[method-assign]
-    return busiest
-
-
-async def _add_at_once(r: Rig, items: list[WorkItem]) -> None:
-    """XADD all of ``items`` in one transaction: the worker's next read sees every one of them."""
-    async with r.client.pipeline(transaction=True) as p:
-        for it in items:
-            p.xadd(r.stream, it.to_fields())
-        await p.execute()
-
-
-@pytest.mark.parametrize(("queue_ahead", "most"), [(2, 6), (0, 4), (None, 5)])
-async def test_a_backlog_fills_the_engine_queue_beyond_the_slots_by_queue_ahead(
-        redis_server: RedisServer, queue_ahead: int | None, most: int) -> None:
-    """With every slot busy and a backlog left in the stream, the worker hands the engine ``queue_ahead`` more
-    (default slots / 4), which wait in the engine's own queue; each is answered once."""
-    async with rig(redis_server, decode_ms=5, queue_ahead=queue_ahead) as r:
-        busiest = _record_busiest(r.worker)
-        await _add_at_once(r, [item(f"ra{i}", max_tokens=30) for i in range(10)])
+        r.worker.stats.job_started = job_started  # type: ignore[method-assign]
+        async with r.client.pipeline(transaction=True) as p:
+            for i in range(10):
+                p.xadd(r.stream, item(f"ra{i}", max_tokens=30).to_fields())
+            await p.execute()
         for i in range(10):
             res = await r.result(f"ra{i}")
             assert res.error is None and res.attempts == 1
             assert texts(res) == [expected_text("one two three", max_tokens=30)]
-        assert busiest[0] == most  # 4 slots, and queue_ahead more while the backlog lasted
+        assert busiest[0] == 4
         await until(lambda: r.worker.in_flight == 0, 5, "slots freed")
         assert r.worker.stats.served == 10 and (await r.client.xpending(r.stream, GROUP))["pending"] == 0
-
-
-async def test_no_backlog_no_read_ahead(redis_server: RedisServer) -> None:
-    """A request that arrives while every slot is busy, after the last read found the stream empty, waits in
-    Redis for a slot (where any worker with one free may take it), not in this engine's queue."""
-    async with rig(redis_server, decode_ms=5, queue_ahead=2) as r:
-        busiest = _record_busiest(r.worker)
-        await _add_at_once(r, [item(f"rn{i}", max_tokens=40) for i in range(4)])
-        await until(lambda: r.worker.in_flight == 4 and not r.worker.intake.more, 5, "full, the stream read empty")
-        await r.add(item("rn4", max_tokens=5))
-        for i in range(5):
-            assert (await r.result(f"rn{i}")).error is None
-        assert busiest[0] == 4
 
 
 # ----------------------------------------------------------------------------- drain and reclaim
