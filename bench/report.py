@@ -9,7 +9,7 @@ import os
 import platform
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,15 +118,22 @@ def _proc_cpu() -> tuple[dict[int, int], dict[int, float]]:
     return parent, cpu
 
 
+def _tree(parent: dict[int, int], root: int) -> set[int]:
+    members, grew = {root}, True
+    while grew:
+        more = {p for p, pp in parent.items() if pp in members} - members
+        members |= more
+        grew = bool(more)
+    return members
+
+
+def tree_pids(roots: Iterable[int]) -> set[int]:
+    """The processes ``roots`` and their descendants, now."""
+    parent, _cpu = _proc_cpu()
+    return set().union(*(_tree(parent, root) for root in roots))
+
+
 def tree_cpu(roots: dict[str, int]) -> dict[str, float]:
     """CPU seconds of each named process and its descendants now (living ones: read before they exit)."""
     parent, cpu = _proc_cpu()
-    out = {}
-    for name, root in roots.items():
-        members, grew = {root}, True
-        while grew:
-            more = {p for p, pp in parent.items() if pp in members} - members
-            members |= more
-            grew = bool(more)
-        out[name] = sum(cpu.get(p, 0.0) for p in members)
-    return out
+    return {name: sum(cpu.get(p, 0.0) for p in _tree(parent, root)) for name, root in roots.items()}

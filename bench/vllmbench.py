@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.fleet import Fleet, Proc, terminate_all, wait_http_ok
-from bench.report import machine_cpu, tree_cpu
+from bench.report import machine_cpu, tree_cpu, tree_pids
 from ops.procs import free_port, spawn
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -80,6 +80,52 @@ def engine_view(before: dict[str, float], after: dict[str, float]) -> dict[str, 
             "redis_queue_mean_ms": mean_ms("redis_queue")}
 
 
+ENGINE_CPU, REST_CPU = {0}, {1}
+
+
+def pin(roots: dict[str, int]) -> dict[str, int]:
+    """``--pin``: every thread of the engine's own processes (``VLLM::EngineCore`` and its model runner,
+    ``VLLM::Worker``) on CPU 0, every other thread of the serving trees (vLLM's API server or mgpu's worker process,
+    gateway and redis-server) on CPU 1, where the client runs too: nothing else then takes CPU from the engine,
+    so what is left between the targets is how requests reach it and how its tokens come back.  Returns how many
+    threads went to each."""
+    moved = {"engine": 0, "rest": 0}
+    for pid in tree_pids(roots.values()):
+        try:
+            engine = Path(f"/proc/{pid}/comm").read_text().startswith("VLLM::")
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:  # gone meanwhile
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(int(tid), ENGINE_CPU if engine else REST_CPU)
+                moved["engine" if engine else "rest"] += 1
+            except OSError:
+                continue
+    return moved
+
+
+def timeline(full: dict[str, Any], slots: int) -> dict[str, Any]:
+    """``--timeline``: when each request was sent, got its first token and ended (s from the first send; from
+    ``vllm bench serve --save-detailed``), and what the burst shows: the first token of all, the first wave (the
+    ``slots`` requests that got their first token first) ending, the rest's first tokens, the last end."""
+    t0 = min(full["start_times"])
+    sent = [t - t0 for t in full["start_times"]]
+    first = [s + f for s, f in zip(sent, full["ttfts"], strict=True)]
+    end = [s + lat for s, lat in zip(sent, full["latencies"], strict=True)]
+    order = sorted(range(len(sent)), key=first.__getitem__)
+    wave, rest = order[:slots], order[slots:]
+
+    def r3(xs: list[float]) -> list[float]:
+        return [round(x, 3) for x in xs]
+
+    return {"first_token_s": round(min(first), 3), "first_wave_ends_s": r3([min(end[i] for i in wave),
+                                                                            max(end[i] for i in wave)]),
+            "rest_first_tokens_s": r3([min(first[i] for i in rest), max(first[i] for i in rest)]) if rest else None,
+            "last_end_s": round(max(end), 3), "requests": {"sent_s": r3(sent), "first_token_s": r3(first),
+                                                           "end_s": r3(end)}}
+
+
 def run_client(base_url: str, model_path: str, args: argparse.Namespace, out: Path,
                roots: dict[str, int] | None = None, metrics_url: str | None = None) -> dict[str, Any]:
     """``vllm bench serve`` against ``base_url``; its result JSON, trimmed to the figures we report, and where the
@@ -88,19 +134,26 @@ def run_client(base_url: str, model_path: str, args: argparse.Namespace, out: Pa
            "--base-url", base_url, "--model", model_path, "--served-model-name", MODEL, "--tokenizer", model_path,
            "--dataset-name", "random", "--random-input-len", str(args.input_len), "--random-output-len",
            str(args.output_len), "--num-prompts", str(args.prompts), "--ignore-eos", "--request-rate", "inf",
-           "--seed", "0", "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
+           "--seed", "0", "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
+           *(["--save-detailed"] if args.timeline else [])]
     import resource
 
+    pinned = pin(roots or {}) if args.pin else None
     engine0 = engine_counters(metrics_url) if metrics_url else None
     before, m0 = tree_cpu(roots or {}), machine_cpu()
     client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                   preexec_fn=(lambda: os.sched_setaffinity(0, REST_CPU)) if args.pin else None)
     wall = time.monotonic() - t0
     after, m1 = tree_cpu(roots or {}), machine_cpu()
     client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     full = json.loads(out.read_text())
     res = {k: full.get(k) for k in _KEEP}
+    if args.timeline:
+        res["timeline"] = timeline(full, args.slots)
+    if pinned is not None:
+        res["pinned_threads"] = pinned
     if metrics_url and engine0 is not None:
         res["engine"] = engine_view(engine0, engine_counters(metrics_url))
     cores = (m1[0] - m0[0]) / max(1e-9, wall) / os.sysconf("SC_CLK_TCK")
@@ -157,8 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="SETTING=VALUE",
                    help="one more mgpu target, its worker with this setting (e.g. queue_ahead=0), in every repeat; "
                    "its ratios to vllm serve are reported beside mgpu's")
+    p.add_argument("--pin", action="store_true", help="the engine's processes on CPU 0, the rest of each target "
+                   "and the client on CPU 1 (see pin()): takes CPU contention out of the comparison")
+    p.add_argument("--timeline", action="store_true", help="each request's send, first token and end in the JSON "
+                   "(the client's --save-detailed), and the burst's first token, first wave and last end")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        p.error("--pin needs CPUs 0 and 1")
     if args.repeats < 1:
         p.error("--repeats: at least 1")
     variants = {}
