@@ -9,6 +9,11 @@ tokens each with ``--ignore-eos`` (so every request must generate exactly that m
 (``--request-rate inf``).  A third run, ``vllm serve`` with vLLM's own defaults instead of mgpu's worker
 flags, shows what the flags change.  The CPU build's ``vllm`` console script cannot find its distribution
 metadata, so the client runs as ``vllm.benchmarks.serve``'s ``add_cli_args`` and ``main`` (in a subprocess).
+
+Each run records the engine's own counters (steps, tokens per step, its TTFT and queue times; behind mgpu also
+the wait in Redis) and the CPU of each process tree.  ``--repeats N`` alternates the order, ``--variant
+SETTING=VALUE`` adds an mgpu target with one worker setting changed, ``--pin`` puts the engine's processes on a
+CPU of their own, and ``--timeline`` keeps each request's send, first token and end (docs/benchmarks.md §4b).
 """
 
 from __future__ import annotations
@@ -205,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-gb", type=int, default=2)
     p.add_argument("--no-defaults-run", action="store_true", help="skip vllm serve with vLLM's own defaults")
-    p.add_argument("--repeats", type=int, default=1, help="run vllm serve and mgpu this many times each, "
-                   "alternating which goes first (A B, B A, ...); the ratios are per pair, then their median")
+    p.add_argument("--repeats", type=int, default=1, help="run vllm serve and mgpu (and each --variant) this many "
+                   "times each, rotating which goes first (A B, B A, ...); the ratios are per repeat, then their "
+                   "median")
     p.add_argument("--variant", action="append", default=[], metavar="SETTING=VALUE",
                    help="one more mgpu target, its worker with this setting (e.g. queue_ahead=0), in every repeat; "
                    "its ratios to vllm serve are reported beside mgpu's")

@@ -1,5 +1,6 @@
 """bench.vllmbench's process pinning (``--pin``) on real processes: a serving tree whose engine processes
-(named ``VLLM::*``, as vLLM names its engine core and model runner) go to CPU 0 and the rest to CPU 1."""
+(named ``VLLM::*``, as vLLM names its engine core and model runner) go to CPU 0 and the rest to CPU 1; and the
+burst's timeline (``--timeline``) read from the client's detailed result."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from bench.report import tree_pids
 from bench.vllmbench import ENGINE_CPU, REST_CPU, pin, timeline
 
-pytestmark = pytest.mark.skipif(not {0, 1} <= os.sched_getaffinity(0), reason="needs CPUs 0 and 1")
+two_cpus = pytest.mark.skipif(not {0, 1} <= os.sched_getaffinity(0), reason="needs CPUs 0 and 1")
 
 # a parent that starts a child named like vLLM's model runner (it renames itself), then waits for its pipe to close
 _TREE = """
@@ -46,6 +47,7 @@ def _cpus(pid: int) -> list[set[int]]:
     return [os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")]
 
 
+@two_cpus
 def test_pin_puts_the_engine_processes_on_cpu_0_and_the_rest_on_cpu_1(tree: tuple[int, int]) -> None:
     parent, child = tree
     assert tree_pids([parent]) == {parent, child}
@@ -56,6 +58,7 @@ def test_pin_puts_the_engine_processes_on_cpu_0_and_the_rest_on_cpu_1(tree: tupl
     assert all(c == ENGINE_CPU for c in _cpus(child)) and all(c == REST_CPU for c in _cpus(parent))
 
 
+@two_cpus
 def test_pin_skips_a_process_that_is_gone() -> None:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait(10)  # reaped: /proc has no entry for it
